@@ -1,0 +1,108 @@
+"""Fair sharing of the one capacity limiter across jobs."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from actors.messages import CapacityStatistics
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    granted: trio.Event = attrs.Factory(trio.Event)
+
+
+@attrs.define(eq=False)
+class _Tenant:
+    seq: int
+    in_use: int = 0
+    last_grant: int = -1
+    queue: deque[_Waiter] = attrs.Factory(deque)
+
+
+class FairCapacity:
+    """Hands out the tokens of one ``trio.CapacityLimiter`` fairly across jobs.
+
+    ``trio.CapacityLimiter`` is FIFO, so a job that queues 20 attempts would make the next job's
+    first image wait behind all of them. Here every waiting attempt queues under its job, and a
+    free token goes to the waiting job that holds the **fewest tokens**; ties go to the job that
+    was served least recently, then to the oldest job (max-min fairness, round-robin on ties).
+    So with capacity C and J jobs submitted together, every job's first image starts within the
+    first ``ceil(J / C)`` rounds, whatever the jobs' sizes. Within a job, attempts are FIFO.
+
+    The tokens themselves are borrowed from the limiter on the attempt's behalf, so
+    ``limiter.statistics()`` stays the truth about what is in use, and ``total_tokens`` can be
+    changed at run time.
+
+    Concurrency: owned by the Supervisor; used by every image worker through :meth:`slot`.
+    All bookkeeping is synchronous; a grant happens when a token is released or when a new
+    attempt arrives, after one checkpoint so that attempts arriving in the same scheduling
+    batch are all queued before anything is granted.
+    """
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self._tenants: dict[object, _Tenant] = {}
+        self._seq = itertools.count()
+        self._grants = itertools.count()
+
+    @asynccontextmanager
+    async def slot(self, tenant_key: object) -> AsyncIterator[None]:
+        """Hold one token, taken in ``tenant_key``'s fair turn, for the body of the block."""
+        tenant = self._tenants.get(tenant_key)
+        if tenant is None:
+            tenant = self._tenants[tenant_key] = _Tenant(seq=next(self._seq))
+        waiter = _Waiter()
+        tenant.queue.append(waiter)
+        try:
+            await trio.lowlevel.checkpoint()
+            self._dispatch()
+            await waiter.granted.wait()
+        except BaseException:
+            if waiter.granted.is_set():
+                self._release(tenant_key, tenant, waiter)
+            else:
+                tenant.queue.remove(waiter)
+                self._forget_if_idle(tenant_key, tenant)
+            raise
+        try:
+            yield
+        finally:
+            self._release(tenant_key, tenant, waiter)
+
+    def statistics(self) -> CapacityStatistics:
+        stats = self.limiter.statistics()
+        return CapacityStatistics(
+            total=int(stats.total_tokens),
+            in_use=stats.borrowed_tokens,
+            waiting=sum(len(t.queue) for t in self._tenants.values()),
+            jobs_waiting=sum(1 for t in self._tenants.values() if t.queue),
+        )
+
+    def _release(self, tenant_key: object, tenant: _Tenant, waiter: _Waiter) -> None:
+        self.limiter.release_on_behalf_of(waiter)
+        tenant.in_use -= 1
+        self._forget_if_idle(tenant_key, tenant)
+        self._dispatch()
+
+    def _forget_if_idle(self, tenant_key: object, tenant: _Tenant) -> None:
+        if not tenant.queue and tenant.in_use == 0:
+            self._tenants.pop(tenant_key, None)
+
+    def _dispatch(self) -> None:
+        while self.limiter.available_tokens >= 1:
+            waiting = [t for t in self._tenants.values() if t.queue]
+            if not waiting:
+                return
+            tenant = min(waiting, key=lambda t: (t.in_use, t.last_grant, t.seq))
+            waiter = tenant.queue.popleft()
+            self.limiter.acquire_on_behalf_of_nowait(waiter)
+            tenant.in_use += 1
+            tenant.last_grant = next(self._grants)
+            waiter.granted.set()

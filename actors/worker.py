@@ -1,0 +1,131 @@
+"""ImageWorker: one image, from the first attempt to its outcome."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import attrs
+import trio
+
+from actors.capacity import FairCapacity
+from actors.errors import PermanentProviderError, TransientProviderError
+from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
+from actors.providers.base import ImageProvider, ImageRequest
+from actors.retry import RetryPolicy, Uniform
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.frozen(kw_only=True)
+class WorkerContext:
+    """What every worker of a job shares."""
+
+    job_id: str
+    prompt: str
+    provider: ImageProvider
+    capacity: FairCapacity
+    retry: RetryPolicy
+    attempt_timeout_s: float
+    now: Callable[[], datetime]
+    uniform: Uniform
+
+
+async def run_image_worker(
+    index: int, *, context: WorkerContext, reports_send: trio.MemorySendChannel[WorkerReport]
+) -> None:
+    """Make image ``index`` of ``context.job_id`` and report how it went.
+
+    Each attempt takes one token of the shared capacity (in the job's fair turn) and calls the
+    provider under ``attempt_timeout_s``; time spent waiting for the token does not count.
+    Transient failures and timeouts are retried after a backoff taken *without* holding a token;
+    a permanent failure ends the image at once.
+
+    Concurrency: started with ``start_soon`` by its JobActor, whose state it never touches: it
+    sends one ``AttemptStarted`` per attempt and a final ``ImageOutcome`` over its own clone of
+    ``reports_send``, which it closes when it returns. Cancellation (job cancelled, server
+    stopping) propagates; the job then records the image as canceled.
+    """
+    with reports_send:
+        outcome = await _make_image(index, context, reports_send)
+        await reports_send.send(outcome)
+
+
+async def _make_image(
+    index: int, context: WorkerContext, reports_send: trio.MemorySendChannel[WorkerReport]
+) -> ImageOutcome:
+    retry = context.retry
+    provider_s = 0.0
+    failure: Exception = TransientProviderError("no attempt was made")
+    attempt = 0
+    for attempt in range(1, retry.attempts + 1):
+        waited_from = trio.current_time()
+        async with context.capacity.slot(context.job_id):
+            started = trio.current_time()
+            report = AttemptStarted(
+                index=index, attempt=attempt, at=context.now(), waited_s=started - waited_from
+            )
+            await reports_send.send(report)
+            request = ImageRequest(
+                job_id=context.job_id, index=index, prompt=context.prompt, attempt=attempt
+            )
+            try:
+                with trio.fail_after(context.attempt_timeout_s):
+                    url = await context.provider.generate(request)
+            except (TransientProviderError, trio.TooSlowError) as exc:
+                failure = exc
+            except PermanentProviderError as exc:
+                return _failed(index, attempt, context, str(exc), provider_s)
+            except Exception as exc:
+                # The worker is an actor boundary: a provider bug fails this image, not the job.
+                logger.exception("job %s image %d: provider raised", context.job_id, index)
+                return _failed(
+                    index, attempt, context, f"internal error ({type(exc).__name__})", provider_s
+                )
+            else:
+                provider_s += trio.current_time() - started
+                return ImageOutcome(
+                    index=index,
+                    status=ImageStatus.COMPLETED,
+                    url=url,
+                    error=None,
+                    attempts=attempt,
+                    finished_at=context.now(),
+                    provider_s=provider_s,
+                )
+            provider_s += trio.current_time() - started
+        logger.info(
+            "job %s image %d attempt %d failed: %s",
+            context.job_id,
+            index,
+            attempt,
+            describe_failure(failure, context.attempt_timeout_s),
+        )
+        if attempt < retry.attempts:
+            await trio.sleep(retry.delay(attempt, failure, uniform=context.uniform))
+    message = describe_failure(failure, context.attempt_timeout_s)
+    return _failed(
+        index, attempt, context, f"{message} (gave up after {attempt} attempts)", provider_s
+    )
+
+
+def _failed(
+    index: int, attempts: int, context: WorkerContext, error: str, provider_s: float
+) -> ImageOutcome:
+    return ImageOutcome(
+        index=index,
+        status=ImageStatus.FAILED,
+        url=None,
+        error=error or "provider error",
+        attempts=attempts,
+        finished_at=context.now(),
+        provider_s=provider_s,
+    )
+
+
+def describe_failure(exc: BaseException, attempt_timeout_s: float) -> str:
+    """Words for a user about why an attempt failed."""
+    if isinstance(exc, trio.TooSlowError):
+        return f"the provider did not answer within {attempt_timeout_s:g} s"
+    return str(exc) or type(exc).__name__

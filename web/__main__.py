@@ -1,0 +1,5 @@
+"""``python -m web`` serves the service."""
+
+from web.serve import main
+
+main()

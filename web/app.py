@@ -1,0 +1,55 @@
+"""The Quart-Trio application factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quart import Response, send_from_directory
+from quart_cors import cors
+from quart_trio import QuartTrio
+
+from actors.supervisor import Supervisor
+from web import routes_auth, routes_health, routes_jobs, routes_stream
+from web.auth import Authenticator
+from web.context import EXTENSION, AppState
+from web.errors import APIError, register_error_handlers
+from web.settings import Settings
+
+# Stored images never change under their name, so browsers and proxies may keep them.
+FILE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+
+def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) -> QuartTrio:
+    """A new app serving ``supervisor``'s jobs (one per server or test; no globals).
+
+    Args:
+        supervisor: The running supervisor (its lifetime is the caller's).
+        settings: The service's settings.
+        auth: Users and tokens.
+    """
+    app = QuartTrio(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[EXTENSION] = AppState(supervisor=supervisor, settings=settings, auth=auth)
+    register_error_handlers(app)
+    for module in (routes_auth, routes_jobs, routes_stream, routes_health):
+        app.register_blueprint(module.blueprint)
+    images_dir = Path(settings.local.images_dir).resolve()
+
+    @app.get("/files/<path:name>")
+    async def files(name: str) -> Response:
+        """Images the service stores itself."""
+        if "/" in name or name.startswith("."):
+            raise APIError(404, "File not found")
+        response = await send_from_directory(images_dir, name)
+        response.headers["Cache-Control"] = FILE_CACHE_CONTROL
+        return response
+
+    return cors(
+        app,
+        allow_origin=list(settings.allowed_origins),
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        expose_headers=["Retry-After", "WWW-Authenticate"],
+        max_age=600,
+    )

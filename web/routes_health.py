@@ -1,0 +1,59 @@
+"""Health and the supervisor's view."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, jsonify
+
+from actors.messages import SupervisorStatistics
+from web.context import current_user, state
+from web.errors import error_response
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/health")
+async def health() -> Response:
+    """``200 {"status": "ok"}``; 503 ``degraded`` while the service is shutting down."""
+    supervisor = state().supervisor
+    if supervisor.shutting_down.is_set():
+        response = error_response(503, "Shutting down", {"Retry-After": "5"})
+        response.set_data(b'{"status": "degraded", "checks": {"supervisor": "shutting_down"}}')
+        return response
+    return jsonify({"status": "ok", "checks": {"supervisor": "ok"}})
+
+
+def status_view(stats: SupervisorStatistics) -> dict[str, object]:
+    """The JSON of ``GET /api/status``."""
+    capacity = stats.capacity
+    return {
+        "uptime_s": round(stats.uptime_s, 3),
+        "shutting_down": stats.shutting_down,
+        "jobs": {status.value: count for status, count in stats.jobs_by_status},
+        "jobs_retained": stats.jobs_retained,
+        "images": {
+            "queued": stats.images_queued,
+            "waiting_for_capacity": capacity.waiting,
+            "in_flight": capacity.in_use,
+            "completed_total": stats.images_completed_total,
+            "failed_total": stats.images_failed_total,
+        },
+        "capacity": {
+            "limit": capacity.total,
+            "in_use": capacity.in_use,
+            "waiting": capacity.waiting,
+            "jobs_waiting": capacity.jobs_waiting,
+        },
+        "attempts_total": stats.attempts_total,
+        "retries_total": stats.retries_total,
+        "subscribers": {transport.value: count for transport, count in stats.subscribers},
+    }
+
+
+@blueprint.get("/api/status")
+async def status() -> dict[str, object]:
+    """The supervisor's view: uptime, jobs by state, capacity, retries, subscribers."""
+    current_user()
+    app_state = state()
+    view = status_view(app_state.supervisor.statistics())
+    view["provider"] = app_state.supervisor.provider.name
+    return view

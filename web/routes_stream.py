@@ -1,0 +1,150 @@
+"""Live events: Server-Sent Events and WebSocket, fed by one subscription loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import attrs
+from quart import Blueprint, Response, request, websocket
+
+from actors.errors import JobNotFound
+from actors.messages import DoneEvent, JobEvent, Transport
+from actors.supervisor import Batch, Subscription
+from web.auth import authenticate
+from web.context import current_user, state, url_maker
+from web.errors import APIError
+from web.schemas import UrlMaker, event_payload, event_type
+from web.sse import encode_comment, encode_event, encode_retry, parse_last_event_id
+
+logger = logging.getLogger(__name__)
+
+blueprint = Blueprint("stream", __name__)
+
+WS_NORMAL = 1000
+WS_POLICY_VIOLATION = 1008
+WS_SERVICE_RESTART = 1012
+WS_NOT_FOUND = 4404
+
+
+@attrs.define(eq=False)
+class Follower:
+    """One subscriber's position in a job's log: the loop that both transports share.
+
+    ``next_batch`` answers new events (and moves the cursor past them), or an empty batch that
+    says why there are none: the log ended, the service is stopping, or it is time for a
+    heartbeat.
+    """
+
+    subscription: Subscription
+    cursor: int
+    heartbeat_s: float
+    done: bool = False
+
+    async def next_batch(self) -> Batch:
+        batch = await self.subscription.wait_events_after(self.cursor, timeout_s=self.heartbeat_s)
+        if batch.events:
+            self.cursor = batch.events[-1].id
+            self.done = isinstance(batch.events[-1], DoneEvent)
+        return batch
+
+
+def _resume_cursor(header: str | None, query: str | None) -> int:
+    # A browser's reconnect sends the header; it wins over the URL's own query.
+    return parse_last_event_id(header if header is not None else query)
+
+
+def _sse_chunk(event: JobEvent, absolute: UrlMaker) -> bytes:
+    return encode_event(event.id, event_type(event), event_payload(event, absolute))
+
+
+@blueprint.get("/api/generate/<job_id>/stream")
+async def stream_sse(job_id: str) -> Response:
+    """The job's events as ``text/event-stream``: replay, then live, then ``done`` and the end."""
+    app_state = state()
+    user = current_user(allow_query_token=True)
+    supervisor = app_state.supervisor
+    job = supervisor.get(job_id, owner=user)
+    cursor = _resume_cursor(request.headers.get("Last-Event-ID"), request.args.get("last_event_id"))
+    if job.log.closed and cursor >= job.log.last_id:
+        return Response("", status=204)
+    absolute = url_maker(request.scheme, request.host)
+    settings = app_state.settings
+
+    async def body() -> AsyncIterator[bytes]:
+        # The one sanctioned async generator: no nursery or cancel scope around a yield, sync
+        # clean-up only; Quart aclose()s it when the client goes away.
+        try:
+            with supervisor.subscribe(job_id, owner=user, transport=Transport.SSE) as subscription:
+                yield encode_retry(settings.sse_retry_ms)
+                follower = Follower(subscription, cursor, settings.heartbeat_s)
+                while not follower.done:
+                    batch = await follower.next_batch()
+                    if batch.events:
+                        yield b"".join(_sse_chunk(event, absolute) for event in batch.events)
+                    elif batch.ended or batch.stopping:
+                        return
+                    else:
+                        yield encode_comment("ping")
+        except JobNotFound:
+            return  # forgotten between the check above and now: the stream just ends
+
+    response = Response(
+        body(),
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    response.timeout = None  # Quart's RESPONSE_TIMEOUT (60 s) would cut the stream (STACK.md)
+    return response
+
+
+async def _close(code: int, reason: str) -> None:
+    await websocket.close(code, reason)
+
+
+@blueprint.websocket("/api/generate/<job_id>")
+async def stream_ws(job_id: str) -> None:
+    """The job's events as WebSocket text frames; closes 1000 after ``done``.
+
+    Close codes: 1008 bad or missing token, 4404 unknown job, 1012 server stopping.
+    """
+    app_state = state()
+    supervisor = app_state.supervisor
+    await websocket.accept()
+    try:
+        user = authenticate(
+            app_state.auth, websocket.headers.get("Authorization"), websocket.args.get("token")
+        )
+    except APIError as exc:
+        await _close(WS_POLICY_VIOLATION, str(exc.detail))
+        return
+    cursor = parse_last_event_id(websocket.args.get("last_event_id"))
+    absolute = url_maker(websocket.scheme, websocket.host)
+    try:
+        with supervisor.subscribe(
+            job_id, owner=user, transport=Transport.WEBSOCKET
+        ) as subscription:
+            follower = Follower(subscription, cursor, app_state.settings.heartbeat_s)
+            while not follower.done:
+                batch = await follower.next_batch()
+                for event in batch.events:
+                    frame = {
+                        "type": event_type(event),
+                        "id": event.id,
+                        "payload": event_payload(event, absolute),
+                    }
+                    await websocket.send(json.dumps(frame))
+                if batch.stopping:
+                    await _close(WS_SERVICE_RESTART, "Server shutting down")
+                    return
+                if batch.ended:
+                    break
+    except JobNotFound:
+        await _close(WS_NOT_FOUND, "Job not found")
+        return
+    await _close(WS_NORMAL, "Job finished")

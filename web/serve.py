@@ -1,0 +1,106 @@
+"""Run the service: ``python -m web`` (settings from the environment and ``.env``)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from functools import partial
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from actors.providers.base import ImageProvider
+from actors.providers.local import LocalProvider
+from actors.supervisor import Supervisor, open_supervisor
+from web.app import create_app
+from web.auth import Authenticator, UsersFileError
+from web.settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger("web")
+
+# The request line without its query string: tokens may travel in ``?token=``.
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus'
+
+
+def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
+    """Hypercorn's config for ``settings`` (``bind`` overrides HOST and PORT)."""
+    config = Config()
+    config.bind = [bind or f"{settings.host}:{settings.port}"]
+    config.accesslog = logging.getLogger("web.access")
+    config.access_log_format = ACCESS_LOG_FORMAT
+    config.errorlog = logging.getLogger("web.server")
+    config.graceful_timeout = settings.graceful_timeout_s
+    # Protocol-level pings keep idle WebSockets alive through proxies without extra frames.
+    config.websocket_ping_interval = settings.heartbeat_s
+    return config
+
+
+async def _watch_signals(supervisor: Supervisor, shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.info("received %s: shutting down", signal.Signals(signum).name)
+            supervisor.begin_shutdown()
+            shutdown.set()
+            return
+
+
+async def run_server(
+    settings: Settings,
+    *,
+    provider: ImageProvider | None = None,
+    auth: Authenticator | None = None,
+    bind: str | None = None,
+    shutdown: trio.Event | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown`` is set (or SIGINT/SIGTERM); ``task_status`` gets the bound URLs.
+
+    Shutdown order: the supervisor stops admitting (503) and ends every stream's wait (SSE
+    responses end, WebSockets close 1012), hypercorn drains its connections, then the jobs
+    nursery is cancelled and each unfinished job finalises.
+    """
+    provider = provider or LocalProvider(settings.local)
+    auth = auth or Authenticator(settings)
+    shutdown = shutdown or trio.Event()
+    async with open_supervisor(provider, settings.supervisor) as supervisor:
+        app = create_app(supervisor, settings, auth)
+        config = hypercorn_config(settings, bind=bind)
+
+        async def trigger() -> None:
+            await shutdown.wait()
+            supervisor.begin_shutdown()
+
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                nursery.start_soon(_watch_signals, supervisor, shutdown)
+            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trigger))
+            logger.info("listening on %s (provider: %s)", ", ".join(binds), provider.name)
+            task_status.started(binds)
+            await shutdown.wait()
+            # hypercorn is draining now; when it returns the nursery's other tasks are done too.
+        logger.info("stopped")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def main() -> None:
+    """Entry point of ``python -m web``."""
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+    _configure_logging(settings.log_level)
+    try:
+        auth = Authenticator(settings)
+    except UsersFileError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+    trio.run(partial(run_server, settings, auth=auth))

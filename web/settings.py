@@ -1,0 +1,202 @@
+"""Settings of the service, read once from the environment (and ``.env`` if present).
+
+Every variable is listed with its default in ``.env.example``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+from dotenv import dotenv_values
+
+from actors.providers.local import LocalProviderSettings
+from actors.retry import RetryPolicy
+from actors.settings import SupervisorSettings
+
+T = TypeVar("T")
+
+MIN_SECRET_BYTES = 32
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything the web layer needs, immutable once loaded."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str | None = None
+    auth_secret: str | None = None
+    token_ttl_s: int = 3600
+    demo_email: str = "test@example.com"
+    demo_password: str = "password123"  # noqa: S105 (the documented demo credentials)
+    users_file: Path | None = None
+    allowed_origins: tuple[str, ...] = ("http://localhost:5173",)
+    max_body_bytes: int = 64 * 1024
+    min_images: int = 5
+    max_images: int = 20
+    heartbeat_s: float = 15.0
+    sse_retry_ms: int = 3000
+    login_max_failures: int = 10
+    login_window_s: float = 300.0
+    graceful_timeout_s: float = 3.0
+    log_level: str = "INFO"
+    supervisor: SupervisorSettings = attrs.Factory(SupervisorSettings)
+    local: LocalProviderSettings = attrs.Factory(
+        lambda: LocalProviderSettings(images_dir=Path("var/images"))
+    )
+
+
+def _int(value: str) -> int:
+    return int(value.strip())
+
+
+def _float(value: str) -> float:
+    number = float(value.strip())
+    if number != number or number in (float("inf"), float("-inf")):  # noqa: PLR0124 (NaN check)
+        raise ValueError("not a finite number")
+    return number
+
+
+def _ms_range(value: str) -> tuple[int, int]:
+    low, sep, high = value.strip().partition("-")
+    pair = (_int(low), _int(high if sep else low))
+    if pair[0] < 0 or pair[1] < pair[0]:
+        raise ValueError("expected MIN-MAX milliseconds with 0 <= MIN <= MAX")
+    return pair
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    return tuple(origin.strip().rstrip("/") for origin in value.split(",") if origin.strip())
+
+
+class _Reader:
+    def __init__(self, environ: Mapping[str, str | None]) -> None:
+        self._environ = environ
+
+    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+        raw = self._environ.get(name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name}={raw!r} is not valid: {exc}") from None
+
+    def text(self, name: str, default: str | None) -> str | None:
+        raw = self._environ.get(name)
+        return default if raw is None or raw.strip() == "" else raw.strip()
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, env_file: Path | None = None
+) -> Settings:
+    """Build :class:`Settings` from ``environ`` (default: ``.env`` overlaid by ``os.environ``).
+
+    Raises:
+        SettingsError: A variable is malformed or out of range.
+    """
+    if environ is None:
+        merged: dict[str, str | None] = {}
+        path = env_file or Path(".env")
+        if path.is_file():
+            merged.update(dotenv_values(path))
+        merged.update(os.environ)
+        reader = _Reader(merged)
+    else:
+        reader = _Reader(environ)
+    try:
+        return _build(reader)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, SettingsError):
+            raise
+        raise SettingsError(str(exc)) from None
+
+
+def _build(env: _Reader) -> Settings:
+    defaults = Settings()
+    sup = SupervisorSettings()
+    retry = RetryPolicy(
+        attempts=env.get("RETRY_ATTEMPTS", _int, sup.retry.attempts),
+        base_delay_s=env.get("RETRY_BASE_DELAY_MS", _float, sup.retry.base_delay_s * 1000) / 1000,
+        max_delay_s=env.get("RETRY_MAX_DELAY_MS", _float, sup.retry.max_delay_s * 1000) / 1000,
+    )
+    supervisor = SupervisorSettings(
+        capacity=env.get("MAX_CONCURRENCY", _int, sup.capacity),
+        retry=retry,
+        attempt_timeout_s=env.get("ATTEMPT_TIMEOUT_S", _float, sup.attempt_timeout_s),
+        max_active_jobs_per_user=env.get(
+            "MAX_ACTIVE_JOBS_PER_USER", _int, sup.max_active_jobs_per_user
+        ),
+        max_queued_images=env.get("MAX_QUEUED_IMAGES", _int, sup.max_queued_images),
+        retry_after_s=env.get("RETRY_AFTER_S", _int, sup.retry_after_s),
+        job_retention_s=env.get("JOB_RETENTION_S", _float, sup.job_retention_s),
+        max_retained_jobs=env.get("MAX_RETAINED_JOBS", _int, sup.max_retained_jobs),
+    )
+    local = LocalProviderSettings(
+        images_dir=Path(env.text("IMAGES_DIR", "var/images") or "var/images"),
+        latency_ms=env.get("LOCAL_LATENCY_MS", _ms_range, (800, 2500)),
+        fail_rate=env.get("LOCAL_FAIL_RATE", _float, 0.0),
+    )
+    users_file = env.text("USERS_FILE", None)
+    settings = Settings(
+        host=env.text("HOST", defaults.host) or defaults.host,
+        port=env.get("PORT", _int, defaults.port),
+        public_base_url=(env.text("PUBLIC_BASE_URL", None) or "").rstrip("/") or None,
+        auth_secret=env.text("AUTH_SECRET", None),
+        token_ttl_s=env.get("TOKEN_TTL_S", _int, defaults.token_ttl_s),
+        demo_email=env.text("DEMO_EMAIL", defaults.demo_email) or defaults.demo_email,
+        demo_password=env.text("DEMO_PASSWORD", defaults.demo_password) or defaults.demo_password,
+        users_file=Path(users_file) if users_file else None,
+        allowed_origins=env.get("ALLOWED_ORIGINS", _origins, defaults.allowed_origins),
+        max_body_bytes=env.get("MAX_BODY_BYTES", _int, defaults.max_body_bytes),
+        min_images=env.get("MIN_IMAGES", _int, defaults.min_images),
+        max_images=env.get("MAX_IMAGES", _int, defaults.max_images),
+        heartbeat_s=env.get("HEARTBEAT_S", _float, defaults.heartbeat_s),
+        sse_retry_ms=env.get("SSE_RETRY_MS", _int, defaults.sse_retry_ms),
+        login_max_failures=env.get("LOGIN_MAX_FAILURES", _int, defaults.login_max_failures),
+        login_window_s=env.get("LOGIN_WINDOW_S", _float, defaults.login_window_s),
+        graceful_timeout_s=env.get("GRACEFUL_TIMEOUT_S", _float, defaults.graceful_timeout_s),
+        log_level=(env.text("LOG_LEVEL", defaults.log_level) or defaults.log_level).upper(),
+        supervisor=supervisor,
+        local=local,
+    )
+    check(settings)
+    return settings
+
+
+def check(settings: Settings) -> None:
+    """Refuse combinations that cannot work.
+
+    Raises:
+        SettingsError: Naming the variable at fault.
+    """
+    problems = []
+    if settings.auth_secret is not None and len(settings.auth_secret.encode()) < MIN_SECRET_BYTES:
+        problems.append(f"AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes long")
+    if not 1 <= settings.min_images <= settings.max_images:
+        problems.append("MIN_IMAGES and MAX_IMAGES must satisfy 1 <= MIN_IMAGES <= MAX_IMAGES")
+    if not 0 < settings.port < 65536:
+        problems.append("PORT must be between 1 and 65535")
+    for name, value in [
+        ("TOKEN_TTL_S", settings.token_ttl_s),
+        ("MAX_BODY_BYTES", settings.max_body_bytes),
+        ("HEARTBEAT_S", settings.heartbeat_s),
+        ("LOGIN_MAX_FAILURES", settings.login_max_failures),
+        ("LOGIN_WINDOW_S", settings.login_window_s),
+    ]:
+        if value <= 0:
+            problems.append(f"{name} must be positive")
+    if settings.sse_retry_ms < 0 or settings.graceful_timeout_s < 0:
+        problems.append("SSE_RETRY_MS and GRACEFUL_TIMEOUT_S must not be negative")
+    if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        problems.append("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    if problems:
+        raise SettingsError("; ".join(problems))
