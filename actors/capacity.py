@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,9 +13,13 @@ import trio
 from actors.messages import CapacityStatistics
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, order=False)
 class _Waiter:
+    key: tuple[int, int]
     granted: trio.Event = attrs.Factory(trio.Event)
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return self.key < other.key
 
 
 @attrs.define(eq=False)
@@ -23,7 +27,7 @@ class _Tenant:
     seq: int
     in_use: int = 0
     last_grant: int = -1
-    queue: deque[_Waiter] = attrs.Factory(deque)
+    queue: list[_Waiter] = attrs.Factory(list)  # a heap: lowest priority value first
 
 
 class FairCapacity:
@@ -34,7 +38,9 @@ class FairCapacity:
     free token goes to the waiting job that holds the **fewest tokens**; ties go to the job that
     was served least recently, then to the oldest job (max-min fairness, round-robin on ties).
     So with capacity C and J jobs submitted together, every job's first image starts within the
-    first ``ceil(J / C)`` rounds, whatever the jobs' sizes. Within a job, attempts are FIFO.
+    first ``ceil(J / C)`` rounds, whatever the jobs' sizes. Within a job, the attempt with the
+    lowest ``priority`` goes first (workers pass their image index, so images start in order),
+    then the one that asked first.
 
     The tokens themselves are borrowed from the limiter on the attempt's behalf, so
     ``limiter.statistics()`` stays the truth about what is in use, and ``total_tokens`` can be
@@ -53,13 +59,13 @@ class FairCapacity:
         self._grants = itertools.count()
 
     @asynccontextmanager
-    async def slot(self, tenant_key: object) -> AsyncIterator[None]:
+    async def slot(self, tenant_key: object, *, priority: int = 0) -> AsyncIterator[None]:
         """Hold one token, taken in ``tenant_key``'s fair turn, for the body of the block."""
         tenant = self._tenants.get(tenant_key)
         if tenant is None:
             tenant = self._tenants[tenant_key] = _Tenant(seq=next(self._seq))
-        waiter = _Waiter()
-        tenant.queue.append(waiter)
+        waiter = _Waiter(key=(priority, next(self._seq)))
+        heapq.heappush(tenant.queue, waiter)
         try:
             await trio.lowlevel.checkpoint()
             self._dispatch()
@@ -69,6 +75,7 @@ class FairCapacity:
                 self._release(tenant_key, tenant, waiter)
             else:
                 tenant.queue.remove(waiter)
+                heapq.heapify(tenant.queue)
                 self._forget_if_idle(tenant_key, tenant)
             raise
         try:
@@ -101,7 +108,7 @@ class FairCapacity:
             if not waiting:
                 return
             tenant = min(waiting, key=lambda t: (t.in_use, t.last_grant, t.seq))
-            waiter = tenant.queue.popleft()
+            waiter = heapq.heappop(tenant.queue)
             self.limiter.acquire_on_behalf_of_nowait(waiter)
             tenant.in_use += 1
             tenant.last_grant = next(self._grants)

@@ -10,12 +10,16 @@ import attrs
 import trio
 
 from actors.capacity import FairCapacity
-from actors.errors import PermanentProviderError, TransientProviderError
+from actors.errors import ProviderError, TransientProviderError
 from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
 from actors.providers.base import ImageProvider, ImageRequest
-from actors.retry import RetryPolicy, Uniform
+from actors.retry import RetryPolicy, Uniform, is_retryable
 
 logger = logging.getLogger(__name__)
+
+
+class InternalProviderError(ProviderError):
+    """A provider raised something it should not have (a bug); the image fails with this."""
 
 
 @attrs.frozen(kw_only=True)
@@ -61,7 +65,7 @@ async def _make_image(
     attempt = 0
     for attempt in range(1, retry.attempts + 1):
         waited_from = trio.current_time()
-        async with context.capacity.slot(context.job_id):
+        async with context.capacity.slot(context.job_id, priority=index):
             started = trio.current_time()
             report = AttemptStarted(
                 index=index, attempt=attempt, at=context.now(), waited_s=started - waited_from
@@ -70,37 +74,24 @@ async def _make_image(
             request = ImageRequest(
                 job_id=context.job_id, index=index, prompt=context.prompt, attempt=attempt
             )
-            try:
-                with trio.fail_after(context.attempt_timeout_s):
-                    url = await context.provider.generate(request)
-            except (TransientProviderError, trio.TooSlowError) as exc:
-                failure = exc
-            except PermanentProviderError as exc:
-                return _failed(index, attempt, context, str(exc), provider_s)
-            except Exception as exc:
-                # The worker is an actor boundary: a provider bug fails this image, not the job.
-                logger.exception("job %s image %d: provider raised", context.job_id, index)
-                return _failed(
-                    index, attempt, context, f"internal error ({type(exc).__name__})", provider_s
-                )
-            else:
-                provider_s += trio.current_time() - started
-                return ImageOutcome(
-                    index=index,
-                    status=ImageStatus.COMPLETED,
-                    url=url,
-                    error=None,
-                    attempts=attempt,
-                    finished_at=context.now(),
-                    provider_s=provider_s,
-                )
+            result = await _call_provider(context, request)
             provider_s += trio.current_time() - started
+        if isinstance(result, str):
+            return ImageOutcome(
+                index=index,
+                status=ImageStatus.COMPLETED,
+                url=result,
+                error=None,
+                attempts=attempt,
+                finished_at=context.now(),
+                provider_s=provider_s,
+            )
+        failure = result
+        message = describe_failure(failure, context.attempt_timeout_s)
+        if not is_retryable(failure):
+            return _failed(index, attempt, context, message, provider_s)
         logger.info(
-            "job %s image %d attempt %d failed: %s",
-            context.job_id,
-            index,
-            attempt,
-            describe_failure(failure, context.attempt_timeout_s),
+            "job %s image %d attempt %d failed: %s", context.job_id, index, attempt, message
         )
         if attempt < retry.attempts:
             await trio.sleep(retry.delay(attempt, failure, uniform=context.uniform))
@@ -108,6 +99,19 @@ async def _make_image(
     return _failed(
         index, attempt, context, f"{message} (gave up after {attempt} attempts)", provider_s
     )
+
+
+async def _call_provider(context: WorkerContext, request: ImageRequest) -> str | Exception:
+    """The provider's URL, or the exception that ended the attempt (cancellation propagates)."""
+    try:
+        with trio.fail_after(context.attempt_timeout_s):
+            return await context.provider.generate(request)
+    except (ProviderError, trio.TooSlowError) as exc:
+        return exc
+    except Exception as exc:
+        # The worker is an actor boundary: a provider bug fails this image, not the job.
+        logger.exception("job %s image %d: provider raised", request.job_id, request.index)
+        return InternalProviderError(f"internal error ({type(exc).__name__})")
 
 
 def _failed(

@@ -91,7 +91,9 @@ def register_error_handlers(app: QuartTrio) -> None:
         status = exc.code or 500
         headers = dict(exc.get_headers())
         headers.pop("Content-Type", None)
-        return error_response(status, exc.description or exc.name, headers)
+        # werkzeug's stock descriptions are prose for HTML pages; its names are the short form.
+        custom = exc.description and exc.description != type(exc).description
+        return error_response(status, exc.description if custom else exc.name, headers)
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:

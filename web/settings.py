@@ -50,7 +50,7 @@ class Settings:
     log_level: str = "INFO"
     supervisor: SupervisorSettings = attrs.Factory(SupervisorSettings)
     local: LocalProviderSettings = attrs.Factory(
-        lambda: LocalProviderSettings(images_dir=Path("var/images"))
+        lambda: LocalProviderSettings(images_dir=Path("var/images"), latency_ms=(800, 2500))
     )
 
 
@@ -141,9 +141,9 @@ def _build(env: _Reader) -> Settings:
         max_retained_jobs=env.get("MAX_RETAINED_JOBS", _int, sup.max_retained_jobs),
     )
     local = LocalProviderSettings(
-        images_dir=Path(env.text("IMAGES_DIR", "var/images") or "var/images"),
-        latency_ms=env.get("LOCAL_LATENCY_MS", _ms_range, (800, 2500)),
-        fail_rate=env.get("LOCAL_FAIL_RATE", _float, 0.0),
+        images_dir=Path(env.text("IMAGES_DIR", None) or defaults.local.images_dir),
+        latency_ms=env.get("LOCAL_LATENCY_MS", _ms_range, defaults.local.latency_ms),
+        fail_rate=env.get("LOCAL_FAIL_RATE", _float, defaults.local.fail_rate),
     )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(

@@ -1,0 +1,40 @@
+# The two commands of the README:  `make run`  and  `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint bench clean
+
+# A virtualenv with every dependency pinned by constraints.txt (re-done when either file changes).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Serve on http://127.0.0.1:8080 with the built-in local provider (settings: .env.example).
+run: $(STAMP)
+	$(BIN)/python -m web
+
+# The whole test suite. pytest exits 5 when it collects nothing: a broken suite, so a failure.
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; exit 1; fi; \
+	exit $$status
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/flake8-async --enable=ASYNC1,ASYNC2,ASYNC4,ASYNC913 --disable=ASYNC124,ASYNC127 \
+	  --startable-in-context-manager=run,serve \
+	  --async200-blocking-calls='replicate.run->the trio-safe provider,replicate.stream->the trio-safe provider,*.predictions.create->the trio-safe provider or trio.to_thread' \
+	  $$(git ls-files '*.py')
+	$(BIN)/mypy
+	! git grep -nE 'open_memory_channel[^(]*\(\s*(math\.)?inf' -- actors web
+	! git grep -nE '\.(async_wait|async_stream|async_output_iterator)\(' -- actors web
+	! git grep -nE '^\s*(import|from) replicate' -- actors web ':!actors/providers/replicate.py'
+
+clean:
+	rm -rf $(VENV) var
