@@ -14,6 +14,7 @@ from hypercorn.trio import serve
 from actors.providers.base import ImageProvider
 from actors.providers.local import LocalProvider
 from actors.supervisor import Supervisor, open_supervisor
+from web import hypercorn_idle
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError
 from web.settings import Settings, SettingsError, load_settings
@@ -62,6 +63,7 @@ async def run_server(
     responses end, WebSockets close 1012), hypercorn drains its connections, then the jobs
     nursery is cancelled and each unfinished job finalises.
     """
+    hypercorn_idle.install()
     provider = provider or LocalProvider(settings.local)
     auth = auth or Authenticator(settings)
     shutdown = shutdown or trio.Event()

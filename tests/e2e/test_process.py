@@ -1,0 +1,95 @@
+"""``python -m web`` as a user runs it: a real process, real signals, real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+ROOT = Path(__file__).parents[2]
+GRACEFUL_TIMEOUT_S = 30
+CREDENTIALS = {"email": "test@example.com", "password": "password123"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[trio.Process, str]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "IMAGES_DIR": str(tmp_path / "images"),
+        "LOCAL_LATENCY_MS": "20000",
+        "AUTH_SECRET": "process-test-secret-0123456789-0123456789",
+        "LOG_LEVEL": "WARNING",
+        # Long, so that "did not wait for it" is a behaviour with a wide margin, not a timing.
+        "GRACEFUL_TIMEOUT_S": str(GRACEFUL_TIMEOUT_S),
+    }
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "web"], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base) as client:
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        if (await client.get("/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await trio.sleep(0.05)  # the process is still starting
+        yield process, base
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_ends_open_streams_and_exits_cleanly(
+    server: tuple[trio.Process, str], signum: signal.Signals
+) -> None:
+    process, base = server
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        login = await client.post("/api/auth/login", json=CREDENTIALS)
+        headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        created = await client.post(
+            "/api/generate", json={"prompt": "slow mountains", "num_images": 5}, headers=headers
+        )
+        job_id = created.json()["job_id"]
+        lines: list[str] = []
+        with trio.fail_after(10):
+            async with client.stream(
+                "GET", f"/api/generate/{job_id}/stream", headers=headers
+            ) as stream:
+                async for line in stream.aiter_lines():
+                    lines.append(line)
+                    if line.startswith("retry:"):
+                        process.send_signal(signum)
+                        t0 = trio.current_time()
+            stream_ended_after = trio.current_time() - t0
+            assert await process.wait() == 0
+            exited_after = trio.current_time() - t0
+    assert lines[0] == "retry: 3000"
+    # Neither waited for hypercorn's graceful timeout: the stream ended itself, and the client's
+    # idle keep-alive connection was closed at once (web/hypercorn_idle.py).
+    assert stream_ended_after < GRACEFUL_TIMEOUT_S / 2
+    assert exited_after < GRACEFUL_TIMEOUT_S / 2
+    assert process.stderr is not None
+    stderr = (await process.stderr.receive_some(1 << 16)).decode()
+    assert "Traceback" not in stderr
