@@ -43,8 +43,7 @@ class FairCapacity:
     then the one that asked first.
 
     The tokens themselves are borrowed from the limiter on the attempt's behalf, so
-    ``limiter.statistics()`` stays the truth about what is in use, and ``total_tokens`` can be
-    changed at run time.
+    ``limiter.statistics()`` stays the truth about what is in use.
 
     Concurrency: owned by the Supervisor; used by every image worker through :meth:`slot`.
     All bookkeeping is synchronous; a grant happens when a token is released or when a new

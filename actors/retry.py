@@ -10,6 +10,9 @@ import trio
 
 from actors.errors import TransientProviderError
 
+#: More attempts than this per image is a configuration mistake, not resilience.
+MAX_ATTEMPTS = 100
+
 #: ``uniform(low, high)``: where the jitter comes from (``random.uniform`` unless a test pins it).
 Uniform = Callable[[float, float], float]
 
@@ -25,7 +28,9 @@ class RetryPolicy:
         max_delay_s: Cap of every backoff.
     """
 
-    attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    attempts: int = attrs.field(
+        default=3, validator=[attrs.validators.ge(1), attrs.validators.le(MAX_ATTEMPTS)]
+    )
     base_delay_s: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
     max_delay_s: float = attrs.field(default=8.0, validator=attrs.validators.ge(0))
 

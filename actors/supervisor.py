@@ -7,8 +7,8 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import attrs
@@ -57,15 +57,29 @@ class Batch:
 
 
 class Subscription:
-    """One subscriber of one job's events (SSE stream or WebSocket).
+    """One subscriber of one job's events (an SSE stream or a WebSocket).
 
-    Concurrency: created by :meth:`Supervisor.subscribe` for the subscriber's own task; holds no
-    buffer, only the job's log. Its waits are cut short by the supervisor's shutdown.
+    Concurrency: created by :meth:`Supervisor.subscribe` for the subscriber's own task and closed
+    by it (sync, idempotent; also a context manager). Holds no buffer, only the job's log. Its
+    waits are cut short by the supervisor's shutdown.
     """
 
-    def __init__(self, supervisor: Supervisor, job: JobActor) -> None:
+    def __init__(self, supervisor: Supervisor, job: JobActor, transport: Transport) -> None:
         self._supervisor = supervisor
         self.job = job
+        self.transport = transport
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._supervisor._subscribers[self.transport] -= 1
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     async def wait_events_after(self, cursor: int, *, timeout_s: float) -> Batch:
         """Wait up to ``timeout_s`` for events with ``id > cursor``; see :class:`Batch`."""
@@ -121,6 +135,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._started_at = 0.0
         self._jobs: dict[str, JobActor] = {}
+        self._active: dict[str, JobActor] = {}
         self._by_owner: dict[str, dict[str, None]] = {}
         self._idempotency: dict[tuple[str, str], str] = {}
         self._keys: dict[str, tuple[str, str]] = {}
@@ -154,7 +169,10 @@ class Supervisor:
             IdempotencyConflict: ``idempotency_key`` was used for a different request.
             LimitExceeded: ``owner`` has too many unfinished jobs.
             Overloaded: Too many images are queued service-wide.
+            ValueError: ``num_images`` is below 1 (the web layer validates it first).
         """
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, not {num_images}")
         self._expire()
         if self.shutting_down.is_set() or self._nursery is None:
             raise ShuttingDown("The service is shutting down")
@@ -183,6 +201,7 @@ class Supervisor:
             counters=self._counters,
         )
         self._jobs[job_id] = job
+        self._active[job_id] = job
         self._seqs[job_id] = next(self._seq)
         self._by_owner.setdefault(owner, {})[job_id] = None
         if idempotency_key is not None:
@@ -203,7 +222,7 @@ class Supervisor:
 
     def _admit(self, owner: str, num_images: int) -> None:
         settings = self.settings
-        active = [job for job in self._jobs.values() if not job.status.finished]
+        active = self._active.values()
         mine = sum(1 for job in active if job.owner == owner)
         if mine >= settings.max_active_jobs_per_user:
             raise LimitExceeded(
@@ -220,6 +239,7 @@ class Supervisor:
         try:
             await job.run()
         finally:
+            del self._active[job.job_id]
             self._finished.append((trio.current_time(), job.job_id))
             self._expire()
 
@@ -244,6 +264,8 @@ class Supervisor:
 
         Returns the page and the cursor of the next page (``None`` on the last page).
         """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
         self._expire()
         page: list[JobSnapshot] = []
         for job_id in reversed(self._by_owner.get(owner, {})):
@@ -265,19 +287,15 @@ class Supervisor:
         job.cancel()
         return job
 
-    @contextmanager
-    def subscribe(self, job_id: str, *, owner: str, transport: Transport) -> Iterator[Subscription]:
-        """Follow ``job_id``'s events for the length of the ``with`` block.
+    def subscribe(self, job_id: str, *, owner: str, transport: Transport) -> Subscription:
+        """Follow ``job_id``'s events until the returned subscription is closed.
 
         Raises:
             JobNotFound: Unknown, forgotten, or someone else's.
         """
         job = self.get(job_id, owner=owner)
         self._subscribers[transport] += 1
-        try:
-            yield Subscription(self, job)
-        finally:
-            self._subscribers[transport] -= 1
+        return Subscription(self, job, transport)
 
     def statistics(self) -> SupervisorStatistics:
         self._expire()
@@ -290,7 +308,7 @@ class Supervisor:
             shutting_down=self.shutting_down.is_set(),
             jobs_by_status=tuple(by_status.items()),
             jobs_retained=len(self._jobs),
-            images_queued=sum(job.unfinished_images for job in self._jobs.values()),
+            images_queued=sum(job.unfinished_images for job in self._active.values()),
             capacity=self.capacity.statistics(),
             attempts_total=counters.attempts,
             retries_total=counters.retries,

@@ -74,22 +74,25 @@ async def stream_sse(job_id: str) -> Response:
     settings = app_state.settings
 
     async def body() -> AsyncIterator[bytes]:
-        # The one sanctioned async generator: no nursery or cancel scope around a yield, sync
-        # clean-up only; Quart aclose()s it when the client goes away.
+        # The one sanctioned async generator: no nursery, cancel scope or ``with`` around a
+        # yield, sync clean-up in ``finally``; Quart aclose()s it when the client goes away.
         try:
-            with supervisor.subscribe(job_id, owner=user, transport=Transport.SSE) as subscription:
-                yield encode_retry(settings.sse_retry_ms)
-                follower = Follower(subscription, cursor, settings.heartbeat_s)
-                while not follower.done:
-                    batch = await follower.next_batch()
-                    if batch.events:
-                        yield b"".join(_sse_chunk(event, absolute) for event in batch.events)
-                    elif batch.ended or batch.stopping:
-                        return
-                    else:
-                        yield encode_comment("ping")
+            subscription = supervisor.subscribe(job_id, owner=user, transport=Transport.SSE)
         except JobNotFound:
             return  # forgotten between the check above and now: the stream just ends
+        try:
+            yield encode_retry(settings.sse_retry_ms)
+            follower = Follower(subscription, cursor, settings.heartbeat_s)
+            while not follower.done:
+                batch = await follower.next_batch()
+                if batch.events:
+                    yield b"".join(_sse_chunk(event, absolute) for event in batch.events)
+                elif batch.ended or batch.stopping:
+                    return
+                else:
+                    yield encode_comment("ping")
+        finally:
+            subscription.close()
 
     response = Response(
         body(),

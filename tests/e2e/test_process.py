@@ -40,8 +40,11 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[trio.Process, str]]:
         "GRACEFUL_TIMEOUT_S": str(GRACEFUL_TIMEOUT_S),
     }
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "web"], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "web"],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -57,7 +60,8 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[trio.Process, str]]:
     finally:
         if process.returncode is None:
             process.kill()
-        await process.wait()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await process.wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -73,6 +77,7 @@ async def test_signal_ends_open_streams_and_exits_cleanly(
         )
         job_id = created.json()["job_id"]
         lines: list[str] = []
+        t0 = trio.current_time()
         with trio.fail_after(10):
             async with client.stream(
                 "GET", f"/api/generate/{job_id}/stream", headers=headers

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import trio
 from quart.testing.connections import WebsocketDisconnectError
+from quart.typing import TestWebsocketConnectionProtocol as WebsocketConnection
 from quart_trio.testing import TrioClient
 
 from actors.messages import Transport
@@ -24,11 +25,17 @@ async def read_ws(
     async with client.websocket(path, headers=headers) as ws:
         with trio.fail_after(600):
             while True:
-                try:
-                    frames.append(json.loads(await ws.receive()))
-                except WebsocketDisconnectError as exc:
-                    return frames, exc.args[0]
-    raise AssertionError("unreachable")
+                frame = await _receive(ws)
+                if isinstance(frame, WebsocketDisconnectError):
+                    return frames, frame.args[0]
+                frames.append(json.loads(frame))
+
+
+async def _receive(ws: WebsocketConnection) -> str | WebsocketDisconnectError:
+    try:
+        return str(await ws.receive())
+    except WebsocketDisconnectError as closed:
+        return closed
 
 
 async def test_ws_sends_the_same_events_as_sse_then_closes_1000(

@@ -1,0 +1,268 @@
+"""run_image_worker: attempts, timeouts, retries with exact backoff, and what it reports."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+from actors.capacity import FairCapacity
+from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
+from actors.retry import RetryPolicy
+from actors.settings import SupervisorSettings
+from actors.worker import WorkerContext, run_image_worker
+from tests.fakes import FIXED_NOW, FakeProvider, Script, fixed_now, start_supervisor, upper_jitter
+
+JOB_ID = "job-1"
+
+
+def make_context(
+    provider: FakeProvider,
+    *,
+    attempts: int = 3,
+    base_delay_s: float = 1.0,
+    attempt_timeout_s: float = 60.0,
+    capacity: FairCapacity | None = None,
+) -> WorkerContext:
+    return WorkerContext(
+        job_id=JOB_ID,
+        prompt="a lighthouse at dusk",
+        provider=provider,
+        capacity=capacity or FairCapacity(trio.CapacityLimiter(1)),
+        retry=RetryPolicy(attempts=attempts, base_delay_s=base_delay_s, max_delay_s=8.0),
+        attempt_timeout_s=attempt_timeout_s,
+        now=fixed_now(),
+        uniform=upper_jitter,
+    )
+
+
+async def run_worker(context: WorkerContext, index: int = 0) -> list[WorkerReport]:
+    """Run one worker to the end and return everything it reported, in order."""
+    reports_send, reports_recv = trio.open_memory_channel[WorkerReport](0)
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(run_image_worker, index, context=context, reports_send=reports_send)
+            )
+            with reports_recv:  # the loop ends when the worker closes its channel
+                reports = [report async for report in reports_recv]
+    return reports
+
+
+def outcome_of(reports: list[WorkerReport]) -> ImageOutcome:
+    *attempts, outcome = reports
+    assert all(isinstance(report, AttemptStarted) for report in attempts)
+    assert isinstance(outcome, ImageOutcome)
+    return outcome
+
+
+async def test_success_reports_one_attempt_then_the_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1.5))
+
+    reports = await run_worker(make_context(provider), index=2)
+
+    assert reports == [
+        AttemptStarted(index=2, attempt=1, at=FIXED_NOW, waited_s=0.0),
+        ImageOutcome(
+            index=2,
+            status=ImageStatus.COMPLETED,
+            url=f"https://img.test/{JOB_ID}/2.png",
+            error=None,
+            attempts=1,
+            finished_at=FIXED_NOW,
+            provider_s=1.5,
+        ),
+    ]
+
+
+async def test_transient_failures_are_retried_after_exact_backoffs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, fail_times=2))
+    t0 = trio.current_time()
+
+    reports = await run_worker(make_context(provider, base_delay_s=1))
+
+    # 1 s call, 1 s backoff, 1 s call, 2 s backoff, 1 s call.
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 5]
+    assert trio.current_time() - t0 == 6
+    assert [r.attempt for r in reports if isinstance(r, AttemptStarted)] == [1, 2, 3]
+    outcome = outcome_of(reports)
+    assert (outcome.status, outcome.attempts, outcome.provider_s) == (
+        ImageStatus.COMPLETED,
+        3,
+        3.0,
+    )
+
+
+async def test_retry_after_hint_delays_the_next_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, fail_times=1, retry_after_s=30))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, base_delay_s=1)))
+
+    assert [at - t0 for at in provider.start_times()] == [0, 31]
+    assert outcome.status is ImageStatus.COMPLETED
+
+
+async def test_permanent_error_fails_the_image_with_its_message_and_no_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, permanent="prompt rejected by policy"))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider)))
+
+    assert (outcome.status, outcome.error, outcome.attempts, outcome.url) == (
+        ImageStatus.FAILED,
+        "prompt rejected by policy",
+        1,
+        None,
+    )
+    assert len(provider.calls) == 1
+    assert trio.current_time() - t0 == 1
+
+
+async def test_attempt_timeout_is_retried_and_named_in_the_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=10))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(
+        await run_worker(make_context(provider, attempts=2, base_delay_s=1, attempt_timeout_s=2))
+    )
+
+    # 2 s timeout, 1 s backoff, 2 s timeout.
+    assert [at - t0 for at in provider.start_times()] == [0, 3]
+    assert trio.current_time() - t0 == 5
+    assert outcome.status is ImageStatus.FAILED
+    assert outcome.error == "the provider did not answer within 2 s (gave up after 2 attempts)"
+    assert outcome.provider_s == 4.0
+    assert provider.cancelled == 2
+
+
+async def test_gives_up_after_the_configured_number_of_attempts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, fail_times=99))
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=4, base_delay_s=0)))
+
+    assert outcome.status is ImageStatus.FAILED
+    assert outcome.error == "transient failure 4 (gave up after 4 attempts)"
+    assert outcome.attempts == 4
+    assert [request.attempt for request in provider.calls] == [1, 2, 3, 4]
+
+
+async def test_unexpected_provider_exception_fails_the_image_as_internal_error(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, crash=ValueError))
+
+    outcome = outcome_of(await run_worker(make_context(provider)))
+
+    assert (outcome.status, outcome.error, outcome.attempts) == (
+        ImageStatus.FAILED,
+        "internal error (ValueError)",
+        1,
+    )
+    assert len(provider.calls) == 1
+    assert "provider raised" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "script",
+    [Script(latency_s=1, permanent="rejected"), Script(latency_s=1, crash=ValueError)],
+    ids=["permanent", "internal-error"],
+)
+async def test_a_failed_last_attempt_counts_in_provider_time(
+    autojump_clock: trio.testing.MockClock, script: Script
+) -> None:
+    # A transient failure's call time is counted (see the timeout test: 4.0 s for two calls),
+    # so the call that ended in a permanent or unexpected error must be counted too.
+    provider = FakeProvider(default=script)
+
+    outcome = outcome_of(await run_worker(make_context(provider)))
+
+    assert outcome.status is ImageStatus.FAILED
+    assert outcome.provider_s == 1.0
+
+
+async def test_waiting_for_capacity_does_not_count_against_the_attempt_timeout(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    capacity = FairCapacity(trio.CapacityLimiter(1))
+    release = trio.Event()
+
+    async def hold_the_only_token() -> None:
+        async with capacity.slot("other job"):
+            await trio.sleep(5)
+            release.set()
+
+    nursery.start_soon(hold_the_only_token)
+    await trio.testing.wait_all_tasks_blocked()
+    provider = FakeProvider(default=Script(latency_s=1.5))
+
+    reports = await run_worker(make_context(provider, attempt_timeout_s=2, capacity=capacity))
+
+    assert release.is_set()
+    assert reports[0] == AttemptStarted(index=0, attempt=1, at=FIXED_NOW, waited_s=5.0)
+    assert outcome_of(reports).status is ImageStatus.COMPLETED
+
+
+async def test_cancelled_worker_cancels_the_provider_call_and_reports_no_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(block=trio.Event()))
+    context = make_context(provider)
+    reports_send, reports_recv = trio.open_memory_channel[WorkerReport](0)
+    reports: list[WorkerReport] = []
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(run_image_worker, 0, context=context, reports_send=reports_send)
+            )
+            with reports_recv:
+                reports.append(await reports_recv.receive())
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+
+    assert [type(report) for report in reports] == [AttemptStarted]
+    assert provider.cancelled == 1
+    assert provider.in_flight == 0
+    assert context.capacity.limiter.statistics().borrowed_tokens == 0
+
+
+async def test_backoff_is_taken_without_holding_a_token(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    provider = FakeProvider(
+        by_prompt={
+            "flaky": Script(latency_s=1, fail_times=1),
+            "steady": Script(latency_s=1),
+        }
+    )
+    settings = SupervisorSettings(capacity=1, retry=RetryPolicy(attempts=3, base_delay_s=4))
+    supervisor = await start_supervisor(nursery, provider, settings)
+    t0 = trio.current_time()
+    flaky, _ = supervisor.submit_nowait(owner="alice", prompt="flaky", num_images=1)
+    await trio.testing.wait_all_tasks_blocked()
+    steady, _ = supervisor.submit_nowait(owner="bob", prompt="steady", num_images=1)
+
+    with trio.fail_after(60):
+        await supervisor.get(flaky.job_id, owner="alice").wait_finished()
+
+    # The steady image runs in the flaky one's 4 s backoff (1 s to 5 s), on the only token.
+    assert [at - t0 for at in provider.start_times(job_id=steady.job_id)] == [1]
+    assert [at - t0 for at in provider.start_times(job_id=flaky.job_id)] == [0, 5]
+    assert supervisor.get(steady.job_id, owner="bob").snapshot().total_ms == 2000
+    assert supervisor.get(flaky.job_id, owner="alice").snapshot().total_ms == 6000
+    assert provider.peak_in_flight == 1
