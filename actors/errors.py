@@ -12,6 +12,8 @@ Hierarchy::
     ProviderError            raised by an ``ImageProvider``
     ├── TransientProviderError   worth another attempt (5xx, 429, transport errors, timeouts)
     └── PermanentProviderError   never worth another attempt (bad input, rejected token, ...)
+
+    WebhookRejected          a provider's webhook whose signature or timestamp does not hold
 """
 
 from __future__ import annotations
@@ -74,3 +76,7 @@ class TransientProviderError(ProviderError):
 
 class PermanentProviderError(ProviderError):
     """A failure that another attempt would repeat; the image ends ``failed``."""
+
+
+class WebhookRejected(Exception):
+    """A webhook whose signature, timestamp or body does not hold; nothing was changed."""

@@ -20,6 +20,7 @@ class SupervisorSettings:
         retry_after_s: What ``LimitExceeded`` and ``Overloaded`` advise.
         job_retention_s: How long a finished job stays readable.
         max_retained_jobs: How many finished jobs are kept at most (oldest forgotten first).
+        provider_cancel_s: Time a provider gets to stop remote work, shielded from cancellation.
     """
 
     capacity: int = attrs.field(default=5, validator=attrs.validators.ge(1))
@@ -30,3 +31,4 @@ class SupervisorSettings:
     retry_after_s: int = attrs.field(default=5, validator=attrs.validators.ge(1))
     job_retention_s: float = attrs.field(default=3600.0, validator=attrs.validators.gt(0))
     max_retained_jobs: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
+    provider_cancel_s: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))

@@ -189,6 +189,7 @@ class Supervisor:
             capacity=self.capacity,
             retry=self.settings.retry,
             attempt_timeout_s=self.settings.attempt_timeout_s,
+            provider_cancel_s=self.settings.provider_cancel_s,
             now=self._now,
             uniform=self._uniform,
         )

@@ -32,6 +32,7 @@ class WorkerContext:
     capacity: FairCapacity
     retry: RetryPolicy
     attempt_timeout_s: float
+    provider_cancel_s: float
     now: Callable[[], datetime]
     uniform: Uniform
 
@@ -49,11 +50,24 @@ async def run_image_worker(
     Concurrency: started with ``start_soon`` by its JobActor, whose state it never touches: it
     sends one ``AttemptStarted`` per attempt and a final ``ImageOutcome`` over its own clone of
     ``reports_send``, which it closes when it returns. Cancellation (job cancelled, server
-    stopping) propagates; the job then records the image as canceled.
+    stopping) propagates, after asking the provider to stop remote work for the image (shielded,
+    bounded by ``provider_cancel_s``); the job then records the image as canceled.
     """
     with reports_send:
-        outcome = await _make_image(index, context, reports_send)
+        try:
+            outcome = await _make_image(index, context, reports_send)
+        except trio.Cancelled:
+            await _stop_remote_work(context, index)
+            raise
         await reports_send.send(outcome)
+
+
+async def _stop_remote_work(context: WorkerContext, index: int) -> None:
+    with trio.move_on_after(context.provider_cancel_s, shield=True):
+        try:
+            await context.provider.cancel(context.job_id, index)
+        except Exception:
+            logger.exception("job %s image %d: provider cancel failed", context.job_id, index)
 
 
 async def _make_image(
@@ -95,6 +109,8 @@ async def _make_image(
         )
         if attempt < retry.attempts:
             await trio.sleep(retry.delay(attempt, failure, uniform=context.uniform))
+    # Giving up: whatever the provider may still be doing for this image is not wanted.
+    await _stop_remote_work(context, index)
     message = describe_failure(failure, context.attempt_timeout_s)
     return _failed(
         index, attempt, context, f"{message} (gave up after {attempt} attempts)", provider_s

@@ -11,7 +11,7 @@ import trio
 from actors.errors import PermanentProviderError, TransientProviderError
 from actors.eventlog import EventLog
 from actors.messages import JobEvent
-from actors.providers.base import ImageRequest
+from actors.providers.base import ImageRequest, ProviderStatistics
 from actors.settings import SupervisorSettings
 from actors.supervisor import Supervisor
 
@@ -67,6 +67,7 @@ class FakeProvider:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.cancelled = 0
+        self.remote_cancels: list[tuple[str, int]] = []
 
     def script_for(self, request: ImageRequest) -> Script:
         if request.prompt in self.by_prompt:
@@ -107,6 +108,14 @@ class FakeProvider:
         return script.url.format(
             job_id=request.job_id, index=request.index, attempt=request.attempt
         )
+
+    async def cancel(self, job_id: str, index: int) -> None:
+        """Record that the worker asked to stop remote work for this image."""
+        self.remote_cancels.append((job_id, index))
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> ProviderStatistics:
+        return {"calls": len(self.calls), "cancelled": self.cancelled}
 
 
 def fixed_now(at: datetime = FIXED_NOW) -> Callable[[], datetime]:

@@ -9,10 +9,11 @@ from quart_cors import cors
 from quart_trio import QuartTrio
 
 from actors.supervisor import Supervisor
-from web import routes_auth, routes_health, routes_jobs, routes_stream
+from web import routes_auth, routes_health, routes_jobs, routes_stream, routes_webhooks
 from web.auth import Authenticator
 from web.context import EXTENSION, AppState
 from web.errors import APIError, register_error_handlers
+from web.routes_webhooks import WEBHOOK_MAX_BYTES
 from web.settings import Settings
 
 # Stored images never change under their name, so browsers and proxies may keep them.
@@ -28,11 +29,12 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
         auth: Users and tokens.
     """
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # The largest body any route takes; each route enforces its own (web/body.py).
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, WEBHOOK_MAX_BYTES)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXTENSION] = AppState(supervisor=supervisor, settings=settings, auth=auth)
     register_error_handlers(app)
-    for module in (routes_auth, routes_jobs, routes_stream, routes_health):
+    for module in (routes_auth, routes_jobs, routes_stream, routes_health, routes_webhooks):
         app.register_blueprint(module.blueprint)
     images_dir = Path(settings.local.images_dir).resolve()
 

@@ -15,7 +15,7 @@ def _reject_constant(name: str) -> float:
 
 
 async def read_json_body(max_bytes: int) -> object:
-    """The request's body decoded as JSON (``MAX_CONTENT_LENGTH`` caps what is read).
+    """The request's body decoded as JSON, at most ``max_bytes`` of it.
 
     Raises:
         APIError: 415 for another content type, 413 over ``max_bytes``, 400 for an empty or
@@ -27,10 +27,13 @@ async def read_json_body(max_bytes: int) -> object:
         raise APIError(415, "Content-Type must be application/json")
     if request.content_length is not None and request.content_length > max_bytes:
         raise APIError(413, f"Request body is larger than {max_bytes} bytes")
+    too_large = APIError(413, f"Request body is larger than {max_bytes} bytes")
     try:
         raw = await request.get_data(as_text=False)
     except RequestEntityTooLarge:
-        raise APIError(413, f"Request body is larger than {max_bytes} bytes") from None
+        raise too_large from None
+    if len(raw) > max_bytes:  # a chunked body has no Content-Length to check up front
+        raise too_large
     if not raw.strip():
         raise APIError(400, "Request body is empty; expected a JSON object")
     try:

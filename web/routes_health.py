@@ -55,5 +55,6 @@ async def status() -> dict[str, object]:
     current_user()
     app_state = state()
     view = status_view(app_state.supervisor.statistics())
-    view["provider"] = app_state.supervisor.provider.name
+    provider = app_state.supervisor.provider
+    view["provider"] = {"name": provider.name, **provider.statistics()}
     return view

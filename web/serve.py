@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
 import trio
@@ -13,6 +15,7 @@ from hypercorn.trio import serve
 
 from actors.providers.base import ImageProvider
 from actors.providers.local import LocalProvider
+from actors.providers.replicate import open_replicate_provider
 from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_idle
 from web.app import create_app
@@ -64,10 +67,12 @@ async def run_server(
     nursery is cancelled and each unfinished job finalises.
     """
     hypercorn_idle.install()
-    provider = provider or LocalProvider(settings.local)
     auth = auth or Authenticator(settings)
     shutdown = shutdown or trio.Event()
-    async with open_supervisor(provider, settings.supervisor) as supervisor:
+    async with AsyncExitStack() as stack:
+        if provider is None:
+            provider = await stack.enter_async_context(open_provider(settings))
+        supervisor = await stack.enter_async_context(open_supervisor(provider, settings.supervisor))
         app = create_app(supervisor, settings, auth)
         config = hypercorn_config(settings, bind=bind)
 
@@ -83,7 +88,17 @@ async def run_server(
             task_status.started(binds)
             await shutdown.wait()
             # hypercorn is draining now; when it returns the nursery's other tasks are done too.
-        logger.info("stopped")
+    logger.info("stopped")
+
+
+@asynccontextmanager
+async def open_provider(settings: Settings) -> AsyncIterator[ImageProvider]:
+    """Replicate when ``REPLICATE_API_TOKEN`` is set, else the built-in local provider."""
+    if settings.replicate is None:
+        yield LocalProvider(settings.local)
+        return
+    async with open_replicate_provider(settings.replicate) as provider:
+        yield provider
 
 
 def _configure_logging(level: str) -> None:

@@ -5,7 +5,11 @@ Every variable is listed with its default in ``.env.example``.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -14,6 +18,12 @@ import attrs
 from dotenv import dotenv_values
 
 from actors.providers.local import LocalProviderSettings
+from actors.providers.replicate import (
+    DEFAULT_BASE_URL,
+    DEFAULT_MODEL,
+    ModelRef,
+    ReplicateSettings,
+)
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
 
@@ -52,6 +62,8 @@ class Settings:
     local: LocalProviderSettings = attrs.Factory(
         lambda: LocalProviderSettings(images_dir=Path("var/images"), latency_ms=(800, 2500))
     )
+    #: ``None`` (the local provider) unless ``REPLICATE_API_TOKEN`` is set.
+    replicate: ReplicateSettings | None = None
 
 
 def _int(value: str) -> int:
@@ -71,6 +83,31 @@ def _ms_range(value: str) -> tuple[int, int]:
     if pair[0] < 0 or pair[1] < pair[0]:
         raise ValueError("expected MIN-MAX milliseconds with 0 <= MIN <= MAX")
     return pair
+
+
+def _json_object(value: str) -> dict[str, object]:
+    parsed = json.loads(value)
+    if not isinstance(parsed, dict):
+        raise ValueError("expected a JSON object")
+    return parsed
+
+
+def _http_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError("expected an http(s) URL")
+    return url
+
+
+def _whsec(value: str) -> str:
+    secret = value.strip()
+    _, _, key = secret.partition("whsec_")
+    try:
+        if not secret.startswith("whsec_") or not base64.b64decode(key, validate=True):
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise ValueError("expected whsec_<base64>, as Replicate gives it") from None
+    return secret
 
 
 def _origins(value: str) -> tuple[str, ...]:
@@ -145,6 +182,10 @@ def _build(env: _Reader) -> Settings:
         latency_ms=env.get("LOCAL_LATENCY_MS", _ms_range, defaults.local.latency_ms),
         fail_rate=env.get("LOCAL_FAIL_RATE", _float, defaults.local.fail_rate),
     )
+    supervisor = attrs.evolve(
+        supervisor,
+        provider_cancel_s=env.get("PROVIDER_CANCEL_S", _float, sup.provider_cancel_s),
+    )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(
         host=env.text("HOST", defaults.host) or defaults.host,
@@ -167,9 +208,38 @@ def _build(env: _Reader) -> Settings:
         log_level=(env.text("LOG_LEVEL", defaults.log_level) or defaults.log_level).upper(),
         supervisor=supervisor,
         local=local,
+        replicate=_replicate(env),
     )
     check(settings)
     return settings
+
+
+def _replicate(env: _Reader) -> ReplicateSettings | None:
+    token = env.text("REPLICATE_API_TOKEN", None)
+    if token is None:
+        return None
+    defaults = ReplicateSettings(api_token=token)
+    webhook_url = env.get("REPLICATE_WEBHOOK_URL", _http_url, None)
+    webhook_secret = env.get("REPLICATE_WEBHOOK_SECRET", _whsec, None)
+    if (webhook_url is None) != (webhook_secret is None):
+        raise SettingsError("REPLICATE_WEBHOOK_URL and REPLICATE_WEBHOOK_SECRET go together")
+    return ReplicateSettings(
+        api_token=token,
+        model=env.get("REPLICATE_MODEL", ModelRef.parse, ModelRef.parse(DEFAULT_MODEL)),
+        model_input=env.get("REPLICATE_INPUT", _json_object, {}),
+        base_url=env.get("REPLICATE_BASE_URL", _http_url, DEFAULT_BASE_URL),
+        wait_s=env.get("REPLICATE_WAIT_S", _int, defaults.wait_s),
+        poll_interval_s=env.get(
+            "REPLICATE_POLL_INTERVAL_MS", _float, defaults.poll_interval_s * 1000
+        )
+        / 1000,
+        request_timeout_s=env.get("REPLICATE_TIMEOUT_S", _float, defaults.request_timeout_s),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+        webhook_poll_interval_s=env.get(
+            "REPLICATE_WEBHOOK_POLL_INTERVAL_S", _float, defaults.webhook_poll_interval_s
+        ),
+    )
 
 
 def check(settings: Settings) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -24,16 +25,41 @@ class ImageRequest:
     attempt: int
 
 
+#: What a provider reports about itself for ``GET /api/status`` (flat, JSON-ready).
+ProviderStatistics = Mapping[str, int | float | str | None]
+
+
 class ImageProvider(Protocol):
     """Makes one image per call.
 
     ``generate`` returns the image's URL: absolute (``https://...``) or a path the service
     itself serves (``/files/...``). It raises ``TransientProviderError`` for failures worth
-    another attempt and ``PermanentProviderError`` for the rest. Cancelling the call must stop
-    the work, at the provider too (shielded and bounded in time by the provider itself).
+    another attempt and ``PermanentProviderError`` for the rest. A later attempt at the same
+    ``(job_id, index)`` continues remote work an earlier one started, where the provider can
+    (an image is never paid for twice), so cancelling a ``generate`` call (an attempt timeout)
+    leaves remote work running; ``cancel`` is what stops it.
     """
 
     @property
     def name(self) -> str: ...
 
     async def generate(self, request: ImageRequest) -> str: ...
+
+    async def cancel(self, job_id: str, index: int) -> None:
+        """Stop any remote work for this image (best effort; callers bound it in time)."""
+        ...
+
+    def statistics(self) -> ProviderStatistics: ...
+
+
+@runtime_checkable
+class WebhookReceiver(Protocol):
+    """A provider that is told about finished work by signed webhooks."""
+
+    def receive_webhook(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Check the signature and act on the payload.
+
+        Raises:
+            WebhookRejected: Bad signature, stale timestamp or malformed body; nothing changed.
+        """
+        ...

@@ -13,7 +13,7 @@ import trio
 from PIL import Image, ImageDraw, ImageFont
 
 from actors.errors import TransientProviderError
-from actors.providers.base import ImageRequest
+from actors.providers.base import ImageRequest, ProviderStatistics
 
 SIZE = 512
 # Rendering is CPU-bound and runs in worker threads; two threads keep one core for the event loop.
@@ -50,6 +50,7 @@ class LocalProvider:
     ) -> None:
         self.settings = settings
         self._rng = rng or random.Random()  # noqa: S311 (simulation, not security)
+        self._rendered = 0
 
     async def generate(self, request: ImageRequest) -> str:
         low, high = self.settings.latency_ms
@@ -64,7 +65,16 @@ class LocalProvider:
             request.index,
             limiter=_RENDER_THREADS,
         )
+        self._rendered += 1
         return f"/files/{name}"
+
+    async def cancel(self, job_id: str, index: int) -> None:  # noqa: ARG002 (the protocol's)
+        """Nothing runs remotely; cancelling ``generate`` already stopped the work."""
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> ProviderStatistics:
+        low, high = self.settings.latency_ms
+        return {"images": self._rendered, "latency_ms": f"{low}-{high}"}
 
 
 def render_png(path: Path, prompt: str, index: int) -> None:

@@ -323,6 +323,7 @@ async def test_cancellation_from_outside_still_publishes_done(
         capacity=FairCapacity(trio.CapacityLimiter(2)),
         retry=RetryPolicy(),
         attempt_timeout_s=60,
+        provider_cancel_s=5.0,
         now=fixed_now(),
         uniform=upper_jitter,
     )

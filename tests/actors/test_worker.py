@@ -33,6 +33,7 @@ def make_context(
         capacity=capacity or FairCapacity(trio.CapacityLimiter(1)),
         retry=RetryPolicy(attempts=attempts, base_delay_s=base_delay_s, max_delay_s=8.0),
         attempt_timeout_s=attempt_timeout_s,
+        provider_cancel_s=5.0,
         now=fixed_now(),
         uniform=upper_jitter,
     )

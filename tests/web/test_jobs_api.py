@@ -275,7 +275,7 @@ async def test_status_shows_the_supervisors_view(client: TrioClient, token: str)
     assert body["capacity"] == {"limit": 2, "in_use": 2, "waiting": 3, "jobs_waiting": 1}
     assert body["images"]["queued"] == 5
     assert body["subscribers"] == {"sse": 0, "websocket": 0}
-    assert body["provider"] == "fake"
+    assert body["provider"] == {"name": "fake", "calls": 2, "cancelled": 0}
 
 
 async def test_health_is_ok(client: TrioClient) -> None:

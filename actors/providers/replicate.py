@@ -1,0 +1,615 @@
+"""Images from Replicate's predictions API, Trio-safe, frugal under faults.
+
+Calls the HTTP API with our own ``httpx.AsyncClient`` (one connection pool per process) and
+waits with Trio: the ``replicate`` package's async helpers sleep with asyncio and crash under
+Trio (STACK.md §4), so only its webhook signature check is used here.
+
+Latency: a prediction is created with ``Prefer: wait=N``, so Replicate answers the create the
+moment the image exists; past that window it is polled at a short, fixed interval, or, with
+webhooks configured, woken by Replicate's ``completed`` webhook (polling then stays as a slow
+fallback so a lost webhook never strands an image).
+
+Billing: every image is remembered with its prediction id from the moment Replicate gives one,
+so a retry (after an attempt timeout, a poll failure, a restart of the attempt) continues that
+prediction instead of creating another. A create that may have created something (5xx, a
+connection lost after sending) is reconciled against Replicate's list of recent predictions
+before anything is created again; only a create that certainly created nothing is repeated.
+
+Rate: creates pass a process-wide pacer that stays under Replicate's documented 600 creates per
+minute, halves its rate and pauses for ``Retry-After`` when Replicate answers 429, and recovers
+additively with every accepted create (AIMD).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+import httpx
+import trio
+from replicate.webhook import Webhooks, WebhookSigningSecret
+
+from actors.errors import PermanentProviderError, TransientProviderError, WebhookRejected
+from actors.providers.base import ImageRequest, ProviderStatistics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "black-forest-labs/flux-schnell"
+DEFAULT_BASE_URL = "https://api.replicate.com"
+#: Replicate's documented limit is 600 creates per minute.
+MAX_CREATES_PER_S = 10.0
+MIN_CREATES_PER_S = 0.1
+#: Additive increase of the create rate per accepted create, in creates per second.
+RATE_STEP = 0.25
+#: A Retry-After longer than this is capped: the attempt timeout bounds the wait anyway.
+MAX_RETRY_AFTER_S = 60.0
+#: Polls that fail (5xx, 429, network) back off up to this long between tries.
+MAX_POLL_BACKOFF_S = 5.0
+#: How far back (against Replicate's clock) a reconciled prediction may have been created.
+RECONCILE_SKEW = timedelta(seconds=30)
+RECONCILE_PAGES = 5
+#: Prediction ids this process has given to an image, remembered so that reconciling never
+#: hands one prediction to two images (bounded: reconciling only looks at recent predictions).
+MAX_REMEMBERED_PREDICTIONS = 10_000
+#: Terminal webhooks that arrive before their create's answer (``Prefer: wait`` races them).
+MAX_EARLY_WEBHOOKS = 1_000
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+_VERSION = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SettingsProblem(ValueError):
+    """A Replicate setting is malformed."""
+
+
+@attrs.frozen(kw_only=True)
+class ModelRef:
+    """``owner/name`` (official model endpoint), ``owner/name:version`` or a bare version id."""
+
+    name: str | None
+    version: str | None
+
+    @classmethod
+    def parse(cls, ref: str) -> ModelRef:
+        ref = ref.strip()
+        name, colon, version = ref.partition(":")
+        if not colon and _VERSION.match(name):
+            return cls(name=None, version=name)
+        if not _NAME.match(name) or (colon and not _VERSION.match(version)):
+            raise SettingsProblem(
+                f"REPLICATE_MODEL={ref!r}: expected owner/name, owner/name:<64-hex version> "
+                "or a 64-hex version id"
+            )
+        return cls(name=name, version=version or None)
+
+    @property
+    def create_path(self) -> str:
+        if self.version is None:
+            return f"/v1/models/{self.name}/predictions"
+        return "/v1/predictions"
+
+    def create_body(self, model_input: Mapping[str, object]) -> dict[str, object]:
+        body: dict[str, object] = {"input": dict(model_input)}
+        if self.version is not None:
+            body["version"] = self.version
+        return body
+
+    def __str__(self) -> str:
+        if self.name is None:
+            return str(self.version)
+        return self.name if self.version is None else f"{self.name}:{self.version}"
+
+
+@attrs.frozen(kw_only=True)
+class ReplicateSettings:
+    """Args:
+    api_token: ``REPLICATE_API_TOKEN``.
+    model: ``REPLICATE_MODEL``.
+    model_input: ``REPLICATE_INPUT``, merged into every prediction's input (the prompt wins).
+    base_url: ``REPLICATE_BASE_URL``, without ``/v1`` (as the ``replicate`` package reads it).
+    wait_s: ``Prefer: wait=N`` on creates (1-60).
+    poll_interval_s: Between polls once the wait window has passed.
+    request_timeout_s: Connect/read/write timeout of every other call.
+    webhook_url: With ``webhook_secret``: receive ``completed`` webhooks there.
+    webhook_secret: ``whsec_...`` signing secret of those webhooks.
+    webhook_tolerance_s: How old (or new) a webhook's timestamp may be.
+    webhook_poll_interval_s: The fallback poll interval while webhooks are on.
+    """
+
+    api_token: str
+    model: ModelRef = attrs.field(factory=lambda: ModelRef.parse(DEFAULT_MODEL))
+    model_input: Mapping[str, object] = attrs.field(factory=dict)
+    base_url: str = DEFAULT_BASE_URL
+    wait_s: int = attrs.field(
+        default=60, validator=[attrs.validators.ge(1), attrs.validators.le(60)]
+    )
+    poll_interval_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
+    request_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_tolerance_s: int = 300
+    webhook_poll_interval_s: float = 10.0
+
+    @property
+    def webhooks(self) -> bool:
+        return self.webhook_url is not None and self.webhook_secret is not None
+
+
+class CreatePacer:
+    """Process-wide pacing of prediction creates (AIMD on the create rate).
+
+    Concurrency: shared by every attempt of the provider; ``acquire`` queues FIFO behind a
+    ``trio.Lock`` and sleeps until the next create may go; ``throttled`` and ``accepted`` are sync.
+    """
+
+    def __init__(self, *, max_rate: float = MAX_CREATES_PER_S) -> None:
+        self.max_rate = max_rate
+        self.rate = max_rate
+        self.throttles = 0
+        self._next = 0.0
+        self._paused_until = 0.0
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            start = max(trio.current_time(), self._next, self._paused_until)
+            await trio.sleep_until(start)
+            self._next = max(start, trio.current_time()) + 1 / self.rate
+
+    def throttled(self, retry_after_s: float) -> None:
+        """Replicate answered 429: halve the rate and pause every create for ``retry_after_s``."""
+        self.throttles += 1
+        self.rate = max(MIN_CREATES_PER_S, self.rate / 2)
+        self._paused_until = max(self._paused_until, trio.current_time() + retry_after_s)
+
+    def accepted(self) -> None:
+        self.rate = min(self.max_rate, self.rate + RATE_STEP)
+
+
+@attrs.define(eq=False)
+class _Tracked:
+    """A prediction some image is waiting for; a webhook may complete it."""
+
+    prediction_id: str
+    changed: trio.Event = attrs.Factory(trio.Event)
+    latest: Mapping[str, Any] | None = None
+
+
+@attrs.define(eq=False)
+class _Counters:
+    creates: int = 0
+    predictions: int = 0
+    images: int = 0
+    resumed: int = 0
+    reconciled: int = 0
+    polls: int = 0
+    webhooks: int = 0
+    failed_predictions: int = 0
+    cancels: int = 0
+
+
+class _Answer(Exception):
+    """Internal: a non-2xx answer, with what a user should read."""
+
+    def __init__(self, status: int, detail: str, retry_after_s: float | None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+class ReplicateProvider:
+    """Images from Replicate, one prediction per image.
+
+    Concurrency: opened once per process with :func:`open_replicate_provider`, which owns the
+    ``httpx.AsyncClient``; any number of workers call :meth:`generate` and :meth:`cancel` at
+    once. State (which image waits for which prediction) lives here and is touched only on the
+    Trio thread; entries are dropped when an image finishes or is cancelled.
+    """
+
+    name = "replicate"
+
+    def __init__(self, settings: ReplicateSettings, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.pacer = CreatePacer()
+        self._client = client
+        self._images: dict[tuple[str, int], str] = {}
+        self._unsure: dict[tuple[str, int], tuple[dict[str, object], datetime]] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._claimed: dict[str, None] = {}  # insertion-ordered, bounded
+        self._early: dict[str, Mapping[str, Any]] = {}  # insertion-ordered, bounded
+        self._counters = _Counters()
+        self._multi_output_warned = False
+
+    # --- the ImageProvider protocol ---------------------------------------------------------
+
+    async def generate(self, request: ImageRequest) -> str:
+        key = (request.job_id, request.index)
+        prediction_id = self._images.get(key)
+        if prediction_id is None:
+            prediction = await self._create_once(key, request.prompt)
+            prediction_id = str(prediction["id"])
+            if _finished(prediction, sync_answer=True):
+                return self._result(key, prediction)
+        else:
+            self._counters.resumed += 1
+        prediction = await self._wait_until_finished(prediction_id)
+        return self._result(key, prediction)
+
+    async def cancel(self, job_id: str, index: int) -> None:
+        key = (job_id, index)
+        unsure = self._unsure.pop(key, None)
+        if unsure is not None and key not in self._images:
+            try:
+                adopted = await self._reconcile(*unsure)
+            except TransientProviderError as exc:
+                logger.warning("replicate: cannot find a prediction to cancel: %s", exc)
+                adopted = None
+            if adopted is not None:
+                self._adopt(key, adopted)
+        prediction_id = self._images.pop(key, None)
+        if prediction_id is None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._tracked.pop(prediction_id, None)
+        self._counters.cancels += 1
+        try:
+            await self._call("POST", f"/v1/predictions/{prediction_id}/cancel")
+        except (_Answer, httpx.TransportError) as exc:
+            logger.warning("replicate: cancel of %s failed: %s", prediction_id, exc)
+
+    def statistics(self) -> ProviderStatistics:
+        counters = self._counters
+        return {
+            "model": str(self.settings.model),
+            "webhooks": self.settings.webhooks,
+            "creates": counters.creates,
+            "predictions": counters.predictions,
+            "images": counters.images,
+            "resumed": counters.resumed,
+            "reconciled": counters.reconciled,
+            "polls": counters.polls,
+            "webhooks_received": counters.webhooks,
+            "failed_predictions": counters.failed_predictions,
+            "cancels": counters.cancels,
+            "throttled": self.pacer.throttles,
+            "create_rate_per_s": round(self.pacer.rate, 3),
+            "in_flight": len(self._images),
+        }
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    def receive_webhook(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Check a webhook's signature and wake the image waiting for its prediction.
+
+        Raises:
+            WebhookRejected: Bad signature, stale timestamp, or malformed; nothing changed.
+        """
+        secret = self.settings.webhook_secret
+        if secret is None:
+            raise WebhookRejected("webhooks are not configured")
+        try:
+            text = body.decode("utf-8")
+            Webhooks.validate(
+                headers=dict(headers),
+                body=text,
+                secret=WebhookSigningSecret(key=secret),
+                tolerance=self.settings.webhook_tolerance_s,
+            )
+            prediction = json.loads(text)
+        except ValueError as exc:  # every validation error, bad base64 and bad JSON included
+            raise WebhookRejected(str(exc) or type(exc).__name__) from None
+        if not isinstance(prediction, dict) or not isinstance(prediction.get("id"), str):
+            raise WebhookRejected("the body is not a prediction")
+        self._counters.webhooks += 1
+        if prediction.get("status") not in TERMINAL:
+            return
+        tracked = self._tracked.get(prediction["id"])
+        if tracked is None:
+            # Perhaps its create has not answered yet: keep it for a while, bounded.
+            self._early[prediction["id"]] = prediction
+            if len(self._early) > MAX_EARLY_WEBHOOKS:
+                del self._early[next(iter(self._early))]
+        elif tracked.latest is None:  # else a duplicate after the terminal one
+            tracked.latest = prediction
+            tracked.changed.set()
+
+    # --- creating ---------------------------------------------------------------------------
+
+    async def _create_once(self, key: tuple[str, int], prompt: str) -> Mapping[str, Any]:
+        settings = self.settings
+        body = settings.model.create_body({**settings.model_input, "prompt": prompt})
+        if settings.webhooks:
+            body["webhook"] = settings.webhook_url
+            body["webhook_events_filter"] = ["completed"]
+        unsure = self._unsure.get(key)
+        if unsure is not None:
+            # An earlier create may have created a prediction: find it before making another.
+            adopted = await self._reconcile(*unsure)
+            if adopted is not None:
+                return self._adopt(key, adopted)
+            del self._unsure[key]
+        while True:
+            await self.pacer.acquire()
+            since = datetime.now(UTC)
+            # Until Replicate answers, this image may or may not have a prediction: an attempt
+            # timeout or a cancel in the middle of the create must not lead to a second one.
+            self._unsure[key] = (body, since)
+            try:
+                prediction = await self._post_create(body)
+            except _Answer as exc:
+                if exc.status < 500:
+                    del self._unsure[key]  # Replicate said no: nothing was created
+                if exc.status == 429:
+                    # Backpressure, not a failure of the image: slow every create, then go on.
+                    self.pacer.throttled(min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S))
+                    continue
+                if exc.status >= 500:
+                    return await self._after_unsure_create(key, body, since, exc.detail)
+                raise _permanent(exc) from None
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                del self._unsure[key]  # the request never left
+                raise TransientProviderError(f"cannot reach Replicate ({exc!r})") from None
+            except httpx.TransportError as exc:
+                return await self._after_unsure_create(key, body, since, repr(exc))
+            del self._unsure[key]
+            self.pacer.accepted()
+            return self._adopt(key, prediction)
+
+    async def _post_create(self, body: dict[str, object]) -> Mapping[str, Any]:
+        self._counters.creates += 1
+        wait_s = self.settings.wait_s
+        return await self._call(
+            "POST",
+            self.settings.model.create_path,
+            json_body=body,
+            headers={"Prefer": f"wait={wait_s}"},
+            read_timeout_s=wait_s + self.settings.request_timeout_s,
+        )
+
+    async def _after_unsure_create(
+        self, key: tuple[str, int], body: dict[str, object], since: datetime, detail: str
+    ) -> Mapping[str, Any]:
+        adopted = await self._reconcile(body, since)
+        if adopted is not None:
+            del self._unsure[key]
+            return self._adopt(key, adopted)
+        raise TransientProviderError(f"Replicate failed to create the prediction: {detail}")
+
+    async def _reconcile(
+        self, body: Mapping[str, object], since: datetime
+    ) -> Mapping[str, Any] | None:
+        """A recent prediction for exactly this input that no image has claimed yet.
+
+        Raises:
+            TransientProviderError: The list cannot be read now (the image stays unsure).
+        """
+        claimed = self._claimed
+        path: str | None = "/v1/predictions"
+        horizon = since - RECONCILE_SKEW
+        for _ in range(RECONCILE_PAGES):
+            if path is None:
+                break
+            try:
+                page = await self._call("GET", path)
+            except (_Answer, httpx.TransportError) as exc:
+                raise TransientProviderError(
+                    f"Replicate failed to create the prediction, and its list cannot be read "
+                    f"to check ({exc})"
+                ) from None
+            for prediction in page.get("results") or ():
+                created = _parse_time(prediction.get("created_at"))
+                if created is not None and created < horizon:
+                    return None
+                if prediction.get("id") not in claimed and prediction.get("input") == body["input"]:
+                    self._counters.reconciled += 1
+                    logger.info("replicate: adopted %s after an unsure create", prediction["id"])
+                    return await self._get(str(prediction["id"]))
+            path = page.get("next")
+        return None
+
+    def _adopt(self, key: tuple[str, int], prediction: Mapping[str, Any]) -> Mapping[str, Any]:
+        prediction_id = prediction.get("id")
+        if not isinstance(prediction_id, str):
+            raise TransientProviderError("Replicate answered without a prediction id")
+        self._counters.predictions += 1
+        self._images[key] = prediction_id
+        self._claimed[prediction_id] = None
+        if len(self._claimed) > MAX_REMEMBERED_PREDICTIONS:
+            del self._claimed[next(iter(self._claimed))]
+        return prediction
+
+    # --- waiting ----------------------------------------------------------------------------
+
+    async def _wait_until_finished(self, prediction_id: str) -> Mapping[str, Any]:
+        tracked = self._tracked.setdefault(prediction_id, _Tracked(prediction_id))
+        tracked.latest = self._early.pop(prediction_id, None)
+        interval = (
+            self.settings.webhook_poll_interval_s
+            if self.settings.webhooks
+            else self.settings.poll_interval_s
+        )
+        try:
+            while (latest := tracked.latest) is None:
+                with trio.move_on_after(interval):
+                    await tracked.changed.wait()
+                if tracked.changed.is_set():
+                    continue  # a webhook brought the result
+                prediction = await self._get(prediction_id)
+                if _finished(prediction, sync_answer=False):
+                    return prediction
+            await trio.lowlevel.checkpoint()
+            return latest
+        finally:
+            self._tracked.pop(prediction_id, None)
+
+    async def _get(self, prediction_id: str) -> Mapping[str, Any]:
+        """The prediction now; retries 429, 5xx and network errors with a bounded backoff."""
+        delay = self.settings.poll_interval_s
+        while True:
+            self._counters.polls += 1
+            try:
+                return await self._call("GET", f"/v1/predictions/{prediction_id}")
+            except _Answer as exc:
+                if exc.status != 429 and exc.status < 500:
+                    raise _permanent(exc) from None
+                wait = exc.retry_after_s if exc.retry_after_s is not None else delay
+            except httpx.TransportError as exc:
+                logger.info("replicate: polling %s failed: %r", prediction_id, exc)
+                wait = delay
+            await trio.sleep(min(wait, MAX_RETRY_AFTER_S))
+            delay = min(delay * 2, MAX_POLL_BACKOFF_S)
+
+    # --- results ----------------------------------------------------------------------------
+
+    def _result(self, key: tuple[str, int], prediction: Mapping[str, Any]) -> str:
+        status = prediction.get("status")
+        del self._images[key]
+        url = _first_url(prediction.get("output"))
+        if status in ("succeeded", "processing") and url is not None:
+            self._counters.images += 1
+            self._warn_if_multiple(prediction.get("output"))
+            return url
+        if status == "succeeded":
+            raise PermanentProviderError("Replicate returned no image (it may have been filtered)")
+        if status == "aborted":
+            raise TransientProviderError("Replicate aborted the prediction before it started")
+        if status == "canceled":
+            raise PermanentProviderError("the prediction was canceled at Replicate")
+        self._counters.failed_predictions += 1
+        error = prediction.get("error")
+        raise PermanentProviderError(str(error) if error else "the prediction failed at Replicate")
+
+    def _warn_if_multiple(self, output: object) -> None:
+        if isinstance(output, list) and len(output) > 1 and not self._multi_output_warned:
+            self._multi_output_warned = True
+            logger.warning(
+                "replicate: the model returned %d images per prediction; one is used per image. "
+                "Set num_outputs to 1 in REPLICATE_INPUT to stop paying for the others.",
+                len(output),
+            )
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: object = None,
+        headers: Mapping[str, str] | None = None,
+        read_timeout_s: float | None = None,
+    ) -> Mapping[str, Any]:
+        request = self._client.build_request(
+            method,
+            path,
+            json=json_body,
+            headers=headers,
+            timeout=httpx.Timeout(
+                self.settings.request_timeout_s,
+                read=read_timeout_s or self.settings.request_timeout_s,
+            ),
+        )
+        response = await self._client.send(request)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if response.is_success and isinstance(data, dict):
+            return data
+        detail = data.get("detail") if isinstance(data, dict) else None
+        if response.is_success:
+            raise _Answer(502, "Replicate answered something that is not JSON", None)
+        raise _Answer(
+            response.status_code,
+            str(detail or response.reason_phrase or response.status_code),
+            _retry_after(response, data),
+        )
+
+
+def _finished(prediction: Mapping[str, Any], *, sync_answer: bool) -> bool:
+    status = prediction.get("status")
+    if status in TERMINAL:
+        return True
+    # A ``Prefer: wait`` answer for a model with file outputs comes as soon as every file exists,
+    # with ``output`` filled while ``status`` may still say ``processing`` (REPLICATE.md §4).
+    return (
+        sync_answer and status == "processing" and _first_url(prediction.get("output")) is not None
+    )
+
+
+def _first_url(output: object) -> str | None:
+    if isinstance(output, str) and output:
+        return output
+    if isinstance(output, list) and output and isinstance(output[0], str) and output[0]:
+        return output[0]
+    return None
+
+
+def _permanent(answer: _Answer) -> PermanentProviderError:
+    messages = {
+        401: "Replicate rejected the API token (401); check REPLICATE_API_TOKEN",
+        402: "Replicate refused for billing reasons (402): add credit or a payment method",
+        403: "Replicate refused access (403); check REPLICATE_API_TOKEN and the model",
+        404: "Replicate does not know this model or prediction (404); check REPLICATE_MODEL",
+    }
+    message = messages.get(answer.status)
+    if message is None:
+        message = f"Replicate rejected the request ({answer.status}): {answer.detail}"
+    return PermanentProviderError(message)
+
+
+def _retry_after(response: httpx.Response, data: object) -> float | None:
+    header = response.headers.get("Retry-After", "").strip()
+    if header.isdigit():
+        return float(header)
+    if isinstance(data, dict):
+        body_hint = data.get("retry_after")
+        if (
+            isinstance(body_hint, int | float)
+            and not isinstance(body_hint, bool)
+            and body_hint >= 0
+        ):
+            return float(body_hint)
+    return None
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@asynccontextmanager
+async def open_replicate_provider(
+    settings: ReplicateSettings, *, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[ReplicateProvider]:
+    """A :class:`ReplicateProvider` with its connection pool, closed on exit."""
+    headers = {
+        "Authorization": f"Bearer {settings.api_token}",
+        "User-Agent": "imagegen-trio",
+    }
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+    async with httpx.AsyncClient(
+        base_url=settings.base_url, headers=headers, limits=limits, transport=transport
+    ) as client:
+        provider = ReplicateProvider(settings, client)
+        logger.info(
+            "replicate: model %s via POST %s%s (webhooks %s)",
+            settings.model,
+            settings.base_url,
+            settings.model.create_path,
+            "on" if settings.webhooks else "off",
+        )
+        yield provider
