@@ -57,17 +57,18 @@ async def run_image_worker(
         try:
             outcome = await _make_image(index, context, reports_send)
         except trio.Cancelled:
-            await _stop_remote_work(context, index)
+            with trio.move_on_after(context.provider_cancel_s, shield=True):
+                await _stop_remote_work(context, index)
             raise
         await reports_send.send(outcome)
 
 
 async def _stop_remote_work(context: WorkerContext, index: int) -> None:
-    with trio.move_on_after(context.provider_cancel_s, shield=True):
-        try:
-            await context.provider.cancel(context.job_id, index)
-        except Exception:
-            logger.exception("job %s image %d: provider cancel failed", context.job_id, index)
+    """Best effort; callers shield it and bound it with ``provider_cancel_s``."""
+    try:
+        await context.provider.cancel(context.job_id, index)
+    except Exception:
+        logger.exception("job %s image %d: provider cancel failed", context.job_id, index)
 
 
 async def _make_image(
@@ -110,7 +111,8 @@ async def _make_image(
         if attempt < retry.attempts:
             await trio.sleep(retry.delay(attempt, failure, uniform=context.uniform))
     # Giving up: whatever the provider may still be doing for this image is not wanted.
-    await _stop_remote_work(context, index)
+    with trio.move_on_after(context.provider_cancel_s, shield=True):
+        await _stop_remote_work(context, index)
     message = describe_failure(failure, context.attempt_timeout_s)
     return _failed(
         index, attempt, context, f"{message} (gave up after {attempt} attempts)", provider_s

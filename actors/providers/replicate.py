@@ -342,23 +342,27 @@ class ReplicateProvider:
             # Until Replicate answers, this image may or may not have a prediction: an attempt
             # timeout or a cancel in the middle of the create must not lead to a second one.
             self._unsure[key] = (body, since)
+            unsure_why: str | None = None
+            prediction: Mapping[str, Any] = {}
             try:
                 prediction = await self._post_create(body)
             except _Answer as exc:
-                if exc.status < 500:
+                if exc.status >= 500:
+                    unsure_why = exc.detail
+                else:
                     del self._unsure[key]  # Replicate said no: nothing was created
-                if exc.status == 429:
+                    if exc.status != 429:
+                        raise _permanent(exc) from None
                     # Backpressure, not a failure of the image: slow every create, then go on.
                     self.pacer.throttled(min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S))
                     continue
-                if exc.status >= 500:
-                    return await self._after_unsure_create(key, body, since, exc.detail)
-                raise _permanent(exc) from None
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 del self._unsure[key]  # the request never left
                 raise TransientProviderError(f"cannot reach Replicate ({exc!r})") from None
             except httpx.TransportError as exc:
-                return await self._after_unsure_create(key, body, since, repr(exc))
+                unsure_why = repr(exc)
+            if unsure_why is not None:
+                return await self._after_unsure_create(key, body, since, unsure_why)
             del self._unsure[key]
             self.pacer.accepted()
             return self._adopt(key, prediction)
