@@ -99,6 +99,7 @@ class FakeReplicate:
         self.base_url = ""
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        self._client: httpx.AsyncClient | None = None  # one pool for every webhook
         self._created = trio.Event()
         self.app = self._make_app()
 
@@ -158,15 +159,17 @@ class FakeReplicate:
         headers = sign_webhook(self.webhook_secret, f"msg_{prediction.id}", body)
         headers["Content-Type"] = "application/json"
         assert prediction.webhook is not None
-        async with httpx.AsyncClient() as client:
-            for _ in range(3):  # Replicate retries only the terminal webhook
-                try:
-                    response = await client.post(prediction.webhook, content=body, headers=headers)
-                except httpx.TransportError:
-                    await trio.sleep(0.1)
-                    continue
-                if response.is_success:
-                    break
+        assert self._client is not None
+        for _ in range(3):  # Replicate retries only the terminal webhook
+            try:
+                response = await self._client.post(
+                    prediction.webhook, content=body, headers=headers
+                )
+            except httpx.TransportError:
+                await trio.sleep(0.1)
+                continue
+            if response.is_success:
+                break
         self.webhooks_sent += 1
         prediction.webhook_sent = True
 
@@ -354,7 +357,8 @@ async def run_fake_replicate(fake: FakeReplicate) -> AsyncIterator[str]:
     config.accesslog = None
     config.graceful_timeout = 0.5
     shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
+    async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+        fake._client = client
         fake._nursery = nursery
         binds = await nursery.start(
             partial(serve, fake.app, config, shutdown_trigger=shutdown.wait)

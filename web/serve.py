@@ -68,7 +68,8 @@ async def run_server(
     """
     hypercorn_idle.install()
     auth = auth or Authenticator(settings)
-    shutdown = shutdown or trio.Event()
+    if shutdown is None:
+        shutdown = trio.Event()
     async with AsyncExitStack() as stack:
         if provider is None:
             provider = await stack.enter_async_context(open_provider(settings))

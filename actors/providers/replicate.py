@@ -46,7 +46,7 @@ DEFAULT_BASE_URL = "https://api.replicate.com"
 MAX_CREATES_PER_S = 10.0
 MIN_CREATES_PER_S = 0.1
 #: Additive increase of the create rate per accepted create, in creates per second.
-RATE_STEP = 0.25
+RATE_STEP = 1.0
 #: A Retry-After longer than this is capped: the attempt timeout bounds the wait anyway.
 MAX_RETRY_AFTER_S = 60.0
 #: Polls that fail (5xx, 429, network) back off up to this long between tries.
@@ -189,6 +189,7 @@ class _Counters:
     images: int = 0
     resumed: int = 0
     reconciled: int = 0
+    swapped: int = 0
     polls: int = 0
     webhooks: int = 0
     failed_predictions: int = 0
@@ -233,14 +234,17 @@ class ReplicateProvider:
     async def generate(self, request: ImageRequest) -> str:
         key = (request.job_id, request.index)
         prediction_id = self._images.get(key)
+        check_now = True
         if prediction_id is None:
-            prediction = await self._create_once(key, request.prompt)
+            prediction, answered = await self._create_once(key, request.prompt)
             prediction_id = str(prediction["id"])
-            if _finished(prediction, sync_answer=True):
+            if answered and _finished(prediction, sync_answer=True):
                 return self._result(key, prediction)
+            # A create's own answer is fresh; a prediction adopted from the list is checked now.
+            check_now = not answered
         else:
             self._counters.resumed += 1
-        prediction = await self._wait_until_finished(prediction_id)
+        prediction = await self._wait_until_finished(prediction_id, check_now=check_now)
         return self._result(key, prediction)
 
     async def cancel(self, job_id: str, index: int) -> None:
@@ -275,6 +279,7 @@ class ReplicateProvider:
             "images": counters.images,
             "resumed": counters.resumed,
             "reconciled": counters.reconciled,
+            "swapped": counters.swapped,
             "polls": counters.polls,
             "webhooks_received": counters.webhooks,
             "failed_predictions": counters.failed_predictions,
@@ -323,7 +328,10 @@ class ReplicateProvider:
 
     # --- creating ---------------------------------------------------------------------------
 
-    async def _create_once(self, key: tuple[str, int], prompt: str) -> Mapping[str, Any]:
+    async def _create_once(
+        self, key: tuple[str, int], prompt: str
+    ) -> tuple[Mapping[str, Any], bool]:
+        """The image's prediction, and whether it is the create's own answer (else adopted)."""
         settings = self.settings
         body = settings.model.create_body({**settings.model_input, "prompt": prompt})
         if settings.webhooks:
@@ -333,39 +341,62 @@ class ReplicateProvider:
         if unsure is not None:
             # An earlier create may have created a prediction: find it before making another.
             adopted = await self._reconcile(*unsure)
-            if adopted is not None:
-                return self._adopt(key, adopted)
             del self._unsure[key]
+            if adopted is not None:
+                return self._adopt(key, adopted), False
         while True:
             await self.pacer.acquire()
             since = datetime.now(UTC)
             # Until Replicate answers, this image may or may not have a prediction: an attempt
             # timeout or a cancel in the middle of the create must not lead to a second one.
             self._unsure[key] = (body, since)
-            unsure_why: str | None = None
-            prediction: Mapping[str, Any] = {}
-            try:
-                prediction = await self._post_create(body)
-            except _Answer as exc:
-                if exc.status >= 500:
-                    unsure_why = exc.detail
-                else:
-                    del self._unsure[key]  # Replicate said no: nothing was created
-                    if exc.status != 429:
-                        raise _permanent(exc) from None
-                    # Backpressure, not a failure of the image: slow every create, then go on.
-                    self.pacer.throttled(min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S))
-                    continue
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                del self._unsure[key]  # the request never left
-                raise TransientProviderError(f"cannot reach Replicate ({exc!r})") from None
-            except httpx.TransportError as exc:
-                unsure_why = repr(exc)
+            prediction, unsure_why = await self._try_create(key, body)
             if unsure_why is not None:
-                return await self._after_unsure_create(key, body, since, unsure_why)
-            del self._unsure[key]
+                return await self._after_unsure_create(key, body, since, unsure_why), False
+            if prediction is None:
+                continue  # throttled: the pacer now waits out Retry-After for every create
             self.pacer.accepted()
-            return self._adopt(key, prediction)
+            if prediction.get("id") not in self._claimed:
+                return self._adopt(key, prediction), True
+            # While this create was held open (Prefer: wait), another image reconciling an
+            # unsure create of the same input took its prediction. Inputs being equal, the
+            # images are interchangeable: take that image's orphan if it made one, else create
+            # again. Either way every prediction serves exactly one image.
+            self._counters.swapped += 1
+            try:
+                orphan = await self._reconcile(body, since)
+            except TransientProviderError:
+                orphan = None
+            if orphan is not None:
+                return self._adopt(key, orphan), False
+
+    async def _try_create(
+        self, key: tuple[str, int], body: dict[str, object]
+    ) -> tuple[Mapping[str, Any] | None, str | None]:
+        """One create: its prediction, or ``None`` when throttled, or why it is unsure.
+
+        Raises:
+            PermanentProviderError: Replicate refused (nothing was created).
+            TransientProviderError: Replicate could not be reached (nothing was sent).
+        """
+        try:
+            prediction = await self._post_create(body)
+        except _Answer as exc:
+            if exc.status >= 500:
+                return None, exc.detail
+            del self._unsure[key]  # Replicate said no: nothing was created
+            if exc.status != 429:
+                raise _permanent(exc) from None
+            # Backpressure, not a failure of the image: slow every create, then go on.
+            self.pacer.throttled(min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S))
+            return None, None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            del self._unsure[key]  # the request never left
+            raise TransientProviderError(f"cannot reach Replicate ({exc!r})") from None
+        except httpx.TransportError as exc:
+            return None, repr(exc)
+        del self._unsure[key]
+        return prediction, None
 
     async def _post_create(self, body: dict[str, object]) -> Mapping[str, Any]:
         self._counters.creates += 1
@@ -408,14 +439,17 @@ class ReplicateProvider:
                     f"Replicate failed to create the prediction, and its list cannot be read "
                     f"to check ({exc})"
                 ) from None
-            for prediction in page.get("results") or ():
+            results: list[Mapping[str, Any]] = page.get("results") or []
+            for prediction in results:
                 created = _parse_time(prediction.get("created_at"))
                 if created is not None and created < horizon:
                     return None
                 if prediction.get("id") not in claimed and prediction.get("input") == body["input"]:
+                    # Taken as listed, with no await before the caller claims it: two images
+                    # reconciling at once must not both take it.
                     self._counters.reconciled += 1
                     logger.info("replicate: adopted %s after an unsure create", prediction["id"])
-                    return await self._get(str(prediction["id"]))
+                    return prediction
             path = page.get("next")
         return None
 
@@ -432,7 +466,13 @@ class ReplicateProvider:
 
     # --- waiting ----------------------------------------------------------------------------
 
-    async def _wait_until_finished(self, prediction_id: str) -> Mapping[str, Any]:
+    async def _wait_until_finished(
+        self, prediction_id: str, *, check_now: bool
+    ) -> Mapping[str, Any]:
+        if check_now:
+            prediction = await self._get(prediction_id)
+            if _finished(prediction, sync_answer=False):
+                return prediction
         tracked = self._tracked.setdefault(prediction_id, _Tracked(prediction_id))
         tracked.latest = self._early.pop(prediction_id, None)
         interval = (

@@ -118,7 +118,7 @@ async def test_429_on_create_slows_every_create_and_is_retried_inside_the_attemp
     assert trio.current_time() - t0 >= fake.faults.retry_after_s  # Retry-After was honoured
     stats = provider.statistics()
     assert (stats["creates"], stats["predictions"], stats["throttled"]) == (2, 1, 1)
-    assert stats["create_rate_per_s"] == 5.25  # halved from 10, then one accepted create
+    assert stats["create_rate_per_s"] == 6.0  # halved from 10, then one accepted create
     assert len(fake.predictions) == 1
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -14,16 +13,11 @@ import httpx
 import pytest
 import trio
 
+from tests.e2e.ports import free_port
+
 ROOT = Path(__file__).parents[2]
 GRACEFUL_TIMEOUT_S = 30
 CREDENTIALS = {"email": "test@example.com", "password": "password123"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
