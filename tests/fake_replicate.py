@@ -369,3 +369,37 @@ async def run_fake_replicate(fake: FakeReplicate) -> AsyncIterator[str]:
         finally:
             shutdown.set()
             nursery.cancel_scope.cancel()
+
+
+async def _serve_forever(fake: FakeReplicate, port: int) -> None:
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    async with httpx.AsyncClient() as client, trio.open_nursery() as nursery:
+        fake._client = client
+        fake._nursery = nursery
+        fake.base_url = f"http://127.0.0.1:{port}"
+        await serve(fake.app, config)
+
+
+def main() -> None:
+    """``python -m tests.fake_replicate --port 9000 --latency 2 --create-500 0.3``: a demo server.
+
+    Point the service at it with ``REPLICATE_API_TOKEN=r8_fake_token`` and
+    ``REPLICATE_BASE_URL=http://127.0.0.1:9000``.
+    """
+    import argparse  # noqa: PLC0415 (command line only)
+
+    parser = argparse.ArgumentParser(description="A fake Replicate predictions API")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--latency", type=float, default=2.0)
+    parser.add_argument("--create-500", type=float, default=0.0)
+    parser.add_argument("--create-429", type=float, default=0.0)
+    args = parser.parse_args()
+    fake = FakeReplicate(latency_s=args.latency)
+    fake.faults.create_500 = args.create_500
+    fake.faults.create_429 = args.create_429
+    trio.run(_serve_forever, fake, args.port)
+
+
+if __name__ == "__main__":
+    main()
