@@ -178,6 +178,22 @@ class JobActor:
             self._ttfi_s = now - self._accepted
 
     def _record(self, image: _Image, outcome: ImageOutcome) -> None:
+        logger.info(
+            "job %s image %d %s after %d attempts",
+            self.job_id,
+            image.index,
+            outcome.status.value,
+            outcome.attempts,
+            extra={
+                "job_id": self.job_id,
+                "index": image.index,
+                "status": outcome.status.value,
+                "attempts": outcome.attempts,
+                "provider_ms": _ms(outcome.provider_s),
+                "wait_ms": _ms(image.wait_s),
+                "error": outcome.error,
+            },
+        )
         image.status = outcome.status
         image.url = outcome.url
         image.error = outcome.error
@@ -231,6 +247,20 @@ class JobActor:
         )
         self.log.close()
         self._finished.set()
+        logger.info(
+            "job %s %s: %d completed, %d failed in %d ms",
+            self.job_id,
+            self._status.value,
+            counts.count(ImageStatus.COMPLETED),
+            counts.count(ImageStatus.FAILED),
+            _ms(self._total_s),
+            extra={
+                "job_id": self.job_id,
+                "status": self._status.value,
+                "ttfi_ms": counts.ttfi_ms,
+                "total_ms": _ms(self._total_s),
+            },
+        )
 
     def _final_status(self) -> JobStatus:
         statuses = {image.status for image in self._images}

@@ -144,6 +144,8 @@ class Supervisor:
         self._seqs: dict[str, int] = {}
         self._counters = JobCounters()
         self._subscribers = dict.fromkeys(Transport, 0)
+        #: Called (sync, on the Trio thread) with each job's final snapshot: metrics, audit logs.
+        self.job_listeners: list[Callable[[JobSnapshot], None]] = []
         self._wait_scopes: set[trio.CancelScope] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -241,8 +243,16 @@ class Supervisor:
             await job.run()
         finally:
             del self._active[job.job_id]
+            self._tell_listeners(job.snapshot())
             self._finished.append((trio.current_time(), job.job_id))
             self._expire()
+
+    def _tell_listeners(self, snapshot: JobSnapshot) -> None:
+        for listener in self.job_listeners:
+            try:
+                listener(snapshot)
+            except Exception:
+                logger.exception("job listener %r failed", listener)
 
     # --- reading ----------------------------------------------------------------------------
 

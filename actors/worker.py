@@ -106,7 +106,12 @@ async def _make_image(
         if not is_retryable(failure):
             return _failed(index, attempt, context, message, provider_s)
         logger.info(
-            "job %s image %d attempt %d failed: %s", context.job_id, index, attempt, message
+            "job %s image %d attempt %d failed: %s",
+            context.job_id,
+            index,
+            attempt,
+            message,
+            extra={"job_id": context.job_id, "index": index, "attempt": attempt, "error": message},
         )
         if attempt < retry.attempts:
             await trio.sleep(retry.delay(attempt, failure, uniform=context.uniform))

@@ -9,7 +9,14 @@ from quart_cors import cors
 from quart_trio import QuartTrio
 
 from actors.supervisor import Supervisor
-from web import routes_auth, routes_health, routes_jobs, routes_stream, routes_webhooks
+from web import (
+    observability,
+    routes_auth,
+    routes_health,
+    routes_jobs,
+    routes_stream,
+    routes_webhooks,
+)
 from web.auth import Authenticator
 from web.context import EXTENSION, AppState
 from web.errors import APIError, register_error_handlers
@@ -18,6 +25,14 @@ from web.settings import Settings
 
 # Stored images never change under their name, so browsers and proxies may keep them.
 FILE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+# The web page (web/static/): the page is revalidated on every load, its assets after a while.
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE_CACHE_CONTROL = "no-cache"
+ASSET_MAX_AGE_S = 300
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' http: https: data: blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
 
 
 def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) -> QuartTrio:
@@ -28,12 +43,13 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
         settings: The service's settings.
         auth: Users and tokens.
     """
-    app = QuartTrio(__name__)
+    app = QuartTrio(__name__, static_folder=None)  # /static/ is served below, with its headers
     # The largest body any route takes; each route enforces its own (web/body.py).
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, WEBHOOK_MAX_BYTES)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXTENSION] = AppState(supervisor=supervisor, settings=settings, auth=auth)
     register_error_handlers(app)
+    observability.install(app, observability.Metrics(supervisor))
     for module in (routes_auth, routes_jobs, routes_stream, routes_health, routes_webhooks):
         app.register_blueprint(module.blueprint)
     images_dir = Path(settings.local.images_dir).resolve()
@@ -46,6 +62,19 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
         response = await send_from_directory(images_dir, name)
         response.headers["Cache-Control"] = FILE_CACHE_CONTROL
         return response
+
+    @app.get("/")
+    async def page() -> Response:
+        """The web page, the API's first client."""
+        response = await send_from_directory(STATIC_DIR, "index.html")
+        response.headers["Cache-Control"] = PAGE_CACHE_CONTROL
+        response.headers["Content-Security-Policy"] = PAGE_CSP
+        return response
+
+    @app.get("/static/<path:name>")
+    async def static(name: str) -> Response:
+        """The page's scripts and styles."""
+        return await send_from_directory(STATIC_DIR, name, cache_timeout=ASSET_MAX_AGE_S)
 
     return cors(
         app,

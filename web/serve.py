@@ -20,6 +20,7 @@ from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_idle
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError
+from web.logs import configure_logging
 from web.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("web")
@@ -102,12 +103,6 @@ async def open_provider(settings: Settings) -> AsyncIterator[ImageProvider]:
         yield provider
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 def main() -> None:
     """Entry point of ``python -m web``."""
     try:
@@ -115,7 +110,7 @@ def main() -> None:
     except SettingsError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         auth = Authenticator(settings)
     except UsersFileError as exc:

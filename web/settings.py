@@ -58,6 +58,7 @@ class Settings:
     login_window_s: float = 300.0
     graceful_timeout_s: float = 3.0
     log_level: str = "INFO"
+    log_format: str = "text"
     supervisor: SupervisorSettings = attrs.Factory(SupervisorSettings)
     local: LocalProviderSettings = attrs.Factory(
         lambda: LocalProviderSettings(images_dir=Path("var/images"), latency_ms=(800, 2500))
@@ -206,6 +207,7 @@ def _build(env: _Reader) -> Settings:
         login_window_s=env.get("LOGIN_WINDOW_S", _float, defaults.login_window_s),
         graceful_timeout_s=env.get("GRACEFUL_TIMEOUT_S", _float, defaults.graceful_timeout_s),
         log_level=(env.text("LOG_LEVEL", defaults.log_level) or defaults.log_level).upper(),
+        log_format=(env.text("LOG_FORMAT", defaults.log_format) or defaults.log_format).lower(),
         supervisor=supervisor,
         local=local,
         replicate=_replicate(env),
@@ -266,6 +268,8 @@ def check(settings: Settings) -> None:
             problems.append(f"{name} must be positive")
     if settings.sse_retry_ms < 0 or settings.graceful_timeout_s < 0:
         problems.append("SSE_RETRY_MS and GRACEFUL_TIMEOUT_S must not be negative")
+    if settings.log_format not in {"text", "json"}:
+        problems.append("LOG_FORMAT must be text or json")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         problems.append("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
     if problems:

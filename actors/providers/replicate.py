@@ -486,6 +486,13 @@ class ReplicateProvider:
             raise TransientProviderError("Replicate answered without a prediction id")
         self._counters.predictions += 1
         self._images[key] = prediction_id
+        logger.info(
+            "job %s image %d: prediction %s",
+            key[0],
+            key[1],
+            prediction_id,
+            extra={"job_id": key[0], "index": key[1], "prediction_id": prediction_id},
+        )
         self._claimed[prediction_id] = None
         if len(self._claimed) > MAX_REMEMBERED_PREDICTIONS:
             del self._claimed[next(iter(self._claimed))]
