@@ -32,7 +32,7 @@ async def test_a_scrape_shows_jobs_images_histograms_and_http_requests(
     response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    found = samples((await response.get_data()).decode())
+    found = samples(await response.get_data(as_text=True))
     assert found["imagegen_jobs", (("status", "completed"),)] == 1
     assert found["imagegen_images_total", (("status", "completed"),)] == 5
     assert found["imagegen_attempts_total", ()] == 6
