@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -37,19 +36,37 @@ from replicate.webhook import Webhooks, WebhookSigningSecret
 
 from actors.errors import PermanentProviderError, TransientProviderError, WebhookRejected
 from actors.providers.base import ImageRequest, ProviderStatistics
+from actors.providers.pacing import CreatePacer
+from actors.providers.replicate_api import (
+    TERMINAL,
+    Answer,
+    call,
+    finished,
+    first_url,
+    parse_time,
+    permanent,
+)
+from actors.providers.replicate_settings import (
+    DEFAULT_BASE_URL,
+    DEFAULT_MODEL,
+    ModelRef,
+    ReplicateSettings,
+    SettingsProblem,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MODEL",
+    "CreatePacer",
+    "ModelRef",
+    "ReplicateProvider",
+    "ReplicateSettings",
+    "SettingsProblem",
+    "open_replicate_provider",
+]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "black-forest-labs/flux-schnell"
-DEFAULT_BASE_URL = "https://api.replicate.com"
-#: Replicate's documented limit is 600 creates per minute.
-MAX_CREATES_PER_S = 10.0
-MIN_CREATES_PER_S = 0.1
-_EPSILON = 1e-9
-#: Creates that may go at once before the rate applies ("short bursts above these are tolerated").
-CREATE_BURST = 10.0
-#: Additive increase of the create rate per accepted create, in creates per second.
-RATE_STEP = 1.0
 #: A Retry-After longer than this is capped: the attempt timeout bounds the wait anyway.
 MAX_RETRY_AFTER_S = 60.0
 #: Polls that fail (5xx, 429, network) back off up to this long between tries.
@@ -62,142 +79,6 @@ RECONCILE_PAGES = 5
 MAX_REMEMBERED_PREDICTIONS = 10_000
 #: Terminal webhooks that arrive before their create's answer (``Prefer: wait`` races them).
 MAX_EARLY_WEBHOOKS = 1_000
-
-TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
-_VERSION = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class SettingsProblem(ValueError):
-    """A Replicate setting is malformed."""
-
-
-@attrs.frozen(kw_only=True)
-class ModelRef:
-    """``owner/name`` (official model endpoint), ``owner/name:version`` or a bare version id."""
-
-    name: str | None
-    version: str | None
-
-    @classmethod
-    def parse(cls, ref: str) -> ModelRef:
-        ref = ref.strip()
-        name, colon, version = ref.partition(":")
-        if not colon and _VERSION.match(name):
-            return cls(name=None, version=name)
-        if not _NAME.match(name) or (colon and not _VERSION.match(version)):
-            raise SettingsProblem(
-                f"REPLICATE_MODEL={ref!r}: expected owner/name, owner/name:<64-hex version> "
-                "or a 64-hex version id"
-            )
-        return cls(name=name, version=version or None)
-
-    @property
-    def create_path(self) -> str:
-        if self.version is None:
-            return f"/v1/models/{self.name}/predictions"
-        return "/v1/predictions"
-
-    def create_body(self, model_input: Mapping[str, object]) -> dict[str, object]:
-        body: dict[str, object] = {"input": dict(model_input)}
-        if self.version is not None:
-            body["version"] = self.version
-        return body
-
-    def __str__(self) -> str:
-        if self.name is None:
-            return str(self.version)
-        return self.name if self.version is None else f"{self.name}:{self.version}"
-
-
-@attrs.frozen(kw_only=True)
-class ReplicateSettings:
-    """Args:
-    api_token: ``REPLICATE_API_TOKEN``.
-    model: ``REPLICATE_MODEL``.
-    model_input: ``REPLICATE_INPUT``, merged into every prediction's input (the prompt wins).
-    base_url: ``REPLICATE_BASE_URL``, without ``/v1`` (as the ``replicate`` package reads it).
-    wait_s: ``Prefer: wait=N`` on creates (1-60).
-    poll_interval_s: Between polls once the wait window has passed.
-    request_timeout_s: Connect/read/write timeout of every other call.
-    webhook_url: With ``webhook_secret``: receive ``completed`` webhooks there.
-    webhook_secret: ``whsec_...`` signing secret of those webhooks.
-    webhook_tolerance_s: How old (or new) a webhook's timestamp may be.
-    webhook_poll_interval_s: The fallback poll interval while webhooks are on.
-    """
-
-    api_token: str
-    model: ModelRef = attrs.field(factory=lambda: ModelRef.parse(DEFAULT_MODEL))
-    model_input: Mapping[str, object] = attrs.field(factory=dict)
-    base_url: str = DEFAULT_BASE_URL
-    wait_s: int = attrs.field(
-        default=60, validator=[attrs.validators.ge(1), attrs.validators.le(60)]
-    )
-    poll_interval_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
-    request_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
-    webhook_url: str | None = None
-    webhook_secret: str | None = None
-    webhook_tolerance_s: int = 300
-    webhook_poll_interval_s: float = 10.0
-
-    @property
-    def webhooks(self) -> bool:
-        return self.webhook_url is not None and self.webhook_secret is not None
-
-
-class CreatePacer:
-    """Process-wide pacing of prediction creates: a token bucket whose rate follows AIMD.
-
-    Up to ``burst`` creates go at once (Replicate tolerates short bursts), then ``rate`` per
-    second. A 429 halves the rate and pauses every create for the ``Retry-After``, after which
-    one create goes and the bucket refills from empty; every accepted create adds ``RATE_STEP``
-    back, up to ``max_rate``.
-
-    Concurrency: shared by every attempt of the provider; ``acquire`` queues FIFO behind a
-    ``trio.Lock``; ``throttled`` and ``accepted`` are sync.
-    """
-
-    def __init__(self, *, max_rate: float = MAX_CREATES_PER_S, burst: float = CREATE_BURST) -> None:
-        self.max_rate = max_rate
-        self.rate = max_rate
-        self.burst = burst
-        self.throttles = 0
-        self._tokens = burst
-        self._stamp = 0.0
-        self._paused_until = 0.0
-        self._lock = trio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = trio.current_time()
-                self._refill(now)
-                # The epsilon absorbs float rounding of the refill, which would otherwise leave
-                # 0.999... tokens and a wake-up that is due "now" forever.
-                if now >= self._paused_until and self._tokens >= 1 - _EPSILON:
-                    self._tokens = max(0.0, self._tokens - 1)
-                    return
-                # Sleep until a token is due (a 429 meanwhile moves the target: look again).
-                due = now + max(0.0, 1 - self._tokens) / self.rate
-                await trio.sleep_until(max(due, self._paused_until))
-
-    def throttled(self, retry_after_s: float) -> None:
-        """Replicate answered 429: halve the rate and pause every create for ``retry_after_s``."""
-        now = trio.current_time()
-        self.throttles += 1
-        self.rate = max(MIN_CREATES_PER_S, self.rate / 2)
-        self._paused_until = max(self._paused_until, now + retry_after_s)
-        # No burst after the pause: one create when it ends, then the (halved) rate.
-        self._tokens = 1.0
-        self._stamp = self._paused_until
-
-    def accepted(self) -> None:
-        self.rate = min(self.max_rate, self.rate + RATE_STEP)
-
-    def _refill(self, now: float) -> None:
-        if now > self._stamp:
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
 
 
 @attrs.define(eq=False)
@@ -221,16 +102,6 @@ class _Counters:
     webhooks: int = 0
     failed_predictions: int = 0
     cancels: int = 0
-
-
-class _Answer(Exception):
-    """Internal: a non-2xx answer, with what a user should read."""
-
-    def __init__(self, status: int, detail: str, retry_after_s: float | None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.retry_after_s = retry_after_s
 
 
 class ReplicateProvider:
@@ -265,13 +136,13 @@ class ReplicateProvider:
         if prediction_id is None:
             prediction, answered = await self._create_once(key, request.prompt)
             prediction_id = str(prediction["id"])
-            if answered and _finished(prediction, sync_answer=True):
+            if answered and finished(prediction, sync_answer=True):
                 return self._result(key, prediction)
             # A create's own answer is fresh; a prediction adopted from the list is checked now.
             check_now = not answered
         else:
             self._counters.resumed += 1
-        prediction = await self._wait_until_finished(prediction_id, check_now=check_now)
+        prediction = await self._wait_untilfinished(prediction_id, check_now=check_now)
         return self._result(key, prediction)
 
     async def cancel(self, job_id: str, index: int) -> None:
@@ -293,7 +164,7 @@ class ReplicateProvider:
         self._counters.cancels += 1
         try:
             await self._call("POST", f"/v1/predictions/{prediction_id}/cancel")
-        except (_Answer, httpx.TransportError) as exc:
+        except (Answer, httpx.TransportError) as exc:
             logger.warning("replicate: cancel of %s failed: %s", prediction_id, exc)
 
     def statistics(self) -> ProviderStatistics:
@@ -408,12 +279,12 @@ class ReplicateProvider:
         """
         try:
             prediction = await self._post_create(body)
-        except _Answer as exc:
+        except Answer as exc:
             if exc.status >= 500:
                 return None, exc.detail
             del self._unsure[key]  # Replicate said no: nothing was created
             if exc.status != 429:
-                raise _permanent(exc) from None
+                raise permanent(exc) from None
             # Backpressure, not a failure of the image: slow every create, then go on.
             self.pacer.throttled(min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S))
             return None, None
@@ -461,14 +332,14 @@ class ReplicateProvider:
                 break
             try:
                 page = await self._call("GET", path)
-            except (_Answer, httpx.TransportError) as exc:
+            except (Answer, httpx.TransportError) as exc:
                 raise TransientProviderError(
                     f"Replicate failed to create the prediction, and its list cannot be read "
                     f"to check ({exc})"
                 ) from None
             results: list[Mapping[str, Any]] = page.get("results") or []
             for prediction in results:
-                created = _parse_time(prediction.get("created_at"))
+                created = parse_time(prediction.get("created_at"))
                 if created is not None and created < horizon:
                     return None
                 if prediction.get("id") not in claimed and prediction.get("input") == body["input"]:
@@ -500,12 +371,12 @@ class ReplicateProvider:
 
     # --- waiting ----------------------------------------------------------------------------
 
-    async def _wait_until_finished(
+    async def _wait_untilfinished(
         self, prediction_id: str, *, check_now: bool
     ) -> Mapping[str, Any]:
         if check_now:
             prediction = await self._get(prediction_id)
-            if _finished(prediction, sync_answer=False):
+            if finished(prediction, sync_answer=False):
                 return prediction
         tracked = self._tracked.setdefault(prediction_id, _Tracked(prediction_id))
         tracked.latest = self._early.pop(prediction_id, None)
@@ -521,7 +392,7 @@ class ReplicateProvider:
                 if tracked.changed.is_set():
                     continue  # a webhook brought the result
                 prediction = await self._get(prediction_id)
-                if _finished(prediction, sync_answer=False):
+                if finished(prediction, sync_answer=False):
                     return prediction
             await trio.lowlevel.checkpoint()
             return latest
@@ -535,9 +406,9 @@ class ReplicateProvider:
             self._counters.polls += 1
             try:
                 return await self._call("GET", f"/v1/predictions/{prediction_id}")
-            except _Answer as exc:
+            except Answer as exc:
                 if exc.status != 429 and exc.status < 500:
-                    raise _permanent(exc) from None
+                    raise permanent(exc) from None
                 wait = exc.retry_after_s if exc.retry_after_s is not None else delay
             except httpx.TransportError as exc:
                 logger.info("replicate: polling %s failed: %r", prediction_id, exc)
@@ -550,7 +421,7 @@ class ReplicateProvider:
     def _result(self, key: tuple[str, int], prediction: Mapping[str, Any]) -> str:
         status = prediction.get("status")
         del self._images[key]
-        url = _first_url(prediction.get("output"))
+        url = first_url(prediction.get("output"))
         if status in ("succeeded", "processing") and url is not None:
             self._counters.images += 1
             self._warn_if_multiple(prediction.get("output"))
@@ -565,6 +436,25 @@ class ReplicateProvider:
         error = prediction.get("error")
         raise PermanentProviderError(str(error) if error else "the prediction failed at Replicate")
 
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: object = None,
+        headers: Mapping[str, str] | None = None,
+        read_timeout_s: float | None = None,
+    ) -> Mapping[str, Any]:
+        return await call(
+            self._client,
+            method,
+            path,
+            json_body=json_body,
+            headers=headers,
+            request_timeout_s=self.settings.request_timeout_s,
+            read_timeout_s=read_timeout_s,
+        )
+
     def _warn_if_multiple(self, output: object) -> None:
         if isinstance(output, list) and len(output) > 1 and not self._multi_output_warned:
             self._multi_output_warned = True
@@ -575,98 +465,6 @@ class ReplicateProvider:
             )
 
     # --- HTTP -------------------------------------------------------------------------------
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        json_body: object = None,
-        headers: Mapping[str, str] | None = None,
-        read_timeout_s: float | None = None,
-    ) -> Mapping[str, Any]:
-        request = self._client.build_request(
-            method,
-            path,
-            json=json_body,
-            headers=headers,
-            timeout=httpx.Timeout(
-                self.settings.request_timeout_s,
-                read=read_timeout_s or self.settings.request_timeout_s,
-            ),
-        )
-        response = await self._client.send(request)
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
-        if response.is_success and isinstance(data, dict):
-            return data
-        detail = data.get("detail") if isinstance(data, dict) else None
-        if response.is_success:
-            raise _Answer(502, "Replicate answered something that is not JSON", None)
-        raise _Answer(
-            response.status_code,
-            str(detail or response.reason_phrase or response.status_code),
-            _retry_after(response, data),
-        )
-
-
-def _finished(prediction: Mapping[str, Any], *, sync_answer: bool) -> bool:
-    status = prediction.get("status")
-    if status in TERMINAL:
-        return True
-    # A ``Prefer: wait`` answer for a model with file outputs comes as soon as every file exists,
-    # with ``output`` filled while ``status`` may still say ``processing`` (REPLICATE.md §4).
-    return (
-        sync_answer and status == "processing" and _first_url(prediction.get("output")) is not None
-    )
-
-
-def _first_url(output: object) -> str | None:
-    if isinstance(output, str) and output:
-        return output
-    if isinstance(output, list) and output and isinstance(output[0], str) and output[0]:
-        return output[0]
-    return None
-
-
-def _permanent(answer: _Answer) -> PermanentProviderError:
-    messages = {
-        401: "Replicate rejected the API token (401); check REPLICATE_API_TOKEN",
-        402: "Replicate refused for billing reasons (402): add credit or a payment method",
-        403: "Replicate refused access (403); check REPLICATE_API_TOKEN and the model",
-        404: "Replicate does not know this model or prediction (404); check REPLICATE_MODEL",
-    }
-    message = messages.get(answer.status)
-    if message is None:
-        message = f"Replicate rejected the request ({answer.status}): {answer.detail}"
-    return PermanentProviderError(message)
-
-
-def _retry_after(response: httpx.Response, data: object) -> float | None:
-    header = response.headers.get("Retry-After", "").strip()
-    if header.isdigit():
-        return float(header)
-    if isinstance(data, dict):
-        body_hint = data.get("retry_after")
-        if (
-            isinstance(body_hint, int | float)
-            and not isinstance(body_hint, bool)
-            and body_hint >= 0
-        ):
-            return float(body_hint)
-    return None
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @asynccontextmanager

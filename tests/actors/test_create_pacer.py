@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors.providers.replicate import CREATE_BURST, MAX_CREATES_PER_S, RATE_STEP, CreatePacer
+from actors.providers.pacing import CREATE_BURST, MAX_CREATES_PER_S, RATE_STEP, CreatePacer
 
 
 async def times_of(pacer: CreatePacer, count: int) -> list[float]:
