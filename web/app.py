@@ -66,7 +66,7 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
     @app.get("/")
     async def page() -> Response:
         """The web page, the API's first client."""
-        response = await send_from_directory(STATIC_DIR, "index.html")
+        response = await send_from_directory(STATIC_DIR, "index.html", cache_timeout=0)
         response.headers["Cache-Control"] = PAGE_CACHE_CONTROL
         response.headers["Content-Security-Policy"] = PAGE_CSP
         return response

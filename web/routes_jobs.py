@@ -20,9 +20,9 @@ from web.schemas import (
 
 blueprint = Blueprint("jobs", __name__)
 
-# A DELETE answers once the job has settled, which takes one checkpoint per worker; this bounds
-# the wait if a provider's shielded cancel is slow.
-CANCEL_SETTLE_S = 5.0
+# A DELETE answers once the job has settled: at once for the local provider, after the shielded
+# remote cancels (bounded by PROVIDER_CANCEL_S) for a remote one; a second more is the margin.
+CANCEL_SETTLE_MARGIN_S = 1.0
 MAX_IDEMPOTENCY_KEY = 255
 MAX_PAGE = 100
 
@@ -82,8 +82,9 @@ async def get_metrics(job_id: str) -> dict[str, object]:
 async def cancel_job(job_id: str) -> dict[str, object]:
     """Cancel the job and answer with its settled state (a finished job is left as it is)."""
     user = current_user()
-    job = state().supervisor.cancel(job_id, owner=user)
-    with trio.move_on_after(CANCEL_SETTLE_S):
+    supervisor = state().supervisor
+    job = supervisor.cancel(job_id, owner=user)
+    with trio.move_on_after(supervisor.settings.provider_cancel_s + CANCEL_SETTLE_MARGIN_S):
         await job.wait_finished()
     return dump(job_view(job.snapshot(), url_maker(request.scheme, request.host)))
 

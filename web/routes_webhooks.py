@@ -23,7 +23,7 @@ async def replicate_webhook() -> dict[str, object]:
     401 for a bad or stale signature (nothing changes); 404 when webhooks are not in use.
     """
     provider = state().supervisor.provider
-    if not isinstance(provider, WebhookReceiver):
+    if not isinstance(provider, WebhookReceiver) or not provider.webhooks_enabled:
         raise APIError(404, "Webhooks are not configured")
     try:
         body = await request.get_data(as_text=False)

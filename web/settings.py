@@ -24,7 +24,7 @@ from actors.providers.replicate import (
     ModelRef,
     ReplicateSettings,
 )
-from actors.retry import RetryPolicy
+from actors.retry import MAX_ATTEMPTS, RetryPolicy
 from actors.settings import SupervisorSettings
 
 T = TypeVar("T")
@@ -69,6 +69,23 @@ class Settings:
 
 def _int(value: str) -> int:
     return int(value.strip())
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = _int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be from {low} to {high}")
+        return number
+
+    return parse
+
+
+def _positive(value: str) -> float:
+    number = _float(value)
+    if number <= 0:
+        raise ValueError("must be positive")
+    return number
 
 
 def _float(value: str) -> float:
@@ -162,14 +179,14 @@ def _build(env: _Reader) -> Settings:
     defaults = Settings()
     sup = SupervisorSettings()
     retry = RetryPolicy(
-        attempts=env.get("RETRY_ATTEMPTS", _int, sup.retry.attempts),
+        attempts=env.get("RETRY_ATTEMPTS", _int_in(1, MAX_ATTEMPTS), sup.retry.attempts),
         base_delay_s=env.get("RETRY_BASE_DELAY_MS", _float, sup.retry.base_delay_s * 1000) / 1000,
         max_delay_s=env.get("RETRY_MAX_DELAY_MS", _float, sup.retry.max_delay_s * 1000) / 1000,
     )
     supervisor = SupervisorSettings(
-        capacity=env.get("MAX_CONCURRENCY", _int, sup.capacity),
+        capacity=env.get("MAX_CONCURRENCY", _int_in(1, 10_000), sup.capacity),
         retry=retry,
-        attempt_timeout_s=env.get("ATTEMPT_TIMEOUT_S", _float, sup.attempt_timeout_s),
+        attempt_timeout_s=env.get("ATTEMPT_TIMEOUT_S", _positive, sup.attempt_timeout_s),
         max_active_jobs_per_user=env.get(
             "MAX_ACTIVE_JOBS_PER_USER", _int, sup.max_active_jobs_per_user
         ),
@@ -230,12 +247,12 @@ def _replicate(env: _Reader) -> ReplicateSettings | None:
         model=env.get("REPLICATE_MODEL", ModelRef.parse, ModelRef.parse(DEFAULT_MODEL)),
         model_input=env.get("REPLICATE_INPUT", _json_object, {}),
         base_url=env.get("REPLICATE_BASE_URL", _http_url, DEFAULT_BASE_URL),
-        wait_s=env.get("REPLICATE_WAIT_S", _int, defaults.wait_s),
+        wait_s=env.get("REPLICATE_WAIT_S", _int_in(1, 60), defaults.wait_s),
         poll_interval_s=env.get(
-            "REPLICATE_POLL_INTERVAL_MS", _float, defaults.poll_interval_s * 1000
+            "REPLICATE_POLL_INTERVAL_MS", _positive, defaults.poll_interval_s * 1000
         )
         / 1000,
-        request_timeout_s=env.get("REPLICATE_TIMEOUT_S", _float, defaults.request_timeout_s),
+        request_timeout_s=env.get("REPLICATE_TIMEOUT_S", _positive, defaults.request_timeout_s),
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
         webhook_poll_interval_s=env.get(

@@ -56,6 +56,11 @@ class ImageProvider(Protocol):
 class WebhookReceiver(Protocol):
     """A provider that is told about finished work by signed webhooks."""
 
+    @property
+    def webhooks_enabled(self) -> bool:
+        """Whether webhooks are configured (else the route answers 404)."""
+        ...
+
     def receive_webhook(self, headers: Mapping[str, str], body: bytes) -> None:
         """Check the signature and act on the payload.
 

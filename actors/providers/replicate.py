@@ -189,6 +189,10 @@ class ReplicateProvider:
 
     # --- webhooks ---------------------------------------------------------------------------
 
+    @property
+    def webhooks_enabled(self) -> bool:
+        return self.settings.webhooks
+
     def receive_webhook(self, headers: Mapping[str, str], body: bytes) -> None:
         """Check a webhook's signature and wake the image waiting for its prediction.
 

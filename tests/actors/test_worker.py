@@ -9,7 +9,14 @@ import trio
 import trio.testing
 
 from actors.capacity import FairCapacity
-from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
+from actors.messages import (
+    AttemptStarted,
+    ImageOutcome,
+    ImageStatus,
+    JobStatus,
+    ProgressEvent,
+    WorkerReport,
+)
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
 from actors.worker import WorkerContext, run_image_worker
@@ -267,3 +274,184 @@ async def test_backoff_is_taken_without_holding_a_token(
     assert supervisor.get(steady.job_id, owner="bob").snapshot().total_ms == 2000
     assert supervisor.get(flaky.job_id, owner="alice").snapshot().total_ms == 6000
     assert provider.peak_in_flight == 1
+
+
+# --- stopping remote work (provider.cancel) ----------------------------------------------------
+
+
+class SlowCancelProvider(FakeProvider):
+    """A FakeProvider whose ``cancel`` takes ``cancel_latency_s`` of virtual time, recording the
+    call when it starts and (in ``finished_cancels``) when it ends."""
+
+    def __init__(self, *, cancel_latency_s: float, default: Script) -> None:
+        super().__init__(default=default)
+        self.cancel_latency_s = cancel_latency_s
+        self.finished_cancels: list[tuple[str, int]] = []
+
+    async def cancel(self, job_id: str, index: int) -> None:
+        self.remote_cancels.append((job_id, index))
+        await trio.sleep(self.cancel_latency_s)
+        self.finished_cancels.append((job_id, index))
+
+
+async def cancel_mid_attempt(context: WorkerContext, index: int = 0) -> list[WorkerReport]:
+    """Start a worker, cancel it from outside once its first attempt is in flight."""
+    reports_send, reports_recv = trio.open_memory_channel[WorkerReport](0)
+    reports: list[WorkerReport] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(run_image_worker, index, context=context, reports_send=reports_send)
+            )
+            with reports_recv:
+                reports.append(await reports_recv.receive())
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+    return reports
+
+
+async def test_a_cancelled_worker_asks_the_provider_to_stop_its_remote_work_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(block=trio.Event()))
+
+    reports = await cancel_mid_attempt(make_context(provider), index=3)
+
+    assert [type(report) for report in reports] == [AttemptStarted]
+    assert provider.cancelled == 1
+    assert provider.remote_cancels == [(JOB_ID, 3)]
+
+
+async def test_a_worker_cancelled_in_its_backoff_stops_the_earlier_attempts_remote_work(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # After an attempt timeout the provider's remote work goes on (the retry would continue it);
+    # a cancel during the backoff must stop it.
+    provider = FakeProvider(default=Script(latency_s=10))
+    context = make_context(provider, attempts=3, base_delay_s=4, attempt_timeout_s=2)
+    reports_send, reports_recv = trio.open_memory_channel[WorkerReport](0)
+    t0 = trio.current_time()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                partial(run_image_worker, 0, context=context, reports_send=reports_send)
+            )
+            with reports_recv:
+                await reports_recv.receive()  # attempt 1: times out at 2 s, backoff until 6 s
+                await trio.sleep(3)
+                nursery.cancel_scope.cancel()
+
+    assert trio.current_time() - t0 == 3
+    assert len(provider.calls) == 1
+    assert provider.remote_cancels == [(JOB_ID, 0)]
+
+
+async def test_the_remote_cancel_is_shielded_from_the_job_cancel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The worker is already cancelled when it calls provider.cancel: unshielded, the provider's
+    # first checkpoint would end it at once.
+    provider = SlowCancelProvider(cancel_latency_s=2, default=Script(block=trio.Event()))
+    t0 = trio.current_time()
+
+    await cancel_mid_attempt(make_context(provider))
+
+    assert provider.finished_cancels == [(JOB_ID, 0)]
+    assert trio.current_time() - t0 == 2
+
+
+async def test_a_slow_remote_cancel_is_cut_after_provider_cancel_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = SlowCancelProvider(cancel_latency_s=600, default=Script(block=trio.Event()))
+    context = make_context(provider)
+    t0 = trio.current_time()
+
+    await cancel_mid_attempt(context)
+
+    assert provider.remote_cancels == [(JOB_ID, 0)]
+    assert provider.finished_cancels == []
+    assert trio.current_time() - t0 == context.provider_cancel_s == 5
+
+
+async def test_giving_up_after_the_last_transient_failure_cancels_remote_work_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, fail_times=99))
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=3), index=1))
+
+    assert (outcome.status, outcome.attempts) == (ImageStatus.FAILED, 3)
+    assert len(provider.calls) == 3
+    assert provider.remote_cancels == [(JOB_ID, 1)]
+
+
+async def test_giving_up_waits_for_the_remote_cancel_within_provider_cancel_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = SlowCancelProvider(cancel_latency_s=600, default=Script(latency_s=1, fail_times=99))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=1)))
+
+    # 1 s attempt, then the remote cancel, cut after provider_cancel_s (5 s).
+    assert outcome.status is ImageStatus.FAILED
+    assert (provider.remote_cancels, provider.finished_cancels) == ([(JOB_ID, 0)], [])
+    assert trio.current_time() - t0 == 6
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script(latency_s=1),
+        Script(latency_s=1, fail_times=2),
+        Script(latency_s=1, permanent="prompt rejected by policy"),
+        Script(latency_s=1, crash=ValueError),
+    ],
+    ids=["success", "success-after-retries", "permanent", "internal-error"],
+)
+async def test_no_remote_cancel_when_the_image_ends_on_its_own(
+    autojump_clock: trio.testing.MockClock, script: Script
+) -> None:
+    provider = FakeProvider(default=script)
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=3)))
+
+    assert outcome.attempts == len(provider.calls)
+    assert provider.remote_cancels == []
+
+
+async def test_an_attempt_timeout_leaves_remote_work_running_for_the_next_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A timed-out attempt is retried, and the retry continues the same remote work: no cancel.
+    provider = FakeProvider(default=Script(latency_s=10))
+
+    reports = await run_worker(make_context(provider, attempts=2, attempt_timeout_s=2))
+
+    # Only the give-up after the second timeout stops it.
+    assert outcome_of(reports).attempts == 2
+    assert provider.cancelled == 2
+    assert provider.remote_cancels == [(JOB_ID, 0)]
+
+
+async def test_cancelling_a_job_cancels_remote_work_of_its_running_images_only(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    block = trio.Event()
+    provider = FakeProvider(
+        {0: Script(block=block), 2: Script(block=block)}, default=Script(latency_s=1)
+    )
+    supervisor = await start_supervisor(nursery, provider, SupervisorSettings(capacity=5))
+    snapshot, _ = supervisor.submit_nowait(owner="alice", prompt="a pier", num_images=3)
+    job = supervisor.get(snapshot.job_id, owner="alice")
+    with trio.fail_after(60):
+        (first,) = await job.log.wait_events_after(0)  # image 1 completed
+        supervisor.cancel(snapshot.job_id, owner="alice")
+        await job.wait_finished()
+
+    assert isinstance(first, ProgressEvent)
+    assert (first.index, first.status) == (1, ImageStatus.COMPLETED)
+    assert job.status is JobStatus.CANCELED
+    assert sorted(provider.remote_cancels) == [(job.job_id, 0), (job.job_id, 2)]
