@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests.e2e.ports import free_port
-from tests.e2e.test_replicate_service import (
+from tests.e2e.replicate_service import (
     WAIT_S,
     follow,
     provider_statistics,
