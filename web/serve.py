@@ -17,7 +17,7 @@ from actors.providers.base import ImageProvider
 from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
 from actors.supervisor import Supervisor, open_supervisor
-from web import hypercorn_idle
+from web import hypercorn_fixes
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError
 from web.logs import configure_logging
@@ -67,7 +67,7 @@ async def run_server(
     responses end, WebSockets close 1012), hypercorn drains its connections, then the jobs
     nursery is cancelled and each unfinished job finalises.
     """
-    hypercorn_idle.install()
+    hypercorn_fixes.install()
     auth = auth or Authenticator(settings)
     if shutdown is None:
         shutdown = trio.Event()

@@ -86,7 +86,7 @@ async def test_signal_ends_open_streams_and_exits_cleanly(
             exited_after = trio.current_time() - t0
     assert lines[0] == "retry: 3000"
     # Neither waited for hypercorn's graceful timeout: the stream ended itself, and the client's
-    # idle keep-alive connection was closed at once (web/hypercorn_idle.py).
+    # idle keep-alive connection was closed at once (web/hypercorn_fixes.py).
     assert stream_ended_after < GRACEFUL_TIMEOUT_S / 2
     assert exited_after < GRACEFUL_TIMEOUT_S / 2
     assert process.stderr is not None

@@ -220,6 +220,11 @@ function forgetToken() {
 }
 
 function showLogin(message) {
+  // Nothing of the last user's stays on screen for the next one.
+  el.job.hidden = true;
+  delete el.job.dataset.jobId;
+  el.grid.replaceChildren();
+  el.jobs.replaceChildren();
   el.session.hidden = true;
   el.appView.hidden = true;
   el.loginView.hidden = false;
@@ -599,7 +604,7 @@ function onEvent(job, type, id, payload) {
     job.status = payload.status;
     job.ttfiMs = payload.ttfi_ms;
     job.totalMs = payload.total_ms;
-    stopConnection(job);
+    stopConnection(job, { finished: true });
     setConnection(job, "finished");
     renderJob(job);
     loadMetrics(job);
@@ -666,12 +671,14 @@ function setConnection(job, phase, extra = "") {
   el.connection.dataset.phase = phase;
 }
 
-function stopConnection(job) {
+// ``finished``: the stream delivered ``done``, so the server is ending it itself.
+function stopConnection(job, { finished = false } = {}) {
   clearTimeout(job.reconnectTimer);
   job.reconnectTimer = 0;
   const conn = job.conn;
   job.conn = null;
-  conn?.close();
+  if (finished) conn?.finish();
+  else conn?.close();
 }
 
 function connect(job, cursor) {
@@ -690,7 +697,8 @@ function streamQuery(cursor) {
 
 function connectEventSource(job, cursor) {
   const source = new EventSource(`${jobPath(job.id)}/stream?${streamQuery(cursor)}`);
-  const conn = { close: () => source.close() };
+  // After ``done`` the server ends the response; closing stops the browser's reconnect.
+  const conn = { close: () => source.close(), finish: () => source.close() };
   job.conn = conn;
   let reconnecting = false;
   const current = () => job.conn === conn && state.job === job && !job.closed;
@@ -730,7 +738,15 @@ function connectEventSource(job, cursor) {
 function connectWebSocket(job, cursor) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const socket = new WebSocket(`${scheme}//${location.host}${jobPath(job.id)}?${streamQuery(cursor)}`);
-  const conn = { close: () => socket.close(1000) };
+  const conn = {
+    close: () => socket.close(1000),
+    // After ``done`` the server closes with 1000: the page lets it, rather than closing from
+    // its side at the same moment, and only closes itself if the server has not after a while.
+    finish: () => {
+      const timer = setTimeout(() => socket.close(1000), 3000);
+      socket.addEventListener("close", () => clearTimeout(timer));
+    },
+  };
   job.conn = conn;
   const current = () => job.conn === conn && state.job === job && !job.closed;
   socket.addEventListener("open", () => {
