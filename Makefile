@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup browser run test lint bench clean
 
 # A virtualenv with every dependency pinned by constraints.txt (re-done when either file changes).
 $(STAMP): pyproject.toml constraints.txt
@@ -18,8 +18,17 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m web
 
+# Debian's Chromium for the browser tests (tests/browser/; Playwright's own browser download is
+# not used). Installed only when missing and only as root, as in CI; elsewhere those tests skip.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else echo "$(CHROMIUM) is missing and we are not root: the browser tests will skip" >&2; fi
+
 # The whole test suite. pytest exits 5 when it collects nothing: a broken suite, so a failure.
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; exit 1; fi; \
 	exit $$status

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import attrs
+import trio
 from quart import Blueprint, Response, request, websocket
 from quart_cors import cors_exempt
 
@@ -108,7 +109,12 @@ async def stream_sse(job_id: str) -> Response:
 
 
 async def _close(code: int, reason: str) -> None:
-    await websocket.close(code, reason)
+    try:
+        await websocket.close(code, reason)
+    except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
+        # The client closed at the same moment (e.g. right after ``done``): nothing to tell it.
+        # Hypercorn's send_eof races its own sender then (tcp_server._close takes no lock).
+        logger.debug("websocket already closed by the client")
 
 
 @blueprint.websocket("/api/generate/<job_id>")
