@@ -14,6 +14,7 @@ from web import (
     routes_auth,
     routes_health,
     routes_jobs,
+    routes_openapi,
     routes_stream,
     routes_webhooks,
 )
@@ -52,6 +53,7 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
     observability.install(app, observability.Metrics(supervisor))
     for module in (routes_auth, routes_jobs, routes_stream, routes_health, routes_webhooks):
         app.register_blueprint(module.blueprint)
+    app.register_blueprint(routes_openapi.blueprint)
     images_dir = Path(settings.local.images_dir).resolve()
 
     @app.get("/files/<path:name>")
