@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,49 +11,22 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.ports import free_port
+from tests.e2e.web_process import web_process
 
-ROOT = Path(__file__).parents[2]
 GRACEFUL_TIMEOUT_S = 30
 CREDENTIALS = {"email": "test@example.com", "password": "password123"}
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[tuple[trio.Process, str]]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PORT": str(port),
-        "IMAGES_DIR": str(tmp_path / "images"),
+    environ = {
         "LOCAL_LATENCY_MS": "20000",
         "AUTH_SECRET": "process-test-secret-0123456789-0123456789",
-        "LOG_LEVEL": "WARNING",
         # Long, so that "did not wait for it" is a behaviour with a wide margin, not a timing.
         "GRACEFUL_TIMEOUT_S": str(GRACEFUL_TIMEOUT_S),
     }
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "web"],
-        cwd=tmp_path,
-        env=env | {"PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as client:
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await trio.sleep(0.05)  # the process is still starting
-        yield process, base
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await process.wait()
+    async with web_process(tmp_path, environ, stderr=subprocess.PIPE) as started:
+        yield started
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -17,9 +17,8 @@ import httpx
 import pytest
 import trio
 
-from tests.e2e.ports import free_port
+from tests.e2e.web_process import web_process
 
-ROOT = Path(__file__).parents[2]
 CREDENTIALS = {"email": "test@example.com", "password": "password123"}
 RUN_TIMEOUT_S = 300
 # Every check that fits this API. Left out: positive_data_acceptance (a valid request may still
@@ -45,38 +44,12 @@ EXCLUDED_PATHS = ("/api/webhooks/replicate",)
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[str]:
     """A served app with a fast local provider; its base URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PORT": str(port),
-        "IMAGES_DIR": str(tmp_path / "images"),
+    environ = {
         "LOCAL_LATENCY_MS": "5-20",
         "AUTH_SECRET": "schemathesis-test-secret-0123456789-0123456789",
-        "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(ROOT),
     }
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "web"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=base) as client:
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        if (await client.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await trio.sleep(0.05)  # the process is still starting
+    async with web_process(tmp_path, environ) as (_, base):
         yield base
-    finally:
-        process.kill()
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await process.wait()
 
 
 async def _token(client: httpx.AsyncClient) -> str:
