@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -57,8 +58,24 @@ def _resume_cursor(header: str | None, query: str | None) -> int:
     return parse_last_event_id(header if header is not None else query)
 
 
-def _sse_chunk(event: JobEvent, absolute: UrlMaker) -> bytes:
-    return encode_event(event.id, event_type(event), event_payload(event, absolute))
+# An event goes to every subscriber of its job: encode it once per (event, public base URL), not
+# once per subscriber. Events are frozen and hashable; the caches are bounded.
+_ENCODED_EVENTS = 4096
+
+
+@functools.lru_cache(maxsize=_ENCODED_EVENTS)
+def _sse_chunk(event: JobEvent, base: str) -> bytes:
+    return encode_event(event.id, event_type(event), event_payload(event, UrlMaker(base)))
+
+
+@functools.lru_cache(maxsize=_ENCODED_EVENTS)
+def _ws_frame(event: JobEvent, base: str) -> str:
+    frame = {
+        "type": event_type(event),
+        "id": event.id,
+        "payload": event_payload(event, UrlMaker(base)),
+    }
+    return json.dumps(frame)
 
 
 @blueprint.get("/api/generate/<job_id>/stream")
@@ -87,7 +104,7 @@ async def stream_sse(job_id: str) -> Response:
             while not follower.done:
                 batch = await follower.next_batch()
                 if batch.events:
-                    yield b"".join(_sse_chunk(event, absolute) for event in batch.events)
+                    yield b"".join(_sse_chunk(event, absolute.base) for event in batch.events)
                 elif batch.ended or batch.stopping:
                     return
                 else:
@@ -146,12 +163,7 @@ async def stream_ws(job_id: str) -> None:
             while not follower.done:
                 batch = await follower.next_batch()
                 for event in batch.events:
-                    frame = {
-                        "type": event_type(event),
-                        "id": event.id,
-                        "payload": event_payload(event, absolute),
-                    }
-                    await websocket.send(json.dumps(frame))
+                    await websocket.send(_ws_frame(event, absolute.base))
                 if batch.stopping:
                     await _close(WS_SERVICE_RESTART, "Server shutting down")
                     return
