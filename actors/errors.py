@@ -7,7 +7,8 @@ Hierarchy::
     ├── LimitExceeded        a per-user limit is hit (retry after ``retry_after_s``)
     ├── Overloaded           the service-wide queue is full (retry after ``retry_after_s``)
     ├── IdempotencyConflict  an Idempotency-Key reused for a different request
-    └── ShuttingDown         the supervisor no longer admits work
+    ├── ShuttingDown         the supervisor no longer admits work
+    └── StoreUnavailable     the job store cannot write now (disk full, file unreadable, ...)
 
     ProviderError            raised by an ``ImageProvider``
     ├── TransientProviderError   worth another attempt (5xx, 429, transport errors, timeouts)
@@ -53,6 +54,12 @@ class IdempotencyConflict(ActorError):
 
 class ShuttingDown(ActorError):
     """The supervisor is shutting down and admits no new work."""
+
+    retry_after_s = 5
+
+
+class StoreUnavailable(ActorError):
+    """The job store failed to read or write; nothing the request asked for was changed."""
 
     retry_after_s = 5
 

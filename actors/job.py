@@ -9,6 +9,7 @@ from functools import partial
 import attrs
 import trio
 
+from actors.errors import StoreUnavailable
 from actors.eventlog import EventLog
 from actors.messages import (
     AttemptStarted,
@@ -16,11 +17,22 @@ from actors.messages import (
     ImageOutcome,
     ImageSnapshot,
     ImageStatus,
+    JobEvent,
     JobSnapshot,
     JobStatus,
     ProgressEvent,
     WorkerReport,
 )
+from actors.store.base import (
+    AppendEvent,
+    JobRecord,
+    JobStore,
+    Operation,
+    PutImages,
+    PutJob,
+    StoredJob,
+)
+from actors.store.memory import MemoryStore
 from actors.worker import WorkerContext, run_image_worker
 
 logger = logging.getLogger(__name__)
@@ -53,6 +65,24 @@ def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
+#: While its store cannot write, a job waits (its events unpublished) and tries again this often.
+STORE_RETRY_S = (0.1, 5.0)
+
+
+def _restored_image(record: ImageSnapshot) -> _Image:
+    return _Image(
+        index=record.index,
+        status=record.status,
+        url=record.url,
+        error=record.error,
+        attempts=record.attempts,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        wait_s=record.wait_ms / 1000,
+        provider_s=record.provider_ms / 1000,
+    )
+
+
 class JobActor:
     """One image-generation job: ``num_images`` workers, their state and the job's event log.
 
@@ -63,13 +93,20 @@ class JobActor:
         num_images: How many images (one worker each).
         context: What the workers share (provider, capacity, retry policy, clocks).
         counters: Service-wide totals to bump (the Supervisor's).
+        store: Where the job is kept (an in-memory store unless given).
+        seq: The job's place in its owner's list (newest largest).
+        idempotency_key: The client's key for this job, if it sent one.
 
     Concurrency: created and started by the Supervisor (``start_soon(job.run)``; its state and
     log exist from construction, so others may read them at once). Owns a nursery of image
-    workers and the cancel scope that :meth:`cancel` trips; is the only writer of its state and
-    its EventLog, folding worker reports in with the sync :meth:`_apply`. Ends after every worker
-    has finished or been cancelled, then publishes ``done`` synchronously in ``finally`` (so also
-    when an outer scope cancels it) and closes the log.
+    workers and the cancel scope that :meth:`cancel` trips; is the only writer of its state,
+    its EventLog and its records in the store, folding worker reports in with the sync
+    :meth:`_fold`. Write-ahead: a batch of reports is stored first and published to the log
+    after (readers see the state from before the batch meanwhile), so a subscriber never sees an
+    event a restart could lose; while the store cannot write, the job waits and tries again.
+    Ends after every worker has finished or been cancelled, then stores and publishes ``done``.
+    Cancelled from outside (the process stopping), it leaves a resumable store untouched, so the
+    next start carries the job on, and with any other store it finalises synchronously.
     """
 
     def __init__(
@@ -81,29 +118,91 @@ class JobActor:
         num_images: int,
         context: WorkerContext,
         counters: JobCounters | None = None,
+        store: JobStore | None = None,
+        seq: int = 0,
+        idempotency_key: str | None = None,
     ) -> None:
         self.job_id = job_id
         self.owner = owner
         self.prompt = prompt
         self.num_images = num_images
+        self.seq = seq
+        self.idempotency_key = idempotency_key
         self.log = EventLog()
+        self._store: JobStore = store or MemoryStore()
         self._context = context
         self._counters = counters or JobCounters()
         self._created_at = context.now()
+        self._finished_at: datetime | None = None
         self._accepted = trio.current_time()
         self._ttfi_s: float | None = None
         self._total_s: float | None = None
         self._status = JobStatus.PENDING
         self._images = [_Image(index) for index in range(num_images)]
+        self._dirty: set[int] = set()
+        self._unpublished: list[JobEvent] = []
+        self._next_event_id = 1
+        self._frozen: JobSnapshot | None = None
         self._cancel_scope = trio.CancelScope()
         self._crashed = False
+        self._stored = trio.Event()
+        self._refused: StoreUnavailable | None = None
         self._finished = trio.Event()
+
+    @classmethod
+    def restore(
+        cls,
+        stored: StoredJob,
+        *,
+        context: WorkerContext,
+        counters: JobCounters | None = None,
+        store: JobStore | None = None,
+    ) -> JobActor:
+        """The job as ``stored``: finished (read-only) or ready to :meth:`run` on from there."""
+        record = stored.job
+        job = cls(
+            job_id=record.job_id,
+            owner=record.owner,
+            prompt=record.prompt,
+            num_images=record.num_images,
+            context=context,
+            counters=counters,
+            store=store,
+            seq=record.seq,
+            idempotency_key=record.idempotency_key,
+        )
+        job._created_at = record.created_at
+        age_s = max(0.0, (context.now() - record.created_at).total_seconds())
+        job._accepted = trio.current_time() - age_s
+        job._status = record.status
+        job._finished_at = record.finished_at
+        job._ttfi_s = None if record.ttfi_ms is None else record.ttfi_ms / 1000
+        job._total_s = None if record.total_ms is None else record.total_ms / 1000
+        for image in stored.images:
+            job._images[image.index] = _restored_image(image)
+        for event in stored.events:
+            job.log.append(event)
+        job._next_event_id = job.log.next_id
+        job._stored.set()
+        if record.status.finished:
+            job.log.close()
+            job._finished.set()
+        return job
 
     # --- sync API ---------------------------------------------------------------------------
 
     @property
     def status(self) -> JobStatus:
         return self._status
+
+    @property
+    def finished_at(self) -> datetime | None:
+        return self._finished_at
+
+    @property
+    def refused(self) -> bool:
+        """Whether the store refused the new job (it never ran and is to be forgotten)."""
+        return self._refused is not None
 
     @property
     def unfinished_images(self) -> int:
@@ -114,17 +213,20 @@ class JobActor:
         self._cancel_scope.cancel()
 
     def snapshot(self) -> JobSnapshot:
-        return JobSnapshot(
-            job_id=self.job_id,
-            owner=self.owner,
-            prompt=self.prompt,
-            num_images=self.num_images,
-            status=self._status,
-            created_at=self._created_at,
-            ttfi_ms=None if self._ttfi_s is None else _ms(self._ttfi_s),
-            total_ms=None if self._total_s is None else _ms(self._total_s),
-            images=tuple(self._image_snapshot(image) for image in self._images),
-        )
+        """The job as stored: while a write is pending, the state from before it."""
+        if self._frozen is not None:
+            return self._frozen
+        return self._build_snapshot()
+
+    async def wait_stored(self) -> None:
+        """Return once the new job is in the store.
+
+        Raises:
+            StoreUnavailable: The store refused it; the job never ran.
+        """
+        await self._stored.wait()
+        if self._refused is not None:
+            raise self._refused
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
@@ -132,35 +234,91 @@ class JobActor:
     # --- the actor --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        reports_send, reports_recv = trio.open_memory_channel[WorkerReport](0)
+        if not self._stored.is_set() and not await self._store_new():
+            return
+        running = [image for image in self._images if image.status is ImageStatus.RUNNING]
+        # Room for every worker's report: a worker never waits while the job stores a batch.
+        reports_send, reports_recv = trio.open_memory_channel[WorkerReport](len(running) + 1)
+        settled = False
         try:
-            with self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    with reports_send:
-                        for index in range(self.num_images):
-                            worker = partial(
-                                run_image_worker,
-                                index,
-                                context=self._context,
-                                reports_send=reports_send.clone(),
-                            )
-                            nursery.start_soon(worker, name=f"image {self.job_id}/{index}")
-                    task_status.started()
-                    with reports_recv:
-                        async for report in reports_recv:
-                            self._apply(report)
-        except Exception:
-            # Actor boundary: a bug in one job must not take the supervisor (and server) down.
-            logger.exception("job %s crashed", self.job_id)
-            self._crashed = True
+            try:
+                with self._cancel_scope:
+                    async with trio.open_nursery() as nursery:
+                        with reports_send:
+                            for image in running:
+                                worker = partial(
+                                    run_image_worker,
+                                    image.index,
+                                    context=self._context,
+                                    reports_send=reports_send.clone(),
+                                    attempts_before=image.attempts,
+                                    keep_remote=self._keeps_remote_work,
+                                )
+                                name = f"image {self.job_id}/{image.index}"
+                                nursery.start_soon(worker, name=name)
+                        task_status.started()
+                        with reports_recv:
+                            async for report in reports_recv:
+                                await self._take(report, reports_recv)
+            except Exception:
+                # Actor boundary: a bug in one job must not take the supervisor (and server) down.
+                logger.exception("job %s crashed", self.job_id)
+                self._crashed = True
+            settled = True
         finally:
-            self._finish()
+            # Unsettled: cancelled from outside (the job's own scope ends at its ``with``), so
+            # the process is stopping. A resumable store keeps the job as it is for the next
+            # start; any other store is told the end now, synchronously.
+            if not settled and not self._store.resumable:
+                self._conclude()
+                self._store.write(*self._operations())
+                self._publish()
+        self._conclude()
+        await self._flush()
 
-    def _apply(self, report: WorkerReport) -> None:
+    def _keeps_remote_work(self) -> bool:
+        """Whether a cancelled worker leaves its remote work running (for the next start)."""
+        return self._store.resumable and not self._cancel_scope.cancel_called
+
+    async def _store_new(self) -> bool:
+        """Store the new job (answering whoever waits in :meth:`wait_stored`); False if refused."""
+        commit = self._store.write(
+            PutJob(self._job_record()),
+            PutImages(self.job_id, tuple(self._image_snapshot(image) for image in self._images)),
+        )
+        # Shielded: the request that submitted the job must learn how it went; writes are quick.
+        with trio.move_on_after(STORE_RETRY_S[1] * 2, shield=True):
+            try:
+                await commit.wait()
+            except StoreUnavailable as exc:
+                self._refused = exc
+        if not commit.settled and self._refused is None:
+            self._refused = StoreUnavailable("the store did not answer in time")
+        self._stored.set()
+        return self._refused is None
+
+    async def _take(
+        self, first: WorkerReport, reports_recv: trio.MemoryReceiveChannel[WorkerReport]
+    ) -> None:
+        """Fold ``first`` and every report already waiting, store them, then publish."""
+        self._fold(first)
+        while True:
+            try:
+                report = reports_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            self._fold(report)
+        if self._unpublished:
+            await self._flush()
+        elif self._dirty:
+            # Attempt bookkeeping only: stored without waiting, nothing to publish.
+            self._store.write(*self._operations())
+            self._dirty.clear()
+
+    def _fold(self, report: WorkerReport) -> None:
         image = self._images[report.index]
         if image.status is not ImageStatus.RUNNING:
             return
-        now = trio.current_time()
         if isinstance(report, AttemptStarted):
             self._counters.attempts += 1
             self._counters.retries += report.attempt > 1
@@ -170,14 +328,17 @@ class JobActor:
                 image.started_at = report.at
             if self._status is JobStatus.PENDING:
                 self._status = JobStatus.RUNNING
+            self._dirty.add(image.index)
             return
-        self._record(image, report)
+        self._settle(image, report)
         self._counters.completed += report.status is ImageStatus.COMPLETED
         self._counters.failed += report.status is ImageStatus.FAILED
         if report.status is ImageStatus.COMPLETED and self._ttfi_s is None:
-            self._ttfi_s = now - self._accepted
+            self._ttfi_s = trio.current_time() - self._accepted
 
-    def _record(self, image: _Image, outcome: ImageOutcome) -> None:
+    def _settle(self, image: _Image, outcome: ImageOutcome) -> None:
+        if self._frozen is None:
+            self._frozen = self._build_snapshot()
         logger.info(
             "job %s image %d %s after %d attempts",
             self.job_id,
@@ -200,9 +361,10 @@ class JobActor:
         image.attempts = outcome.attempts
         image.finished_at = outcome.finished_at
         image.provider_s = outcome.provider_s
-        self.log.append(
+        self._dirty.add(image.index)
+        self._unpublished.append(
             ProgressEvent(
-                id=self.log.next_id,
+                id=self._new_event_id(),
                 index=image.index,
                 status=image.status,
                 url=image.url,
@@ -213,9 +375,66 @@ class JobActor:
             )
         )
 
-    def _finish(self) -> None:
-        """Sync and idempotent: settle unfinished images, publish ``done``, close the log."""
-        if self._finished.is_set():
+    def _new_event_id(self) -> int:
+        event_id = self._next_event_id
+        self._next_event_id += 1
+        return event_id
+
+    def _operations(self) -> list[Operation]:
+        """Everything changed since the last write (upserts: writing twice is harmless)."""
+        images = tuple(self._image_snapshot(self._images[index]) for index in sorted(self._dirty))
+        operations: list[Operation] = [PutJob(self._job_record()), PutImages(self.job_id, images)]
+        operations.extend(AppendEvent(self.job_id, event) for event in self._unpublished)
+        return operations
+
+    async def _flush(self) -> None:
+        """Store what changed, trying again while the store fails; then publish its events."""
+        operations = self._operations()
+        delay = STORE_RETRY_S[0]
+        while True:
+            try:
+                await self._store.write(*operations).wait()
+                break
+            except StoreUnavailable as exc:
+                logger.warning(
+                    "job %s waits for its store (again in %g s): %s",
+                    self.job_id,
+                    delay,
+                    exc,
+                    extra={"job_id": self.job_id, "error": str(exc)},
+                )
+            await trio.sleep(delay)
+            delay = min(delay * 2, STORE_RETRY_S[1])
+        self._dirty.clear()
+        self._publish()
+
+    def _publish(self) -> None:
+        self._frozen = None
+        for event in self._unpublished:
+            self.log.append(event)
+        self._unpublished.clear()
+        if self._status.finished and not self._finished.is_set():
+            self.log.close()
+            self._finished.set()
+            snapshot = self._build_snapshot()
+            logger.info(
+                "job %s %s: %d completed, %d failed in %d ms",
+                self.job_id,
+                self._status.value,
+                snapshot.count(ImageStatus.COMPLETED),
+                snapshot.count(ImageStatus.FAILED),
+                snapshot.total_ms or 0,
+                extra={
+                    "job_id": self.job_id,
+                    "status": self._status.value,
+                    "ttfi_ms": snapshot.ttfi_ms,
+                    "total_ms": snapshot.total_ms,
+                },
+            )
+
+    def _conclude(self) -> None:
+        """Sync and idempotent: settle unfinished images, end the job, queue ``done``."""
+        if self._status.finished:
             return
         end = self._context.now()
         leftover = ImageStatus.FAILED if self._crashed else ImageStatus.CANCELED
@@ -231,35 +450,22 @@ class JobActor:
                     finished_at=end,
                     provider_s=image.provider_s,
                 )
-                self._record(image, outcome)
+                self._settle(image, outcome)
+        if self._frozen is None:
+            self._frozen = self._build_snapshot()
         self._status = self._final_status()
         self._total_s = trio.current_time() - self._accepted
-        counts = self.snapshot()
-        self.log.append(
+        self._finished_at = end
+        counts = self._build_snapshot()
+        self._unpublished.append(
             DoneEvent(
-                id=self.log.next_id,
+                id=self._new_event_id(),
                 status=self._status,
                 total_ms=_ms(self._total_s),
                 ttfi_ms=counts.ttfi_ms,
                 completed_count=counts.count(ImageStatus.COMPLETED),
                 failed_count=counts.count(ImageStatus.FAILED),
             )
-        )
-        self.log.close()
-        self._finished.set()
-        logger.info(
-            "job %s %s: %d completed, %d failed in %d ms",
-            self.job_id,
-            self._status.value,
-            counts.count(ImageStatus.COMPLETED),
-            counts.count(ImageStatus.FAILED),
-            _ms(self._total_s),
-            extra={
-                "job_id": self.job_id,
-                "status": self._status.value,
-                "ttfi_ms": counts.ttfi_ms,
-                "total_ms": _ms(self._total_s),
-            },
         )
 
     def _final_status(self) -> JobStatus:
@@ -269,6 +475,34 @@ class JobActor:
         if ImageStatus.COMPLETED in statuses:
             return JobStatus.COMPLETED
         return JobStatus.FAILED
+
+    def _job_record(self) -> JobRecord:
+        return JobRecord(
+            job_id=self.job_id,
+            seq=self.seq,
+            owner=self.owner,
+            prompt=self.prompt,
+            num_images=self.num_images,
+            idempotency_key=self.idempotency_key,
+            status=self._status,
+            created_at=self._created_at,
+            finished_at=self._finished_at,
+            ttfi_ms=None if self._ttfi_s is None else _ms(self._ttfi_s),
+            total_ms=None if self._total_s is None else _ms(self._total_s),
+        )
+
+    def _build_snapshot(self) -> JobSnapshot:
+        return JobSnapshot(
+            job_id=self.job_id,
+            owner=self.owner,
+            prompt=self.prompt,
+            num_images=self.num_images,
+            status=self._status,
+            created_at=self._created_at,
+            ttfi_ms=None if self._ttfi_s is None else _ms(self._ttfi_s),
+            total_ms=None if self._total_s is None else _ms(self._total_s),
+            images=tuple(self._image_snapshot(image) for image in self._images),
+        )
 
     def _image_snapshot(self, image: _Image) -> ImageSnapshot:
         return ImageSnapshot(

@@ -22,6 +22,7 @@ from actors.errors import (
     Overloaded,
     ShuttingDown,
 )
+from actors.files import ImageFiles
 from actors.job import JobActor, JobCounters
 from actors.messages import (
     JobEvent,
@@ -30,9 +31,11 @@ from actors.messages import (
     SupervisorStatistics,
     Transport,
 )
-from actors.providers.base import ImageProvider
+from actors.providers.base import ImageProvider, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
+from actors.store.base import DeleteJob, JobStore, StoredJob
+from actors.store.memory import MemoryStore
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -109,6 +112,11 @@ class Supervisor:
         settings: Limits and timings.
         now: Wall clock for timestamps (``datetime.now(UTC)`` unless a test injects one).
         uniform: Jitter source for backoff (``random.uniform`` unless a test pins it).
+        store: Where jobs are kept (in memory unless given); on start, the jobs it holds are
+            restored: finished ones readable, unfinished ones carried on from where they were.
+        files: The image directory: copies of the providers' outputs are kept there, and a
+            forgotten job's files are deleted with it; while it is over its budget, the oldest
+            finished jobs are forgotten.
 
     Concurrency: started once per process by :func:`open_supervisor` (``await
     nursery.start(supervisor.run)``). ``run`` opens the jobs nursery and keeps it on ``self``:
@@ -125,11 +133,19 @@ class Supervisor:
         *,
         now: Callable[[], datetime] = _utcnow,
         uniform: Uniform = random.uniform,
+        store: JobStore | None = None,
+        files: ImageFiles | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
+        self.store: JobStore = store or MemoryStore()
+        self.files = files
         self.capacity = FairCapacity(trio.CapacityLimiter(settings.capacity))
+        #: Set once the supervisor admits no more jobs (draining, then shutting down).
+        self.draining = trio.Event()
+        #: Set once every subscriber's wait is ended (after draining).
         self.shutting_down = trio.Event()
+        self._job_ended = trio.Event()
         self._now = now
         self._uniform = uniform
         self._nursery: trio.Nursery | None = None
@@ -149,15 +165,69 @@ class Supervisor:
         self._wait_scopes: set[trio.CancelScope] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the jobs nursery until cancelled."""
+        """Restore the store's jobs, then run the jobs nursery until cancelled.
+
+        Raises:
+            StoreUnavailable: The store cannot be read (before ``started``).
+        """
         self._started_at = trio.current_time()
+        stored = await self.store.load()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._restore(stored)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+
+    def _context(self, job_id: str, prompt: str) -> WorkerContext:
+        return WorkerContext(
+            job_id=job_id,
+            prompt=prompt,
+            provider=self.provider,
+            capacity=self.capacity,
+            retry=self.settings.retry,
+            attempt_timeout_s=self.settings.attempt_timeout_s,
+            provider_cancel_s=self.settings.provider_cancel_s,
+            now=self._now,
+            uniform=self._uniform,
+            files=self.files,
+        )
+
+    def _restore(self, stored: tuple[StoredJob, ...]) -> None:
+        """Register the stored jobs; carry the unfinished ones on (their remote work resumed)."""
+        assert self._nursery is not None
+        unfinished = [job for job in stored if not job.job.status.finished]
+        if isinstance(self.provider, ResumesRemoteWork):
+            self.provider.resume_remote_work([work for job in unfinished for work in job.remote])
+        now, mono = self._now(), trio.current_time()
+        finished: list[tuple[float, str]] = []
+        for record in stored:
+            try:
+                job = JobActor.restore(
+                    record,
+                    context=self._context(record.job.job_id, record.job.prompt),
+                    counters=self._counters,
+                    store=self.store,
+                )
+            except Exception:
+                logger.exception("job %s cannot be restored; left in the store", record.job.job_id)
+                continue
+            self._register(job)
+            if job.finished_at is not None and job.status.finished:
+                age_s = max(0.0, (now - job.finished_at).total_seconds())
+                finished.append((mono - age_s, job.job_id))
+            else:
+                self._active[job.job_id] = job
+                self._nursery.start_soon(self._run_job, job, name=f"job {job.job_id}")
+        self._finished.extend(sorted(finished))
+        self._seq = itertools.count(max((job.job.seq for job in stored), default=0) + 1)
+        if stored:
+            logger.info(
+                "supervisor: restored %d jobs (%d carried on)", len(stored), len(self._active)
+            )
+        self._expire()
 
     # --- admission --------------------------------------------------------------------------
 
@@ -176,7 +246,7 @@ class Supervisor:
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, not {num_images}")
         self._expire()
-        if self.shutting_down.is_set() or self._nursery is None:
+        if self.draining.is_set() or self._nursery is None:
             raise ShuttingDown("The service is shutting down")
         if idempotency_key is not None:
             existing = self._replay(owner, idempotency_key, prompt, num_images)
@@ -184,35 +254,48 @@ class Supervisor:
                 return existing, False
         self._admit(owner, num_images)
         job_id = str(uuid.uuid4())
-        context = WorkerContext(
-            job_id=job_id,
-            prompt=prompt,
-            provider=self.provider,
-            capacity=self.capacity,
-            retry=self.settings.retry,
-            attempt_timeout_s=self.settings.attempt_timeout_s,
-            provider_cancel_s=self.settings.provider_cancel_s,
-            now=self._now,
-            uniform=self._uniform,
-        )
         job = JobActor(
             job_id=job_id,
             owner=owner,
             prompt=prompt,
             num_images=num_images,
-            context=context,
+            context=self._context(job_id, prompt),
             counters=self._counters,
+            store=self.store,
+            seq=next(self._seq),
+            idempotency_key=idempotency_key,
         )
-        self._jobs[job_id] = job
+        self._register(job)
         self._active[job_id] = job
-        self._seqs[job_id] = next(self._seq)
-        self._by_owner.setdefault(owner, {})[job_id] = None
-        if idempotency_key is not None:
-            self._idempotency[owner, idempotency_key] = job_id
-            self._keys[job_id] = (owner, idempotency_key)
         self._nursery.start_soon(self._run_job, job, name=f"job {job_id}")
         logger.info("job %s accepted: %d images for %s", job_id, num_images, owner)
         return job.snapshot(), True
+
+    async def submit(
+        self, *, owner: str, prompt: str, num_images: int, idempotency_key: str | None = None
+    ) -> tuple[JobSnapshot, bool]:
+        """:meth:`submit_nowait`, answered once the job is in the store.
+
+        Raises:
+            StoreUnavailable: The store refused the job; it does not exist.
+            (and everything :meth:`submit_nowait` raises)
+        """
+        snapshot, created = self.submit_nowait(
+            owner=owner, prompt=prompt, num_images=num_images, idempotency_key=idempotency_key
+        )
+        job = self._jobs[snapshot.job_id]
+        await job.wait_stored()
+        return job.snapshot(), created
+
+    def _register(self, job: JobActor) -> None:
+        job_id = job.job_id
+        self._jobs[job_id] = job
+        self._seqs[job_id] = job.seq
+        self._by_owner.setdefault(job.owner, {})[job_id] = None
+        if job.idempotency_key is not None:
+            key = (job.owner, job.idempotency_key)
+            self._idempotency[key] = job_id
+            self._keys[job_id] = key
 
     def _replay(self, owner: str, key: str, prompt: str, num_images: int) -> JobSnapshot | None:
         job_id = self._idempotency.get((owner, key))
@@ -243,9 +326,15 @@ class Supervisor:
             await job.run()
         finally:
             del self._active[job.job_id]
-            self._tell_listeners(job.snapshot())
-            self._finished.append((trio.current_time(), job.job_id))
-            self._expire()
+            self._job_ended.set()
+            self._job_ended = trio.Event()
+            if job.refused:
+                self._forget(job.job_id, stored=False)
+            elif job.status.finished:
+                self._tell_listeners(job.snapshot())
+                self._finished.append((trio.current_time(), job.job_id))
+                self._expire()
+            # else: suspended as the process stops; the store keeps it for the next start.
 
     def _tell_listeners(self, snapshot: JobSnapshot) -> None:
         for listener in self.job_listeners:
@@ -330,8 +419,33 @@ class Supervisor:
 
     # --- lifecycle --------------------------------------------------------------------------
 
+    def stop_admitting(self) -> None:
+        """Admit no more jobs; running ones go on, and so do their subscribers (sync)."""
+        if not self.draining.is_set():
+            logger.info("supervisor: admitting no more jobs")
+            self.draining.set()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting, give running jobs up to ``grace_s`` to finish, then shut down.
+
+        Jobs still running afterwards are left to the caller's cancellation: with a resumable
+        store they stay unfinished there, and the next start carries them on.
+        """
+        self.stop_admitting()
+        with trio.move_on_after(grace_s):
+            while self._active:
+                await self._job_ended.wait()
+        if self._active:
+            logger.info(
+                "supervisor: %d jobs still running after the %g s grace period",
+                len(self._active),
+                grace_s,
+            )
+        self.begin_shutdown()
+
     def begin_shutdown(self) -> None:
         """Admit no more jobs and end every subscriber's wait (sync, idempotent)."""
+        self.stop_admitting()
         if self.shutting_down.is_set():
             return
         logger.info("supervisor: shutting down")
@@ -342,13 +456,20 @@ class Supervisor:
     def _expire(self) -> None:
         horizon = trio.current_time() - self.settings.job_retention_s
         finished = self._finished
+        files = self.files
         while finished and (
-            finished[0][0] <= horizon or len(finished) > self.settings.max_retained_jobs
+            finished[0][0] <= horizon
+            or len(finished) > self.settings.max_retained_jobs
+            or (files is not None and files.over_budget)
         ):
             _, job_id = finished.popleft()
             self._forget(job_id)
 
-    def _forget(self, job_id: str) -> None:
+    def _forget(self, job_id: str, *, stored: bool = True) -> None:
+        if stored:
+            self.store.write(DeleteJob(job_id))
+        if self.files is not None:
+            self.files.forget(job_id)
         job = self._jobs.pop(job_id)
         del self._seqs[job_id]
         owned = self._by_owner[job.owner]
@@ -367,13 +488,16 @@ async def open_supervisor(
     *,
     now: Callable[[], datetime] = _utcnow,
     uniform: Uniform = random.uniform,
+    store: JobStore | None = None,
+    files: ImageFiles | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a :class:`Supervisor` for the body of the ``async with``; stop it on exit.
 
-    On exit the supervisor stops admitting, every subscriber's wait ends, and every unfinished
-    job is cancelled and finalised (its subscribers get ``done``).
+    On entry the store's jobs are restored. On exit the supervisor stops admitting, every
+    subscriber's wait ends, and every unfinished job is cancelled: left unfinished in a
+    resumable store for the next start, else finalised (its subscribers get ``done``).
     """
-    supervisor = Supervisor(provider, settings, now=now, uniform=uniform)
+    supervisor = Supervisor(provider, settings, now=now, uniform=uniform, store=store, files=files)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         try:

@@ -11,6 +11,7 @@ import trio
 
 from actors.capacity import FairCapacity
 from actors.errors import ProviderError, TransientProviderError
+from actors.files import ImageFiles
 from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
 from actors.providers.base import ImageProvider, ImageRequest
 from actors.retry import RetryPolicy, Uniform, is_retryable
@@ -35,10 +36,21 @@ class WorkerContext:
     provider_cancel_s: float
     now: Callable[[], datetime]
     uniform: Uniform
+    #: Keeps a copy of each image the provider hands out by URL (which may expire).
+    files: ImageFiles | None = None
+
+
+def _never() -> bool:
+    return False
 
 
 async def run_image_worker(
-    index: int, *, context: WorkerContext, reports_send: trio.MemorySendChannel[WorkerReport]
+    index: int,
+    *,
+    context: WorkerContext,
+    reports_send: trio.MemorySendChannel[WorkerReport],
+    attempts_before: int = 0,
+    keep_remote: Callable[[], bool] = _never,
 ) -> None:
     """Make image ``index`` of ``context.job_id`` and report how it went.
 
@@ -47,18 +59,22 @@ async def run_image_worker(
     Transient failures and timeouts are retried after a backoff taken *without* holding a token;
     a permanent failure ends the image at once.
 
+    A resumed image (after a restart) numbers its attempts on from ``attempts_before`` with a
+    fresh retry budget.
+
     Concurrency: started with ``start_soon`` by its JobActor, whose state it never touches: it
     sends one ``AttemptStarted`` per attempt and a final ``ImageOutcome`` over its own clone of
-    ``reports_send``, which it closes when it returns. Cancellation (job cancelled, server
-    stopping) propagates, after asking the provider to stop remote work for the image (shielded,
-    bounded by ``provider_cancel_s``); the job then records the image as canceled.
+    ``reports_send``, which it closes when it returns. Cancellation propagates, after asking the
+    provider to stop remote work for the image (shielded, bounded by ``provider_cancel_s``)
+    unless ``keep_remote()`` says the work is to be resumed by the next start of the service.
     """
     with reports_send:
         try:
-            outcome = await _make_image(index, context, reports_send)
+            outcome = await _make_image(index, context, reports_send, attempts_before)
         except trio.Cancelled:
-            with trio.move_on_after(context.provider_cancel_s, shield=True):
-                await _stop_remote_work(context, index)
+            if not keep_remote():
+                with trio.move_on_after(context.provider_cancel_s, shield=True):
+                    await _stop_remote_work(context, index)
             raise
         await reports_send.send(outcome)
 
@@ -72,13 +88,17 @@ async def _stop_remote_work(context: WorkerContext, index: int) -> None:
 
 
 async def _make_image(
-    index: int, context: WorkerContext, reports_send: trio.MemorySendChannel[WorkerReport]
+    index: int,
+    context: WorkerContext,
+    reports_send: trio.MemorySendChannel[WorkerReport],
+    attempts_before: int,
 ) -> ImageOutcome:
     retry = context.retry
     provider_s = 0.0
     failure: Exception = TransientProviderError("no attempt was made")
-    attempt = 0
-    for attempt in range(1, retry.attempts + 1):
+    attempt = tries = 0
+    for tries in range(1, retry.attempts + 1):
+        attempt = attempts_before + tries
         waited_from = trio.current_time()
         async with context.capacity.slot(context.job_id, priority=index):
             started = trio.current_time()
@@ -92,6 +112,8 @@ async def _make_image(
             result = await _call_provider(context, request)
             provider_s += trio.current_time() - started
         if isinstance(result, str):
+            if context.files is not None:
+                result = await context.files.keep(context.job_id, index, result)
             return ImageOutcome(
                 index=index,
                 status=ImageStatus.COMPLETED,
@@ -113,14 +135,14 @@ async def _make_image(
             message,
             extra={"job_id": context.job_id, "index": index, "attempt": attempt, "error": message},
         )
-        if attempt < retry.attempts:
-            await trio.sleep(retry.delay(attempt, failure, uniform=context.uniform))
+        if tries < retry.attempts:
+            await trio.sleep(retry.delay(tries, failure, uniform=context.uniform))
     # Giving up: whatever the provider may still be doing for this image is not wanted.
     with trio.move_on_after(context.provider_cancel_s, shield=True):
         await _stop_remote_work(context, index)
     message = describe_failure(failure, context.attempt_timeout_s)
     return _failed(
-        index, attempt, context, f"{message} (gave up after {attempt} attempts)", provider_s
+        index, attempt, context, f"{message} (gave up after {tries} attempts)", provider_s
     )
 
 

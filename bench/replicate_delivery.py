@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ import attrs
 import httpx
 import trio
 
+from actors.files import ImageFilesSettings
 from actors.providers.replicate import ReplicateSettings
 from actors.retry import RetryPolicy
 from tests.e2e.ports import free_port
 from tests.fake_replicate import TOKEN, WEBHOOK_SECRET, FakeReplicate, run_fake_replicate
 from web.serve import run_server
-from web.settings import Settings
+from web.settings import Settings, StoreSettings
 
 SECRET = "bench-secret-0123456789-0123456789-0123456789"  # noqa: S105 (a local run's)
 
@@ -60,6 +62,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     fake.faults.create_500 = args.create_500
     fake.faults.create_429 = args.create_429
     fake.faults.retry_after_s = args.retry_after
+    work_dir = tempfile.mkdtemp(prefix="bench-replicate-")
     async with run_fake_replicate(fake) as fake_url, trio.open_nursery() as nursery:
         base = Settings()
         settings = attrs.evolve(
@@ -73,6 +76,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 max_active_jobs_per_user=args.jobs,
             ),
             replicate=ReplicateSettings(api_token=TOKEN, base_url=fake_url),
+            store=StoreSettings(database_path=Path(work_dir) / "imagegen.sqlite3"),
+            files=ImageFilesSettings(directory=Path(work_dir) / "images"),
         )
         bind = f"127.0.0.1:{free_port()}"
         if args.webhooks:

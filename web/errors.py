@@ -15,6 +15,7 @@ from actors.errors import (
     LimitExceeded,
     Overloaded,
     ShuttingDown,
+    StoreUnavailable,
 )
 from web.schemas import RequestValidationError
 
@@ -59,8 +60,11 @@ def _from_actor_error(exc: ActorError) -> APIError:
         return APIError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, Overloaded):
         return APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, ShuttingDown):
-        return APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, StoreUnavailable | ShuttingDown):
+        detail = str(exc)
+        if isinstance(exc, StoreUnavailable):
+            detail = "The service cannot store jobs right now; try again shortly"
+        return APIError(503, detail, headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, IdempotencyConflict):
         item = {
             "loc": ["header", "Idempotency-Key"],

@@ -259,6 +259,7 @@ def _handwritten() -> dict[str, Schema]:
             "required": ["status"],
             "properties": {
                 "status": {"type": "string", "enum": ["ok", "degraded"]},
+                "detail": {"type": "string", "description": "Why it is degraded."},
                 "checks": {
                     "type": "object",
                     "description": "Each part the service needs, and its state.",
@@ -280,6 +281,7 @@ def _handwritten() -> dict[str, Schema]:
                 "retries_total",
                 "subscribers",
                 "provider",
+                "store",
             ],
             "properties": {
                 "uptime_s": {"type": "number", "minimum": 0},
@@ -308,6 +310,17 @@ def _handwritten() -> dict[str, Schema]:
                     "properties": {"name": {"type": "string"}},
                     "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
                 },
+                "store": {
+                    "type": "object",
+                    "description": "The job store's backend (sqlite or memory) and its counters.",
+                    "required": ["backend"],
+                    "properties": {"backend": {"type": "string"}},
+                    "additionalProperties": {"type": ["string", "number", "null"]},
+                },
+                "files": _counts(
+                    ("files", "bytes", "downloads", "download_failures", "skipped"),
+                    "The image directory: files and bytes kept, provider outputs downloaded.",
+                ),
             },
         },
         "WebhookAccepted": {
@@ -763,7 +776,8 @@ def build_document(settings: Settings) -> Schema:
                 "responses": {
                     "200": _ok("`ok`.", _json(_ref("schemas", "Health"))),
                     "503": _ok(
-                        "`degraded`: the service is shutting down.",
+                        "`degraded`: the service is shutting down, or the job store is unusable "
+                        "(`checks.store` says why).",
                         _json(_ref("schemas", "Health")),
                         **{"Retry-After": _header("Retry-After")},
                     ),

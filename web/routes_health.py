@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from quart import Blueprint, Response, jsonify
 
 from actors.messages import SupervisorStatistics
@@ -13,13 +15,19 @@ blueprint = Blueprint("health", __name__)
 
 @blueprint.get("/health")
 async def health() -> Response:
-    """``200 {"status": "ok"}``; 503 ``degraded`` while the service is shutting down."""
+    """``200 {"status": "ok"}``; 503 ``degraded`` while shutting down or the store is unusable."""
     supervisor = state().supervisor
-    if supervisor.shutting_down.is_set():
-        response = error_response(503, "Shutting down", {"Retry-After": "5"})
-        response.set_data(b'{"status": "degraded", "checks": {"supervisor": "shutting_down"}}')
+    store = await supervisor.store.check()
+    checks = {
+        "supervisor": "shutting_down" if supervisor.draining.is_set() else "ok",
+        "store": "ok" if store.ok else store.detail,
+    }
+    if supervisor.draining.is_set() or not store.ok:
+        detail = "Shutting down" if supervisor.draining.is_set() else "The job store is unusable"
+        response = error_response(503, detail, {"Retry-After": "5"})
+        response.set_data(json.dumps({"status": "degraded", "detail": detail, "checks": checks}))
         return response
-    return jsonify({"status": "ok", "checks": {"supervisor": "ok"}})
+    return jsonify({"status": "ok", "checks": checks})
 
 
 def status_view(stats: SupervisorStatistics) -> dict[str, object]:
@@ -57,4 +65,8 @@ async def status() -> dict[str, object]:
     view = status_view(app_state.supervisor.statistics())
     provider = app_state.supervisor.provider
     view["provider"] = {"name": provider.name, **provider.statistics()}
+    view["store"] = dict(app_state.supervisor.store.statistics())
+    files = app_state.supervisor.files
+    if files is not None:
+        view["files"] = files.statistics()
     return view

@@ -47,13 +47,13 @@ def _idempotency_key() -> str | None:
 
 @blueprint.post("/api/generate")
 async def create_job() -> tuple[dict[str, object], int]:
-    """Accept a job; answers at once with its id (the work runs in the supervisor)."""
+    """Accept a job; answers with its id once it is stored (the work runs in the supervisor)."""
     app_state = state()
     user = current_user()
     settings = app_state.settings
     body = await read_json_body(settings.max_body_bytes)
     create = validate_create(body, min_images=settings.min_images, max_images=settings.max_images)
-    snapshot, created = app_state.supervisor.submit_nowait(
+    snapshot, created = await app_state.supervisor.submit(
         owner=user,
         prompt=create.prompt,
         num_images=create.num_images,

@@ -13,9 +13,13 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from actors.providers.base import ImageProvider
+from actors.errors import StoreUnavailable
+from actors.files import ImageFiles, open_image_files
+from actors.providers.base import ImageProvider, RemoteJournal
 from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
+from actors.store import JobStore, MemoryStore, open_sqlite_store
+from actors.store.journal import StoreJournal
 from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
@@ -46,7 +50,7 @@ async def _watch_signals(supervisor: Supervisor, shutdown: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             logger.info("received %s: shutting down", signal.Signals(signum).name)
-            supervisor.begin_shutdown()
+            supervisor.stop_admitting()
             shutdown.set()
             return
 
@@ -63,30 +67,49 @@ async def run_server(
 ) -> None:
     """Serve until ``shutdown`` is set (or SIGINT/SIGTERM); ``task_status`` gets the bound URLs.
 
-    Shutdown order: the supervisor stops admitting (503) and ends every stream's wait (SSE
-    responses end, WebSockets close 1012), hypercorn drains its connections, then the jobs
-    nursery is cancelled and each unfinished job finalises.
+    Start order: the store (unfinished jobs of an earlier run are restored and carried on), the
+    image directory, the provider, the supervisor, hypercorn.
+
+    Shutdown order: the supervisor stops admitting (503, ``/health`` 503) and running jobs get
+    ``SHUTDOWN_GRACE_S`` to finish while their streams go on; then every stream's wait ends
+    (SSE responses end, WebSockets close 1012), hypercorn drains its connections, the jobs
+    still running are cancelled (left unfinished in a SQLite store for the next start), and the
+    store writes what is queued and closes.
+
+    Raises:
+        StoreUnavailable: The store cannot be opened or read (before ``task_status``).
     """
     hypercorn_fixes.install()
     auth = auth or Authenticator(settings)
     if shutdown is None:
         shutdown = trio.Event()
     async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store(settings))
+        files = await stack.enter_async_context(open_image_files(settings.files))
         if provider is None:
-            provider = await stack.enter_async_context(open_provider(settings))
-        supervisor = await stack.enter_async_context(open_supervisor(provider, settings.supervisor))
+            provider = await stack.enter_async_context(
+                open_provider(settings, journal=StoreJournal(store), files=files)
+            )
+        supervisor = await stack.enter_async_context(
+            open_supervisor(provider, settings.supervisor, store=store, files=files)
+        )
         app = create_app(supervisor, settings, auth)
         config = hypercorn_config(settings, bind=bind)
 
         async def trigger() -> None:
             await shutdown.wait()
-            supervisor.begin_shutdown()
+            await supervisor.drain(settings.shutdown_grace_s)
 
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 nursery.start_soon(_watch_signals, supervisor, shutdown)
             binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trigger))
-            logger.info("listening on %s (provider: %s)", ", ".join(binds), provider.name)
+            logger.info(
+                "listening on %s (provider: %s, store: %s)",
+                ", ".join(binds),
+                provider.name,
+                store.name,
+            )
             task_status.started(binds)
             await shutdown.wait()
             # hypercorn is draining now; when it returns the nursery's other tasks are done too.
@@ -94,12 +117,27 @@ async def run_server(
 
 
 @asynccontextmanager
-async def open_provider(settings: Settings) -> AsyncIterator[ImageProvider]:
+async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
+    """The store ``STORE`` names: SQLite at ``DATABASE_PATH`` (the default), or memory."""
+    if settings.store.backend == "memory":
+        yield MemoryStore()
+        return
+    async with open_sqlite_store(settings.store.database_path) as store:
+        yield store
+
+
+@asynccontextmanager
+async def open_provider(
+    settings: Settings,
+    *,
+    journal: RemoteJournal | None = None,
+    files: ImageFiles | None = None,
+) -> AsyncIterator[ImageProvider]:
     """Replicate when ``REPLICATE_API_TOKEN`` is set, else the built-in local provider."""
     if settings.replicate is None:
-        yield LocalProvider(settings.local)
+        yield LocalProvider(settings.local, files=files)
         return
-    async with open_replicate_provider(settings.replicate) as provider:
+    async with open_replicate_provider(settings.replicate, journal=journal) as provider:
         yield provider
 
 
@@ -116,4 +154,8 @@ def main() -> None:
     except UsersFileError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
-    trio.run(partial(run_server, settings, auth=auth))
+    try:
+        trio.run(partial(run_server, settings, auth=auth))
+    except* StoreUnavailable as group:
+        sys.stderr.write(f"error: the job store cannot be used: {group.exceptions[0]}\n")
+        raise SystemExit(2) from None

@@ -17,6 +17,7 @@ from typing import TypeVar
 import attrs
 from dotenv import dotenv_values
 
+from actors.files import ImageFilesSettings
 from actors.providers.local import LocalProviderSettings
 from actors.providers.replicate import (
     DEFAULT_BASE_URL,
@@ -34,6 +35,22 @@ MIN_SECRET_BYTES = 32
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
+
+
+STORE_BACKENDS = ("sqlite", "memory")
+
+
+@attrs.frozen(kw_only=True)
+class StoreSettings:
+    """Where jobs are kept.
+
+    Args:
+        backend: ``sqlite`` (jobs survive restarts) or ``memory`` (``STORE``).
+        database_path: The SQLite file (``DATABASE_PATH``), made with its directory if missing.
+    """
+
+    backend: str = "sqlite"
+    database_path: Path = Path("var/imagegen.sqlite3")
 
 
 @attrs.frozen(kw_only=True)
@@ -57,6 +74,7 @@ class Settings:
     login_max_failures: int = 10
     login_window_s: float = 300.0
     graceful_timeout_s: float = 3.0
+    shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "text"
     supervisor: SupervisorSettings = attrs.Factory(SupervisorSettings)
@@ -65,6 +83,11 @@ class Settings:
     )
     #: ``None`` (the local provider) unless ``REPLICATE_API_TOKEN`` is set.
     replicate: ReplicateSettings | None = None
+    store: StoreSettings = attrs.Factory(StoreSettings)
+    #: The images the service serves under ``/files/`` (the same directory as ``local``'s).
+    files: ImageFilesSettings = attrs.Factory(
+        lambda: ImageFilesSettings(directory=Path("var/images"))
+    )
 
 
 def _int(value: str) -> int:
@@ -101,6 +124,25 @@ def _ms_range(value: str) -> tuple[int, int]:
     if pair[0] < 0 or pair[1] < pair[0]:
         raise ValueError("expected MIN-MAX milliseconds with 0 <= MIN <= MAX")
     return pair
+
+
+def _bool(value: str) -> bool:
+    word = value.strip().lower()
+    if word in {"true", "1", "yes", "on"}:
+        return True
+    if word in {"false", "0", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        word = value.strip().lower()
+        if word not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return word
+
+    return parse
 
 
 def _json_object(value: str) -> dict[str, object]:
@@ -204,6 +246,17 @@ def _build(env: _Reader) -> Settings:
         supervisor,
         provider_cancel_s=env.get("PROVIDER_CANCEL_S", _float, sup.provider_cancel_s),
     )
+    file_defaults = defaults.files
+    files = ImageFilesSettings(
+        directory=local.images_dir,
+        store_remote=env.get("STORE_IMAGES", _bool, file_defaults.store_remote),
+        max_image_bytes=env.get("IMAGE_MAX_BYTES", _int, file_defaults.max_image_bytes),
+        max_total_bytes=env.get("IMAGES_MAX_BYTES", _int, file_defaults.max_total_bytes),
+    )
+    store = StoreSettings(
+        backend=env.get("STORE", _choice(STORE_BACKENDS), defaults.store.backend),
+        database_path=Path(env.text("DATABASE_PATH", None) or defaults.store.database_path),
+    )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(
         host=env.text("HOST", defaults.host) or defaults.host,
@@ -223,11 +276,14 @@ def _build(env: _Reader) -> Settings:
         login_max_failures=env.get("LOGIN_MAX_FAILURES", _int, defaults.login_max_failures),
         login_window_s=env.get("LOGIN_WINDOW_S", _float, defaults.login_window_s),
         graceful_timeout_s=env.get("GRACEFUL_TIMEOUT_S", _float, defaults.graceful_timeout_s),
+        shutdown_grace_s=env.get("SHUTDOWN_GRACE_S", _float, defaults.shutdown_grace_s),
         log_level=(env.text("LOG_LEVEL", defaults.log_level) or defaults.log_level).upper(),
         log_format=(env.text("LOG_FORMAT", defaults.log_format) or defaults.log_format).lower(),
         supervisor=supervisor,
         local=local,
         replicate=_replicate(env),
+        store=store,
+        files=files,
     )
     check(settings)
     return settings
@@ -285,6 +341,10 @@ def check(settings: Settings) -> None:
             problems.append(f"{name} must be positive")
     if settings.sse_retry_ms < 0 or settings.graceful_timeout_s < 0:
         problems.append("SSE_RETRY_MS and GRACEFUL_TIMEOUT_S must not be negative")
+    if settings.shutdown_grace_s < 0:
+        problems.append("SHUTDOWN_GRACE_S must not be negative")
+    if settings.files.max_image_bytes < 1 or settings.files.max_total_bytes < 1:
+        problems.append("IMAGE_MAX_BYTES and IMAGES_MAX_BYTES must be positive")
     if settings.log_format not in {"text", "json"}:
         problems.append("LOG_FORMAT must be text or json")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 import attrs
+
+from actors.store.base import Commit, RemoteWork
 
 
 @attrs.frozen(kw_only=True)
@@ -67,4 +70,24 @@ class WebhookReceiver(Protocol):
         Raises:
             WebhookRejected: Bad signature, stale timestamp or malformed body; nothing changed.
         """
+        ...
+
+
+class RemoteJournal(Protocol):
+    """Where a provider notes an image's remote work, so that the next start can resume it."""
+
+    def note(
+        self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
+    ) -> Commit:
+        """Record (queued; await the commit to know it is stored) what the image's work is:
+        ``remote_id`` once known, ``pending_since`` while a create is unanswered."""
+        ...
+
+
+@runtime_checkable
+class ResumesRemoteWork(Protocol):
+    """A provider whose remote work outlives the process (Replicate's predictions)."""
+
+    def resume_remote_work(self, work: Sequence[RemoteWork]) -> None:
+        """Take up work an earlier process journaled, before any of its images is generated."""
         ...

@@ -13,6 +13,7 @@ import trio
 from PIL import Image, ImageDraw, ImageFont
 
 from actors.errors import TransientProviderError
+from actors.files import ImageFiles
 from actors.providers.base import ImageRequest, ProviderStatistics
 
 SIZE = 512
@@ -46,9 +47,14 @@ class LocalProvider:
     name = "local"
 
     def __init__(
-        self, settings: LocalProviderSettings, *, rng: random.Random | None = None
+        self,
+        settings: LocalProviderSettings,
+        *,
+        rng: random.Random | None = None,
+        files: ImageFiles | None = None,
     ) -> None:
         self.settings = settings
+        self._files = files
         self._rng = rng or random.Random()  # noqa: S311 (simulation, not security)
         self._rendered = 0
 
@@ -58,7 +64,7 @@ class LocalProvider:
         if self._rng.random() < self.settings.fail_rate:
             raise TransientProviderError("simulated failure of the local provider")
         name = f"{request.job_id}-{request.index}.png"
-        await trio.to_thread.run_sync(
+        nbytes = await trio.to_thread.run_sync(
             render_png,
             self.settings.images_dir / name,
             request.prompt,
@@ -66,6 +72,8 @@ class LocalProvider:
             limiter=_RENDER_THREADS,
         )
         self._rendered += 1
+        if self._files is not None:
+            self._files.added(request.job_id, nbytes)
         return f"/files/{name}"
 
     async def cancel(self, job_id: str, index: int) -> None:  # noqa: ARG002 (the protocol's)
@@ -77,8 +85,8 @@ class LocalProvider:
         return {"images": self._rendered, "latency_ms": f"{low}-{high}"}
 
 
-def render_png(path: Path, prompt: str, index: int) -> None:
-    """Write the image for ``prompt`` and ``index`` to ``path`` atomically."""
+def render_png(path: Path, prompt: str, index: int) -> int:
+    """Write the image for ``prompt`` and ``index`` to ``path`` atomically; its size in bytes."""
     digest = hashlib.sha256(f"{index}\x00{prompt}".encode("utf-8", "replace")).digest()
     top, bottom = digest[0:3], digest[3:6]
     image = Image.new("RGB", (SIZE, SIZE))
@@ -114,4 +122,6 @@ def render_png(path: Path, prompt: str, index: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     image.save(partial, format="PNG")
+    nbytes = partial.stat().st_size
     partial.replace(path)
+    return nbytes

@@ -15,6 +15,11 @@ prediction instead of creating another. A create that may have created something
 connection lost after sending) is reconciled against Replicate's list of recent predictions
 before anything is created again; only a create that certainly created nothing is repeated.
 
+Restarts: with a journal (the job store), every image's prediction id is noted the moment it
+is known, and a create is noted as pending *before* it is sent; the next start of the service
+resumes the first by polling and reconciles the second against the list, so neither a restart
+nor a ``kill -9`` in the middle of a create leads to a second prediction for an image.
+
 Rate: creates pass a process-wide pacer that stays under Replicate's documented 600 creates per
 minute, halves its rate and pauses for ``Retry-After`` when Replicate answers 429, and recovers
 additively with every accepted create (AIMD).
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,8 +39,13 @@ import httpx
 import trio
 from replicate.webhook import Webhooks, WebhookSigningSecret
 
-from actors.errors import PermanentProviderError, TransientProviderError, WebhookRejected
-from actors.providers.base import ImageRequest, ProviderStatistics
+from actors.errors import (
+    PermanentProviderError,
+    StoreUnavailable,
+    TransientProviderError,
+    WebhookRejected,
+)
+from actors.providers.base import ImageRequest, ProviderStatistics, RemoteJournal
 from actors.providers.pacing import CreatePacer
 from actors.providers.replicate_api import (
     TERMINAL,
@@ -53,6 +63,8 @@ from actors.providers.replicate_settings import (
     ReplicateSettings,
     SettingsProblem,
 )
+from actors.store.base import Commit, RemoteWork
+from actors.store.journal import NullJournal
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -110,15 +122,23 @@ class ReplicateProvider:
     Concurrency: opened once per process with :func:`open_replicate_provider`, which owns the
     ``httpx.AsyncClient``; any number of workers call :meth:`generate` and :meth:`cancel` at
     once. State (which image waits for which prediction) lives here and is touched only on the
-    Trio thread; entries are dropped when an image finishes or is cancelled.
+    Trio thread; entries are dropped when an image finishes or is cancelled. The same state is
+    noted in ``journal`` (queued writes; only a pending create waits for its note to be stored).
     """
 
     name = "replicate"
 
-    def __init__(self, settings: ReplicateSettings, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        settings: ReplicateSettings,
+        client: httpx.AsyncClient,
+        *,
+        journal: RemoteJournal | None = None,
+    ) -> None:
         self.settings = settings
         self.pacer = CreatePacer()
         self._client = client
+        self._journal: RemoteJournal = journal or NullJournal()
         self._images: dict[tuple[str, int], str] = {}
         self._unsure: dict[tuple[str, int], tuple[dict[str, object], datetime]] = {}
         self._tracked: dict[str, _Tracked] = {}
@@ -187,6 +207,18 @@ class ReplicateProvider:
             "in_flight": len(self._images),
         }
 
+    def resume_remote_work(self, work: Sequence[RemoteWork]) -> None:
+        """Take up predictions (and unanswered creates) an earlier process journaled."""
+        for item in work:
+            key = (item.job_id, item.index)
+            if item.remote_id is not None:
+                self._images[key] = item.remote_id
+                self._claim(item.remote_id)
+            elif item.pending_since is not None:
+                self._unsure[key] = (self._create_body(item.prompt), item.pending_since)
+        if work:
+            logger.info("replicate: resuming %d images of an earlier run", len(work))
+
     # --- webhooks ---------------------------------------------------------------------------
 
     @property
@@ -234,11 +266,7 @@ class ReplicateProvider:
         self, key: tuple[str, int], prompt: str
     ) -> tuple[Mapping[str, Any], bool]:
         """The image's prediction, and whether it is the create's own answer (else adopted)."""
-        settings = self.settings
-        body = settings.model.create_body({**settings.model_input, "prompt": prompt})
-        if settings.webhooks:
-            body["webhook"] = settings.webhook_url
-            body["webhook_events_filter"] = ["completed"]
+        body = self._create_body(prompt)
         unsure = self._unsure.get(key)
         if unsure is not None:
             # An earlier create may have created a prediction: find it before making another.
@@ -250,8 +278,14 @@ class ReplicateProvider:
             await self.pacer.acquire()
             since = datetime.now(UTC)
             # Until Replicate answers, this image may or may not have a prediction: an attempt
-            # timeout or a cancel in the middle of the create must not lead to a second one.
+            # timeout, a cancel or a restart in the middle of the create must not lead to a
+            # second one. So the pending create is in the journal before it is sent.
             self._unsure[key] = (body, since)
+            try:
+                await self._note(key, None, since).wait()
+            except StoreUnavailable as exc:
+                del self._unsure[key]
+                raise TransientProviderError(f"cannot note the create first: {exc}") from None
             prediction, unsure_why = await self._try_create(key, body)
             if unsure_why is not None:
                 return await self._after_unsure_create(key, body, since, unsure_why), False
@@ -286,19 +320,37 @@ class ReplicateProvider:
         except Answer as exc:
             if exc.status >= 500:
                 return None, exc.detail
-            del self._unsure[key]  # Replicate said no: nothing was created
+            self._settle_nothing(key)  # Replicate said no: nothing was created
             if exc.status != 429:
                 raise permanent(exc) from None
             # Backpressure, not a failure of the image: slow every create, then go on.
             self.pacer.throttled(min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S))
             return None, None
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            del self._unsure[key]  # the request never left
+            self._settle_nothing(key)  # the request never left
             raise TransientProviderError(f"cannot reach Replicate ({exc!r})") from None
         except httpx.TransportError as exc:
             return None, repr(exc)
         del self._unsure[key]
         return prediction, None
+
+    def _create_body(self, prompt: str) -> dict[str, object]:
+        settings = self.settings
+        body = settings.model.create_body({**settings.model_input, "prompt": prompt})
+        if settings.webhooks:
+            body["webhook"] = settings.webhook_url
+            body["webhook_events_filter"] = ["completed"]
+        return body
+
+    def _note(
+        self, key: tuple[str, int], remote_id: str | None, pending_since: datetime | None
+    ) -> Commit:
+        return self._journal.note(key[0], key[1], remote_id=remote_id, pending_since=pending_since)
+
+    def _settle_nothing(self, key: tuple[str, int]) -> None:
+        """The image's pending create certainly created nothing."""
+        del self._unsure[key]
+        self._note(key, None, None)
 
     async def _post_create(self, body: dict[str, object]) -> Mapping[str, Any]:
         self._counters.creates += 1
@@ -361,6 +413,7 @@ class ReplicateProvider:
             raise TransientProviderError("Replicate answered without a prediction id")
         self._counters.predictions += 1
         self._images[key] = prediction_id
+        self._note(key, prediction_id, None)
         logger.info(
             "job %s image %d: prediction %s",
             key[0],
@@ -368,10 +421,13 @@ class ReplicateProvider:
             prediction_id,
             extra={"job_id": key[0], "index": key[1], "prediction_id": prediction_id},
         )
+        self._claim(prediction_id)
+        return prediction
+
+    def _claim(self, prediction_id: str) -> None:
         self._claimed[prediction_id] = None
         if len(self._claimed) > MAX_REMEMBERED_PREDICTIONS:
             del self._claimed[next(iter(self._claimed))]
-        return prediction
 
     # --- waiting ----------------------------------------------------------------------------
 
@@ -473,7 +529,10 @@ class ReplicateProvider:
 
 @asynccontextmanager
 async def open_replicate_provider(
-    settings: ReplicateSettings, *, transport: httpx.AsyncBaseTransport | None = None
+    settings: ReplicateSettings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    journal: RemoteJournal | None = None,
 ) -> AsyncIterator[ReplicateProvider]:
     """A :class:`ReplicateProvider` with its connection pool, closed on exit."""
     headers = {
@@ -484,7 +543,7 @@ async def open_replicate_provider(
     async with httpx.AsyncClient(
         base_url=settings.base_url, headers=headers, limits=limits, transport=transport
     ) as client:
-        provider = ReplicateProvider(settings, client)
+        provider = ReplicateProvider(settings, client, journal=journal)
         logger.info(
             "replicate: model %s via POST %s%s (webhooks %s)",
             settings.model,

@@ -34,6 +34,7 @@ def service_settings(tmp_path: Path, **environ: str) -> Settings:
     base = {
         "AUTH_SECRET": SECRET,
         "IMAGES_DIR": str(tmp_path / "images"),
+        "DATABASE_PATH": str(tmp_path / "imagegen.sqlite3"),
         "HEARTBEAT_S": "1",
         "GRACEFUL_TIMEOUT_S": "1",
     }
@@ -52,6 +53,9 @@ def replicate_environ(fake: FakeReplicate, **environ: str) -> dict[str, str]:
         "REPLICATE_WAIT_S": "5",
         "REPLICATE_POLL_INTERVAL_MS": "50",
         "REPLICATE_TIMEOUT_S": "5",
+        # The fake's output URLs name their prediction, which these tests check; copies of the
+        # outputs are tested on their own (test_durability.py).
+        "STORE_IMAGES": "false",
         **environ,
     }
 

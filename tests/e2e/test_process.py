@@ -24,6 +24,9 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[trio.Process, str]]:
         "AUTH_SECRET": "process-test-secret-0123456789-0123456789",
         # Long, so that "did not wait for it" is a behaviour with a wide margin, not a timing.
         "GRACEFUL_TIMEOUT_S": str(GRACEFUL_TIMEOUT_S),
+        # No grace for the 20 s job: the stream must end at once (tests/e2e/test_durability.py
+        # covers the grace period).
+        "SHUTDOWN_GRACE_S": "0",
     }
     async with web_process(tmp_path, environ, stderr=subprocess.PIPE) as started:
         yield started

@@ -26,10 +26,11 @@ import trio.testing
 from argon2 import PasswordHasher
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
+from actors.files import ImageFilesSettings
 from actors.providers.local import LocalProviderSettings
 from web.auth import Authenticator
 from web.serve import run_server
-from web.settings import Settings
+from web.settings import Settings, StoreSettings
 
 # Real argon2 with cheap parameters: every test logs in at least once.
 HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -93,7 +94,11 @@ def settings(
         users_file=users_file,
         heartbeat_s=heartbeat_s,
         graceful_timeout_s=graceful_timeout_s,
+        # Shutdown tests here are about streams ending: no grace (test_durability covers it).
+        shutdown_grace_s=0,
         local=LocalProviderSettings(images_dir=tmp_path / "images", latency_ms=latency_ms),
+        store=StoreSettings(database_path=tmp_path / "imagegen.sqlite3"),
+        files=ImageFilesSettings(directory=tmp_path / "images"),
     )
 
 

@@ -1,0 +1,445 @@
+"""Generated images kept on our own disk and served under ``/files/<name>``.
+
+Replicate deletes a prediction's output files an hour after it finishes, so a job's image URLs
+would break while the job is still listed. Each remote output is therefore downloaded once, checked
+(size, ``Content-Type`` and the bytes' own signature) and stored as ``{job_id}-{index}.{ext}`` in
+``IMAGES_DIR``, which the web layer serves with long cache headers. The built-in local provider
+renders its PNGs into the same directory (see :mod:`actors.providers.local`).
+
+A download that fails in the end is not an image failure: the image still exists at the provider
+for an hour and has been paid for, so :meth:`ImageFiles.keep` then returns the provider's URL.
+
+The directory's size is accounted per job so that the owner of retention can evict old jobs when
+:attr:`ImageFiles.over_budget`; :meth:`ImageFiles.forget` deletes a job's files in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import attrs
+import httpx
+import trio
+
+logger = logging.getLogger(__name__)
+
+#: ``Content-Type`` values accepted for a download (parameters such as ``; charset`` ignored).
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
+#: A job id becomes part of a file name: no separators, no leading dot.
+_JOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ImageFilesSettings:
+    """Args:
+    directory: Where images are stored (``IMAGES_DIR``), served under ``/files/``.
+    store_remote: Download absolute http(s) outputs (``STORE_IMAGES``); if false, the
+        provider's URL is handed out as it is.
+    max_image_bytes: One download's cap (``IMAGE_MAX_BYTES``).
+    max_total_bytes: The directory's budget (``IMAGES_MAX_BYTES``); see
+        :attr:`ImageFiles.over_budget`.
+    download_timeout_s: Bounds one download attempt as a whole (headers and body).
+    download_attempts: Attempts per image when the failure is transient.
+    backoff_base_s: The wait after the first failed attempt; it doubles after each one.
+    backoff_max_s: Cap of every wait, a server's ``Retry-After`` included.
+    """
+
+    directory: Path
+    store_remote: bool = True
+    max_image_bytes: int = attrs.field(default=20 * 1024 * 1024, validator=attrs.validators.ge(1))
+    max_total_bytes: int = attrs.field(default=5 * 1024**3, validator=attrs.validators.ge(1))
+    download_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    download_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    backoff_base_s: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    backoff_max_s: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+
+    def backoff_s(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """The wait after failed attempt ``attempt`` (1-based): 0.5 s, 1 s, 2 s ... capped, or
+        the server's ``Retry-After`` when that is longer (capped too)."""
+        wait = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        if retry_after_s is not None:
+            wait = max(wait, min(self.backoff_max_s, retry_after_s))
+        return float(wait)
+
+
+class _DownloadFailed(Exception):
+    """One attempt failed; ``transient`` says whether another may succeed."""
+
+    def __init__(
+        self, message: str, *, transient: bool, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after_s = retry_after_s
+
+
+@attrs.define(eq=False)
+class _JobUsage:
+    """The bytes one job holds: files this module knows by name, plus files others reported."""
+
+    sizes: dict[str, int] = attrs.Factory(dict)
+    other_bytes: int = 0
+    other_files: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values()) + self.other_bytes
+
+    @property
+    def nfiles(self) -> int:
+        return len(self.sizes) + self.other_files
+
+
+class ImageFiles:
+    """The image directory: downloads into it, its size per job, and deletion of old jobs' files.
+
+    Concurrency: opened once per process with :func:`open_image_files`, which starts
+    :meth:`run` in its own nursery. Any number of workers call :meth:`keep` at once; each
+    download is one task's own (the ``httpx.AsyncClient`` is shared), and files are written
+    and deleted in worker threads. The accounting is touched only on the Trio thread:
+    :meth:`added`, :meth:`forget` and the properties are sync. :meth:`run` owns the deletion
+    queue (a deduplicated set plus a wake-up Event, so :meth:`forget` never blocks); it stops
+    when cancelled, after deleting whatever was already queued.
+    """
+
+    def __init__(self, settings: ImageFilesSettings, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self._client = client
+        self._jobs: dict[str, _JobUsage] = {}
+        self._total_bytes = 0
+        self._to_delete: set[str] = set()
+        self._wake = trio.Event()
+        self._queued = 0  # forget() calls so far
+        self._deleted = 0  # forget() calls whose files are gone
+        self._deleted_changed = trio.Event()
+        self._downloads = 0
+        self._download_failures = 0
+        self._skipped = 0
+
+    # --- downloads --------------------------------------------------------------------------
+
+    async def keep(self, job_id: str, index: int, url: str) -> str:
+        """Store the image at ``url`` as ``{job_id}-{index}.{ext}``; the URL to hand out.
+
+        Returns:
+            ``/files/{name}`` once stored; ``url`` itself when it is not an absolute http(s)
+            URL, when storing is off, or when the download failed in the end (logged as a
+            warning: the provider still serves the image for a while).
+
+        Raises:
+            ValueError: ``job_id`` cannot be part of a file name, or ``index`` is negative.
+        """
+        if not _is_remote(url):
+            await trio.lowlevel.checkpoint()
+            return url
+        if not self.settings.store_remote:
+            self._skipped += 1
+            await trio.lowlevel.checkpoint()
+            return url
+        if not _JOB_ID.fullmatch(job_id) or index < 0:
+            raise ValueError(f"not a job id and image index: {job_id!r}, {index!r}")
+        try:
+            data, ext = await self._download(url)
+            name = f"{job_id}-{index}.{ext}"
+            await trio.to_thread.run_sync(_write_atomically, self.settings.directory, name, data)
+        except (_DownloadFailed, OSError) as exc:
+            self._download_failures += 1
+            error = str(exc) or type(exc).__name__
+            logger.warning(
+                "image %d of job %s not stored (%s); handing out the provider's URL",
+                index,
+                job_id,
+                error,
+                extra={"job_id": job_id, "index": index, "error": error},
+            )
+            return url
+        self._account(job_id, name, len(data))
+        self._downloads += 1
+        return f"/files/{name}"
+
+    async def _download(self, url: str) -> tuple[bytes, str]:
+        """The image's bytes and extension, retrying transient failures with backoff."""
+        settings = self.settings
+        attempt = 1
+        while True:
+            try:
+                with trio.fail_after(settings.download_timeout_s):
+                    return await self._download_once(url)
+            except trio.TooSlowError:
+                error = _DownloadFailed(
+                    f"no complete answer within {settings.download_timeout_s} s", transient=True
+                )
+            except _DownloadFailed as exc:
+                error = exc
+            if not error.transient or attempt >= settings.download_attempts:
+                raise error
+            await trio.sleep(settings.backoff_s(attempt, error.retry_after_s))
+            attempt += 1
+
+    async def _download_once(self, url: str) -> tuple[bytes, str]:
+        limit = self.settings.max_image_bytes
+        body = bytearray()
+        try:
+            async with self._client.stream("GET", url) as response:
+                _check_answer(response, limit)
+                with trio.CancelScope() as cut_off:
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > limit:
+                            # Stop inside httpcore's next read rather than with ``break``: a
+                            # ``break`` leaves httpcore's body generator to the garbage collector
+                            # (a ResourceWarning from trio), a Cancelled ends it and the response.
+                            cut_off.cancel()
+        except httpx.TransportError as exc:  # connection, protocol and httpx's own timeouts
+            raise _DownloadFailed(f"{type(exc).__name__}: {exc}", transient=True) from exc
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # too many redirects, bad encoding
+            raise _DownloadFailed(f"{type(exc).__name__}: {exc}", transient=False) from exc
+        if len(body) > limit:  # the loop may also end before its next read
+            raise _DownloadFailed(f"more than {limit} bytes", transient=False)
+        ext = sniff_image(body)
+        if ext is None:
+            raise _DownloadFailed("the body is not a PNG, JPEG, GIF or WebP image", transient=False)
+        return bytes(body), ext
+
+    # --- accounting -------------------------------------------------------------------------
+
+    def added(self, job_id: str, nbytes: int) -> None:
+        """Account a file of ``nbytes`` that someone else wrote for ``job_id`` (local provider)."""
+        usage = self._jobs.setdefault(job_id, _JobUsage())
+        usage.other_bytes += nbytes
+        usage.other_files += 1
+        self._total_bytes += nbytes
+
+    def forget(self, job_id: str) -> None:
+        """Drop the job's bytes from the accounting now, and delete its files soon (:meth:`run`).
+
+        Deletes every file whose name is ``{job_id}-{anything without "-"}``.
+        """
+        usage = self._jobs.pop(job_id, None)
+        if usage is not None:
+            self._total_bytes -= usage.nbytes
+        self._to_delete.add(job_id)
+        self._queued += 1
+        self._wake.set()
+
+    async def wait_forgotten(self) -> None:
+        """Wait until the files of every job forgotten so far have been deleted (or tried).
+
+        Only returns while :meth:`run` is running.
+        """
+        target = self._queued
+        await trio.lowlevel.checkpoint()
+        while self._deleted < target:
+            await self._deleted_changed.wait()
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes in the directory as accounted (stored, reported and found at start-up)."""
+        return self._total_bytes
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether the directory holds more than ``max_total_bytes``: evict old jobs."""
+        return self._total_bytes > self.settings.max_total_bytes
+
+    def statistics(self) -> dict[str, int]:
+        """Files and bytes accounted, downloads stored, downloads failed, downloads skipped."""
+        return {
+            "files": sum(usage.nfiles for usage in self._jobs.values()),
+            "bytes": self._total_bytes,
+            "downloads": self._downloads,
+            "download_failures": self._download_failures,
+            "skipped": self._skipped,
+        }
+
+    def _account(self, job_id: str, name: str, nbytes: int) -> None:
+        usage = self._jobs.setdefault(job_id, _JobUsage())
+        self._total_bytes += nbytes - usage.sizes.get(name, 0)
+        usage.sizes[name] = nbytes
+
+    # --- the actor ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Account the files already there, then delete forgotten jobs' files as they come.
+
+        Stray temporary files (``.*.tmp``) of an earlier process are removed first.
+        """
+        found = await trio.to_thread.run_sync(_scan, self.settings.directory)
+        for job_id, name, nbytes in found:
+            self._account(job_id, name, nbytes)
+        if found:
+            logger.info("images: %d files, %d bytes found", len(found), self._total_bytes)
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                await self._delete_queued()
+        finally:
+            # Jobs forgotten just before shutdown would otherwise leave orphan files behind.
+            with trio.CancelScope(shield=True):
+                await self._delete_queued()
+
+    async def _delete_queued(self) -> None:
+        self._wake = trio.Event()
+        batch, self._to_delete = frozenset(self._to_delete), set()
+        done = self._queued
+        if batch:
+            try:
+                await trio.to_thread.run_sync(_delete_jobs_files, self.settings.directory, batch)
+            except trio.Cancelled:
+                # Raised before the thread started (a started one is waited for): requeue, so
+                # that the shielded call in ``run``'s ``finally`` still deletes these files.
+                self._to_delete |= batch
+                raise
+        self._deleted = done
+        self._deleted_changed.set()
+        self._deleted_changed = trio.Event()
+
+
+@asynccontextmanager
+async def open_image_files(
+    settings: ImageFilesSettings, *, client: httpx.AsyncClient | None = None
+) -> AsyncIterator[ImageFiles]:
+    """:class:`ImageFiles` with :meth:`ImageFiles.run` started; stopped on exit.
+
+    Args:
+        settings: The directory and the download limits.
+        client: The client downloads go through; by default one of its own (following
+            redirects), closed on exit. A client passed in is left open.
+    """
+    async with AsyncExitStack() as stack:
+        if client is None:
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    follow_redirects=True,
+                    timeout=httpx.Timeout(settings.download_timeout_s),
+                    headers={"User-Agent": "imagegen-trio"},
+                )
+            )
+        files = ImageFiles(settings, client)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(files.run)
+            try:
+                yield files
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+
+def sniff_image(data: bytes | bytearray) -> str | None:
+    """The extension for ``data`` judged by its signature (png, jpg, gif, webp), else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _is_remote(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme.lower() in {"http", "https"} and bool(parts.netloc)
+
+
+def _check_answer(response: httpx.Response, limit: int) -> None:
+    """Refuse a response by its status and headers, before reading its body."""
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise _DownloadFailed(
+            f"answered {status}", transient=True, retry_after_s=_retry_after(response)
+        )
+    if not response.is_success:
+        raise _DownloadFailed(f"answered {status}", transient=False)
+    content_type = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    if content_type not in IMAGE_TYPES:
+        raise _DownloadFailed(f"Content-Type {content_type!r} is not an image", transient=False)
+    length = response.headers.get("Content-Length", "").strip()
+    if length.isdigit() and int(length) > limit:
+        raise _DownloadFailed(f"Content-Length {length} is over {limit} bytes", transient=False)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    header = response.headers.get("Retry-After", "").strip()
+    return float(header) if header.isdigit() else None
+
+
+def _write_atomically(directory: Path, name: str, data: bytes) -> None:
+    """Write ``directory / name`` so that no reader ever sees half a file (worker thread)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / f".{name}.{os.getpid()}.tmp"
+    try:
+        partial.write_bytes(data)
+        partial.replace(directory / name)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _job_of(name: str) -> str | None:
+    """The job id in ``{job_id}-{index}.{ext}`` (job ids are UUIDs: they contain hyphens)."""
+    stem, dot, ext = name.partition(".")
+    job_id, dash, index = stem.rpartition("-")
+    if not (dot and ext and dash and job_id and index.isdigit()):
+        return None
+    return job_id
+
+
+def _scan(directory: Path) -> list[tuple[str, str, int]]:
+    """Remove stray temporary files; ``(job_id, name, size)`` of every image (worker thread)."""
+    found: list[tuple[str, str, int]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            _unlink(Path(entry.path))
+            continue
+        job_id = _job_of(entry.name)
+        if job_id is None:
+            continue
+        try:
+            found.append((job_id, entry.name, entry.stat(follow_symlinks=False).st_size))
+        except FileNotFoundError:  # deleted since the listing
+            continue
+    return found
+
+
+def _delete_jobs_files(directory: Path, job_ids: frozenset[str]) -> None:
+    """Delete every ``{job_id}-{rest}`` file of these jobs; log failures (worker thread)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    except OSError:
+        logger.exception("images: cannot list %s to delete old jobs' files", directory)
+        return
+    for name in names:
+        # Up to the last "-": job "a" must not take the files of a job "a-b".
+        if name.rpartition("-")[0] in job_ids:
+            _unlink(directory / name)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        logger.exception("images: cannot delete %s", path)

@@ -1,0 +1,193 @@
+"""The seam between the actors and where jobs are kept: records, write operations, the protocol.
+
+Writes are *operations* queued with :meth:`JobStore.write`; a backend commits whatever is
+queued in one transaction (one fsync for a burst of events from many jobs) and then tells every
+waiter. Operations are idempotent upserts, so a batch that failed can be written again whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Protocol
+
+import attrs
+import trio
+
+from actors.errors import StoreUnavailable
+from actors.messages import ImageSnapshot, JobEvent, JobStatus
+
+# --- records -----------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class JobRecord:
+    """A job as stored; ``seq`` orders a user's jobs (newest has the largest)."""
+
+    job_id: str
+    seq: int
+    owner: str
+    prompt: str
+    num_images: int
+    idempotency_key: str | None
+    status: JobStatus
+    created_at: datetime
+    finished_at: datetime | None = None
+    ttfi_ms: int | None = None
+    total_ms: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RemoteWork:
+    """What a provider journaled about an image's remote work (a prediction).
+
+    ``remote_id`` is the provider's id for the work once known; ``pending_since`` is set while a
+    create is in flight whose answer is not known yet (the work may exist without an id).
+    """
+
+    job_id: str
+    index: int
+    prompt: str
+    remote_id: str | None
+    pending_since: datetime | None
+
+
+@attrs.frozen(kw_only=True)
+class StoredJob:
+    """Everything stored about one job, as :meth:`JobStore.load` returns it."""
+
+    job: JobRecord
+    images: tuple[ImageSnapshot, ...]
+    events: tuple[JobEvent, ...]
+    remote: tuple[RemoteWork, ...] = ()
+
+
+# --- operations --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class PutJob:
+    """Insert or replace the job's row."""
+
+    record: JobRecord
+
+
+@attrs.frozen
+class PutImages:
+    """Insert or replace these images' rows (their journaled remote work is kept)."""
+
+    job_id: str
+    images: tuple[ImageSnapshot, ...]
+
+
+@attrs.frozen
+class AppendEvent:
+    """Store one event of the job's log (ids are 1, 2, 3, ... per job)."""
+
+    job_id: str
+    event: JobEvent
+
+
+@attrs.frozen
+class SetRemote:
+    """Journal an image's remote work (both fields are set exactly as given)."""
+
+    job_id: str
+    index: int
+    remote_id: str | None
+    pending_since: datetime | None
+
+
+@attrs.frozen
+class DeleteJob:
+    """Forget the job, its images and its events."""
+
+    job_id: str
+
+
+Operation = PutJob | PutImages | AppendEvent | SetRemote | DeleteJob
+
+
+@attrs.frozen(kw_only=True)
+class StoreHealth:
+    """Whether the store works now, and if not, why (for ``GET /health``)."""
+
+    ok: bool
+    detail: str
+
+
+# --- the protocol ------------------------------------------------------------------------------
+
+
+class Commit:
+    """One queued write: await :meth:`wait` to know it is stored.
+
+    Concurrency: created by :meth:`JobStore.write` and settled once by the store's writer task.
+    Any number of tasks may wait; cancelling a wait does not cancel the write.
+    """
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._error: StoreUnavailable | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self._done.is_set()
+
+    def settle(self, error: StoreUnavailable | None = None) -> None:
+        self._error = error
+        self._done.set()
+
+    async def wait(self) -> None:
+        """Return once the write is stored.
+
+        Raises:
+            StoreUnavailable: The write failed; nothing of it was stored.
+        """
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+#: What a store reports about itself for ``GET /api/status`` and ``/metrics`` (flat).
+StoreStatistics = Mapping[str, int | float | str | None]
+
+
+class JobStore(Protocol):
+    """Where jobs, their images, their events and their providers' journal are kept.
+
+    ``resumable`` says whether a later process finds what this one stored (SQLite: yes; the
+    in-memory store: no), which decides what stopping means: a resumable store leaves unfinished
+    jobs for the next start, anything else cancels them.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def resumable(self) -> bool: ...
+
+    async def load(self) -> tuple[StoredJob, ...]:
+        """Every stored job, oldest first (``seq`` order).
+
+        Raises:
+            StoreUnavailable: The store cannot be read.
+        """
+        ...
+
+    def write(self, *operations: Operation) -> Commit:
+        """Queue ``operations`` to be stored together, in order, after everything queued before."""
+        ...
+
+    async def check(self) -> StoreHealth:
+        """Probe the store now (a read, and the outcome of the last write)."""
+        ...
+
+    def statistics(self) -> StoreStatistics: ...
+
+
+async def commit(store: JobStore, *operations: Operation) -> None:
+    """Write ``operations`` and wait until they are stored (raises ``StoreUnavailable``)."""
+    await store.write(*operations).wait()

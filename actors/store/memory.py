@@ -1,0 +1,126 @@
+"""The in-memory store: nothing outlives the process (``STORE=memory``, and the tests)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import attrs
+import trio
+
+from actors.errors import StoreUnavailable
+from actors.messages import ImageSnapshot, JobEvent
+from actors.store.base import (
+    AppendEvent,
+    Commit,
+    DeleteJob,
+    JobRecord,
+    Operation,
+    PutImages,
+    PutJob,
+    RemoteWork,
+    SetRemote,
+    StoredJob,
+    StoreHealth,
+    StoreStatistics,
+)
+
+
+@attrs.define(eq=False)
+class _Job:
+    record: JobRecord
+    images: dict[int, ImageSnapshot] = attrs.Factory(dict)
+    events: list[JobEvent] = attrs.Factory(list)
+    remote: dict[int, tuple[str | None, datetime | None]] = attrs.Factory(dict)
+
+
+class MemoryStore:
+    """Keeps records in dicts and applies every write at once.
+
+    Args:
+        resumable: Pretend to outlive the process, so that a test can stop a supervisor and
+            start another on the same store (a restart on virtual time).
+
+    Concurrency: sync and single-threaded; :meth:`write` applies the operations before it
+    returns and settles the commit, so a waiter only checkpoints. ``broken`` (a test's switch)
+    makes every write and check fail as a full disk would.
+    """
+
+    name = "memory"
+
+    def __init__(self, *, resumable: bool = False) -> None:
+        self.resumable = resumable
+        self.broken: str | None = None
+        self._jobs: dict[str, _Job] = {}
+        self._writes = 0
+        self._failures = 0
+
+    async def load(self) -> tuple[StoredJob, ...]:
+        await trio.lowlevel.checkpoint()
+        if self.broken is not None:
+            raise StoreUnavailable(self.broken)
+        return tuple(self._stored(job) for job in self._jobs.values())
+
+    def write(self, *operations: Operation) -> Commit:
+        commit = Commit()
+        if self.broken is not None:
+            self._failures += 1
+            commit.settle(StoreUnavailable(self.broken))
+            return commit
+        for operation in operations:
+            self._apply(operation)
+        self._writes += 1
+        commit.settle()
+        return commit
+
+    async def check(self) -> StoreHealth:
+        await trio.lowlevel.checkpoint()
+        if self.broken is not None:
+            return StoreHealth(ok=False, detail=self.broken)
+        return StoreHealth(ok=True, detail="ok")
+
+    def statistics(self) -> StoreStatistics:
+        return {
+            "backend": self.name,
+            "jobs": len(self._jobs),
+            "commits": self._writes,
+            "failed_commits": self._failures,
+        }
+
+    def _apply(self, operation: Operation) -> None:
+        match operation:
+            case PutJob(record):
+                job = self._jobs.get(record.job_id)
+                if job is None:
+                    self._jobs[record.job_id] = _Job(record)
+                else:
+                    job.record = record
+            case PutImages(job_id, images):
+                for image in images:
+                    self._jobs[job_id].images[image.index] = image
+            case AppendEvent(job_id, event):
+                events = self._jobs[job_id].events
+                del events[event.id - 1 :]
+                events.append(event)
+            case SetRemote(job_id, index, remote_id, pending_since):
+                self._jobs[job_id].remote[index] = (remote_id, pending_since)
+            case DeleteJob(job_id):
+                self._jobs.pop(job_id, None)
+
+    @staticmethod
+    def _stored(job: _Job) -> StoredJob:
+        remote = tuple(
+            RemoteWork(
+                job_id=job.record.job_id,
+                index=index,
+                prompt=job.record.prompt,
+                remote_id=remote_id,
+                pending_since=pending,
+            )
+            for index, (remote_id, pending) in sorted(job.remote.items())
+        )
+        return StoredJob(
+            job=job.record,
+            images=tuple(image for _, image in sorted(job.images.items())),
+            events=tuple(job.events),
+            remote=remote,
+        )

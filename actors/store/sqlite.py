@@ -1,0 +1,525 @@
+"""The embedded SQLite store (``STORE=sqlite``, the default): jobs survive restarts and crashes.
+
+WAL mode with ``synchronous=FULL``: a commit is on disk when it returns, and readers never block
+the writer. Every call into SQLite runs in a worker thread, never on the Trio thread. One task
+writes: whatever was queued while the previous transaction ran goes into the next one, so a burst
+of events from many jobs costs one fsync, not one per event. The schema carries a version
+(``PRAGMA user_version``) and is migrated forward on open; a file from a newer release is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from actors.errors import StoreUnavailable
+from actors.messages import (
+    DoneEvent,
+    ImageSnapshot,
+    ImageStatus,
+    JobEvent,
+    JobStatus,
+    ProgressEvent,
+)
+from actors.store.base import (
+    AppendEvent,
+    Commit,
+    DeleteJob,
+    JobRecord,
+    Operation,
+    PutImages,
+    PutJob,
+    RemoteWork,
+    SetRemote,
+    StoredJob,
+    StoreHealth,
+    StoreStatistics,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Schema migrations: ``MIGRATIONS[n]`` takes a database from version ``n`` to ``n + 1``.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE jobs (
+            job_id TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL UNIQUE,
+            owner TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            num_images INTEGER NOT NULL,
+            idempotency_key TEXT,
+            status TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            finished_at TEXT,
+            ttfi_ms INTEGER,
+            total_ms INTEGER,
+            UNIQUE (owner, idempotency_key)
+        )""",
+        """CREATE TABLE images (
+            job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            url TEXT,
+            error TEXT,
+            attempts INTEGER NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            wait_ms INTEGER NOT NULL,
+            provider_ms INTEGER NOT NULL,
+            PRIMARY KEY (job_id, idx)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE remote_work (
+            job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            remote_id TEXT,
+            pending_since TEXT,
+            PRIMARY KEY (job_id, idx)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE events (
+            job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+            id INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (job_id, id)
+        ) WITHOUT ROWID""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: A failed transaction is not retried here: its waiters are told, and they decide.
+HEALTH_TIMEOUT_S = 2.0
+#: How long closing the store may take to write what is still queued.
+CLOSE_FLUSH_S = 10.0
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def encode_event(event: JobEvent) -> str:
+    """An event as the JSON kept in the ``events`` table."""
+    if isinstance(event, ProgressEvent):
+        body: dict[str, object] = {
+            "type": "progress",
+            "index": event.index,
+            "status": event.status.value,
+            "url": event.url,
+            "error": event.error,
+            "attempts": event.attempts,
+            "started_at": _time(event.started_at),
+            "finished_at": _time(event.finished_at),
+        }
+    else:
+        body = {
+            "type": "done",
+            "status": event.status.value,
+            "total_ms": event.total_ms,
+            "ttfi_ms": event.ttfi_ms,
+            "completed_count": event.completed_count,
+            "failed_count": event.failed_count,
+        }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def decode_event(event_id: int, text: str) -> JobEvent:
+    body: dict[str, Any] = json.loads(text)
+    if body["type"] == "progress":
+        finished_at = _parse_time(body["finished_at"])
+        assert finished_at is not None
+        return ProgressEvent(
+            id=event_id,
+            index=body["index"],
+            status=ImageStatus(body["status"]),
+            url=body["url"],
+            error=body["error"],
+            attempts=body["attempts"],
+            started_at=_parse_time(body["started_at"]),
+            finished_at=finished_at,
+        )
+    return DoneEvent(
+        id=event_id,
+        status=JobStatus(body["status"]),
+        total_ms=body["total_ms"],
+        ttfi_ms=body["ttfi_ms"],
+        completed_count=body["completed_count"],
+        failed_count=body["failed_count"],
+    )
+
+
+def _connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+    if read_only:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        connection = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA busy_timeout = 5000")
+    return connection
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open (creating it if needed) and migrate the database at ``path``; blocking.
+
+    Raises:
+        StoreUnavailable: The file cannot be opened, is not a database, or is too new.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = _connect(path)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreUnavailable(f"cannot open the database {str(path)!r}: {exc}") from None
+    try:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = FULL")
+        connection.execute("PRAGMA foreign_keys = ON")
+        migrate(connection)
+    except sqlite3.Error as exc:
+        connection.close()
+        raise StoreUnavailable(f"cannot use the database {str(path)!r}: {exc}") from None
+    except StoreUnavailable:
+        connection.close()
+        raise
+    return connection
+
+
+def migrate(connection: sqlite3.Connection) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION`, one transaction per step."""
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreUnavailable(
+            f"the database has schema version {version}, newer than this service knows "
+            f"({SCHEMA_VERSION}); run the newer release or another DATABASE_PATH"
+        )
+    for step in range(version, SCHEMA_VERSION):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[step]:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {step + 1}")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        logger.info("store: database migrated to schema version %d", step + 1)
+
+
+def _execute(connection: sqlite3.Connection, operation: Operation) -> None:
+    match operation:
+        case PutJob(record):
+            connection.execute(
+                "INSERT INTO jobs (job_id, seq, owner, prompt, num_images, idempotency_key, "
+                "status, created_at, finished_at, ttfi_ms, total_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
+                "status = excluded.status, finished_at = excluded.finished_at, "
+                "ttfi_ms = excluded.ttfi_ms, total_ms = excluded.total_ms",
+                (
+                    record.job_id,
+                    record.seq,
+                    record.owner,
+                    record.prompt,
+                    record.num_images,
+                    record.idempotency_key,
+                    record.status.value,
+                    _time(record.created_at),
+                    _time(record.finished_at),
+                    record.ttfi_ms,
+                    record.total_ms,
+                ),
+            )
+        case PutImages(job_id, images):
+            connection.executemany(
+                "INSERT OR REPLACE INTO images (job_id, idx, status, url, error, attempts, "
+                "started_at, finished_at, wait_ms, provider_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        job_id,
+                        image.index,
+                        image.status.value,
+                        image.url,
+                        image.error,
+                        image.attempts,
+                        _time(image.started_at),
+                        _time(image.finished_at),
+                        image.wait_ms,
+                        image.provider_ms,
+                    )
+                    for image in images
+                ],
+            )
+        case AppendEvent(job_id, event):
+            connection.execute(
+                "INSERT OR REPLACE INTO events (job_id, id, body) VALUES (?, ?, ?)",
+                (job_id, event.id, encode_event(event)),
+            )
+        case SetRemote(job_id, index, remote_id, pending_since):
+            connection.execute(
+                "INSERT OR REPLACE INTO remote_work (job_id, idx, remote_id, pending_since) "
+                "VALUES (?, ?, ?, ?)",
+                (job_id, index, remote_id, _time(pending_since)),
+            )
+        case DeleteJob(job_id):
+            connection.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+
+
+def write_transaction(connection: sqlite3.Connection, operations: Iterable[Operation]) -> None:
+    """Apply ``operations`` in one transaction (all or nothing); blocking."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for operation in operations:
+            _execute(connection, operation)
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def read_all(connection: sqlite3.Connection) -> tuple[StoredJob, ...]:
+    """Every job with its images, events and journal, in ``seq`` order; blocking."""
+    images: dict[str, list[ImageSnapshot]] = {}
+    for row in connection.execute(
+        "SELECT job_id, idx, status, url, error, attempts, started_at, finished_at, wait_ms, "
+        "provider_ms FROM images ORDER BY job_id, idx"
+    ):
+        images.setdefault(row[0], []).append(
+            ImageSnapshot(
+                id=f"{row[0]}-{row[1]}",
+                index=row[1],
+                status=ImageStatus(row[2]),
+                url=row[3],
+                error=row[4],
+                attempts=row[5],
+                started_at=_parse_time(row[6]),
+                finished_at=_parse_time(row[7]),
+                wait_ms=row[8],
+                provider_ms=row[9],
+            )
+        )
+    events: dict[str, list[JobEvent]] = {}
+    for job_id, event_id, body in connection.execute(
+        "SELECT job_id, id, body FROM events ORDER BY job_id, id"
+    ):
+        events.setdefault(job_id, []).append(decode_event(event_id, body))
+    remote: dict[str, list[tuple[int, str | None, str | None]]] = {}
+    for job_id, index, remote_id, pending in connection.execute(
+        "SELECT job_id, idx, remote_id, pending_since FROM remote_work ORDER BY job_id, idx"
+    ):
+        remote.setdefault(job_id, []).append((index, remote_id, pending))
+    jobs = []
+    for row in connection.execute(
+        "SELECT job_id, seq, owner, prompt, num_images, idempotency_key, status, created_at, "
+        "finished_at, ttfi_ms, total_ms FROM jobs ORDER BY seq"
+    ):
+        created_at = _parse_time(row[7])
+        assert created_at is not None
+        record = JobRecord(
+            job_id=row[0],
+            seq=row[1],
+            owner=row[2],
+            prompt=row[3],
+            num_images=row[4],
+            idempotency_key=row[5],
+            status=JobStatus(row[6]),
+            created_at=created_at,
+            finished_at=_parse_time(row[8]),
+            ttfi_ms=row[9],
+            total_ms=row[10],
+        )
+        work = tuple(
+            RemoteWork(
+                job_id=record.job_id,
+                index=index,
+                prompt=record.prompt,
+                remote_id=remote_id,
+                pending_since=_parse_time(pending),
+            )
+            for index, remote_id, pending in remote.get(record.job_id, ())
+        )
+        jobs.append(
+            StoredJob(
+                job=record,
+                images=tuple(images.get(record.job_id, ())),
+                events=tuple(events.get(record.job_id, ())),
+                remote=work,
+            )
+        )
+    return tuple(jobs)
+
+
+def _probe(path: Path) -> None:
+    """Open the file afresh, read-only, and read its header and a table; blocking."""
+    connection = _connect(path, read_only=True)
+    try:
+        connection.execute("PRAGMA user_version").fetchone()
+        connection.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+    finally:
+        connection.close()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"database error: {text}"
+
+
+class SQLiteStore:
+    """Jobs in one SQLite file, written by one task in batched transactions.
+
+    Concurrency: opened with :func:`open_sqlite_store`, which owns the writer task and the
+    connection. :meth:`write` is sync and only queues; the writer takes everything queued, runs it
+    as one transaction in a worker thread (one thread at a time uses the connection), then settles
+    each :class:`Commit`. If a batch fails, each write in it is tried alone, so one bad write
+    cannot fail another job's. Closing writes what is still queued (bounded by
+    :data:`CLOSE_FLUSH_S`) before the connection closes.
+    """
+
+    name = "sqlite"
+    resumable = True
+
+    def __init__(self, path: Path, connection: sqlite3.Connection) -> None:
+        self.path = path
+        self._connection = connection
+        self._thread = trio.CapacityLimiter(1)
+        self._queue: list[tuple[Sequence[Operation], Commit]] = []
+        self._wake = trio.Event()
+        self._last_error: str | None = None
+        self._commits = 0
+        self._transactions = 0
+        self._failures = 0
+        self._batch_max = 0
+
+    async def _in_thread(self, function: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(function, *args, limiter=self._thread)
+
+    async def load(self) -> tuple[StoredJob, ...]:
+        try:
+            return await self._in_thread(read_all, self._connection)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(_describe(exc)) from None
+
+    def write(self, *operations: Operation) -> Commit:
+        commit = Commit()
+        self._queue.append((operations, commit))
+        self._wake.set()
+        return commit
+
+    async def check(self) -> StoreHealth:
+        with trio.move_on_after(HEALTH_TIMEOUT_S):
+            try:
+                # A connection of its own, so a slow check never holds the writer up.
+                await trio.to_thread.run_sync(_probe, self.path, abandon_on_cancel=True)
+            except (OSError, sqlite3.Error) as exc:
+                return StoreHealth(ok=False, detail=_describe(exc))
+            if self._last_error is not None:
+                return StoreHealth(ok=False, detail=self._last_error)
+            return StoreHealth(ok=True, detail="ok")
+        return StoreHealth(ok=False, detail=f"no answer within {HEALTH_TIMEOUT_S:g} s")
+
+    def statistics(self) -> StoreStatistics:
+        return {
+            "backend": self.name,
+            "path": str(self.path),
+            "commits": self._commits,
+            "transactions": self._transactions,
+            "failed_commits": self._failures,
+            "largest_batch": self._batch_max,
+            "queued": len(self._queue),
+            "error": self._last_error,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write batches until cancelled."""
+        task_status.started()
+        while True:
+            if not self._queue:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            await self._write_queued()
+
+    async def _write_queued(self) -> None:
+        # The queue is trimmed only after a transaction: a cancellation before the thread starts
+        # leaves everything queued for the closing flush.
+        batch = list(self._queue)
+        self._batch_max = max(self._batch_max, len(batch))
+        error = await self._transaction([operation for ops, _ in batch for operation in ops])
+        if error is None or len(batch) == 1:
+            del self._queue[: len(batch)]
+            for _, commit in batch:
+                self._settle(commit, error)
+            return
+        for operations, commit in batch:
+            error = await self._transaction(operations)
+            del self._queue[0]
+            self._settle(commit, error)
+
+    def _settle(self, commit: Commit, error: StoreUnavailable | None) -> None:
+        if error is None:
+            self._commits += 1
+        else:
+            self._failures += 1
+        commit.settle(error)
+
+    async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
+        try:
+            await self._in_thread(write_transaction, self._connection, operations)
+        except sqlite3.IntegrityError as exc:
+            # A write that contradicts the data (a bug, or a job deleted meanwhile): refused
+            # alone, and no sign that the store itself is unwell.
+            logger.warning("store: write refused: %s", exc)
+            return StoreUnavailable(_describe(exc))
+        except sqlite3.Error as exc:
+            if self._last_error is None:
+                logger.error("store: write failed: %s", exc)
+            self._last_error = _describe(exc)
+            return StoreUnavailable(self._last_error)
+        if self._last_error is not None:
+            logger.info("store: writing again")
+            self._last_error = None
+        self._transactions += 1
+        return None
+
+    async def flush(self) -> None:
+        """Write everything queued now (the writer task may be gone: closing does this)."""
+        while self._queue:
+            await self._write_queued()
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+@asynccontextmanager
+async def open_sqlite_store(path: Path) -> AsyncIterator[SQLiteStore]:
+    """The store in ``path`` (created and migrated as needed), its writer running.
+
+    Raises:
+        StoreUnavailable: The database cannot be opened or migrated.
+    """
+    connection = await trio.to_thread.run_sync(open_database, path)
+    store = SQLiteStore(path, connection)
+    logger.info("store: sqlite %s (schema version %d, pid %d)", path, SCHEMA_VERSION, os.getpid())
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            try:
+                yield store
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
+            await store.flush()
+            if store._queue:
+                logger.error("store: %d writes were not stored before closing", len(store._queue))
+            await trio.to_thread.run_sync(store.close, limiter=store._thread)
