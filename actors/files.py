@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -86,19 +86,17 @@ class _DownloadFailed(Exception):
 
 @attrs.define(eq=False)
 class _JobUsage:
-    """The bytes one job holds: files this module knows by name, plus files others reported."""
+    """The bytes one job holds, by file name."""
 
     sizes: dict[str, int] = attrs.Factory(dict)
-    other_bytes: int = 0
-    other_files: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(self.sizes.values()) + self.other_bytes
+        return sum(self.sizes.values())
 
     @property
     def nfiles(self) -> int:
-        return len(self.sizes) + self.other_files
+        return len(self.sizes)
 
 
 class ImageFiles:
@@ -214,12 +212,16 @@ class ImageFiles:
 
     # --- accounting -------------------------------------------------------------------------
 
-    def added(self, job_id: str, nbytes: int) -> None:
-        """Account a file of ``nbytes`` that someone else wrote for ``job_id`` (local provider)."""
-        usage = self._jobs.setdefault(job_id, _JobUsage())
-        usage.other_bytes += nbytes
-        usage.other_files += 1
-        self._total_bytes += nbytes
+    def added(self, job_id: str, name: str, nbytes: int) -> None:
+        """Account the file ``name`` of ``nbytes`` that someone else wrote for ``job_id`` (the
+        local provider); writing the same name again replaces its size."""
+        self._account(job_id, name, nbytes)
+
+    def forget_all_but(self, job_ids: Collection[str]) -> None:
+        """Forget every job with files here that is not in ``job_ids`` (a store that lost them,
+        or files left by a job that was never stored): their files are unreachable garbage."""
+        for job_id in [job_id for job_id in self._jobs if job_id not in job_ids]:
+            self.forget(job_id)
 
     def forget(self, job_id: str) -> None:
         """Drop the job's bytes from the accounting now, and delete its files soon (:meth:`run`).

@@ -7,7 +7,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
@@ -25,6 +25,7 @@ from actors.errors import (
 from actors.files import ImageFiles
 from actors.job import JobActor, JobCounters
 from actors.messages import (
+    ImageStatus,
     JobEvent,
     JobSnapshot,
     JobStatus,
@@ -34,7 +35,7 @@ from actors.messages import (
 from actors.providers.base import ImageProvider, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import DeleteJob, JobStore, StoredJob
+from actors.store.base import DeleteJob, JobStore, RemoteWork, StoredJob
 from actors.store.memory import MemoryStore
 from actors.worker import WorkerContext
 
@@ -198,9 +199,8 @@ class Supervisor:
     def _restore(self, stored: tuple[StoredJob, ...]) -> None:
         """Register the stored jobs; carry the unfinished ones on (their remote work resumed)."""
         assert self._nursery is not None
-        unfinished = [job for job in stored if not job.job.status.finished]
         if isinstance(self.provider, ResumesRemoteWork):
-            self.provider.resume_remote_work([work for job in unfinished for work in job.remote])
+            self.provider.resume_remote_work(*_remote_work(stored))
         now, mono = self._now(), trio.current_time()
         finished: list[tuple[float, str]] = []
         for record in stored:
@@ -222,6 +222,8 @@ class Supervisor:
                 self._active[job.job_id] = job
                 self._nursery.start_soon(self._run_job, job, name=f"job {job.job_id}")
         self._finished.extend(sorted(finished))
+        if self.files is not None:
+            self.files.forget_all_but(self._jobs.keys())
         self._seq = itertools.count(max((job.job.seq for job in stored), default=0) + 1)
         if stored:
             logger.info(
@@ -479,6 +481,24 @@ class Supervisor:
         key = self._keys.pop(job_id, None)
         if key is not None:
             del self._idempotency[key]
+
+
+def _remote_work(stored: Sequence[StoredJob]) -> tuple[list[RemoteWork], list[str]]:
+    """The remote work of images still to be made, and the remote ids of all the others."""
+    resume: list[RemoteWork] = []
+    done: list[str] = []
+    for job in stored:
+        running = {
+            image.index
+            for image in job.images
+            if image.status is ImageStatus.RUNNING and not job.job.status.finished
+        }
+        for work in job.remote:
+            if work.index in running:
+                resume.append(work)
+            elif work.remote_id is not None:
+                done.append(work.remote_id)
+    return resume, done
 
 
 @asynccontextmanager

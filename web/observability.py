@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -68,11 +68,21 @@ class _SupervisorCollector(Collector):
             subscribers.add_metric([transport.value], count)
         yield subscribers
         provider = self._supervisor.provider
-        for key, value in provider.statistics().items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                yield GaugeMetricFamily(
-                    f"imagegen_provider_{key}", f"Provider {provider.name}: {key}", value=value
-                )
+        yield from _gauges("provider", provider.name, provider.statistics())
+        store = self._supervisor.store
+        yield from _gauges("store", store.name, store.statistics())
+        files = self._supervisor.files
+        if files is not None:
+            yield from _gauges("files", "image directory", files.statistics())
+
+
+def _gauges(
+    prefix: str, owner: str, statistics: Mapping[str, object]
+) -> Iterator[GaugeMetricFamily]:
+    """A gauge per numeric figure of a component's ``statistics()``."""
+    for key, value in statistics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            yield GaugeMetricFamily(f"imagegen_{prefix}_{key}", f"{owner}: {key}", value=value)
 
 
 class Metrics:

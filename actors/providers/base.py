@@ -88,6 +88,8 @@ class RemoteJournal(Protocol):
 class ResumesRemoteWork(Protocol):
     """A provider whose remote work outlives the process (Replicate's predictions)."""
 
-    def resume_remote_work(self, work: Sequence[RemoteWork]) -> None:
-        """Take up work an earlier process journaled, before any of its images is generated."""
+    def resume_remote_work(self, work: Sequence[RemoteWork], finished: Sequence[str]) -> None:
+        """Take up ``work`` an earlier process journaled for images still to be made, before
+        any of them is generated; ``finished`` are the remote ids of images already made (never
+        to be taken for another image)."""
         ...

@@ -73,7 +73,7 @@ class LocalProvider:
         )
         self._rendered += 1
         if self._files is not None:
-            self._files.added(request.job_id, nbytes)
+            self._files.added(request.job_id, name, nbytes)
         return f"/files/{name}"
 
     async def cancel(self, job_id: str, index: int) -> None:  # noqa: ARG002 (the protocol's)

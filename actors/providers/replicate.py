@@ -207,8 +207,11 @@ class ReplicateProvider:
             "in_flight": len(self._images),
         }
 
-    def resume_remote_work(self, work: Sequence[RemoteWork]) -> None:
-        """Take up predictions (and unanswered creates) an earlier process journaled."""
+    def resume_remote_work(self, work: Sequence[RemoteWork], finished: Sequence[str]) -> None:
+        """Take up predictions (and unanswered creates) an earlier process journaled; the
+        ``finished`` predictions served their images and are never adopted by reconciling."""
+        for prediction_id in finished:
+            self._claim(prediction_id)
         for item in work:
             key = (item.job_id, item.index)
             if item.remote_id is not None:

@@ -443,7 +443,8 @@ async def test_keep_and_added_count_bytes_per_job_and_forget_drops_them_at_once(
         await files.keep(JOB, 0, origin.at("/png-as-webp"))  # the same file again: counted once
         await files.keep(OTHER_JOB, 0, origin.at("/png-as-webp"))
         write(tmp_path / f"{JOB}-1.png", local_png)  # as the local provider would
-        files.added(JOB, len(local_png))
+        files.added(JOB, f"{JOB}-1.png", len(local_png))
+        files.added(JOB, f"{JOB}-1.png", len(local_png))  # rendered again: counted once
 
         assert files.total_bytes == 2 * len(PNG) + len(local_png)
         assert files.statistics()["files"] == 3
@@ -452,6 +453,20 @@ async def test_keep_and_added_count_bytes_per_job_and_forget_drops_them_at_once(
 
         assert files.total_bytes == len(PNG)  # before the files are gone
         assert files.statistics()["files"] == 1
+        await files.wait_forgotten()
+        assert names_in(tmp_path) == [f"{OTHER_JOB}-0.png"]
+
+
+async def test_forget_all_but_deletes_the_files_of_unknown_jobs(
+    origin: Origin, tmp_path: Path
+) -> None:
+    async with opened(tmp_path) as files:
+        await files.keep(JOB, 0, origin.at("/png-as-webp"))
+        await files.keep(OTHER_JOB, 0, origin.at("/png-as-webp"))
+
+        files.forget_all_but({OTHER_JOB})
+
+        assert files.total_bytes == len(PNG)
         await files.wait_forgotten()
         assert names_in(tmp_path) == [f"{OTHER_JOB}-0.png"]
 
