@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -90,6 +91,28 @@ class LoginThrottle:
         while stamps and stamps[0] <= horizon:
             stamps.popleft()
         return stamps
+
+
+def kept_secret(path: Path) -> str:
+    """The signing key kept in ``path``, made (random, mode 0600) on first use: with no
+    ``AUTH_SECRET``, tokens then survive restarts as the jobs do.
+
+    Raises:
+        OSError: The file cannot be read or made.
+    """
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        file.write(secret + "\n")
+    partial.replace(path)
+    logger.info("AUTH_SECRET is not set: made a signing key, kept in %s", path)
+    return secret
 
 
 class Authenticator:

@@ -23,7 +23,7 @@ from actors.store.journal import StoreJournal
 from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
-from web.auth import Authenticator, UsersFileError
+from web.auth import Authenticator, UsersFileError, kept_secret
 from web.logs import configure_logging
 from web.settings import Settings, SettingsError, load_settings
 
@@ -150,8 +150,11 @@ def main() -> None:
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
     try:
-        auth = Authenticator(settings)
-    except UsersFileError as exc:
+        secret = None
+        if settings.auth_secret is None and settings.store.backend == "sqlite":
+            secret = kept_secret(settings.store.database_path.with_name("auth_secret"))
+        auth = Authenticator(settings, secret=secret)
+    except (UsersFileError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 import pytest
 import trio
 from quart_trio.testing import TrioClient
@@ -12,7 +15,7 @@ from actors.supervisor import Supervisor
 from tests.fakes import FakeProvider, Script, upper_jitter
 from tests.web.helpers import bearer
 from web.app import create_app
-from web.auth import Authenticator
+from web.auth import Authenticator, kept_secret
 from web.settings import Settings
 
 BODY = {"prompt": "a lighthouse", "num_images": 5}
@@ -151,3 +154,13 @@ def test_settings_default_to_the_sqlite_store() -> None:
         "var/imagegen.sqlite3",
     )
     assert SupervisorSettings() == settings.supervisor
+
+
+def test_a_made_signing_key_is_kept_for_the_next_start(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "auth_secret"
+
+    first = kept_secret(path)
+
+    assert len(first) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert kept_secret(path) == first
