@@ -311,9 +311,9 @@ class JobActor:
         if self._unpublished:
             await self._flush()
         elif self._dirty:
-            # Attempt bookkeeping only: stored without waiting, nothing to publish.
+            # Attempt bookkeeping only: stored without waiting, nothing to publish (the images
+            # stay dirty, so the next write that is waited for carries them too).
             self._store.write(*self._operations())
-            self._dirty.clear()
 
     def _fold(self, report: WorkerReport) -> None:
         image = self._images[report.index]

@@ -88,20 +88,29 @@ class Subscription:
     async def wait_events_after(self, cursor: int, *, timeout_s: float) -> Batch:
         """Wait up to ``timeout_s`` for events with ``id > cursor``; see :class:`Batch`."""
         stopping = self._supervisor.shutting_down
+        log = self.job.log
         if stopping.is_set():
+            # Events already published still go out (a job that ended as the service stopped
+            # has its ``done`` delivered); then the stream is told to stop.
             await trio.lowlevel.checkpoint()
-            return Batch(stopping=True)
+            pending = log.events_after(cursor)
+            return Batch(events=pending) if pending else Batch(stopping=True)
         events: tuple[JobEvent, ...] = ()
         with trio.move_on_after(timeout_s) as cancel_scope:
             self._supervisor._wait_scopes.add(cancel_scope)
             try:
-                events = await self.job.log.wait_events_after(cursor)
+                events = await log.wait_events_after(cursor)
             finally:
                 self._supervisor._wait_scopes.discard(cancel_scope)
         if events:
             return Batch(events=events)
         if not cancel_scope.cancelled_caught:
             return Batch(ended=True)
+        # Cut short: what was published meanwhile (the wait's own answer may have been dropped
+        # by the cancellation) comes first.
+        events = log.events_after(cursor)
+        if events:
+            return Batch(events=events)
         return Batch(stopping=stopping.is_set())
 
 

@@ -29,7 +29,7 @@ from actors.store.base import (
 class _Job:
     record: JobRecord
     images: dict[int, ImageSnapshot] = attrs.Factory(dict)
-    events: list[JobEvent] = attrs.Factory(list)
+    events: dict[int, JobEvent] = attrs.Factory(dict)
     remote: dict[int, tuple[str | None, datetime | None]] = attrs.Factory(dict)
 
 
@@ -58,7 +58,8 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         if self.broken is not None:
             raise StoreUnavailable(self.broken)
-        return tuple(self._stored(job) for job in self._jobs.values())
+        jobs = sorted(self._jobs.values(), key=lambda job: job.record.seq)
+        return tuple(self._stored(job) for job in jobs)
 
     def write(self, *operations: Operation) -> Commit:
         commit = Commit()
@@ -66,11 +67,27 @@ class MemoryStore:
             self._failures += 1
             commit.settle(StoreUnavailable(self.broken))
             return commit
+        missing = self._missing_job(operations)
+        if missing is not None:
+            # As SQLite's foreign keys do: the whole write is refused, nothing changes.
+            commit.settle(StoreUnavailable(f"no job {missing!r} to write to"))
+            return commit
         for operation in operations:
             self._apply(operation)
         self._writes += 1
         commit.settle()
         return commit
+
+    def _missing_job(self, operations: tuple[Operation, ...]) -> str | None:
+        known = set(self._jobs)
+        for operation in operations:
+            if isinstance(operation, PutJob):
+                known.add(operation.record.job_id)
+            elif isinstance(operation, DeleteJob):
+                known.discard(operation.job_id)
+            elif operation.job_id not in known:
+                return operation.job_id
+        return None
 
     async def check(self) -> StoreHealth:
         await trio.lowlevel.checkpoint()
@@ -98,9 +115,7 @@ class MemoryStore:
                 for image in images:
                     self._jobs[job_id].images[image.index] = image
             case AppendEvent(job_id, event):
-                events = self._jobs[job_id].events
-                del events[event.id - 1 :]
-                events.append(event)
+                self._jobs[job_id].events[event.id] = event
             case SetRemote(job_id, index, remote_id, pending_since):
                 self._jobs[job_id].remote[index] = (remote_id, pending_since)
             case DeleteJob(job_id):
@@ -121,6 +136,6 @@ class MemoryStore:
         return StoredJob(
             job=job.record,
             images=tuple(image for _, image in sorted(job.images.items())),
-            events=tuple(job.events),
+            events=tuple(event for _, event in sorted(job.events.items())),
             remote=remote,
         )

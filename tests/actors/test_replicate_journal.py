@@ -1,0 +1,353 @@
+"""The Replicate provider's journal in the job store, and resuming from it after a restart.
+
+Against the fake Replicate server on a real socket (real clock), with a ``MemoryStore`` behind
+``StoreJournal`` as the journal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from quart import request
+
+from actors.errors import PermanentProviderError, TransientProviderError
+from actors.messages import ImageStatus, JobStatus
+from actors.providers.base import ImageRequest
+from actors.providers.replicate import ReplicateProvider, open_replicate_provider
+from actors.settings import SupervisorSettings
+from actors.store import (
+    Commit,
+    JobRecord,
+    MemoryStore,
+    PutJob,
+    RemoteWork,
+    SetRemote,
+    commit,
+)
+from actors.store.journal import StoreJournal
+from actors.supervisor import open_supervisor
+from tests.actors.test_replicate import settings_for
+from tests.fake_replicate import TOKEN, FakeReplicate, run_fake_replicate
+
+JOB = "job-1"
+PROMPT = "a red fox"
+
+
+def image(index: int = 0, attempt: int = 1) -> ImageRequest:
+    return ImageRequest(job_id=JOB, index=index, prompt=PROMPT, attempt=attempt)
+
+
+async def generate(provider: ReplicateProvider, request: ImageRequest) -> str:
+    with trio.fail_after(10):
+        return await provider.generate(request)
+
+
+async def store_with_job() -> MemoryStore:
+    """A store holding the job the journal's notes belong to (SQLite would insist on it)."""
+    store = MemoryStore(resumable=True)
+    record = JobRecord(
+        job_id=JOB,
+        seq=1,
+        owner="alice",
+        prompt=PROMPT,
+        num_images=2,
+        idempotency_key=None,
+        status=JobStatus.RUNNING,
+        created_at=datetime.now(UTC),
+    )
+    await commit(store, PutJob(record))
+    return store
+
+
+async def journal_of(store: MemoryStore) -> dict[int, tuple[str | None, datetime | None]]:
+    (stored,) = await store.load()
+    return {work.index: (work.remote_id, work.pending_since) for work in stored.remote}
+
+
+async def remote_work(store: MemoryStore) -> list[RemoteWork]:
+    (stored,) = await store.load()
+    return list(stored.remote)
+
+
+async def create_directly(fake: FakeReplicate, prompt: str = PROMPT) -> str:
+    """A prediction made through the fake's own API, not by the provider (an earlier process)."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=fake.base_url, headers=headers) as client:
+        response = await client.post(
+            "/v1/models/black-forest-labs/flux-schnell/predictions",
+            json={"input": {"prompt": prompt}},
+        )
+    response.raise_for_status()
+    prediction_id = response.json()["id"]
+    assert isinstance(prediction_id, str)
+    return prediction_id
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeReplicate]:
+    fake = FakeReplicate(latency_s=0.05)
+    async with run_fake_replicate(fake):
+        yield fake
+
+
+class RecordingJournal(StoreJournal):
+    """Every note in order, then stored as ``StoreJournal`` does."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        super().__init__(store)
+        self.notes: list[tuple[int, str | None, datetime | None]] = []
+
+    def note(
+        self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
+    ) -> Commit:
+        self.notes.append((index, remote_id, pending_since))
+        return super().note(job_id, index, remote_id=remote_id, pending_since=pending_since)
+
+
+class HeldJournal(StoreJournal):
+    """Notes reach the store at once but count as stored only after :meth:`release`."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        super().__init__(store)
+        self.held: list[Commit] = []
+        self.noted = trio.Event()
+
+    def note(
+        self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
+    ) -> Commit:
+        super().note(job_id, index, remote_id=remote_id, pending_since=pending_since)
+        held = Commit()
+        self.held.append(held)
+        self.noted.set()
+        return held
+
+    def release(self) -> None:
+        for held in self.held:
+            if not held.settled:
+                held.settle()
+
+
+# --- journaling --------------------------------------------------------------------------------
+
+
+async def test_a_create_is_journaled_as_pending_before_it_reaches_replicate() -> None:
+    fake = FakeReplicate(latency_s=0.05)
+    store = await store_with_job()
+    seen_by_the_create: list[dict[int, tuple[str | None, datetime | None]]] = []
+
+    @fake.app.before_request
+    async def look_at_the_journal() -> None:
+        if request.method == "POST" and request.path.endswith("/predictions"):
+            seen_by_the_create.append(await journal_of(store))
+
+    before = datetime.now(UTC)
+    async with (
+        run_fake_replicate(fake),
+        open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider,
+    ):
+        url = await generate(provider, image())
+
+    ((pending_id, pending_since),) = [entry[0] for entry in seen_by_the_create]
+    assert pending_id is None
+    assert pending_since is not None
+    assert before <= pending_since <= datetime.now(UTC)
+    (prediction_id,) = fake.predictions
+    assert url.endswith(f"/files/{prediction_id}/out-0.webp")
+    assert await journal_of(store) == {0: (prediction_id, None)}
+
+
+async def test_no_create_is_sent_until_its_pending_note_is_stored(fake: FakeReplicate) -> None:
+    store = await store_with_job()
+    journal = HeldJournal(store)
+
+    async with (
+        open_replicate_provider(settings_for(fake), journal=journal) as provider,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(generate, provider, image())
+        with trio.fail_after(5):
+            await journal.noted.wait()
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert fake.create_requests == 0
+
+        journal.release()  # the image goes on: the prediction id's note is not waited for
+
+    assert fake.create_requests == 1
+    assert [held.settled for held in journal.held] == [True, False]
+    assert await journal_of(store) == {0: (next(iter(fake.predictions)), None)}
+
+
+async def test_a_create_whose_note_cannot_be_stored_is_not_sent(fake: FakeReplicate) -> None:
+    store = await store_with_job()
+    store.broken = "disk full"
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        with pytest.raises(TransientProviderError, match="cannot note the create first: disk full"):
+            await generate(provider, image())
+
+    assert fake.create_requests == 0
+    store.broken = None
+    assert await journal_of(store) == {}
+
+
+async def test_a_refused_create_clears_the_pending_note(fake: FakeReplicate) -> None:
+    store = await store_with_job()
+    journal = RecordingJournal(store)
+    settings = settings_for(fake, api_token="r8_wrong")  # 401: Replicate created nothing
+
+    async with open_replicate_provider(settings, journal=journal) as provider:
+        with pytest.raises(PermanentProviderError):
+            await generate(provider, image())
+
+    assert fake.predictions == {}
+    assert [(index, remote_id, since is None) for index, remote_id, since in journal.notes] == [
+        (0, None, False),
+        (0, None, True),
+    ]
+    assert await journal_of(store) == {0: (None, None)}
+
+
+async def test_a_throttled_create_is_journaled_pending_again_before_it_is_sent_again(
+    fake: FakeReplicate,
+) -> None:
+    fake.faults.retry_after_s = 0
+    fake.faults.forced_creates.extend(["429"])
+    store = await store_with_job()
+    journal = RecordingJournal(store)
+
+    async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
+        await generate(provider, image())
+
+    (prediction_id,) = fake.predictions
+    assert [(remote_id, since is None) for _, remote_id, since in journal.notes] == [
+        (None, False),
+        (None, True),
+        (None, False),
+        (prediction_id, True),
+    ]
+    assert fake.create_requests == 2
+
+
+# --- resuming ----------------------------------------------------------------------------------
+
+
+async def test_a_journaled_prediction_is_polled_and_nothing_is_created(fake: FakeReplicate) -> None:
+    prediction_id = await create_directly(fake)
+    store = await store_with_job()
+    await commit(store, SetRemote(JOB, 0, prediction_id, None))
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        provider.resume_remote_work(await remote_work(store), [])
+        url = await generate(provider, image(attempt=2))
+        stats = provider.statistics()
+
+    assert url.endswith(f"/files/{prediction_id}/out-0.webp")
+    assert (fake.create_requests, len(fake.predictions)) == (1, 1)  # only the direct one
+    assert (stats["resumed"], stats["creates"], stats["reconciled"]) == (1, 0, 0)
+    assert isinstance(stats["polls"], int)
+    assert stats["polls"] >= 1
+
+
+async def test_a_pending_create_is_reconciled_with_the_prediction_it_made(
+    fake: FakeReplicate,
+) -> None:
+    store = await store_with_job()
+    pending_since = datetime.now(UTC)
+    await commit(store, SetRemote(JOB, 0, None, pending_since))
+    prediction_id = await create_directly(fake)  # what the earlier process's create made
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        provider.resume_remote_work(await remote_work(store), [])
+        url = await generate(provider, image(attempt=2))
+        stats = provider.statistics()
+
+    assert url.endswith(f"/files/{prediction_id}/out-0.webp")
+    assert (fake.create_requests, len(fake.predictions)) == (1, 1)
+    assert (stats["reconciled"], stats["creates"]) == (1, 0)
+    assert await journal_of(store) == {0: (prediction_id, None)}
+
+
+async def test_a_pending_create_that_made_nothing_is_created_once(fake: FakeReplicate) -> None:
+    store = await store_with_job()
+    await commit(store, SetRemote(JOB, 0, None, datetime.now(UTC)))
+    other_id = await create_directly(fake, prompt="another prompt")
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        provider.resume_remote_work(await remote_work(store), [])
+        url = await generate(provider, image(attempt=2))
+        stats = provider.statistics()
+
+    (new_id,) = set(fake.predictions) - {other_id}
+    assert url.endswith(f"/files/{new_id}/out-0.webp")
+    assert (stats["reconciled"], stats["creates"]) == (0, 1)
+    assert await journal_of(store) == {0: (new_id, None)}
+
+
+async def test_a_finished_images_prediction_is_never_adopted_by_a_pending_create(
+    fake: FakeReplicate,
+) -> None:
+    store = await store_with_job()
+    await commit(store, SetRemote(JOB, 1, None, datetime.now(UTC)))
+    image_0s = await create_directly(fake)  # same input, but it served image 0 already
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        provider.resume_remote_work(await remote_work(store), [image_0s])
+        url = await generate(provider, image(index=1, attempt=2))
+        stats = provider.statistics()
+
+    assert f"/files/{image_0s}/" not in url
+    assert len(fake.predictions) == 2
+    assert (stats["reconciled"], stats["creates"]) == (0, 1)
+
+
+# --- the whole service stopping and starting again ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("latency_s", "stop_after_s", "journaled"),
+    [
+        (0.8, 0.3, "pending"),  # stopped while the create is held open by Prefer: wait
+        (1.6, 1.3, "id"),  # stopped while polling the prediction the create answered with
+    ],
+)
+async def test_a_restart_carries_on_with_the_same_prediction(
+    fake: FakeReplicate, latency_s: float, stop_after_s: float, journaled: str
+) -> None:
+    fake.latency_s = latency_s
+    store = MemoryStore(resumable=True)
+    settings = settings_for(fake, wait_s=1)
+    supervisor_settings = SupervisorSettings(provider_cancel_s=1)
+
+    async with (
+        open_replicate_provider(settings, journal=StoreJournal(store)) as provider,
+        open_supervisor(provider, supervisor_settings, store=store) as supervisor,
+    ):
+        snapshot, _ = await supervisor.submit(owner="alice", prompt=PROMPT, num_images=1)
+        job_id = snapshot.job_id
+        await trio.sleep(stop_after_s)
+    (stored,) = await store.load()
+    ((remote_id, pending_since),) = [(w.remote_id, w.pending_since) for w in stored.remote]
+    assert (remote_id is None, pending_since is None) == (journaled == "pending", journaled == "id")
+
+    async with (
+        open_replicate_provider(settings, journal=StoreJournal(store)) as provider,
+        open_supervisor(provider, supervisor_settings, store=store) as supervisor,
+    ):
+        job = supervisor.get(job_id, owner="alice")
+        with trio.fail_after(10):
+            await job.wait_finished()
+        stats = provider.statistics()
+
+    (prediction_id,) = fake.predictions
+    assert fake.create_requests == 1
+    assert fake.cancel_requests == []
+    assert stats["creates"] == 0
+    ((status, url, attempts),) = [(i.status, i.url, i.attempts) for i in job.snapshot().images]
+    assert (status, attempts) == (ImageStatus.COMPLETED, 2)
+    assert url is not None
+    assert url.endswith(f"/files/{prediction_id}/out-0.webp")

@@ -1,0 +1,474 @@
+"""The job store: one contract for both backends, then what only SQLite promises (real clock)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+import actors.store.sqlite as sqlite_backend
+from actors.errors import StoreUnavailable
+from actors.messages import DoneEvent, ImageSnapshot, ImageStatus, JobStatus, ProgressEvent
+from actors.store import (
+    AppendEvent,
+    DeleteJob,
+    JobRecord,
+    JobStore,
+    MemoryStore,
+    PutImages,
+    PutJob,
+    RemoteWork,
+    SetRemote,
+    SQLiteStore,
+    StoredJob,
+    commit,
+    open_sqlite_store,
+)
+from actors.store.sqlite import SCHEMA_VERSION
+
+#: Not UTC, with microseconds: a stored datetime must come back with both.
+CREATED = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+LATER = CREATED + timedelta(seconds=7, microseconds=250)
+PENDING = datetime(2026, 3, 1, 10, 31, 0, 5, tzinfo=UTC)
+
+
+def job_record(job_id: str = "job-1", seq: int = 1, **changes: Any) -> JobRecord:
+    record = JobRecord(
+        job_id=job_id,
+        seq=seq,
+        owner="alice",
+        prompt="a red fox",
+        num_images=2,
+        idempotency_key=f"key-{job_id}",
+        status=JobStatus.RUNNING,
+        created_at=CREATED,
+    )
+    return attrs.evolve(record, **changes)
+
+
+def image(job_id: str = "job-1", index: int = 0, **changes: Any) -> ImageSnapshot:
+    snapshot = ImageSnapshot(
+        id=f"{job_id}-{index}",
+        index=index,
+        status=ImageStatus.RUNNING,
+        url=None,
+        error=None,
+        attempts=1,
+        started_at=CREATED,
+        finished_at=None,
+        wait_ms=15,
+        provider_ms=0,
+    )
+    return attrs.evolve(snapshot, **changes)
+
+
+def progress(event_id: int, index: int, **changes: Any) -> ProgressEvent:
+    event = ProgressEvent(
+        id=event_id,
+        index=index,
+        status=ImageStatus.COMPLETED,
+        url=f"https://img.test/{index}.png",
+        error=None,
+        attempts=2,
+        started_at=CREATED,
+        finished_at=LATER,
+    )
+    return attrs.evolve(event, **changes)
+
+
+DONE = DoneEvent(
+    id=3, status=JobStatus.CANCELED, total_ms=7000, ttfi_ms=None, completed_count=0, failed_count=1
+)
+
+
+def new_job(job_id: str = "job-1", seq: int = 1) -> tuple[PutJob, PutImages]:
+    return PutJob(job_record(job_id, seq)), PutImages(job_id, (image(job_id, 0), image(job_id, 1)))
+
+
+async def only_job(store: JobStore) -> StoredJob:
+    (stored,) = await store.load()
+    return stored
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    async with open_sqlite_store(tmp_path / "jobs.db") as sqlite_store:
+        yield sqlite_store
+
+
+# --- the contract (both backends) --------------------------------------------------------------
+
+
+async def test_a_new_job_loads_as_written(store: JobStore) -> None:
+    await commit(store, *new_job())
+
+    assert await store.load() == (
+        StoredJob(job=job_record(), images=(image(index=0), image(index=1)), events=()),
+    )
+
+
+async def test_datetimes_come_back_with_their_offset_and_microseconds(store: JobStore) -> None:
+    await commit(store, *new_job(), SetRemote("job-1", 0, None, PENDING))
+
+    stored = await only_job(store)
+
+    assert stored.job.created_at.utcoffset() == timedelta(hours=2)
+    assert stored.job.created_at.microsecond == 123456
+    assert stored.images[0].started_at is not None
+    assert stored.images[0].started_at.utcoffset() == timedelta(hours=2)
+    assert stored.remote[0].pending_since is not None
+    assert stored.remote[0].pending_since.utcoffset() == timedelta(0)
+    assert stored.remote[0].pending_since.microsecond == 5
+
+
+async def test_putting_a_job_again_updates_its_status_and_timings(store: JobStore) -> None:
+    await commit(store, *new_job())
+    finished = job_record(
+        status=JobStatus.COMPLETED, finished_at=LATER, ttfi_ms=1500, total_ms=7000
+    )
+
+    await commit(store, PutJob(finished))
+
+    assert (await only_job(store)).job == finished
+
+
+async def test_putting_an_image_again_replaces_only_that_image(store: JobStore) -> None:
+    await commit(store, *new_job())
+    done = image(
+        index=1,
+        status=ImageStatus.FAILED,
+        error="content policy",
+        attempts=3,
+        finished_at=LATER,
+        provider_ms=2500,
+    )
+
+    await commit(store, PutImages("job-1", (done,)))
+
+    assert (await only_job(store)).images == (image(index=0), done)
+
+
+async def test_progress_and_done_events_round_trip_exactly(store: JobStore) -> None:
+    failed = progress(2, 0, status=ImageStatus.FAILED, url=None, error="timed out", started_at=None)
+    events = (progress(1, 1), failed, DONE)
+
+    await commit(store, *new_job(), *(AppendEvent("job-1", event) for event in events))
+
+    assert (await only_job(store)).events == events
+
+
+async def test_remote_work_is_journaled_per_image_and_kept_when_images_change(
+    store: JobStore,
+) -> None:
+    await commit(store, *new_job(), SetRemote("job-1", 1, None, PENDING))
+    await commit(
+        store, SetRemote("job-1", 1, "pred-1", None), SetRemote("job-1", 0, "pred-0", None)
+    )
+
+    await commit(store, PutImages("job-1", (image(index=0, attempts=2),)))
+
+    assert (await only_job(store)).remote == (
+        RemoteWork(
+            job_id="job-1", index=0, prompt="a red fox", remote_id="pred-0", pending_since=None
+        ),
+        RemoteWork(
+            job_id="job-1", index=1, prompt="a red fox", remote_id="pred-1", pending_since=None
+        ),
+    )
+
+
+async def test_deleting_a_job_removes_its_images_events_and_remote_work(store: JobStore) -> None:
+    for job_id, seq in (("job-1", 1), ("job-2", 2)):
+        await commit(
+            store,
+            *new_job(job_id, seq),
+            AppendEvent(job_id, progress(1, 0)),
+            SetRemote(job_id, 0, "pred", None),
+        )
+
+    await commit(store, DeleteJob("job-1"))
+
+    assert [stored.job.job_id for stored in await store.load()] == ["job-2"]
+    # Nothing of the deleted job lingers to be picked up by a job of the same id.
+    await commit(store, PutJob(job_record("job-1", 3)))
+    reborn = next(s for s in await store.load() if s.job.job_id == "job-1")
+    assert (reborn.images, reborn.events, reborn.remote) == ((), (), ())
+
+
+async def test_jobs_load_oldest_first_by_seq_whatever_the_write_order(store: JobStore) -> None:
+    for job_id, seq in (("c", 30), ("a", 10), ("b", 20)):
+        await commit(store, PutJob(job_record(job_id, seq)))
+
+    assert [stored.job.seq for stored in await store.load()] == [10, 20, 30]
+
+
+async def test_writing_the_same_operations_again_stores_them_once(store: JobStore) -> None:
+    operations = (
+        *new_job(),
+        AppendEvent("job-1", progress(1, 0)),
+        AppendEvent("job-1", progress(2, 1)),
+        SetRemote("job-1", 0, "pred-0", None),
+    )
+    await commit(store, *operations)
+    once = await store.load()
+
+    await commit(store, *operations)
+    await commit(store, AppendEvent("job-1", progress(2, 1)))
+
+    assert await store.load() == once
+    assert [event.id for event in once[0].events] == [1, 2]
+
+
+async def test_a_commit_is_visible_to_load_once_its_wait_returns(store: JobStore) -> None:
+    pending = [store.write(PutJob(job_record(f"job-{n}", n))) for n in range(1, 6)]
+
+    for each in pending:
+        await each.wait()
+
+    assert [stored.job.seq for stored in await store.load()] == [1, 2, 3, 4, 5]
+    assert all(each.settled for each in pending)
+
+
+async def test_cancelling_a_wait_does_not_cancel_the_write(store: JobStore) -> None:
+    pending = store.write(*new_job())
+    with trio.CancelScope() as cancel_scope:
+        cancel_scope.cancel()
+        await pending.wait()
+
+    with trio.fail_after(5):
+        await pending.wait()
+    assert [stored.job.job_id for stored in await store.load()] == ["job-1"]
+
+
+async def test_a_write_to_a_job_that_is_not_there_is_refused_whole(store: JobStore) -> None:
+    await commit(store, PutJob(job_record("job-1", 1)))
+    event = ProgressEvent(
+        id=1,
+        index=0,
+        status=ImageStatus.COMPLETED,
+        url="/files/x.png",
+        error=None,
+        attempts=1,
+        started_at=None,
+        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+
+    with pytest.raises(StoreUnavailable):
+        await commit(store, AppendEvent("job-1", event), AppendEvent("ghost", event))
+
+    (stored,) = await store.load()
+    assert stored.events == ()
+    assert (await store.check()).ok
+
+
+async def test_a_working_store_checks_ok(store: JobStore) -> None:
+    await commit(store, *new_job())
+
+    health = await store.check()
+
+    assert (health.ok, health.detail) == (True, "ok")
+    assert store.statistics()["backend"] == store.name
+
+
+async def test_a_broken_memory_store_refuses_writes_and_reads_until_mended() -> None:
+    store = MemoryStore()
+    store.broken = "disk full"
+
+    with pytest.raises(StoreUnavailable, match="disk full"):
+        await commit(store, *new_job())
+    with pytest.raises(StoreUnavailable, match="disk full"):
+        await store.load()
+    health = await store.check()
+    assert (health.ok, health.detail) == (False, "disk full")
+
+    store.broken = None
+    await commit(store, *new_job())
+    assert (await store.check()).ok
+    assert len(await store.load()) == 1
+
+
+# --- SQLite only -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "jobs.db"
+
+
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections give up on a lock after 50 ms instead of 5 s (same code path, faster)."""
+    connect = sqlite_backend._connect
+
+    def quick(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+        connection = connect(path, read_only=read_only)
+        connection.execute("PRAGMA busy_timeout = 50")
+        return connection
+
+    monkeypatch.setattr(sqlite_backend, "_connect", quick)
+
+
+async def test_writes_queued_in_one_tick_share_one_transaction(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        pending = [store.write(PutJob(job_record(f"job-{n}", n))) for n in range(1, 21)]
+        for each in pending:
+            await each.wait()
+        stats = store.statistics()
+
+    assert (stats["commits"], stats["transactions"], stats["largest_batch"]) == (20, 1, 20)
+    assert (stats["failed_commits"], stats["error"], stats["queued"]) == (0, None, 0)
+
+
+async def test_a_bad_write_in_a_batch_fails_only_its_own_commit(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        good_job = store.write(*new_job())
+        orphan = store.write(PutImages("no-such-job", (image("no-such-job", 0),)))
+        good_event = store.write(AppendEvent("job-1", progress(1, 0)))
+
+        await good_job.wait()
+        with pytest.raises(StoreUnavailable, match="FOREIGN KEY"):
+            await orphan.wait()
+        await good_event.wait()
+
+        stored = await only_job(store)
+        health = await store.check()
+        stats = store.statistics()
+
+    assert (stored.job.job_id, stored.events) == ("job-1", (progress(1, 0),))
+    assert (health.ok, health.detail) == (True, "ok")  # a refused write is no sign of ill health
+    assert (stats["commits"], stats["failed_commits"], stats["error"]) == (2, 1, None)
+
+
+async def test_a_locked_database_fails_writes_and_is_unhealthy_until_a_write_succeeds(
+    db_path: Path, short_busy_timeout: None
+) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, *new_job())
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StoreUnavailable, match="database is locked"):
+                await commit(store, PutJob(job_record("job-2", 2)))
+            failing = await store.check()
+            assert store.statistics()["error"] == "database error: database is locked"
+        finally:
+            blocker.close()  # rolls the lock holder's transaction back
+        still = await store.check()
+
+        await commit(store, PutJob(job_record("job-2", 2)))
+
+        recovered = await store.check()
+        jobs = [stored.job.job_id for stored in await store.load()]
+
+    assert (failing.ok, failing.detail) == (False, "database error: database is locked")
+    assert not still.ok  # no write has succeeded since
+    assert (recovered.ok, recovered.detail) == (True, "ok")
+    assert jobs == ["job-1", "job-2"]
+
+
+async def test_everything_stored_is_there_after_reopening(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await commit(
+            store,
+            *new_job("job-1", 1),
+            AppendEvent("job-1", progress(1, 1)),
+            SetRemote("job-1", 0, None, PENDING),
+            SetRemote("job-1", 1, "pred-1", None),
+        )
+        await commit(
+            store,
+            PutJob(job_record("job-2", 2, status=JobStatus.COMPLETED, finished_at=LATER)),
+            AppendEvent("job-2", DONE),
+        )
+        before = await store.load()
+
+    async with open_sqlite_store(db_path) as reopened:
+        after = await reopened.load()
+
+    assert after == before
+    assert len(after) == 2
+
+
+def run_sql(path: Path, *statements: str) -> list[Any]:
+    """Run ``statements`` on a connection of its own (blocking, for setting up and looking)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        rows: list[Any] = []
+        for statement in statements:
+            rows = connection.execute(statement).fetchall()
+        return rows
+    finally:
+        connection.close()
+
+
+def write_garbage(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"these are not the pages you are looking for\n" * 200)
+
+
+async def test_a_database_of_a_newer_schema_is_refused_and_left_alone(db_path: Path) -> None:
+    newer = SCHEMA_VERSION + 1
+    run_sql(db_path, f"PRAGMA user_version = {newer}")
+
+    with pytest.raises(StoreUnavailable, match=f"schema version {newer}, newer than"):
+        async with open_sqlite_store(db_path):
+            pytest.fail("a newer schema was opened")
+
+    assert run_sql(db_path, "PRAGMA user_version") == [(newer,)]
+    assert run_sql(db_path, "SELECT name FROM sqlite_master") == []
+
+
+async def test_a_file_that_is_not_a_database_is_refused(db_path: Path) -> None:
+    write_garbage(db_path)
+
+    with pytest.raises(StoreUnavailable, match="not a database"):
+        async with open_sqlite_store(db_path):
+            pytest.fail("garbage was opened")
+
+
+async def test_a_version_0_database_is_migrated_and_keeps_its_other_tables(db_path: Path) -> None:
+    run_sql(db_path, "CREATE TABLE notes (text TEXT)", "INSERT INTO notes VALUES ('keep me')")
+
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, *new_job())
+        assert len(await store.load()) == 1
+
+    assert run_sql(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    tables = {name for (name,) in run_sql(db_path, "SELECT name FROM sqlite_master")}
+    assert {"jobs", "images", "events", "remote_work", "notes"} <= tables
+    assert run_sql(db_path, "SELECT text FROM notes") == [("keep me",)]
+
+
+async def test_writes_queued_just_before_closing_are_stored(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        pending = [store.write(*new_job()), store.write(AppendEvent("job-1", progress(1, 0)))]
+        assert not any(each.settled for each in pending)
+
+    assert all(each.settled for each in pending)
+    for each in pending:
+        await each.wait()
+    async with open_sqlite_store(db_path) as reopened:
+        stored = await only_job(reopened)
+    assert stored.events == (progress(1, 0),)
+
+
+async def test_the_store_is_an_sqlite_store_with_the_path_it_was_opened_with(
+    db_path: Path,
+) -> None:
+    async with open_sqlite_store(db_path) as store:
+        assert isinstance(store, SQLiteStore)
+        assert (store.name, store.resumable, store.statistics()["path"]) == (
+            "sqlite",
+            True,
+            str(db_path),
+        )
