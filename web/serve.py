@@ -122,7 +122,10 @@ async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
     if settings.store.backend == "memory":
         yield MemoryStore()
         return
-    async with open_sqlite_store(settings.store.database_path) as store:
+    store_settings = settings.store
+    async with open_sqlite_store(
+        store_settings.database_path, synchronous=store_settings.synchronous
+    ) as store:
         yield store
 
 

@@ -27,6 +27,7 @@ from actors.providers.replicate import (
 )
 from actors.retry import MAX_ATTEMPTS, RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store.sqlite import SYNCHRONOUS
 
 T = TypeVar("T")
 
@@ -47,10 +48,13 @@ class StoreSettings:
     Args:
         backend: ``sqlite`` (jobs survive restarts) or ``memory`` (``STORE``).
         database_path: The SQLite file (``DATABASE_PATH``), made with its directory if missing.
+        synchronous: ``full`` or ``normal`` (``DATABASE_SYNCHRONOUS``): whether each commit
+            waits for the disk (survives a power cut) or only for the OS (survives a crash).
     """
 
     backend: str = "sqlite"
     database_path: Path = Path("var/imagegen.sqlite3")
+    synchronous: str = "full"
 
 
 @attrs.frozen(kw_only=True)
@@ -256,6 +260,9 @@ def _build(env: _Reader) -> Settings:
     store = StoreSettings(
         backend=env.get("STORE", _choice(STORE_BACKENDS), defaults.store.backend),
         database_path=Path(env.text("DATABASE_PATH", None) or defaults.store.database_path),
+        synchronous=env.get(
+            "DATABASE_SYNCHRONOUS", _choice(SYNCHRONOUS), defaults.store.synchronous
+        ),
     )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(

@@ -1,17 +1,17 @@
 """The embedded SQLite store (``STORE=sqlite``, the default): jobs survive restarts and crashes.
 
-WAL mode with ``synchronous=FULL``: a commit is on disk when it returns, and readers never block
-the writer. Every call into SQLite runs in a worker thread, never on the Trio thread. One task
-writes: whatever was queued while the previous transaction ran goes into the next one, so a burst
-of events from many jobs costs one fsync, not one per event. The schema carries a version
-(``PRAGMA user_version``) and is migrated forward on open; a file from a newer release is refused.
+WAL mode with ``synchronous=FULL`` (``DATABASE_SYNCHRONOUS``): a commit is on disk when it
+returns, and readers never block the writer. Every call into SQLite runs in a worker thread,
+never on the Trio thread. One task writes: whatever was queued while the previous transaction
+ran goes into the next one, so a burst of events from many jobs costs one fsync, not one per
+event. The schema carries a version (``PRAGMA user_version``) and is migrated forward on open; a
+file from a newer release is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -170,7 +170,13 @@ def _connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     return connection
 
 
-def open_database(path: Path) -> sqlite3.Connection:
+#: ``PRAGMA synchronous`` levels offered: ``full`` syncs the WAL on every commit (a commit
+#: survives a power cut); ``normal`` only at checkpoints (a commit survives a crash or ``kill -9``
+#: of the process, not a power cut, and costs no fsync).
+SYNCHRONOUS = ("full", "normal")
+
+
+def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
     """Open (creating it if needed) and migrate the database at ``path``; blocking.
 
     Raises:
@@ -183,7 +189,9 @@ def open_database(path: Path) -> sqlite3.Connection:
         raise StoreUnavailable(f"cannot open the database {str(path)!r}: {exc}") from None
     try:
         connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = FULL")
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
+        connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         connection.execute("PRAGMA foreign_keys = ON")
         migrate(connection)
     except sqlite3.Error as exc:
@@ -501,15 +509,21 @@ class SQLiteStore:
 
 
 @asynccontextmanager
-async def open_sqlite_store(path: Path) -> AsyncIterator[SQLiteStore]:
+async def open_sqlite_store(path: Path, *, synchronous: str = "full") -> AsyncIterator[SQLiteStore]:
     """The store in ``path`` (created and migrated as needed), its writer running.
+
+    Args:
+        path: The database file.
+        synchronous: ``full`` (the default) or ``normal``; see :data:`SYNCHRONOUS`.
 
     Raises:
         StoreUnavailable: The database cannot be opened or migrated.
     """
-    connection = await trio.to_thread.run_sync(open_database, path)
+    connection = await trio.to_thread.run_sync(open_database, path, synchronous)
     store = SQLiteStore(path, connection)
-    logger.info("store: sqlite %s (schema version %d, pid %d)", path, SCHEMA_VERSION, os.getpid())
+    logger.info(
+        "store: sqlite %s (schema version %d, synchronous %s)", path, SCHEMA_VERSION, synchronous
+    )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
