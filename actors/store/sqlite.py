@@ -10,6 +10,7 @@ file from a newer release is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -431,9 +432,16 @@ class SQLiteStore:
             except (OSError, sqlite3.Error) as exc:
                 return StoreHealth(ok=False, detail=_describe(exc))
             if self._last_error is not None:
+                # The last write failed: try an empty one (it takes the write lock and commits),
+                # so that a store that works again says so without waiting for real traffic.
+                with contextlib.suppress(StoreUnavailable):
+                    await self.write().wait()
+            if self._last_error is not None:
                 return StoreHealth(ok=False, detail=self._last_error)
             return StoreHealth(ok=True, detail="ok")
-        return StoreHealth(ok=False, detail=f"no answer within {HEALTH_TIMEOUT_S:g} s")
+        # Still the last write's error if there was one (a locked database also holds the probe).
+        detail = self._last_error or f"no answer within {HEALTH_TIMEOUT_S:g} s"
+        return StoreHealth(ok=False, detail=detail)
 
     def statistics(self) -> StoreStatistics:
         return {
