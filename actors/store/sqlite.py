@@ -189,6 +189,8 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
     except (OSError, sqlite3.Error) as exc:
         raise StoreUnavailable(f"cannot open the database {str(path)!r}: {exc}") from None
     try:
+        # A file from a newer release is refused before anything about it changes.
+        _check_version(connection)
         connection.execute("PRAGMA journal_mode = WAL")
         if synchronous not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
@@ -204,14 +206,20 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
     return connection
 
 
-def migrate(connection: sqlite3.Connection) -> None:
-    """Bring the schema to :data:`SCHEMA_VERSION`, one transaction per step."""
+def _check_version(connection: sqlite3.Connection) -> int:
     (version,) = connection.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise StoreUnavailable(
             f"the database has schema version {version}, newer than this service knows "
             f"({SCHEMA_VERSION}); run the newer release or another DATABASE_PATH"
         )
+    assert isinstance(version, int)
+    return version
+
+
+def migrate(connection: sqlite3.Connection) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION`, one transaction per step."""
+    version = _check_version(connection)
     for step in range(version, SCHEMA_VERSION):
         connection.execute("BEGIN IMMEDIATE")
         try:

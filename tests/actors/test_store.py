@@ -422,6 +422,7 @@ async def test_a_database_of_a_newer_schema_is_refused_and_left_alone(db_path: P
             pytest.fail("a newer schema was opened")
 
     assert run_sql(db_path, "PRAGMA user_version") == [(newer,)]
+    assert run_sql(db_path, "PRAGMA journal_mode") == [("delete",)]
     assert run_sql(db_path, "SELECT name FROM sqlite_master") == []
 
 
