@@ -79,13 +79,18 @@ class MemoryStore:
         return commit
 
     def _missing_job(self, operations: tuple[Operation, ...]) -> str | None:
-        known = set(self._jobs)
+        added: set[str] = set()
+        deleted: set[str] = set()
         for operation in operations:
             if isinstance(operation, PutJob):
-                known.add(operation.record.job_id)
+                added.add(operation.record.job_id)
+                deleted.discard(operation.record.job_id)
             elif isinstance(operation, DeleteJob):
-                known.discard(operation.job_id)
-            elif operation.job_id not in known:
+                deleted.add(operation.job_id)
+                added.discard(operation.job_id)
+            elif operation.job_id in deleted or (
+                operation.job_id not in added and operation.job_id not in self._jobs
+            ):
                 return operation.job_id
         return None
 

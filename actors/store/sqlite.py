@@ -97,8 +97,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-#: A failed transaction is not retried here: its waiters are told, and they decide.
 HEALTH_TIMEOUT_S = 2.0
+#: The writer checkpoints the WAL into the database once this many transactions went into it
+#: and nothing is queued, or at twice as many whatever is queued (bounds the WAL's size).
+CHECKPOINT_AFTER = 500
 #: How long closing the store may take to write what is still queued.
 CLOSE_FLUSH_S = 10.0
 
@@ -196,6 +198,9 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
         connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         connection.execute("PRAGMA foreign_keys = ON")
+        # Checkpoints are the writer's to run when it is idle (SQLiteStore.run), not inside a
+        # commit that an event waits for.
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
         migrate(connection)
     except sqlite3.Error as exc:
         connection.close()
@@ -233,71 +238,106 @@ def migrate(connection: sqlite3.Connection) -> None:
         logger.info("store: database migrated to schema version %d", step + 1)
 
 
-def _execute(connection: sqlite3.Connection, operation: Operation) -> None:
-    match operation:
-        case PutJob(record):
-            connection.execute(
-                "INSERT INTO jobs (job_id, seq, owner, prompt, num_images, idempotency_key, "
-                "status, created_at, finished_at, ttfi_ms, total_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
-                "status = excluded.status, finished_at = excluded.finished_at, "
-                "ttfi_ms = excluded.ttfi_ms, total_ms = excluded.total_ms",
-                (
-                    record.job_id,
-                    record.seq,
-                    record.owner,
-                    record.prompt,
-                    record.num_images,
-                    record.idempotency_key,
-                    record.status.value,
-                    _time(record.created_at),
-                    _time(record.finished_at),
-                    record.ttfi_ms,
-                    record.total_ms,
-                ),
-            )
-        case PutImages(job_id, images):
-            connection.executemany(
-                "INSERT OR REPLACE INTO images (job_id, idx, status, url, error, attempts, "
-                "started_at, finished_at, wait_ms, provider_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        job_id,
-                        image.index,
-                        image.status.value,
-                        image.url,
-                        image.error,
-                        image.attempts,
-                        _time(image.started_at),
-                        _time(image.finished_at),
-                        image.wait_ms,
-                        image.provider_ms,
-                    )
-                    for image in images
-                ],
-            )
-        case AppendEvent(job_id, event):
-            connection.execute(
-                "INSERT OR REPLACE INTO events (job_id, id, body) VALUES (?, ?, ?)",
-                (job_id, event.id, encode_event(event)),
-            )
-        case SetRemote(job_id, index, remote_id, pending_since):
-            connection.execute(
-                "INSERT OR REPLACE INTO remote_work (job_id, idx, remote_id, pending_since) "
-                "VALUES (?, ?, ?, ?)",
-                (job_id, index, remote_id, _time(pending_since)),
-            )
-        case DeleteJob(job_id):
-            connection.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+_JOB_COLUMNS = (
+    "job_id, seq, owner, prompt, num_images, idempotency_key, status, created_at, finished_at, "
+    "ttfi_ms, total_ms"
+)
+_JOB_UPDATE = (
+    " ON CONFLICT (job_id) DO UPDATE SET status = excluded.status, "
+    "finished_at = excluded.finished_at, ttfi_ms = excluded.ttfi_ms, total_ms = excluded.total_ms"
+)
+_IMAGE_COLUMNS = (
+    "job_id, idx, status, url, error, attempts, started_at, finished_at, wait_ms, provider_ms"
+)
+#: Rows per multi-row statement (SQLite allows 32,766 parameters in one).
+_ROWS_PER_STATEMENT = 500
+
+Row = tuple[object, ...]
+
+
+def _job_row(record: JobRecord) -> Row:
+    return (
+        record.job_id,
+        record.seq,
+        record.owner,
+        record.prompt,
+        record.num_images,
+        record.idempotency_key,
+        record.status.value,
+        _time(record.created_at),
+        _time(record.finished_at),
+        record.ttfi_ms,
+        record.total_ms,
+    )
+
+
+def _image_row(job_id: str, image: ImageSnapshot) -> Row:
+    return (
+        job_id,
+        image.index,
+        image.status.value,
+        image.url,
+        image.error,
+        image.attempts,
+        _time(image.started_at),
+        _time(image.finished_at),
+        image.wait_ms,
+        image.provider_ms,
+    )
+
+
+def _insert(connection: sqlite3.Connection, head: str, rows: list[Row], tail: str = "") -> None:
+    """``head VALUES (...), (...), ... tail``: many rows in one statement (one step of SQLite,
+    so one release of the GIL, instead of one per row)."""
+    if not rows:
+        return
+    width = len(rows[0])
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        chunk = rows[start : start + _ROWS_PER_STATEMENT]
+        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+        parameters = [value for row in chunk for value in row]
+        connection.execute(f"{head} VALUES {values}{tail}", parameters)
 
 
 def write_transaction(connection: sqlite3.Connection, operations: Iterable[Operation]) -> None:
-    """Apply ``operations`` in one transaction (all or nothing); blocking."""
+    """Apply ``operations`` in one transaction (all or nothing); blocking.
+
+    Writes are upserts by primary key, so only the last write of each row counts: the rows are
+    gathered per table and written with one multi-row statement each, parents first; deletions
+    come last (a row written for a job that a later operation deletes goes with it).
+    """
+    jobs: dict[str, Row] = {}
+    images: dict[tuple[str, int], Row] = {}
+    remote: dict[tuple[str, int], Row] = {}
+    events: dict[tuple[str, int], Row] = {}
+    deleted: list[str] = []
+    for operation in operations:
+        match operation:
+            case PutJob(record):
+                jobs[record.job_id] = _job_row(record)
+            case PutImages(job_id, batch):
+                for image in batch:
+                    images[job_id, image.index] = _image_row(job_id, image)
+            case AppendEvent(job_id, event):
+                events[job_id, event.id] = (job_id, event.id, encode_event(event))
+            case SetRemote(job_id, index, remote_id, pending_since):
+                remote[job_id, index] = (job_id, index, remote_id, _time(pending_since))
+            case DeleteJob(job_id):
+                deleted.append(job_id)
     connection.execute("BEGIN IMMEDIATE")
     try:
-        for operation in operations:
-            _execute(connection, operation)
+        _insert(connection, f"INSERT INTO jobs ({_JOB_COLUMNS})", list(jobs.values()), _JOB_UPDATE)
+        _insert(connection, f"INSERT OR REPLACE INTO images ({_IMAGE_COLUMNS})", [*images.values()])
+        _insert(
+            connection,
+            "INSERT OR REPLACE INTO remote_work (job_id, idx, remote_id, pending_since)",
+            list(remote.values()),
+        )
+        _insert(connection, "INSERT OR REPLACE INTO events (job_id, id, body)", [*events.values()])
+        for start in range(0, len(deleted), _ROWS_PER_STATEMENT):
+            chunk = deleted[start : start + _ROWS_PER_STATEMENT]
+            marks = ", ".join("?" * len(chunk))
+            connection.execute(f"DELETE FROM jobs WHERE job_id IN ({marks})", chunk)  # noqa: S608
     except BaseException:
         connection.execute("ROLLBACK")
         raise
@@ -376,6 +416,10 @@ def read_all(connection: sqlite3.Connection) -> tuple[StoredJob, ...]:
     return tuple(jobs)
 
 
+def _checkpoint(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
 def _probe(path: Path) -> None:
     """Open the file afresh, read-only, and read its header and a table; blocking."""
     connection = _connect(path, read_only=True)
@@ -416,6 +460,8 @@ class SQLiteStore:
         self._transactions = 0
         self._failures = 0
         self._batch_max = 0
+        self._checkpointed = 0
+        self._checkpoints = 0
 
     async def _in_thread(self, function: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(function, *args, limiter=self._thread)
@@ -459,12 +505,13 @@ class SQLiteStore:
             "transactions": self._transactions,
             "failed_commits": self._failures,
             "largest_batch": self._batch_max,
+            "checkpoints": self._checkpoints,
             "queued": len(self._queue),
             "error": self._last_error,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches until cancelled."""
+        """Write batches until cancelled; checkpoint the WAL in the quiet moments."""
         task_status.started()
         while True:
             if not self._queue:
@@ -472,6 +519,14 @@ class SQLiteStore:
                 self._wake = trio.Event()
                 continue
             await self._write_queued()
+            pending = self._transactions - self._checkpointed
+            if pending >= CHECKPOINT_AFTER * (1 if not self._queue else 2):
+                self._checkpointed = self._transactions
+                try:
+                    await self._in_thread(_checkpoint, self._connection)
+                    self._checkpoints += 1
+                except sqlite3.Error as exc:
+                    logger.warning("store: WAL checkpoint failed: %s", exc)
 
     async def _write_queued(self) -> None:
         # The queue is trimmed only after a transaction: a cancellation before the thread starts
