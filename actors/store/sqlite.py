@@ -98,9 +98,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 HEALTH_TIMEOUT_S = 2.0
-#: The writer checkpoints the WAL into the database once this many transactions went into it
-#: and nothing is queued, or at twice as many whatever is queued (bounds the WAL's size).
-CHECKPOINT_AFTER = 500
 #: How long closing the store may take to write what is still queued.
 CLOSE_FLUSH_S = 10.0
 
@@ -198,9 +195,6 @@ def open_database(path: Path, synchronous: str = "full") -> sqlite3.Connection:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, not {synchronous!r}")
         connection.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         connection.execute("PRAGMA foreign_keys = ON")
-        # Checkpoints are the writer's to run when it is idle (SQLiteStore.run), not inside a
-        # commit that an event waits for.
-        connection.execute("PRAGMA wal_autocheckpoint = 0")
         migrate(connection)
     except sqlite3.Error as exc:
         connection.close()
@@ -416,10 +410,6 @@ def read_all(connection: sqlite3.Connection) -> tuple[StoredJob, ...]:
     return tuple(jobs)
 
 
-def _checkpoint(connection: sqlite3.Connection) -> None:
-    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-
 def _probe(path: Path) -> None:
     """Open the file afresh, read-only, and read its header and a table; blocking."""
     connection = _connect(path, read_only=True)
@@ -460,8 +450,6 @@ class SQLiteStore:
         self._transactions = 0
         self._failures = 0
         self._batch_max = 0
-        self._checkpointed = 0
-        self._checkpoints = 0
 
     async def _in_thread(self, function: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(function, *args, limiter=self._thread)
@@ -505,13 +493,12 @@ class SQLiteStore:
             "transactions": self._transactions,
             "failed_commits": self._failures,
             "largest_batch": self._batch_max,
-            "checkpoints": self._checkpoints,
             "queued": len(self._queue),
             "error": self._last_error,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches until cancelled; checkpoint the WAL in the quiet moments."""
+        """Write batches until cancelled."""
         task_status.started()
         while True:
             if not self._queue:
@@ -519,14 +506,6 @@ class SQLiteStore:
                 self._wake = trio.Event()
                 continue
             await self._write_queued()
-            pending = self._transactions - self._checkpointed
-            if pending >= CHECKPOINT_AFTER * (1 if not self._queue else 2):
-                self._checkpointed = self._transactions
-                try:
-                    await self._in_thread(_checkpoint, self._connection)
-                    self._checkpoints += 1
-                except sqlite3.Error as exc:
-                    logger.warning("store: WAL checkpoint failed: %s", exc)
 
     async def _write_queued(self) -> None:
         # The queue is trimmed only after a transaction: a cancellation before the thread starts

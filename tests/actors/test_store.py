@@ -372,25 +372,6 @@ async def test_a_locked_database_fails_writes_and_is_unhealthy_until_it_can_writ
     assert jobs == ["job-1", "job-2"]
 
 
-async def test_the_writer_checkpoints_the_wal_when_it_is_idle(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_AFTER", 3)
-    async with open_sqlite_store(db_path) as store:
-        await commit(store, *new_job())
-        await commit(store, PutJob(job_record("job-1", 1, status=JobStatus.RUNNING)))
-        before = store.statistics()["checkpoints"]
-        await commit(store, PutJob(job_record("job-1", 1, status=JobStatus.COMPLETED)))
-        await commit(store)  # the writer takes it after the checkpoint it owed
-        after = store.statistics()["checkpoints"]
-        # Nothing left in the WAL that the database file lacks.
-        (busy, frames, copied) = run_sql(db_path, "PRAGMA wal_checkpoint(PASSIVE)")[0]
-
-    assert (before, after) == (0, 1)
-    assert busy == 0
-    assert frames == copied
-
-
 async def test_everything_stored_is_there_after_reopening(db_path: Path) -> None:
     async with open_sqlite_store(db_path) as store:
         await commit(
