@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,13 @@ def layer_of(frame: str) -> str:
     return top
 
 
-def analyse(path: Path, top: int = 20) -> dict[str, Any]:
-    """Sum py-spy's raw samples: self time by layer and by function, inclusive by feature."""
+def analyse(
+    path: Path, top: int = 20, features: Sequence[tuple[str, tuple[str, ...]]] = FEATURES
+) -> dict[str, Any]:
+    """Sum py-spy's raw samples: self time by layer and by function, inclusive by feature.
+
+    ``features``: the inclusive views (:data:`FEATURES` unless a bench brings its own).
+    """
     if not path.exists():
         return {"skipped": "py-spy wrote no profile (ptrace not permitted?)"}
     self_by_layer: Counter[str] = Counter()
@@ -135,7 +140,7 @@ def analyse(path: Path, top: int = 20) -> dict[str, Any]:
         self_by_layer[layer_of(leaf)] += count
         name = leaf[: leaf.rfind(" (")]
         self_by_function[f"{name} ({_where(leaf)})"] += count
-        for feature, needles in FEATURES:
+        for feature, needles in features:
             if any(needle in frame for frame in frames for needle in needles):
                 by_feature[feature] += count
         # below trio.run (the launcher and runpy are above it), ignoring C frames
@@ -153,7 +158,7 @@ def analyse(path: Path, top: int = 20) -> dict[str, Any]:
         "self_pct_by_function": pct(self_by_function, top),
         "inclusive_pct_by_feature": [
             (feature, round(100 * by_feature[feature] / total, 1))
-            for feature in [*(name for name, _ in FEATURES), TRIO_ONLY, GC]
+            for feature in [*(name for name, _ in features), TRIO_ONLY, GC]
         ],
     }
 

@@ -7,7 +7,9 @@
 :class:`bench.provider.BenchProvider` passed to ``run_server(provider=...)``. ``SIGUSR1`` opens
 the provider's gate; ``SIGTERM`` or ``SIGINT`` stops the server. ``--gc-log`` logs every full
 collection over 5 ms; ``--tracemalloc`` makes ``SIGUSR2`` log memory allocated since the first
-``SIGUSR2``, by owner; the other ``--gc-*`` options are experiments.
+``SIGUSR2``, by owner; the other ``--gc-*`` options, ``--switch-interval`` and
+``--sqlite-inline`` are experiments (the last patches the SQLite store in this process only:
+:func:`patch_sqlite_inline`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ import signal
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from bench.provider import BenchProvider
 from bench.yardstick import Yardstick
+
+T = TypeVar("T")
 
 
 class GcWatch:
@@ -92,6 +98,25 @@ def owner_of(filename: str) -> str:
     return filename
 
 
+def patch_sqlite_inline() -> None:
+    """An experiment on the SQLite store, in this process only (the product code is unchanged):
+    run its transactions on the Trio thread instead of handing each to a worker thread
+    (``SQLiteStore._in_thread``), blocking the event loop for as long as a transaction takes.
+    """
+    from actors.store import sqlite as store_sqlite  # noqa: PLC0415 (ours only)
+
+    async def in_trio_thread(
+        self: store_sqlite.SQLiteStore,  # noqa: ARG001 (replaces a method)
+        function: Callable[..., T],
+        *args: object,
+    ) -> T:
+        await trio.lowlevel.checkpoint()
+        return function(*args)
+
+    store_sqlite.SQLiteStore._in_thread = in_trio_thread  # type: ignore[method-assign]
+    logging.getLogger("bench.experiment").warning("sqlite: transactions on the Trio thread")
+
+
 async def _watch_signals(
     provider: BenchProvider, shutdown: trio.Event, memory: MemoryWatch | None
 ) -> None:
@@ -122,6 +147,8 @@ async def _run(args: argparse.Namespace) -> None:
 
             settings = load_settings()
             configure_logging(settings.log_level, settings.log_format)
+            if args.sqlite_inline:
+                patch_sqlite_inline()
             await nursery.start(
                 partial(
                     run_server,
@@ -160,9 +187,21 @@ def main() -> None:
     parser.add_argument(
         "--tracemalloc", action="store_true", help="SIGUSR2: memory allocated since a baseline"
     )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        help="sys.setswitchinterval(S), the GIL's hand-over interval (an experiment; 0.005)",
+    )
+    parser.add_argument(
+        "--sqlite-inline",
+        action="store_true",
+        help="SQLite transactions on the Trio thread, not a worker thread (an experiment)",
+    )
     args = parser.parse_args()
     if args.gc_threshold:
         gc.set_threshold(args.gc_threshold, 10, 10)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     logging.basicConfig(level=logging.INFO)
     if args.gc_log:
         gc.callbacks.append(GcWatch())
