@@ -11,8 +11,10 @@ file from a newer release is refused.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -558,6 +560,36 @@ class SQLiteStore:
         self._connection.close()
 
 
+def lock_database(path: Path) -> int:
+    """Hold ``{path}.lock`` exclusively for this process (a file descriptor; closing it lets go);
+    blocking.
+
+    Two processes on one database would each carry on the other's unfinished jobs (and resume
+    the same predictions), so a second one is refused.
+
+    Raises:
+        StoreUnavailable: Another process holds the lock.
+    """
+    lock_path = path.with_name(f"{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot open {str(lock_path)!r}: {exc}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(descriptor)
+        raise StoreUnavailable(
+            f"the database {str(path)!r} is in use by another process (pid {holder}); "
+            "one service process per DATABASE_PATH"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+    return descriptor
+
+
 @asynccontextmanager
 async def open_sqlite_store(path: Path, *, synchronous: str = "full") -> AsyncIterator[SQLiteStore]:
     """The store in ``path`` (created and migrated as needed), its writer running.
@@ -569,7 +601,12 @@ async def open_sqlite_store(path: Path, *, synchronous: str = "full") -> AsyncIt
     Raises:
         StoreUnavailable: The database cannot be opened or migrated.
     """
-    connection = await trio.to_thread.run_sync(open_database, path, synchronous)
+    lock = await trio.to_thread.run_sync(lock_database, path)
+    try:
+        connection = await trio.to_thread.run_sync(open_database, path, synchronous)
+    except BaseException:
+        os.close(lock)
+        raise
     store = SQLiteStore(path, connection)
     logger.info(
         "store: sqlite %s (schema version %d, synchronous %s)", path, SCHEMA_VERSION, synchronous
@@ -587,3 +624,4 @@ async def open_sqlite_store(path: Path, *, synchronous: str = "full") -> AsyncIt
             if store._queue:
                 logger.error("store: %d writes were not stored before closing", len(store._queue))
             await trio.to_thread.run_sync(store.close, limiter=store._thread)
+        os.close(lock)

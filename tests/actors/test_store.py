@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -370,6 +371,18 @@ async def test_a_locked_database_fails_writes_and_is_unhealthy_until_it_can_writ
     assert (failing.ok, failing.detail) == (False, "database error: database is locked")
     assert (recovered.ok, recovered.detail) == (True, "ok")
     assert jobs == ["job-1", "job-2"]
+
+
+async def test_a_second_store_on_the_same_database_is_refused(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, *new_job())
+        with pytest.raises(
+            StoreUnavailable, match=rf"in use by another process \(pid {os.getpid()}\)"
+        ):
+            async with open_sqlite_store(db_path):
+                pytest.fail("two stores on one database")
+    async with open_sqlite_store(db_path) as reopened:  # let go on close
+        assert [stored.job.job_id for stored in await reopened.load()] == ["job-1"]
 
 
 async def test_everything_stored_is_there_after_reopening(db_path: Path) -> None:

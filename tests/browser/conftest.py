@@ -77,6 +77,7 @@ class Server:
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "IMAGES_DIR": str(images / self.name),
+            "DATABASE_PATH": str(images / f"{self.name}.sqlite3"),
             "AUTH_SECRET": AUTH_SECRET,
             "LOG_LEVEL": "INFO",  # access lines too: a token must never show up in them
             "GRACEFUL_TIMEOUT_S": "1",
