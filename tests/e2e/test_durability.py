@@ -356,8 +356,11 @@ async def test_stored_images_outlive_replicate_and_the_process(tmp_path: Path) -
             # Replicate deletes outputs after an hour: here, at once.
             outputs = [f"{fake.base_url}/files/{pid}/out-0.webp" for pid in fake.predictions]
             fake.predictions.clear()
+            expired = []
             with trio.fail_after(WAIT_S):
-                expired = [(await client.get(url)).status_code for url in outputs]
+                for url in outputs:
+                    response = await client.get(url)
+                    expired.append(response.status_code)
             images_after_expiry = await check_images(client, job, first.url)
             assert await first.terminate() == 0
     # Replicate is gone altogether now.
