@@ -156,6 +156,7 @@ class Supervisor:
         #: Set once every subscriber's wait is ended (after draining).
         self.shutting_down = trio.Event()
         self._job_ended = trio.Event()
+        self._grace = trio.CancelScope()
         self._now = now
         self._uniform = uniform
         self._nursery: trio.Nursery | None = None
@@ -232,7 +233,9 @@ class Supervisor:
                 self._nursery.start_soon(self._run_job, job, name=f"job {job.job_id}")
         self._finished.extend(sorted(finished))
         if self.files is not None:
-            self.files.forget_all_but(self._jobs.keys())
+            # Files of jobs the store does not hold (lost with a memory store, or never stored)
+            # are unreachable; a job that failed to restore keeps its files with its records.
+            self.files.forget_all_but({record.job.job_id for record in stored})
         self._seq = itertools.count(max((job.job.seq for job in stored), default=0) + 1)
         if stored:
             logger.info(
@@ -340,7 +343,8 @@ class Supervisor:
             self._job_ended.set()
             self._job_ended = trio.Event()
             if job.refused:
-                self._forget(job.job_id, stored=False)
+                # Deleted in the store too: a write that timed out may still land before this.
+                self._forget(job.job_id)
             elif job.status.finished:
                 self._tell_listeners(job.snapshot())
                 self._finished.append((trio.current_time(), job.job_id))
@@ -437,13 +441,14 @@ class Supervisor:
             self.draining.set()
 
     async def drain(self, grace_s: float) -> None:
-        """Stop admitting, give running jobs up to ``grace_s`` to finish, then shut down.
+        """Stop admitting, give running jobs up to ``grace_s`` to finish, then shut down
+        (:meth:`begin_shutdown` cuts the grace short).
 
         Jobs still running afterwards are left to the caller's cancellation: with a resumable
         store they stay unfinished there, and the next start carries them on.
         """
         self.stop_admitting()
-        with trio.move_on_after(grace_s):
+        with trio.move_on_after(grace_s) as self._grace:
             while self._active:
                 await self._job_ended.wait()
         if self._active:
@@ -457,6 +462,7 @@ class Supervisor:
     def begin_shutdown(self) -> None:
         """Admit no more jobs and end every subscriber's wait (sync, idempotent)."""
         self.stop_admitting()
+        self._grace.cancel()  # a drain in progress ends now
         if self.shutting_down.is_set():
             return
         logger.info("supervisor: shutting down")
@@ -476,9 +482,8 @@ class Supervisor:
             _, job_id = finished.popleft()
             self._forget(job_id)
 
-    def _forget(self, job_id: str, *, stored: bool = True) -> None:
-        if stored:
-            self.store.write(DeleteJob(job_id))
+    def _forget(self, job_id: str) -> None:
+        self.store.write(DeleteJob(job_id))
         if self.files is not None:
             self.files.forget(job_id)
         job = self._jobs.pop(job_id)

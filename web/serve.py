@@ -47,12 +47,17 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
 
 
 async def _watch_signals(supervisor: Supervisor, shutdown: trio.Event) -> None:
+    """The first SIGINT/SIGTERM starts the shutdown; a second one cuts the grace period short."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            logger.info("received %s: shutting down", signal.Signals(signum).name)
-            supervisor.stop_admitting()
-            shutdown.set()
-            return
+            name = signal.Signals(signum).name
+            if not shutdown.is_set():
+                logger.info("received %s: shutting down", name)
+                supervisor.stop_admitting()
+                shutdown.set()
+            else:
+                logger.info("received %s again: not waiting for running jobs", name)
+                supervisor.begin_shutdown()
 
 
 async def run_server(
@@ -101,9 +106,14 @@ async def run_server(
             await supervisor.drain(settings.shutdown_grace_s)
 
         async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await serve(app, config, shutdown_trigger=trigger, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the signal watcher
+
             if handle_signals:
                 nursery.start_soon(_watch_signals, supervisor, shutdown)
-            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trigger))
+            binds = await nursery.start(serve_then_stop)
             logger.info(
                 "listening on %s (provider: %s, store: %s)",
                 ", ".join(binds),
@@ -112,7 +122,7 @@ async def run_server(
             )
             task_status.started(binds)
             await shutdown.wait()
-            # hypercorn is draining now; when it returns the nursery's other tasks are done too.
+            # Hypercorn drains now; once it returns, the signal watcher is cancelled.
     logger.info("stopped")
 
 

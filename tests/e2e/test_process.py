@@ -66,3 +66,51 @@ async def test_signal_ends_open_streams_and_exits_cleanly(
     assert process.stderr is not None
     stderr = (await process.stderr.receive_some(1 << 16)).decode()
     assert "Traceback" not in stderr
+
+
+async def test_a_second_signal_cuts_the_grace_period_short(tmp_path: Path) -> None:
+    environ = {
+        "LOCAL_LATENCY_MS": "20000",
+        "AUTH_SECRET": "process-test-secret-0123456789-0123456789",
+        "GRACEFUL_TIMEOUT_S": str(GRACEFUL_TIMEOUT_S),
+        "SHUTDOWN_GRACE_S": "60",  # the 20 s job would be waited for
+        "LOG_LEVEL": "INFO",
+    }
+    async with (
+        web_process(tmp_path, environ, stderr=subprocess.PIPE) as (process, base),
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        login = await client.post("/api/auth/login", json=CREDENTIALS)
+        headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        created = await client.post(
+            "/api/generate", json={"prompt": "slow rivers", "num_images": 5}, headers=headers
+        )
+        job_id = created.json()["job_id"]
+        with trio.fail_after(10):
+            async with client.stream(
+                "GET", f"/api/generate/{job_id}/stream", headers=headers
+            ) as stream:
+                lines = stream.aiter_lines()
+                assert await anext(lines) == "retry: 3000"
+                process.send_signal(signal.SIGTERM)
+                # Draining: no new jobs, /health says so, and this stream goes on meanwhile.
+                for _ in range(250):  # the signal arrives asynchronously
+                    if (await client.get("/health")).status_code == 503:
+                        break
+                    await trio.sleep(0.02)
+                refused = await client.post(
+                    "/api/generate", json={"prompt": "late", "num_images": 5}, headers=headers
+                )
+                t0 = trio.current_time()
+                process.send_signal(signal.SIGTERM)
+                rest = [line async for line in lines]
+            assert await process.wait() == 0
+            exited_after = trio.current_time() - t0
+
+    assert refused.status_code == 503
+    assert all(not line.startswith("event:") for line in rest), rest
+    assert exited_after < GRACEFUL_TIMEOUT_S / 2
+    assert process.stderr is not None
+    stderr = (await process.stderr.receive_some(1 << 16)).decode()
+    assert "Traceback" not in stderr
+    assert "again: not waiting for running jobs" in stderr
