@@ -105,24 +105,20 @@ async def run_server(
             await shutdown.wait()
             await supervisor.drain(settings.shutdown_grace_s)
 
-        async with trio.open_nursery() as nursery:
-
-            async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                await serve(app, config, shutdown_trigger=trigger, task_status=task_status)
-                nursery.cancel_scope.cancel()  # the signal watcher
-
+        async with trio.open_nursery() as watching:
             if handle_signals:
-                nursery.start_soon(_watch_signals, supervisor, shutdown)
-            binds = await nursery.start(serve_then_stop)
-            logger.info(
-                "listening on %s (provider: %s, store: %s)",
-                ", ".join(binds),
-                provider.name,
-                store.name,
-            )
-            task_status.started(binds)
-            await shutdown.wait()
-            # Hypercorn drains now; once it returns, the signal watcher is cancelled.
+                watching.start_soon(_watch_signals, supervisor, shutdown)
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trigger))
+                logger.info(
+                    "listening on %s (provider: %s, store: %s)",
+                    ", ".join(binds),
+                    provider.name,
+                    store.name,
+                )
+                task_status.started(binds)
+            # Hypercorn has drained and returned: stop watching for signals.
+            watching.cancel_scope.cancel()
     logger.info("stopped")
 
 
