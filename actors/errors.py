@@ -59,9 +59,17 @@ class ShuttingDown(ActorError):
 
 
 class StoreUnavailable(ActorError):
-    """The job store failed to read or write; nothing the request asked for was changed."""
+    """The job store failed to read or write; nothing the request asked for was changed.
+
+    ``refused`` says the store works but will never take this write (it cannot be bound, or it
+    contradicts what is stored): trying it again is pointless.
+    """
 
     retry_after_s = 5
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ProviderError(Exception):

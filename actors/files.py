@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,6 +38,10 @@ _JOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
+
+
+#: How long stopping may spend deleting the files of jobs forgotten just before.
+SHUTDOWN_DELETE_S = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -147,6 +151,11 @@ class ImageFiles:
             return url
         if not _JOB_ID.fullmatch(job_id) or index < 0:
             raise ValueError(f"not a job id and image index: {job_id!r}, {index!r}")
+        kept = self._kept(job_id, index)
+        if kept is not None:
+            # Stored before a restart cut the job short: the provider's URL may be gone by now.
+            await trio.lowlevel.checkpoint()
+            return f"/files/{kept}"
         try:
             data, ext = await self._download(url)
             name = f"{job_id}-{index}.{ext}"
@@ -250,6 +259,10 @@ class ImageFiles:
         """Bytes in the directory as accounted (stored, reported and found at start-up)."""
         return self._total_bytes
 
+    def bytes_of(self, job_ids: Iterable[str]) -> int:
+        """Bytes accounted to these jobs."""
+        return sum(usage.nbytes for job_id in job_ids if (usage := self._jobs.get(job_id)))
+
     @property
     def over_budget(self) -> bool:
         """Whether the directory holds more than ``max_total_bytes``: evict old jobs."""
@@ -264,6 +277,13 @@ class ImageFiles:
             "download_failures": self._download_failures,
             "skipped": self._skipped,
         }
+
+    def _kept(self, job_id: str, index: int) -> str | None:
+        usage = self._jobs.get(job_id)
+        prefix = f"{job_id}-{index}."
+        return (
+            next((name for name in usage.sizes if name.startswith(prefix)), None) if usage else None
+        )
 
     def _account(self, job_id: str, name: str, nbytes: int) -> None:
         usage = self._jobs.setdefault(job_id, _JobUsage())
@@ -288,8 +308,9 @@ class ImageFiles:
                 await self._wake.wait()
                 await self._delete_queued()
         finally:
-            # Jobs forgotten just before shutdown would otherwise leave orphan files behind.
-            with trio.CancelScope(shield=True):
+            # Jobs forgotten just before shutdown would otherwise leave orphan files behind
+            # (bounded: a hung file system must not hold the stop up).
+            with trio.move_on_after(SHUTDOWN_DELETE_S, shield=True):
                 await self._delete_queued()
 
     async def _delete_queued(self) -> None:
@@ -386,7 +407,10 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     partial = directory / f".{name}.{os.getpid()}.tmp"
     try:
-        partial.write_bytes(data)
+        with partial.open("wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the job's record can point at it
         partial.replace(directory / name)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime
 from functools import partial
@@ -25,6 +26,7 @@ from actors.messages import (
 )
 from actors.store.base import (
     AppendEvent,
+    Commit,
     JobRecord,
     JobStore,
     Operation,
@@ -146,6 +148,7 @@ class JobActor:
         self._cancel_scope = trio.CancelScope()
         self._crashed = False
         self._stored = trio.Event()
+        self._admission: Commit | None = None
         self._refused: StoreUnavailable | None = None
         self._finished = trio.Event()
 
@@ -200,6 +203,11 @@ class JobActor:
         return self._finished_at
 
     @property
+    def stored(self) -> bool:
+        """Whether the job is in the store (new jobs are not until their first write lands)."""
+        return self._stored.is_set() and self._refused is None
+
+    @property
     def refused(self) -> bool:
         """Whether the store refused the new job (it never ran and is to be forgotten)."""
         return self._refused is not None
@@ -234,7 +242,9 @@ class JobActor:
     # --- the actor --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if not self._stored.is_set() and not await self._store_new():
+        if not self._stored.is_set():
+            await self._store_new()
+        if self._refused is not None:
             return
         running = [image for image in self._images if image.status is ImageStatus.RUNNING]
         # Room for every worker's report: a worker never waits while the job stores a batch.
@@ -280,22 +290,43 @@ class JobActor:
         """Whether a cancelled worker leaves its remote work running (for the next start)."""
         return self._store.resumable and not self._cancel_scope.cancel_called
 
-    async def _store_new(self) -> bool:
-        """Store the new job (answering whoever waits in :meth:`wait_stored`); False if refused."""
-        commit = self._store.write(
+    def admit(self) -> None:
+        """Queue the new job's first write (sync; the supervisor calls it as it admits the job).
+
+        A store that writes at once (memory) has the job stored before this returns.
+        """
+        self._admission = self._store.write(
             PutJob(self._job_record()),
             PutImages(self.job_id, tuple(self._image_snapshot(image) for image in self._images)),
         )
-        # Shielded: the request that submitted the job must learn how it went; writes are quick.
-        with trio.move_on_after(STORE_RETRY_S[1] * 2, shield=True):
+        if self._admission.settled:
+            self._settle_admission()
+
+    def _settle_admission(self) -> None:
+        commit = self._admission
+        assert commit is not None
+        if not commit.settled:
+            self._refused = StoreUnavailable("the store did not answer in time")
+        else:
             try:
-                await commit.wait()
+                commit.raise_error()
             except StoreUnavailable as exc:
                 self._refused = exc
-        if not commit.settled and self._refused is None:
-            self._refused = StoreUnavailable("the store did not answer in time")
+        if self._refused is not None:
+            self.log.close()  # anyone following it is told it ended
         self._stored.set()
-        return self._refused is None
+
+    async def _store_new(self) -> None:
+        """Wait for the new job's first write (answering :meth:`wait_stored`)."""
+        if self._admission is None:
+            self.admit()
+        assert self._admission is not None
+        if not self._stored.is_set():
+            # Shielded: the request that submitted the job must learn how it went.
+            with trio.move_on_after(STORE_RETRY_S[1] * 2, shield=True):
+                with contextlib.suppress(StoreUnavailable):
+                    await self._admission.wait()
+            self._settle_admission()
 
     async def _take(
         self, first: WorkerReport, reports_recv: trio.MemoryReceiveChannel[WorkerReport]
@@ -396,6 +427,11 @@ class JobActor:
                 await self._store.write(*operations).wait()
                 break
             except StoreUnavailable as exc:
+                if exc.refused:
+                    # The store works but will never take this write (a bug): the job goes
+                    # on unstored rather than stall, and says so.
+                    logger.error("job %s: the store refused its write: %s", self.job_id, exc)
+                    break
                 logger.warning(
                     "job %s waits for its store (again in %g s): %s",
                     self.job_id,

@@ -21,9 +21,10 @@ from actors.errors import (
     LimitExceeded,
     Overloaded,
     ShuttingDown,
+    StoreUnavailable,
 )
 from actors.files import ImageFiles
-from actors.job import JobActor, JobCounters
+from actors.job import STORE_RETRY_S, JobActor, JobCounters
 from actors.messages import (
     ImageStatus,
     JobEvent,
@@ -35,7 +36,7 @@ from actors.messages import (
 from actors.providers.base import ImageProvider, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import DeleteJob, JobStore, RemoteWork, StoredJob
+from actors.store.base import Commit, DeleteJob, JobStore, RemoteWork, StoredJob
 from actors.store.memory import MemoryStore
 from actors.worker import WorkerContext
 
@@ -157,6 +158,8 @@ class Supervisor:
         self.shutting_down = trio.Event()
         self._job_ended = trio.Event()
         self._grace = trio.CancelScope()
+        self._deleting: dict[str, Commit] = {}
+        self._deletes_queued = trio.Event()
         self._now = now
         self._uniform = uniform
         self._nursery: trio.Nursery | None = None
@@ -187,6 +190,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._restore(stored)
+                nursery.start_soon(self._see_deletes_stored, name="supervisor deletes")
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -281,6 +285,7 @@ class Supervisor:
         )
         self._register(job)
         self._active[job_id] = job
+        job.admit()
         self._nursery.start_soon(self._run_job, job, name=f"job {job_id}")
         logger.info("job %s accepted: %d images for %s", job_id, num_images, owner)
         return job.snapshot(), True
@@ -368,7 +373,8 @@ class Supervisor:
         """
         self._expire()
         job = self._jobs.get(job_id)
-        if job is None or job.owner != owner:
+        # A job is visible once stored: one the store then refused was never there.
+        if job is None or job.owner != owner or not job.stored:
             raise JobNotFound(job_id)
         return job
 
@@ -387,9 +393,12 @@ class Supervisor:
             seq = self._seqs[job_id]
             if before is not None and seq >= before:
                 continue
+            job = self._jobs[job_id]
+            if not job.stored:
+                continue
             if len(page) == limit:
                 return tuple(page), self._seqs[page[-1].job_id]
-            page.append(self._jobs[job_id].snapshot())
+            page.append(job.snapshot())
         return tuple(page), None
 
     def cancel(self, job_id: str, *, owner: str) -> JobActor:
@@ -473,17 +482,51 @@ class Supervisor:
     def _expire(self) -> None:
         horizon = trio.current_time() - self.settings.job_retention_s
         finished = self._finished
-        files = self.files
         while finished and (
             finished[0][0] <= horizon
             or len(finished) > self.settings.max_retained_jobs
-            or (files is not None and files.over_budget)
+            or self._finished_over_budget()
         ):
             _, job_id = finished.popleft()
             self._forget(job_id)
 
+    async def _see_deletes_stored(self) -> None:
+        """Write again every deletion that failed, until it is stored (else a forgotten job
+        would come back at the next start)."""
+        delay = STORE_RETRY_S[0]
+        while True:
+            await self._deletes_queued.wait()
+            self._deletes_queued = trio.Event()
+            while self._deleting:
+                job_id, commit = next(iter(self._deleting.items()))
+                try:
+                    await commit.wait()
+                except StoreUnavailable as exc:
+                    logger.warning(
+                        "job %s: deletion not stored (again in %g s): %s", job_id, delay, exc
+                    )
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, STORE_RETRY_S[1])
+                    if self._deleting.get(job_id) is commit:
+                        self._deleting[job_id] = self.store.write(DeleteJob(job_id))
+                    continue
+                delay = STORE_RETRY_S[0]
+                if self._deleting.get(job_id) is commit:
+                    del self._deleting[job_id]
+
+    def _finished_over_budget(self) -> bool:
+        """Whether finished jobs' images alone take the image directory over its budget (running
+        jobs' images are never evicted, so they do not push finished jobs out either)."""
+        files = self.files
+        if files is None or not files.over_budget:
+            return False
+        finished_bytes = files.total_bytes - files.bytes_of(self._active)
+        return finished_bytes > files.settings.max_total_bytes
+
     def _forget(self, job_id: str) -> None:
-        self.store.write(DeleteJob(job_id))
+        # Queued now, in order with the writes after it (a new job may take its key at once).
+        self._deleting[job_id] = self.store.write(DeleteJob(job_id))
+        self._deletes_queued.set()
         if self.files is not None:
             self.files.forget(job_id)
         job = self._jobs.pop(job_id)

@@ -101,15 +101,19 @@ def kept_secret(path: Path) -> str:
         OSError: The file cannot be read or made.
     """
     try:
-        return path.read_text(encoding="ascii").strip()
+        kept = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        pass
+        kept = ""
+    if kept:  # an empty file (a power cut as it was made) is made again
+        return kept
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="ascii") as file:
         file.write(secret + "\n")
+        file.flush()
+        os.fsync(file.fileno())
     partial.replace(path)
     logger.info("AUTH_SECRET is not set: made a signing key, kept in %s", path)
     return secret

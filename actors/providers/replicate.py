@@ -144,6 +144,7 @@ class ReplicateProvider:
         self._tracked: dict[str, _Tracked] = {}
         self._claimed: dict[str, None] = {}  # insertion-ordered, bounded
         self._early: dict[str, Mapping[str, Any]] = {}  # insertion-ordered, bounded
+        self._notes: dict[tuple[str, int], Commit] = {}  # prediction ids being stored
         self._counters = _Counters()
         self._multi_output_warned = False
 
@@ -156,6 +157,7 @@ class ReplicateProvider:
         if prediction_id is None:
             prediction, answered = await self._create_once(key, request.prompt)
             prediction_id = str(prediction["id"])
+            await self._noted(key)
             if answered and finished(prediction, sync_answer=True):
                 return self._result(key, prediction)
             # A create's own answer is fresh; a prediction adopted from the list is checked now.
@@ -350,6 +352,21 @@ class ReplicateProvider:
     ) -> Commit:
         return self._journal.note(key[0], key[1], remote_id=remote_id, pending_since=pending_since)
 
+    async def _noted(self, key: tuple[str, int]) -> None:
+        """Wait until the image's prediction id is stored, noting it again while the store
+        fails: until then a restart could only find the prediction by reconciling."""
+        delay = 0.1
+        while (commit := self._notes.pop(key, None)) is not None:
+            try:
+                await commit.wait()
+            except StoreUnavailable as exc:
+                logger.warning("replicate: cannot note the prediction of %s yet: %s", key, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, MAX_POLL_BACKOFF_S)
+                prediction_id = self._images.get(key)
+                if prediction_id is not None and not exc.refused:
+                    self._notes[key] = self._note(key, prediction_id, None)
+
     def _settle_nothing(self, key: tuple[str, int]) -> None:
         """The image's pending create certainly created nothing."""
         del self._unsure[key]
@@ -416,7 +433,7 @@ class ReplicateProvider:
             raise TransientProviderError("Replicate answered without a prediction id")
         self._counters.predictions += 1
         self._images[key] = prediction_id
-        self._note(key, prediction_id, None)
+        self._notes[key] = self._note(key, prediction_id, None)
         logger.info(
             "job %s image %d: prediction %s",
             key[0],

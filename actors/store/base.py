@@ -140,6 +140,11 @@ class Commit:
         self._error = error
         self._done.set()
 
+    def raise_error(self) -> None:
+        """Raise the write's error if it failed (call once settled)."""
+        if self._error is not None:
+            raise self._error
+
     async def wait(self) -> None:
         """Return once the write is stored.
 

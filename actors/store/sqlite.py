@@ -10,7 +10,6 @@ file from a newer release is refused.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -18,7 +17,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,6 +95,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (job_id, id)
         ) WITHOUT ROWID""",
     ),
+    # 2: a row /health rewrites to learn whether the store can write again after a failure.
+    ("CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT NOT NULL)",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -255,10 +256,10 @@ def _job_row(record: JobRecord) -> Row:
     return (
         record.job_id,
         record.seq,
-        record.owner,
-        record.prompt,
+        _text(record.owner),
+        _text(record.prompt),
         record.num_images,
-        record.idempotency_key,
+        _text(record.idempotency_key),
         record.status.value,
         _time(record.created_at),
         _time(record.finished_at),
@@ -272,8 +273,8 @@ def _image_row(job_id: str, image: ImageSnapshot) -> Row:
         job_id,
         image.index,
         image.status.value,
-        image.url,
-        image.error,
+        _text(image.url),
+        _text(image.error),
         image.attempts,
         _time(image.started_at),
         _time(image.finished_at),
@@ -295,49 +296,75 @@ def _insert(connection: sqlite3.Connection, head: str, rows: list[Row], tail: st
         connection.execute(f"{head} VALUES {values}{tail}", parameters)
 
 
-def write_transaction(connection: sqlite3.Connection, operations: Iterable[Operation]) -> None:
-    """Apply ``operations`` in one transaction (all or nothing); blocking.
+def _text(value: str | None) -> str | None:
+    """``value`` as SQLite can store it: text from a provider may hold lone surrogates."""
+    if value is None or value.isascii():
+        return value
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
-    Writes are upserts by primary key, so only the last write of each row counts: the rows are
-    gathered per table and written with one multi-row statement each, parents first; deletions
-    come last (a row written for a job that a later operation deletes goes with it).
-    """
-    jobs: dict[str, Row] = {}
-    images: dict[tuple[str, int], Row] = {}
-    remote: dict[tuple[str, int], Row] = {}
-    events: dict[tuple[str, int], Row] = {}
-    deleted: list[str] = []
-    for operation in operations:
-        match operation:
-            case PutJob(record):
-                jobs[record.job_id] = _job_row(record)
-            case PutImages(job_id, batch):
-                for image in batch:
-                    images[job_id, image.index] = _image_row(job_id, image)
-            case AppendEvent(job_id, event):
-                events[job_id, event.id] = (job_id, event.id, encode_event(event))
-            case SetRemote(job_id, index, remote_id, pending_since):
-                remote[job_id, index] = (job_id, index, remote_id, _time(pending_since))
-            case DeleteJob(job_id):
-                deleted.append(job_id)
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        _insert(connection, f"INSERT INTO jobs ({_JOB_COLUMNS})", list(jobs.values()), _JOB_UPDATE)
-        _insert(connection, f"INSERT OR REPLACE INTO images ({_IMAGE_COLUMNS})", [*images.values()])
+
+class _Rows:
+    """Rows gathered for one multi-row statement per table (the last write of a row wins)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Row] = {}
+        self.images: dict[tuple[str, int], Row] = {}
+        self.remote: dict[tuple[str, int], Row] = {}
+        self.events: dict[tuple[str, int], Row] = {}
+
+    def write(self, connection: sqlite3.Connection) -> None:
+        """Parents first; then start afresh."""
+        _insert(
+            connection, f"INSERT INTO jobs ({_JOB_COLUMNS})", [*self.jobs.values()], _JOB_UPDATE
+        )
+        _insert(
+            connection, f"INSERT OR REPLACE INTO images ({_IMAGE_COLUMNS})", [*self.images.values()]
+        )
         _insert(
             connection,
             "INSERT OR REPLACE INTO remote_work (job_id, idx, remote_id, pending_since)",
-            list(remote.values()),
+            [*self.remote.values()],
         )
-        _insert(connection, "INSERT OR REPLACE INTO events (job_id, id, body)", [*events.values()])
-        for start in range(0, len(deleted), _ROWS_PER_STATEMENT):
-            chunk = deleted[start : start + _ROWS_PER_STATEMENT]
-            marks = ", ".join("?" * len(chunk))
-            connection.execute(f"DELETE FROM jobs WHERE job_id IN ({marks})", chunk)  # noqa: S608
+        _insert(
+            connection, "INSERT OR REPLACE INTO events (job_id, id, body)", [*self.events.values()]
+        )
+        for table in (self.jobs, self.images, self.remote, self.events):
+            table.clear()
+
+
+def write_transaction(connection: sqlite3.Connection, operations: Iterable[Operation]) -> None:
+    """Apply ``operations`` in one transaction (all or nothing), in order; blocking.
+
+    Writes are upserts by primary key, so between two deletions only the last write of each row
+    counts: those rows are gathered per table and written with one multi-row statement each (one
+    step of SQLite, so one release of the GIL, instead of one per row).
+    """
+    rows = _Rows()
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for operation in operations:
+            match operation:
+                case PutJob(record):
+                    rows.jobs[record.job_id] = _job_row(record)
+                case PutImages(job_id, batch):
+                    for image in batch:
+                        rows.images[job_id, image.index] = _image_row(job_id, image)
+                case AppendEvent(job_id, event):
+                    body = _text(encode_event(event))
+                    rows.events[job_id, event.id] = (job_id, event.id, body)
+                case SetRemote(job_id, index, remote_id, pending_since):
+                    row = (job_id, index, _text(remote_id), _time(pending_since))
+                    rows.remote[job_id, index] = row
+                case DeleteJob(job_id):
+                    rows.write(connection)
+                    connection.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+        rows.write(connection)
+        connection.execute("COMMIT")
     except BaseException:
-        connection.execute("ROLLBACK")
+        # SQLite may have rolled back already (a full disk, an I/O error).
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
         raise
-    connection.execute("COMMIT")
 
 
 def read_all(connection: sqlite3.Connection) -> tuple[StoredJob, ...]:
@@ -412,6 +439,20 @@ def read_all(connection: sqlite3.Connection) -> tuple[StoredJob, ...]:
     return tuple(jobs)
 
 
+def _write_probe(connection: sqlite3.Connection) -> None:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        connection.execute(
+            "INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)",
+            (datetime.now(UTC).isoformat(),),
+        )
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
 def _probe(path: Path) -> None:
     """Open the file afresh, read-only, and read its header and a table; blocking."""
     connection = _connect(path, read_only=True)
@@ -445,6 +486,7 @@ class SQLiteStore:
         self.path = path
         self._connection = connection
         self._thread = trio.CapacityLimiter(1)
+        self._probes = trio.CapacityLimiter(1)
         self._queue: list[tuple[Sequence[Operation], Commit]] = []
         self._wake = trio.Event()
         self._last_error: str | None = None
@@ -459,8 +501,9 @@ class SQLiteStore:
     async def load(self) -> tuple[StoredJob, ...]:
         try:
             return await self._in_thread(read_all, self._connection)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(_describe(exc)) from None
+        except (sqlite3.Error, ValueError, KeyError, TypeError) as exc:
+            # A row this release cannot read: refuse to start rather than run on without it.
+            raise StoreUnavailable(f"cannot read the stored jobs: {_describe(exc)}") from None
 
     def write(self, *operations: Operation) -> Commit:
         commit = Commit()
@@ -472,14 +515,22 @@ class SQLiteStore:
         with trio.move_on_after(HEALTH_TIMEOUT_S):
             try:
                 # A connection of its own, so a slow check never holds the writer up.
-                await trio.to_thread.run_sync(_probe, self.path, abandon_on_cancel=True)
+                # Its own thread limit: probes stuck on a hung file system pile up nowhere else.
+                await trio.to_thread.run_sync(
+                    _probe, self.path, abandon_on_cancel=True, limiter=self._probes
+                )
             except (OSError, sqlite3.Error) as exc:
                 return StoreHealth(ok=False, detail=_describe(exc))
             if self._last_error is not None:
-                # The last write failed: try an empty one (it takes the write lock and commits),
-                # so that a store that works again says so without waiting for real traffic.
-                with contextlib.suppress(StoreUnavailable):
-                    await self.write().wait()
+                # The last write failed: write a row of its own (a page into the WAL, so a full
+                # disk still fails), so that a store that works again says so without traffic.
+                try:
+                    await self._in_thread(_write_probe, self._connection)
+                except sqlite3.Error as exc:
+                    self._last_error = _describe(exc)
+                else:
+                    logger.info("store: writing again")
+                    self._last_error = None
             if self._last_error is not None:
                 return StoreHealth(ok=False, detail=self._last_error)
             return StoreHealth(ok=True, detail="ok")
@@ -535,17 +586,19 @@ class SQLiteStore:
     async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
         try:
             await self._in_thread(write_transaction, self._connection, operations)
-        except sqlite3.IntegrityError as exc:
-            # A write that contradicts the data (a bug, or a job deleted meanwhile): refused
-            # alone, and no sign that the store itself is unwell.
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, ValueError, TypeError) as exc:
+            # A write that contradicts the data or cannot be bound (a bug, or a job deleted
+            # meanwhile): refused alone, and no sign that the store itself is unwell.
             logger.warning("store: write refused: %s", exc)
-            return StoreUnavailable(_describe(exc))
-        except sqlite3.Error as exc:
+            return StoreUnavailable(_describe(exc), refused=True)
+        except Exception as exc:  # sqlite3.Error above all: the writer must never die
+            if not isinstance(exc, sqlite3.Error):
+                logger.exception("store: write failed")
             if self._last_error is None:
                 logger.error("store: write failed: %s", exc)
             self._last_error = _describe(exc)
             return StoreUnavailable(self._last_error)
-        if self._last_error is not None:
+        if self._last_error is not None and operations:  # an empty write proves nothing
             logger.info("store: writing again")
             self._last_error = None
         self._transactions += 1
@@ -621,7 +674,10 @@ async def open_sqlite_store(path: Path, *, synchronous: str = "full") -> AsyncIt
     finally:
         with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
             await store.flush()
-            if store._queue:
-                logger.error("store: %d writes were not stored before closing", len(store._queue))
+        if store._queue:
+            logger.error("store: %d writes were not stored before closing", len(store._queue))
+            for _, commit in store._queue:
+                commit.settle(StoreUnavailable("the store closed before this write"))
+        with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
             await trio.to_thread.run_sync(store.close, limiter=store._thread)
         os.close(lock)

@@ -457,6 +457,19 @@ async def test_keep_and_added_count_bytes_per_job_and_forget_drops_them_at_once(
         assert names_in(tmp_path) == [f"{OTHER_JOB}-0.png"]
 
 
+async def test_an_image_kept_before_a_restart_is_not_fetched_again(
+    origin: Origin, tmp_path: Path
+) -> None:
+    async with opened(tmp_path) as files:
+        first = await files.keep(JOB, 0, origin.at("/png-as-webp"))
+    async with opened(tmp_path) as files:  # the next start finds the file
+        # The provider's URL has expired meanwhile: the copy on disk is what counts.
+        again = await files.keep(JOB, 0, origin.at("/missing"))
+
+    assert again == first == f"/files/{JOB}-0.png"
+    assert files.statistics()["download_failures"] == 0
+
+
 async def test_forget_all_but_deletes_the_files_of_unknown_jobs(
     origin: Origin, tmp_path: Path
 ) -> None:

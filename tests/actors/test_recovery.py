@@ -13,11 +13,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import attrs
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from actors.errors import JobNotFound, ShuttingDown, StoreUnavailable
+from actors.files import ImageFiles, ImageFilesSettings
 from actors.job import STORE_RETRY_S
 from actors.messages import (
     DoneEvent,
@@ -484,13 +486,14 @@ async def test_a_job_the_store_refused_is_not_found(
     async with running(store, FakeProvider()) as supervisor:
         store.broken = "disk full"
         snapshot, _ = supervisor.submit_nowait(owner="alice", prompt="a red fox", num_images=1)
-        job = supervisor.get(snapshot.job_id, owner="alice")
-        with pytest.raises(StoreUnavailable, match="disk full"):
-            await job.wait_stored()
 
+        # Never visible: not while its first write is pending, nor once it was refused.
         with pytest.raises(JobNotFound):
             supervisor.get(snapshot.job_id, owner="alice")
-        assert not job.log.events_after(0)
+        assert supervisor.list_jobs(owner="alice", limit=10) == ((), None)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(JobNotFound):
+            supervisor.get(snapshot.job_id, owner="alice")
 
 
 async def test_events_wait_while_the_store_fails_and_appear_once_it_works(
@@ -645,3 +648,63 @@ async def test_a_job_stopped_mid_run_on_sqlite_completes_after_reopening(tmp_pat
     ]
     assert first.remote_cancels == []
     assert [snapshot.job_id for snapshot in page] == [new_id, job_id, earlier_id]
+
+
+# --- the image directory's budget ----------------------------------------------------------------
+
+
+async def test_the_image_budget_evicts_old_finished_jobs_never_for_running_ones(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    local = "/files/{job_id}-{index}.png"  # served by the service: nothing to download
+    provider = FakeProvider(
+        default=Script(url=local), by_prompt={"slow": Script(latency_s=100, url=local)}
+    )
+    async with httpx.AsyncClient() as client:
+        files = ImageFiles(ImageFilesSettings(directory=tmp_path, max_total_bytes=1000), client)
+        async with open_supervisor(
+            provider, SupervisorSettings(), now=wall_clock, uniform=upper_jitter, files=files
+        ) as supervisor:
+            first = await submit(supervisor, n=1)
+            await trio.sleep(2)
+            files.added(first, f"{first}-0.png", 600)
+            running = await submit(supervisor, n=1, prompt="slow")
+            files.added(running, f"{running}-0.png", 600)  # 1,200 bytes, 600 of them running
+
+            assert supervisor.get(first, owner="alice").status is JobStatus.COMPLETED
+
+            third = await submit(supervisor, n=1)
+            await trio.sleep(2)
+            files.added(third, f"{third}-0.png", 600)  # finished jobs alone: 1,200 bytes
+            supervisor.statistics()  # retention runs on reads too
+
+            with pytest.raises(JobNotFound):  # the oldest finished job made room
+                supervisor.get(first, owner="alice")
+            assert supervisor.get(third, owner="alice").status is JobStatus.COMPLETED
+            assert supervisor.get(running, owner="alice").status is JobStatus.RUNNING
+            assert files.total_bytes == 1200
+
+
+async def test_a_deletion_the_store_failed_is_written_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(resumable=True)
+    async with running(store, FakeProvider(), SupervisorSettings(job_retention_s=60)) as supervisor:
+        job_id = await submit(supervisor)
+        await trio.sleep(2)  # finished
+        store.broken = "disk full"
+        await trio.sleep(60)
+        supervisor.statistics()  # retention forgets the job; its deletion fails
+        with pytest.raises(JobNotFound):
+            supervisor.get(job_id, owner="alice")
+        assert held_job_ids(store) == [job_id]
+
+        store.broken = None
+        await trio.sleep(STORE_RETRY_S[1])
+
+        assert await store.load() == ()
+
+
+def held_job_ids(store: MemoryStore) -> list[str]:
+    """The ids of the jobs the store holds, read while it is broken (``load`` refuses then)."""
+    return list(store._jobs)

@@ -164,21 +164,34 @@ async def test_a_create_is_journaled_as_pending_before_it_reaches_replicate() ->
 async def test_no_create_is_sent_until_its_pending_note_is_stored(fake: FakeReplicate) -> None:
     store = await store_with_job()
     journal = HeldJournal(store)
+    done = trio.Event()
+
+    async def make_image() -> None:
+        await generate(provider, image())
+        done.set()
 
     async with (
         open_replicate_provider(settings_for(fake), journal=journal) as provider,
         trio.open_nursery() as nursery,
     ):
-        nursery.start_soon(generate, provider, image())
+        nursery.start_soon(make_image)
         with trio.fail_after(5):
             await journal.noted.wait()
         await trio.testing.wait_all_tasks_blocked(cushion=0.05)
         assert fake.create_requests == 0
 
-        journal.release()  # the image goes on: the prediction id's note is not waited for
+        journal.release()  # the create goes out; then the image waits for its id's note
+        with trio.fail_after(5):
+            while len(journal.held) < 2:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert fake.create_requests == 1
+        assert not done.is_set()
 
-    assert fake.create_requests == 1
-    assert [held.settled for held in journal.held] == [True, False]
+        journal.release()
+
+    assert done.is_set()
+    assert [held.settled for held in journal.held] == [True, True]
     assert await journal_of(store) == {0: (next(iter(fake.predictions)), None)}
 
 

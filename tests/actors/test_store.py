@@ -460,6 +460,48 @@ async def test_a_version_0_database_is_migrated_and_keeps_its_other_tables(db_pa
     assert run_sql(db_path, "SELECT text FROM notes") == [("keep me",)]
 
 
+async def test_a_version_1_database_is_migrated_with_its_jobs(db_path: Path) -> None:
+    run_sql(db_path, *sqlite_backend.MIGRATIONS[0], "PRAGMA user_version = 1")
+    run_sql(
+        db_path,
+        "INSERT INTO jobs (job_id, seq, owner, prompt, num_images, status, created_at) "
+        "VALUES ('old', 1, 'alice', 'a fox', 5, 'completed', '2026-01-01T00:00:00+00:00')",
+    )
+
+    async with open_sqlite_store(db_path) as store:
+        (stored,) = await store.load()
+
+    assert (stored.job.job_id, stored.job.status) == ("old", JobStatus.COMPLETED)
+    assert run_sql(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert SCHEMA_VERSION == 2
+
+
+async def test_text_with_lone_surrogates_is_stored_not_fatal(store: JobStore) -> None:
+    # A provider's error text can hold them (JSON "\udc80" decodes to one).
+    failed = image(status=ImageStatus.FAILED, error="bad \udc80 output", finished_at=CREATED)
+
+    await commit(store, *new_job(), PutImages("job-1", (failed,)))
+
+    stored = await only_job(store)
+    assert stored.images[0].error is not None
+    assert stored.images[0].error.startswith("bad ")
+
+
+async def test_an_idempotency_key_freed_by_a_delete_is_reused_in_the_same_batch(
+    db_path: Path,
+) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, PutJob(job_record("old", 1, idempotency_key="k")))
+        # Retention forgets the old job and a new one takes its key, in one tick (one batch).
+        delete = store.write(DeleteJob("old"))
+        put = store.write(PutJob(job_record("new", 2, idempotency_key="k")))
+        await delete.wait()
+        await put.wait()
+
+        assert [s.job.job_id for s in await store.load()] == ["new"]
+        assert store.statistics()["failed_commits"] == 0
+
+
 async def test_writes_queued_just_before_closing_are_stored(db_path: Path) -> None:
     async with open_sqlite_store(db_path) as store:
         pending = [store.write(*new_job()), store.write(AppendEvent("job-1", progress(1, 0)))]
