@@ -485,7 +485,8 @@ class Supervisor:
         while finished and (
             finished[0][0] <= horizon
             or len(finished) > self.settings.max_retained_jobs
-            or self._finished_over_budget()
+            # The newest finished job stays, even alone over budget: its client is reading it.
+            or (len(finished) > 1 and self._finished_over_budget())
         ):
             _, job_id = finished.popleft()
             self._forget(job_id)
