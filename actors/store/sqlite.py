@@ -474,9 +474,10 @@ class SQLiteStore:
     Concurrency: opened with :func:`open_sqlite_store`, which owns the writer task and the
     connection. :meth:`write` is sync and only queues; the writer takes everything queued, runs it
     as one transaction in a worker thread (one thread at a time uses the connection), then settles
-    each :class:`Commit`. If a batch fails, each write in it is tried alone, so one bad write
-    cannot fail another job's. Closing writes what is still queued (bounded by
-    :data:`CLOSE_FLUSH_S`) before the connection closes.
+    each :class:`Commit`. If a batch is refused (a write the store will never take), each write
+    in it is tried alone, so one bad write cannot fail another job's; if the database fails
+    (locked, full, I/O), the whole batch fails at once. Closing writes what is still queued
+    (bounded by :data:`CLOSE_FLUSH_S`) before the connection closes.
     """
 
     name = "sqlite"
@@ -566,7 +567,9 @@ class SQLiteStore:
         batch = list(self._queue)
         self._batch_max = max(self._batch_max, len(batch))
         error = await self._transaction([operation for ops, _ in batch for operation in ops])
-        if error is None or len(batch) == 1:
+        # Only a refused write is worth isolating: a locked, full or failing database would
+        # fail each write of the batch alike (and a lock would cost its wait once per write).
+        if error is None or not error.refused or len(batch) == 1:
             del self._queue[: len(batch)]
             for _, commit in batch:
                 self._settle(commit, error)

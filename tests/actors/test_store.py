@@ -318,6 +318,32 @@ def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sqlite_backend, "_connect", quick)
 
 
+async def test_a_locked_database_fails_a_whole_batch_at_once(
+    db_path: Path, short_busy_timeout: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[int] = []
+    write_transaction = sqlite_backend.write_transaction
+
+    def counted(connection: sqlite3.Connection, operations: Any) -> None:
+        attempts.append(len(operations))
+        write_transaction(connection, operations)
+
+    monkeypatch.setattr(sqlite_backend, "write_transaction", counted)
+    async with open_sqlite_store(db_path) as store:
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN EXCLUSIVE")
+            pending = [store.write(PutJob(job_record(f"job-{n}", n))) for n in range(1, 6)]
+            for commit_ in pending:
+                with pytest.raises(StoreUnavailable, match="database is locked"):
+                    await commit_.wait()
+        finally:
+            blocker.close()
+
+    # One attempt at the batch of five, not five more one by one (each waiting out the lock).
+    assert attempts == [5]
+
+
 async def test_writes_queued_in_one_tick_share_one_transaction(db_path: Path) -> None:
     async with open_sqlite_store(db_path) as store:
         pending = [store.write(PutJob(job_record(f"job-{n}", n))) for n in range(1, 21)]
