@@ -178,6 +178,7 @@ class ReplicateProvider:
                 adopted = None
             if adopted is not None:
                 self._adopt(key, adopted)
+        self._notes.pop(key, None)  # stored or not, the cancel is what matters now
         prediction_id = self._images.pop(key, None)
         if prediction_id is None:
             await trio.lowlevel.checkpoint()
