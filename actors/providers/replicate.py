@@ -123,7 +123,8 @@ class ReplicateProvider:
     ``httpx.AsyncClient``; any number of workers call :meth:`generate` and :meth:`cancel` at
     once. State (which image waits for which prediction) lives here and is touched only on the
     Trio thread; entries are dropped when an image finishes or is cancelled. The same state is
-    noted in ``journal`` (queued writes; only a pending create waits for its note to be stored).
+    noted in ``journal``: a create is sent only once its pending note is stored, and an image
+    waits for its prediction id's note before it polls.
     """
 
     name = "replicate"
