@@ -41,6 +41,12 @@ def test_env_example_defaults_are_the_real_defaults() -> None:
         ({"MIN_IMAGES": "10", "MAX_IMAGES": "5"}, "MIN_IMAGES"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
         ({"AUTH_SECRET": "x" * 31}, "AUTH_SECRET"),
+        ({"STORE": "redis"}, "STORE"),
+        ({"DATABASE_SYNCHRONOUS": "off"}, "DATABASE_SYNCHRONOUS"),
+        ({"STORE_IMAGES": "maybe"}, "STORE_IMAGES"),
+        ({"IMAGE_MAX_BYTES": "0"}, "IMAGE_MAX_BYTES"),
+        ({"IMAGES_MAX_BYTES": "-1"}, "IMAGES_MAX_BYTES"),
+        ({"SHUTDOWN_GRACE_S": "-1"}, "SHUTDOWN_GRACE_S"),
     ],
 )
 def test_malformed_settings_name_the_variable(environ: dict[str, str], names: str) -> None:
