@@ -143,7 +143,6 @@ class JobActor:
         self._images = [_Image(index) for index in range(num_images)]
         self._dirty: set[int] = set()
         self._unpublished: list[JobEvent] = []
-        self._next_event_id = 1
         self._frozen: JobSnapshot | None = None
         self._cancel_scope = trio.CancelScope()
         self._crashed = False
@@ -185,7 +184,6 @@ class JobActor:
             job._images[image.index] = _restored_image(image)
         for event in stored.events:
             job.log.append(event)
-        job._next_event_id = job.log.next_id
         job._stored.set()
         if record.status.finished:
             job.log.close()
@@ -407,9 +405,8 @@ class JobActor:
         )
 
     def _new_event_id(self) -> int:
-        event_id = self._next_event_id
-        self._next_event_id += 1
-        return event_id
+        """The id after every event published or waiting to be."""
+        return self.log.next_id + len(self._unpublished)
 
     def _operations(self) -> list[Operation]:
         """Everything changed since the last write (upserts: writing twice is harmless)."""

@@ -555,6 +555,48 @@ class StreamRun:
         ]
 
 
+@attrs.frozen
+class GatedDeliveries:
+    """What :func:`run_gated_jobs` measured: delivery times and complete subscribers."""
+
+    sse_ms: list[float]
+    ws_ms: list[float]
+    complete: int
+    subscribers: int
+
+
+async def run_gated_jobs(
+    server: Server,
+    token: str,
+    *,
+    jobs: int,
+    sse: int,
+    ws: int = 0,
+    num_images: int = 10,
+    latency_ms: float = 50,
+    gap_ms: float = 20,
+) -> GatedDeliveries:
+    """``jobs`` gated jobs one after the other (:func:`run_gated_job`), their deliveries pooled."""
+    sse_ms: list[float] = []
+    ws_ms: list[float] = []
+    complete = subscribers = 0
+    for _ in range(jobs):
+        run = await run_gated_job(
+            server,
+            token,
+            sse=sse,
+            ws=ws,
+            num_images=num_images,
+            latency_ms=latency_ms,
+            gap_ms=gap_ms,
+        )
+        sse_ms += run.delivery_ms(run.sse)
+        ws_ms += run.delivery_ms(run.ws)
+        complete += sum(run.complete(events) for events in run.sse + run.ws)
+        subscribers += len(run.sse) + len(run.ws)
+    return GatedDeliveries(sse_ms, ws_ms, complete, subscribers)
+
+
 async def run_gated_job(
     server: Server,
     token: str,

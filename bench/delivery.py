@@ -29,28 +29,21 @@ from bench import common
 
 
 async def few(server: common.Server, token: str, args: argparse.Namespace) -> dict[str, Any]:
-    sse: list[float] = []
-    ws: list[float] = []
-    complete = subscribers = 0
-    for _ in range(args.jobs):
-        run = await common.run_gated_job(
-            server,
-            token,
-            sse=args.sse,
-            ws=args.ws,
-            num_images=args.images,
-            latency_ms=args.latency_ms,
-            gap_ms=args.gap_ms,
-        )
-        sse += run.delivery_ms(run.sse)
-        ws += run.delivery_ms(run.ws)
-        complete += sum(run.complete(events) for events in run.sse + run.ws)
-        subscribers += len(run.sse) + len(run.ws)
+    measured = await common.run_gated_jobs(
+        server,
+        token,
+        jobs=args.jobs,
+        sse=args.sse,
+        ws=args.ws,
+        num_images=args.images,
+        latency_ms=args.latency_ms,
+        gap_ms=args.gap_ms,
+    )
     return {
-        "sse_ms": common.summarize(sse),
-        "ws_ms": common.summarize(ws),
-        "all_ms": common.summarize(sse + ws),
-        "complete_subscribers": f"{complete}/{subscribers}",
+        "sse_ms": common.summarize(measured.sse_ms),
+        "ws_ms": common.summarize(measured.ws_ms),
+        "all_ms": common.summarize(measured.sse_ms + measured.ws_ms),
+        "complete_subscribers": f"{measured.complete}/{measured.subscribers}",
     }
 
 

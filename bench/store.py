@@ -94,21 +94,20 @@ async def delivery_round(
     server: common.Server, token: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     """``--delivery-jobs`` gated jobs, one after the other, each with ``--sse`` subscribers."""
-    deliveries: list[float] = []
-    complete = subscribers = 0
-    for _ in range(args.delivery_jobs):
-        run = await common.run_gated_job(
-            server,
-            token,
-            sse=args.sse,
-            num_images=args.images,
-            latency_ms=args.latency_ms,
-            gap_ms=args.gap_ms,
-        )
-        deliveries += run.delivery_ms(run.sse)
-        complete += sum(map(run.complete, run.sse))
-        subscribers += len(run.sse)
-    return {"delivery_ms": deliveries, "complete": complete, "subscribers": subscribers}
+    measured = await common.run_gated_jobs(
+        server,
+        token,
+        jobs=args.delivery_jobs,
+        sse=args.sse,
+        num_images=args.images,
+        latency_ms=args.latency_ms,
+        gap_ms=args.gap_ms,
+    )
+    return {
+        "delivery_ms": measured.sse_ms,
+        "complete": measured.complete,
+        "subscribers": measured.subscribers,
+    }
 
 
 # --- the servers and the rounds ---------------------------------------------------------------

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 
+from tests.e2e.service_clients import poll_until
 from tests.e2e.web_process import web_process
 
 GRACEFUL_TIMEOUT_S = 30
@@ -94,10 +95,7 @@ async def test_a_second_signal_cuts_the_grace_period_short(tmp_path: Path) -> No
                 assert await anext(lines) == "retry: 3000"
                 process.send_signal(signal.SIGTERM)
                 # Draining: no new jobs, /health says so, and this stream goes on meanwhile.
-                for _ in range(250):  # the signal arrives asynchronously
-                    if (await client.get("/health")).status_code == 503:
-                        break
-                    await trio.sleep(0.02)
+                await poll_until(client, "/health", 503)  # the signal arrives asynchronously
                 refused = await client.post(
                     "/api/generate", json={"prompt": "late", "num_images": 5}, headers=headers
                 )
