@@ -90,7 +90,7 @@ async def port(nursery: trio.Nursery, early: Early) -> AsyncIterator[int]:
     shutdown = trio.Event()
     with trio.fail_after(WAIT_S):
         binds = await nursery.start(
-            partial(serve, partial(echo_app, early), config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+            partial(serve, partial(echo_app, early), config, shutdown_trigger=shutdown.wait)
         )
     yield int(binds[0].rsplit(":", 1)[1])
     early.accept.set()
