@@ -48,20 +48,31 @@ reverted upstream; h11 and wsproto raise ``LocalProtocolError`` for what a peer 
    close frame with wsproto's code (1002, 1007, ...) is now sent first (RFC 6455 section 7.1.7).
    The WebSocket's event handling also runs under a per-stream lock, since 7 hands early data to
    it from a second task.
+9. Messages for an app that has finished. Hypercorn hands a request's body chunks and a
+   WebSocket's messages to the app through a channel of ``max_app_queue_size``; once the app
+   returned nobody read it, so a client that kept sending (a body past the size limit, frames to
+   a WebSocket the app closed, even unauthenticated) left the connection's reader blocked
+   forever: its task and memory leaked, one connection at a time. The channel is now closed
+   when the app returns, and what arrives later is dropped.
+
+:data:`open_connections` counts the connections being served (``/metrics``:
+``imagegen_connections_open``), which is how a leak like 9 shows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
+from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Body, Data, Event as StreamEvent, StreamClosed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, FrameTooLargeError, WSStream
-from hypercorn.trio import tcp_server, worker_context
-from hypercorn.typing import TaskGroup
+from hypercorn.trio import task_group, tcp_server, worker_context
+from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, Scope, TaskGroup
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
@@ -78,6 +89,8 @@ EARLY_DATA_MAX_BYTES = 64 * 1024
 #: Connection errors contained since the process started, by exception type (process-wide, as
 #: the patched classes are).
 connection_errors: Counter[str] = Counter()
+#: Connections being served now (process-wide).
+open_connections = 0
 
 _original_restart = worker_context.TrioSingleTask.restart
 _original_run = tcp_server.TCPServer.run
@@ -141,13 +154,51 @@ def contain(peer: str, error: BaseException) -> None:
 
 
 async def _run_contained(self: tcp_server.TCPServer) -> None:
+    global open_connections  # noqa: PLW0603 (a process-wide gauge, as the patch is)
     peer = _peer(self.stream)
+    open_connections += 1
     try:
         await _original_run(self)
     except* Exception as group:  # noqa: BLE001 (the boundary: see 4 above)
         contain(peer, group)
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await self.stream.aclose()
+    finally:
+        open_connections -= 1
+
+
+# --- 9: messages for an app that has finished ------------------------------------------------
+
+
+async def _spawn_app(
+    self: task_group.TaskGroup,
+    app: AppWrapper,
+    config: Config,
+    scope: Scope,
+    send: Callable[[ASGISendEvent | None], Awaitable[None]],
+) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+    """Hypercorn's ``TaskGroup.spawn_app``, closing the app's channel when the app returns."""
+    app_send, app_receive = trio.open_memory_channel[ASGIReceiveEvent](config.max_app_queue_size)
+
+    async def run_app() -> None:
+        with app_receive:  # closing wakes a reader blocked on a full channel
+            await task_group._handle(
+                app,
+                config,
+                scope,
+                app_receive.receive,
+                send,
+                trio.to_thread.run_sync,
+                trio.from_thread.run,
+            )
+
+    async def put(message: ASGIReceiveEvent) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # the app returned: nobody reads
+            await app_send.send(message)
+
+    assert self._nursery is not None
+    self._nursery.start_soon(run_app)
+    return put
 
 
 # --- 3, 5, 6: sends and closes ---------------------------------------------------------------
@@ -279,3 +330,4 @@ def install() -> None:
     WSStream.handle = _ws_handle  # type: ignore[method-assign]
     WSStream._accept = _ws_accept  # type: ignore[method-assign]
     WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
+    task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]

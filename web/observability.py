@@ -78,9 +78,14 @@ class _SupervisorCollector(Collector):
 
 
 class _ConnectionCollector(Collector):
-    """Connection errors contained at the server's boundary (web/hypercorn_fixes.py)."""
+    """Open connections, and errors contained at the server's boundary (web/hypercorn_fixes.py)."""
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "imagegen_connections_open",
+            "Connections being served",
+            value=hypercorn_fixes.open_connections,
+        )
         errors = CounterMetricFamily(
             "imagegen_connection_errors",
             "Exceptions that ended one connection (and only it), by exception type",

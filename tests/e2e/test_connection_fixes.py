@@ -1,5 +1,5 @@
 """The Hypercorn fixes that keep one connection from ending the process (web/hypercorn_fixes.py,
-4 to 8), each against the failure it fixes and the race it could cause.
+4 to 9), each against the failure it fixes and the race it could cause.
 
 Byte-level cases run a small ASGI app under the real ``hypercorn.trio.serve`` on 127.0.0.1 with
 the fixes installed, on the real clock (every wait bounded by ``trio.fail_after``); the send and
@@ -59,6 +59,10 @@ async def echo_app(early: Early, scope: dict[str, Any], receive: Any, send: Any)
         return
     message = await receive()
     assert message["type"] == "websocket.connect"
+    if scope["path"] == "/closes":
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": 1008})
+        return
     if scope["path"] == "/early":
         await early.accept.wait()
     await send({"type": "websocket.accept"})
@@ -255,6 +259,35 @@ async def test_an_exception_in_one_connection_ends_only_that_connection(
     assert [r.levelno for r in warnings if r.levelno >= logging.WARNING] == [logging.WARNING]
     assert "127.0.0.1:" in warnings[0].getMessage()
     assert "RuntimeError" in warnings[0].getMessage()
+    await still_serving(port)
+
+
+async def wait_for_open_connections(count: int) -> None:
+    """Polls the gauge (real clock, bounded): a leaked connection never gets back to ``count``."""
+    with trio.fail_after(WAIT_S):
+        while hypercorn_fixes.open_connections != count:  # noqa: ASYNC110 (a gauge, no event)
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        UPGRADE.replace(b"/early", b"/closes") + frame(0x1, b"x") * 50,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nx\r\n" * 50,
+    ],
+    ids=["websocket-closed-by-the-app", "body-the-app-never-read"],
+)
+async def test_a_client_sending_to_a_finished_app_does_not_leak_its_connection(
+    port: int, request_bytes: bytes
+) -> None:
+    """The reader blocked forever on the finished app's full channel (task and memory leak)."""
+    await wait_for_open_connections(0)
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request_bytes)
+            await read_all(stream)
+    await wait_for_open_connections(0)
     await still_serving(port)
 
 
