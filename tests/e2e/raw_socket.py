@@ -123,7 +123,9 @@ def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
         if len(data) - at < size:
             break
         payload = data[at : at + size]
-        frames.append(Frame(first & 0xF, mask_payload(payload, key) if key else payload, bool(first & 0x80)))
+        frames.append(
+            Frame(first & 0xF, mask_payload(payload, key) if key else payload, bool(first & 0x80))
+        )
         offset = at + size
     return frames, data[offset:]
 
@@ -149,7 +151,9 @@ def request(
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def upgrade_request(path: str, *, key: bytes = WS_KEY, extra: Sequence[tuple[str, str]] = ()) -> bytes:
+def upgrade_request(
+    path: str, *, key: bytes = WS_KEY, extra: Sequence[tuple[str, str]] = ()
+) -> bytes:
     """A WebSocket opening handshake (RFC 6455 section 4.1) for ``path`` (with its query)."""
     return request(
         "GET",
@@ -197,14 +201,14 @@ class Received:
         return self.ending in ("eof", "reset")
 
 
-async def connect(port: int, *, timeout: float = 5) -> trio.SocketStream:
-    with trio.fail_after(timeout):
+async def connect(port: int, *, wait_s: float = 5) -> trio.SocketStream:
+    with trio.fail_after(wait_s):
         return await trio.open_tcp_stream(HOST, port)
 
 
-async def send(stream: trio.SocketStream, data: bytes, *, timeout: float = 5) -> bool:
+async def send(stream: trio.SocketStream, data: bytes, *, wait_s: float = 5) -> bool:
     """Send ``data``; false if the server had already closed, or did not read it in time."""
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(wait_s):
         try:
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -216,15 +220,15 @@ async def send(stream: trio.SocketStream, data: bytes, *, timeout: float = 5) ->
 async def receive_until_closed(
     stream: trio.SocketStream,
     *,
-    timeout: float = 5,
+    wait_s: float = 5,
     limit: int = RECEIVE_LIMIT,
     until: bytes | None = None,
 ) -> Received:
-    """Read until the server closes, ``timeout`` passes, ``limit`` bytes came, or ``until``
+    """Read until the server closes, ``wait_s`` passes, ``limit`` bytes came, or ``until``
     appears in what was read."""
     chunks = bytearray()
     ending: Ending = "timeout"
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(wait_s):
         while True:
             try:
                 chunk = await stream.receive_some(RECEIVE_BYTES)
@@ -263,7 +267,7 @@ async def exchange(
     port: int,
     data: bytes,
     *,
-    timeout: float = 5,
+    wait_s: float = 5,
     half_close: bool = False,
     limit: int = RECEIVE_LIMIT,
 ) -> Received:
@@ -273,7 +277,7 @@ async def exchange(
         await send(stream, data)
         if half_close:
             shut_write(stream)
-        return await receive_until_closed(stream, timeout=timeout, limit=limit)
+        return await receive_until_closed(stream, wait_s=wait_s, limit=limit)
 
 
 # --- a WebSocket spoken by hand ------------------------------------------------------------------
@@ -287,21 +291,21 @@ class RawWebSocket:
     #: Bytes after the 101's headers not yet parsed into frames.
     pending: bytes = b""
 
-    async def send(self, data: bytes, *, timeout: float = 5) -> bool:
-        return await send(self.stream, data, timeout=timeout)
+    async def send(self, data: bytes, *, wait_s: float = 5) -> bool:
+        return await send(self.stream, data, wait_s=wait_s)
 
     async def frames_until_closed(
-        self, *, timeout: float = 5, limit: int = RECEIVE_LIMIT
+        self, *, wait_s: float = 5, limit: int = RECEIVE_LIMIT
     ) -> tuple[list[Frame], Ending]:
-        received = await receive_until_closed(self.stream, timeout=timeout, limit=limit)
+        received = await receive_until_closed(self.stream, wait_s=wait_s, limit=limit)
         frames, self.pending = parse_frames(self.pending + received.data)
         return frames, received.ending
 
-    async def frames_until(self, opcode: int, *, timeout: float = 5) -> tuple[list[Frame], Ending]:
-        """Frames until one with ``opcode`` came, or the connection ended, or ``timeout``."""
+    async def frames_until(self, opcode: int, *, wait_s: float = 5) -> tuple[list[Frame], Ending]:
+        """Frames until one with ``opcode`` came, or the connection ended, or ``wait_s``."""
         frames: list[Frame] = []
         ending: Ending = "timeout"
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(wait_s):
             while True:
                 parsed, self.pending = parse_frames(self.pending)
                 frames += parsed
@@ -321,13 +325,13 @@ class RawWebSocket:
 
 
 async def open_websocket(
-    port: int, path: str, *, timeout: float = 5
+    port: int, path: str, *, wait_s: float = 5
 ) -> tuple[RawWebSocket | None, bytes]:
     """The opening handshake on a new connection: the socket once the server answered 101
     (``None`` if it answered anything else), and the answer's head."""
     stream = await connect(port)
     await send(stream, upgrade_request(path))
-    received = await receive_until_closed(stream, timeout=timeout, until=b"\r\n\r\n")
+    received = await receive_until_closed(stream, wait_s=wait_s, until=b"\r\n\r\n")
     head, _, rest = received.data.partition(b"\r\n\r\n")
     if statuses(head) != [101]:
         await stream.aclose()
