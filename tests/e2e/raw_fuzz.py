@@ -34,12 +34,14 @@ MAX_BYTES = 4096
 
 @attrs.frozen
 class Example:
-    """What one connection sends: ``opening``, then (once answered 101) ``after_upgrade``."""
+    """What one connection sends: ``opening``; or, for ``websocket`` (a key of the target's
+    paths), an upgrade then ``after_upgrade``: once answered 101, or with the request itself
+    (``pipelined``: the frames arrive before the handshake completes)."""
 
     opening: bytes
     after_upgrade: bytes = b""
-    #: ``ws_path`` is filled in by the runner (it holds the job id and the token).
     websocket: str | None = None
+    pipelined: bool = False
 
 
 @attrs.frozen
@@ -75,12 +77,15 @@ def seed_requests(paths: dict[str, str]) -> list[bytes]:
 
 
 def _mutate(data: bytes, draw: st.DrawFn) -> bytes:
-    """One random edit: flip, insert, delete, duplicate, truncate or poison a byte."""
+    """One random edit: flip, insert, append, delete, duplicate, truncate or poison a byte."""
     buffer = bytearray(data)
-    kind = draw(st.sampled_from(["flip", "insert", "delete", "duplicate", "truncate", "poison"]))
+    kinds = ["flip", "insert", "append", "delete", "duplicate", "truncate", "poison"]
+    kind = draw(st.sampled_from(kinds))
     at = draw(st.integers(0, max(0, len(buffer) - 1)))
     if kind == "flip" and buffer:
         buffer[at] ^= 1 << draw(st.integers(0, 7))
+    elif kind == "append":  # bytes after a whole request: pipelining, or early WebSocket data
+        buffer += draw(st.binary(min_size=1, max_size=64))
     elif kind == "insert":
         buffer[at:at] = draw(st.binary(min_size=1, max_size=64))
     elif kind == "delete":
@@ -137,7 +142,12 @@ def websocket_session(draw: st.DrawFn, paths: list[str]) -> Example:
     if draw(st.booleans()):
         for _ in range(draw(st.integers(1, 3))):
             data = _mutate(data, draw)
-    return Example(b"", data[:MAX_BYTES], websocket=draw(st.sampled_from(paths)))
+    return Example(
+        b"",
+        data[:MAX_BYTES],
+        websocket=draw(st.sampled_from(paths)),
+        pipelined=draw(st.booleans()),
+    )
 
 
 def examples(target: Target) -> st.SearchStrategy[Example]:
@@ -154,7 +164,10 @@ async def run_example(target: Target, example: Example) -> str:
     """Send ``example`` on a new connection, half-close, read (bounded), close. How it ended."""
     stream = await connect(target.port)
     async with stream:
-        if example.websocket is not None:
+        if example.websocket is not None and example.pipelined:
+            upgrade = upgrade_request(target.ws_paths[example.websocket])
+            await send(stream, upgrade + example.after_upgrade, wait_s=READ_S)
+        elif example.websocket is not None:
             await send(stream, upgrade_request(target.ws_paths[example.websocket]))
             head = await receive_until_closed(stream, wait_s=READ_S, until=b"\r\n\r\n")
             if statuses(head.data) != [101]:

@@ -270,14 +270,23 @@ async def exchange(
     wait_s: float = 5,
     half_close: bool = False,
     limit: int = RECEIVE_LIMIT,
+    until: bytes | None = None,
 ) -> Received:
-    """Send ``data`` on a new connection (then half-close it if asked), read until the end."""
+    """Send ``data`` on a new connection (then half-close it if asked), read until the end
+    (or until ``until`` came)."""
     stream = await connect(port)
     async with stream:
         await send(stream, data)
         if half_close:
             shut_write(stream)
-        return await receive_until_closed(stream, wait_s=wait_s, limit=limit)
+        return await receive_until_closed(stream, wait_s=wait_s, limit=limit, until=until)
+
+
+async def first_status(port: int, data: bytes, *, wait_s: float = 5) -> int | None:
+    """The status of the first answer to ``data`` on a new connection (``None``: no answer)."""
+    received = await exchange(port, data, wait_s=wait_s, until=b"\r\n\r\n")
+    answers = statuses(received.data)
+    return answers[0] if answers else None
 
 
 # --- a WebSocket spoken by hand ------------------------------------------------------------------

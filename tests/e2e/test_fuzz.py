@@ -8,15 +8,18 @@ is logged as one WARNING line and counted).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from tests.e2e.live_service import LiveService, live_service, tail
-from tests.e2e.raw_fuzz import Target, examples, run_example_sync
+from tests.e2e.raw_fuzz import Example, Target, examples, run_example_sync
 
 MAX_EXAMPLES = 150
+#: The last example run (a failure report names it).
+RECENT: deque[Example] = deque(maxlen=1)
 
 
 def fuzz_target(service: LiveService, job_id: str) -> Target:
@@ -59,7 +62,12 @@ def test_random_bytes_never_end_the_process(
     service: LiveService, target: Target, data: st.DataObject
 ) -> None:
     example = data.draw(examples(target), label="example")
-    run_example_sync(target, example)
+    try:
+        run_example_sync(target, example)
+    except OSError:
+        # A process dies a little after the example that killed it: name that one too.
+        pytest.fail(f"the service stopped accepting connections after {list(RECENT)}")
+    RECENT.append(example)
     assert service.alive(), tail(service.log_since(0))
     assert service.health() == 200
 
