@@ -217,6 +217,15 @@ async def send(stream: trio.SocketStream, data: bytes, *, wait_s: float = 5) -> 
     return False
 
 
+async def _receive_some(stream: trio.SocketStream) -> bytes | Literal["eof", "reset"]:
+    """One read: the bytes, or how the server ended the connection."""
+    try:
+        chunk = await stream.receive_some(RECEIVE_BYTES)
+    except trio.BrokenResourceError:
+        return "reset"
+    return bytes(chunk) if chunk else "eof"
+
+
 async def receive_until_closed(
     stream: trio.SocketStream,
     *,
@@ -230,13 +239,9 @@ async def receive_until_closed(
     ending: Ending = "timeout"
     with trio.move_on_after(wait_s):
         while True:
-            try:
-                chunk = await stream.receive_some(RECEIVE_BYTES)
-            except trio.BrokenResourceError:
-                ending = "reset"
-                break
-            if not chunk:
-                ending = "eof"
+            chunk = await _receive_some(stream)
+            if isinstance(chunk, str):
+                ending = chunk
                 break
             chunks += chunk
             if len(chunks) >= limit:
@@ -320,13 +325,9 @@ class RawWebSocket:
                 frames += parsed
                 if any(item.opcode == opcode for item in parsed):
                     return frames, "limit"
-                try:
-                    chunk = await self.stream.receive_some(RECEIVE_BYTES)
-                except trio.BrokenResourceError:
-                    ending = "reset"
-                    break
-                if not chunk:
-                    ending = "eof"
+                chunk = await _receive_some(self.stream)
+                if isinstance(chunk, str):
+                    ending = chunk
                     break
                 self.pending += chunk
         parsed, self.pending = parse_frames(self.pending)
