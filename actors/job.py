@@ -24,9 +24,9 @@ from actors.messages import (
     ProgressEvent,
     WorkerReport,
 )
+from actors.providers.base import Commit
 from actors.store.base import (
     AppendEvent,
-    Commit,
     JobRecord,
     JobStore,
     Operation,
@@ -34,7 +34,6 @@ from actors.store.base import (
     PutJob,
     StoredJob,
 )
-from actors.store.memory import MemoryStore
 from actors.worker import WorkerContext, run_image_worker
 
 logger = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class JobActor:
         num_images: How many images (one worker each).
         context: What the workers share (provider, capacity, retry policy, clocks).
         counters: Service-wide totals to bump (the Supervisor's).
-        store: Where the job is kept (an in-memory store unless given).
+        store: Where the job is kept.
         seq: The job's place in its owner's list (newest largest).
         idempotency_key: The client's key for this job, if it sent one.
 
@@ -119,8 +118,8 @@ class JobActor:
         prompt: str,
         num_images: int,
         context: WorkerContext,
+        store: JobStore,
         counters: JobCounters | None = None,
-        store: JobStore | None = None,
         seq: int = 0,
         idempotency_key: str | None = None,
     ) -> None:
@@ -131,7 +130,7 @@ class JobActor:
         self.seq = seq
         self.idempotency_key = idempotency_key
         self.log = EventLog()
-        self._store: JobStore = store or MemoryStore()
+        self._store = store
         self._context = context
         self._counters = counters or JobCounters()
         self._created_at = context.now()
@@ -157,8 +156,8 @@ class JobActor:
         stored: StoredJob,
         *,
         context: WorkerContext,
+        store: JobStore,
         counters: JobCounters | None = None,
-        store: JobStore | None = None,
     ) -> JobActor:
         """The job as ``stored``: finished (read-only) or ready to :meth:`run` on from there."""
         record = stored.job

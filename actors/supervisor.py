@@ -33,11 +33,10 @@ from actors.messages import (
     SupervisorStatistics,
     Transport,
 )
-from actors.providers.base import ImageProvider, ResumesRemoteWork
+from actors.providers.base import Commit, ImageProvider, RemoteWork, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import Commit, DeleteJob, JobStore, RemoteWork, StoredJob
-from actors.store.memory import MemoryStore
+from actors.store.base import DeleteJob, JobStore, StoredJob
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -121,10 +120,10 @@ class Supervisor:
     Args:
         provider: Where images come from.
         settings: Limits and timings.
+        store: Where jobs are kept; on start, the jobs it holds are restored: finished ones
+            readable, unfinished ones carried on from where they were.
         now: Wall clock for timestamps (``datetime.now(UTC)`` unless a test injects one).
         uniform: Jitter source for backoff (``random.uniform`` unless a test pins it).
-        store: Where jobs are kept (in memory unless given); on start, the jobs it holds are
-            restored: finished ones readable, unfinished ones carried on from where they were.
         files: The image directory: copies of the providers' outputs are kept there, and a
             forgotten job's files are deleted with it; while it is over its budget, the oldest
             finished jobs are forgotten.
@@ -142,14 +141,14 @@ class Supervisor:
         provider: ImageProvider,
         settings: SupervisorSettings,
         *,
+        store: JobStore,
         now: Callable[[], datetime] = _utcnow,
         uniform: Uniform = random.uniform,
-        store: JobStore | None = None,
         files: ImageFiles | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
-        self.store: JobStore = store or MemoryStore()
+        self.store = store
         self.files = files
         self.capacity = FairCapacity(trio.CapacityLimiter(settings.capacity))
         #: Set once the supervisor admits no more jobs (draining, then shutting down).
@@ -564,9 +563,9 @@ async def open_supervisor(
     provider: ImageProvider,
     settings: SupervisorSettings,
     *,
+    store: JobStore,
     now: Callable[[], datetime] = _utcnow,
     uniform: Uniform = random.uniform,
-    store: JobStore | None = None,
     files: ImageFiles | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a :class:`Supervisor` for the body of the ``async with``; stop it on exit.

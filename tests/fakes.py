@@ -13,6 +13,7 @@ from actors.eventlog import EventLog
 from actors.messages import JobEvent
 from actors.providers.base import ImageRequest, ProviderStatistics
 from actors.settings import SupervisorSettings
+from actors.store import JobStore, MemoryStore
 from actors.supervisor import Supervisor
 
 FIXED_NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -136,11 +137,18 @@ async def start_supervisor(
     nursery: trio.Nursery,
     provider: FakeProvider,
     settings: SupervisorSettings | None = None,
+    *,
+    store: JobStore | None = None,
 ) -> Supervisor:
-    """A Supervisor on ``provider`` with a fixed wall clock and upper jitter, running in
-    ``nursery`` (pytest-trio cancels it at teardown)."""
+    """A Supervisor on ``provider`` and ``store`` (a fresh in-memory one unless given), with a
+    fixed wall clock and upper jitter, running in ``nursery`` (pytest-trio cancels it at
+    teardown)."""
     supervisor = Supervisor(
-        provider, settings or SupervisorSettings(), now=fixed_now(), uniform=upper_jitter
+        provider,
+        settings or SupervisorSettings(),
+        store=store if store is not None else MemoryStore(),
+        now=fixed_now(),
+        uniform=upper_jitter,
     )
     await nursery.start(supervisor.run)
     return supervisor

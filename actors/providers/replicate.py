@@ -45,7 +45,14 @@ from actors.errors import (
     TransientProviderError,
     WebhookRejected,
 )
-from actors.providers.base import ImageRequest, ProviderStatistics, RemoteJournal
+from actors.providers.base import (
+    Commit,
+    ImageRequest,
+    NullJournal,
+    ProviderStatistics,
+    RemoteJournal,
+    RemoteWork,
+)
 from actors.providers.pacing import CreatePacer
 from actors.providers.replicate_api import (
     TERMINAL,
@@ -63,8 +70,6 @@ from actors.providers.replicate_settings import (
     ReplicateSettings,
     SettingsProblem,
 )
-from actors.store.base import Commit, RemoteWork
-from actors.store.journal import NullJournal
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -11,6 +11,7 @@ from actors.job import JobActor
 from actors.messages import DoneEvent, ImageStatus, JobStatus, ProgressEvent
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store import MemoryStore
 from actors.supervisor import Supervisor
 from actors.worker import WorkerContext
 from tests.fakes import (
@@ -327,7 +328,14 @@ async def test_cancellation_from_outside_still_publishes_done(
         now=fixed_now(),
         uniform=upper_jitter,
     )
-    job = JobActor(job_id="job-1", owner="alice", prompt="a red fox", num_images=2, context=context)
+    job = JobActor(
+        job_id="job-1",
+        owner="alice",
+        prompt="a red fox",
+        num_images=2,
+        context=context,
+        store=MemoryStore(),
+    )
 
     with trio.move_on_after(3):  # the server stopping, not job.cancel()
         await job.run()

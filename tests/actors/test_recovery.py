@@ -663,7 +663,12 @@ async def test_the_image_budget_evicts_old_finished_jobs_never_for_running_ones(
     async with httpx.AsyncClient() as client:
         files = ImageFiles(ImageFilesSettings(directory=tmp_path, max_total_bytes=1000), client)
         async with open_supervisor(
-            provider, SupervisorSettings(), now=wall_clock, uniform=upper_jitter, files=files
+            provider,
+            SupervisorSettings(),
+            store=MemoryStore(),
+            now=wall_clock,
+            uniform=upper_jitter,
+            files=files,
         ) as supervisor:
             first = await submit(supervisor, n=1)
             await trio.sleep(2)

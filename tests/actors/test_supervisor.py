@@ -26,6 +26,7 @@ from actors.messages import (
 )
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store import MemoryStore
 from actors.supervisor import Batch, Supervisor, open_supervisor
 from tests.fakes import (
     FIXED_NOW,
@@ -64,7 +65,7 @@ async def test_submit_returns_a_pending_snapshot(nursery: trio.Nursery) -> None:
 
 
 async def test_submit_before_the_supervisor_runs_raises_shutting_down() -> None:
-    supervisor = Supervisor(FakeProvider(), SupervisorSettings())
+    supervisor = Supervisor(FakeProvider(), SupervisorSettings(), store=MemoryStore())
 
     with pytest.raises(ShuttingDown):
         supervisor.submit_nowait(owner="alice", prompt="a cat", num_images=1)
@@ -479,7 +480,11 @@ async def test_leaving_open_supervisor_cancels_unfinished_jobs(
     provider = FakeProvider({0: Script(latency_s=1)}, default=Script(latency_s=100))
     with trio.fail_after(10):
         async with open_supervisor(
-            provider, SupervisorSettings(), now=fixed_now(), uniform=upper_jitter
+            provider,
+            SupervisorSettings(),
+            store=MemoryStore(),
+            now=fixed_now(),
+            uniform=upper_jitter,
         ) as supervisor:
             job_id = submit(supervisor, n=3)
             job = supervisor.get(job_id, owner="alice")
