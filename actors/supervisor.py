@@ -456,7 +456,12 @@ class Supervisor:
         store they stay unfinished there, and the next start carries them on.
         """
         self.stop_admitting()
-        with trio.move_on_after(grace_s) as self._grace:
+        with trio.move_on_after(grace_s) as grace:
+            self._grace = grace
+            if self.shutting_down.is_set():
+                # begin_shutdown() came first (a second signal handled before this task ran):
+                # it cancelled the previous scope, so this one starts cancelled too.
+                grace.cancel()
             while self._active:
                 await self._job_ended.wait()
         if self._active:
