@@ -77,7 +77,7 @@ class Subscription:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._supervisor._subscribers[self.transport] -= 1
+            self._supervisor._unsubscribe(self)
 
     def __enter__(self) -> Subscription:
         return self
@@ -173,6 +173,8 @@ class Supervisor:
         self._seqs: dict[str, int] = {}
         self._counters = JobCounters()
         self._subscribers = dict.fromkeys(Transport, 0)
+        self._subscribers_refused = dict.fromkeys(Transport, 0)
+        self._streams_by_owner: dict[str, int] = {}
         #: Called (sync, on the Trio thread) with each job's final snapshot: metrics, audit logs.
         self.job_listeners: list[Callable[[JobSnapshot], None]] = []
         self._wait_scopes: set[trio.CancelScope] = set()
@@ -415,10 +417,36 @@ class Supervisor:
 
         Raises:
             JobNotFound: Unknown, forgotten, or someone else's.
+            LimitExceeded: ``owner`` has as many streams open as a user may (counted).
         """
         job = self.get(job_id, owner=owner)
+        self.check_subscriber(owner=owner, transport=transport)
         self._subscribers[transport] += 1
+        self._streams_by_owner[owner] = self._streams_by_owner.get(owner, 0) + 1
         return Subscription(self, job, transport)
+
+    def check_subscriber(self, *, owner: str, transport: Transport) -> None:
+        """Whether ``owner`` may open one more stream now (sync; :meth:`subscribe` asks too).
+
+        Raises:
+            LimitExceeded: ``owner`` has as many streams open as a user may; counted as refused.
+        """
+        limit = self.settings.max_streams_per_user
+        if self._streams_by_owner.get(owner, 0) >= limit:
+            self._subscribers_refused[transport] += 1
+            raise LimitExceeded(
+                f"Too many open streams: at most {limit} per user",
+                retry_after_s=self.settings.retry_after_s,
+            )
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers[subscription.transport] -= 1
+        owner = subscription.job.owner
+        left = self._streams_by_owner[owner] - 1
+        if left:
+            self._streams_by_owner[owner] = left
+        else:
+            del self._streams_by_owner[owner]  # bounded by the users streaming now
 
     def statistics(self) -> SupervisorStatistics:
         self._expire()
@@ -437,7 +465,9 @@ class Supervisor:
             retries_total=counters.retries,
             images_completed_total=counters.completed,
             images_failed_total=counters.failed,
+            jobs_crashed_total=counters.crashed,
             subscribers=tuple(self._subscribers.items()),
+            subscribers_refused=tuple(self._subscribers_refused.items()),
         )
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -513,7 +543,7 @@ class Supervisor:
                     await trio.sleep(delay)
                     delay = min(delay * 2, STORE_RETRY_S[1])
                     if self._deleting.get(job_id) is commit:
-                        self._deleting[job_id] = self.store.write(DeleteJob(job_id))
+                        self._deleting[job_id] = self._queue_delete(job_id)
                     continue
                 delay = STORE_RETRY_S[0]
                 if self._deleting.get(job_id) is commit:
@@ -528,9 +558,18 @@ class Supervisor:
         finished_bytes = files.total_bytes - files.bytes_of(self._active)
         return finished_bytes > files.settings.max_total_bytes
 
+    def _queue_delete(self, job_id: str) -> Commit:
+        """Queue the job's deletion. A store that fails on it with a bug, not
+        ``StoreUnavailable``, is asked again later, as one that cannot write is."""
+        try:
+            return self.store.write(DeleteJob(job_id))
+        except Exception:
+            logger.exception("job %s: the store failed to take its deletion", job_id)
+            return Commit.settled_with(StoreUnavailable("the store failed to take the deletion"))
+
     def _forget(self, job_id: str) -> None:
         # Queued now, in order with the writes after it (a new job may take its key at once).
-        self._deleting[job_id] = self.store.write(DeleteJob(job_id))
+        self._deleting[job_id] = self._queue_delete(job_id)
         self._deletes_queued.set()
         if self.files is not None:
             self.files.forget(job_id)

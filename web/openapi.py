@@ -279,7 +279,9 @@ def _handwritten() -> dict[str, Schema]:
                 "capacity",
                 "attempts_total",
                 "retries_total",
+                "jobs_crashed_total",
                 "subscribers",
+                "subscribers_refused",
                 "provider",
                 "store",
             ],
@@ -300,8 +302,18 @@ def _handwritten() -> dict[str, Schema]:
                 ),
                 "attempts_total": {"type": "integer", "minimum": 0},
                 "retries_total": {"type": "integer", "minimum": 0},
+                "jobs_crashed_total": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Jobs ended by a bug of their own since the start.",
+                },
                 "subscribers": _counts(
                     (t.value for t in Transport), "Open event streams, by transport."
+                ),
+                "subscribers_refused": _counts(
+                    (t.value for t in Transport),
+                    "Event streams refused since the start: their user had as many open as "
+                    "`MAX_STREAMS_PER_USER` allows.",
                 ),
                 "provider": {
                     "type": "object",
@@ -418,7 +430,8 @@ def _components(settings: Settings) -> Schema:
             "content": _json(_ref("schemas", "ValidationError")),
         },
         "TooManyRequests": failure(
-            "A limit was hit (failed logins, active jobs per user).", **retry_after
+            "A limit was hit (failed logins, active jobs or open streams per user).",
+            **retry_after,
         ),
         "ServiceUnavailable": failure("Overloaded or shutting down.", **retry_after),
     }
@@ -670,7 +683,10 @@ def build_document(settings: Settings) -> Schema:
                     "frames": _ref("schemas", "WebSocketFrame"),
                     "closeCodes": {
                         "1000": "The job is done (after the `done` frame).",
-                        "1008": "Missing, invalid or expired token.",
+                        "1008": (
+                            "Missing, invalid or expired token, or too many open streams "
+                            "(the close reason says which)."
+                        ),
                         "1012": "The server is shutting down.",
                         "4404": "Unknown job, or another user's.",
                     },
@@ -748,7 +764,7 @@ def build_document(settings: Settings) -> Schema:
                         },
                     ),
                     "204": _ok("Resumed from the `done` event or later: nothing more to send."),
-                    **_errors("Unauthorized", "NotFound"),
+                    **_errors("Unauthorized", "NotFound", "TooManyRequests"),
                 },
             },
         },
@@ -900,8 +916,9 @@ text frame (`components/schemas/WebSocketFrame`):
     {"type": "done", "id": 6, "payload": {"status": "completed", "total_ms": 4210, ...}}
 
 Replay and resume as for the SSE stream (resume with `?last_event_id=N`). After `done` the
-server closes with 1000; a missing, invalid or expired token closes with 1008; an unknown job
-(or another user's) with 4404; a server shutting down with 1012.
+server closes with 1000; a missing, invalid or expired token closes with 1008, and so does a
+user's stream beyond `MAX_STREAMS_PER_USER` open at once (the close reason says which); an
+unknown job (or another user's) with 4404; a server shutting down with 1012.
 """
 
 _SSE = """\
@@ -911,7 +928,9 @@ is the job's own event number, 1, 2, 3 ... A late subscriber first gets every ev
 already happened; a finished job answers with all of them at once. While nothing happens, a
 `: ping` comment is sent every `HEARTBEAT_S` seconds.
 
-The token may also be given as `?token=` (a browser's EventSource cannot set headers).
+The token may also be given as `?token=` (a browser's EventSource cannot set headers). A user
+may have `MAX_STREAMS_PER_USER` streams open at once (SSE and WebSocket together); one more
+answers 429 with `Retry-After`.
 """
 
 _SSE_EXAMPLE = """\

@@ -240,6 +240,9 @@ def _build(env: _Reader) -> Settings:
         retry_after_s=env.get("RETRY_AFTER_S", _int, sup.retry_after_s),
         job_retention_s=env.get("JOB_RETENTION_S", _float, sup.job_retention_s),
         max_retained_jobs=env.get("MAX_RETAINED_JOBS", _int, sup.max_retained_jobs),
+        max_streams_per_user=env.get(
+            "MAX_STREAMS_PER_USER", _int_in(1, 1_000_000), sup.max_streams_per_user
+        ),
     )
     local = LocalProviderSettings(
         images_dir=Path(env.text("IMAGES_DIR", None) or defaults.local.images_dir),

@@ -108,6 +108,13 @@ class Commit:
         self._done = trio.Event()
         self._error: StoreUnavailable | None = None
 
+    @classmethod
+    def settled_with(cls, error: StoreUnavailable | None = None) -> Commit:
+        """A write that is over before anyone waits: stored (no ``error``) or failed."""
+        commit = cls()
+        commit.settle(error)
+        return commit
+
     @property
     def settled(self) -> bool:
         return self._done.is_set()
@@ -165,6 +172,4 @@ class NullJournal:
         remote_id: str | None,  # noqa: ARG002
         pending_since: datetime | None,  # noqa: ARG002
     ) -> Commit:
-        commit = Commit()
-        commit.settle()
-        return commit
+        return Commit.settled_with()

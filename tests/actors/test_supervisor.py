@@ -434,6 +434,30 @@ async def test_a_subscriber_is_counted_until_its_subscription_is_closed(
     assert supervisor.statistics().subscribers == ((Transport.SSE, 0), (Transport.WEBSOCKET, 0))
 
 
+async def test_open_streams_are_capped_per_user_and_refusals_counted(
+    nursery: trio.Nursery,
+) -> None:
+    settings = SupervisorSettings(max_streams_per_user=2, retry_after_s=7)
+    supervisor = await start_supervisor(nursery, FakeProvider(), settings)
+    job_id = submit(supervisor)
+    bobs = submit(supervisor, owner="bob")
+
+    first = supervisor.subscribe(job_id, owner="alice", transport=Transport.SSE)
+    supervisor.subscribe(job_id, owner="alice", transport=Transport.WEBSOCKET)
+    with pytest.raises(LimitExceeded, match="at most 2 per user") as info:
+        supervisor.subscribe(job_id, owner="alice", transport=Transport.SSE)
+    with pytest.raises(LimitExceeded):
+        supervisor.check_subscriber(owner="alice", transport=Transport.WEBSOCKET)
+    supervisor.subscribe(bobs, owner="bob", transport=Transport.SSE)  # the cap is per user
+
+    assert info.value.retry_after_s == 7
+    statistics = supervisor.statistics()
+    assert statistics.subscribers == ((Transport.SSE, 2), (Transport.WEBSOCKET, 1))
+    assert statistics.subscribers_refused == ((Transport.SSE, 1), (Transport.WEBSOCKET, 1))
+    first.close()
+    supervisor.subscribe(job_id, owner="alice", transport=Transport.SSE).close()  # room again
+
+
 # --- shutdown ----------------------------------------------------------------------------------
 
 
@@ -556,7 +580,9 @@ async def test_statistics_count_jobs_attempts_capacity_and_subscribers(
         retries_total=1,
         images_completed_total=1,
         images_failed_total=1,
+        jobs_crashed_total=0,
         subscribers=((Transport.SSE, 2), (Transport.WEBSOCKET, 1)),
+        subscribers_refused=((Transport.SSE, 0), (Transport.WEBSOCKET, 0)),
     )
     assert statistics.uptime_s == 3
     assert after.subscribers == ((Transport.SSE, 0), (Transport.WEBSOCKET, 0))

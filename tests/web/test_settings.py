@@ -47,6 +47,7 @@ def test_env_example_defaults_are_the_real_defaults() -> None:
         ({"IMAGE_MAX_BYTES": "0"}, "IMAGE_MAX_BYTES"),
         ({"IMAGES_MAX_BYTES": "-1"}, "IMAGES_MAX_BYTES"),
         ({"SHUTDOWN_GRACE_S": "-1"}, "SHUTDOWN_GRACE_S"),
+        ({"MAX_STREAMS_PER_USER": "0"}, "MAX_STREAMS_PER_USER"),
     ],
 )
 def test_malformed_settings_name_the_variable(environ: dict[str, str], names: str) -> None:
@@ -62,6 +63,7 @@ def test_values_are_parsed() -> None:
             "LOCAL_LATENCY_MS": "250",
             "RETRY_BASE_DELAY_MS": "100",
             "PUBLIC_BASE_URL": "https://img.example/",
+            "MAX_STREAMS_PER_USER": "7",
         }
     )
     assert settings.port == 9000
@@ -69,6 +71,7 @@ def test_values_are_parsed() -> None:
     assert settings.local.latency_ms == (250, 250)
     assert settings.supervisor.retry.base_delay_s == 0.1
     assert settings.public_base_url == "https://img.example"
+    assert settings.supervisor.max_streams_per_user == 7
 
 
 # --- Replicate ---------------------------------------------------------------------------------
