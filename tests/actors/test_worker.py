@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
+import attrs
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from actors.capacity import FairCapacity
+from actors.files import ImageFiles, ImageFilesSettings
+from actors.job import JobActor
 from actors.messages import (
     AttemptStarted,
     ImageOutcome,
@@ -19,6 +24,8 @@ from actors.messages import (
 )
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store import MemoryStore
+from actors.supervisor import open_supervisor
 from actors.worker import WorkerContext, run_image_worker
 from tests.fakes import FIXED_NOW, FakeProvider, Script, fixed_now, start_supervisor, upper_jitter
 
@@ -32,13 +39,21 @@ def make_context(
     base_delay_s: float = 1.0,
     attempt_timeout_s: float = 60.0,
     capacity: FairCapacity | None = None,
+    free_retries: int = 30,
+    free_retry_window_s: float = 300.0,
 ) -> WorkerContext:
     return WorkerContext(
         job_id=JOB_ID,
         prompt="a lighthouse at dusk",
         provider=provider,
         capacity=capacity or FairCapacity(trio.CapacityLimiter(1)),
-        retry=RetryPolicy(attempts=attempts, base_delay_s=base_delay_s, max_delay_s=8.0),
+        retry=RetryPolicy(
+            attempts=attempts,
+            base_delay_s=base_delay_s,
+            max_delay_s=8.0,
+            free_retries=free_retries,
+            free_retry_window_s=free_retry_window_s,
+        ),
         attempt_timeout_s=attempt_timeout_s,
         provider_cancel_s=5.0,
         now=fixed_now(),
@@ -201,6 +216,112 @@ async def test_a_failed_last_attempt_counts_in_provider_time(
 
     assert outcome.status is ImageStatus.FAILED
     assert outcome.provider_s == 1.0
+
+
+# --- failures that started nothing (429, a create that created nothing) -------------------------
+
+
+async def test_not_started_failures_use_no_attempt_and_back_off_exactly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One attempt only, yet three failures that started nothing are retried: 1 s calls, with
+    # backoffs of 1, 2 and 4 s (the cap doubling from the first free retry).
+    provider = FakeProvider(default=Script(latency_s=1, not_started=3))
+    t0 = trio.current_time()
+
+    reports = await run_worker(make_context(provider, attempts=1, base_delay_s=1))
+
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 10]
+    assert trio.current_time() - t0 == 11
+    outcome = outcome_of(reports)
+    assert (outcome.status, outcome.attempts, outcome.provider_s) == (
+        ImageStatus.COMPLETED,
+        4,
+        4.0,
+    )
+    assert provider.remote_cancels == []
+
+
+async def test_a_429s_retry_after_is_honoured_without_using_an_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, not_started=1, retry_after_s=30))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=1, base_delay_s=1)))
+
+    assert [at - t0 for at in provider.start_times()] == [0, 31]
+    assert outcome.status is ImageStatus.COMPLETED
+
+
+async def test_not_started_failures_do_not_shorten_the_attempts_of_real_failures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Two free retries, then two counted failures, then success on the last of 3 attempts;
+    # each budget backs off from its own first retry (1, 2 s free; 1, 2 s counted).
+    provider = FakeProvider(default=Script(latency_s=1, not_started=2, fail_times=2))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=3, base_delay_s=1)))
+
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 7, 10]
+    assert (outcome.status, outcome.attempts) == (ImageStatus.COMPLETED, 5)
+
+
+async def test_a_permanent_error_after_not_started_failures_fails_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, not_started=2, permanent="bad prompt"))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=1, base_delay_s=1)))
+
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 5]
+    assert trio.current_time() - t0 == 6
+    assert (outcome.status, outcome.error, outcome.attempts) == (
+        ImageStatus.FAILED,
+        "bad prompt",
+        3,
+    )
+
+
+async def test_the_free_retries_end_after_their_count_then_attempts_are_used(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, not_started=99))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(
+        await run_worker(make_context(provider, attempts=2, base_delay_s=1, free_retries=3))
+    )
+
+    # 3 free retries (backoffs 1, 2, 4 s), then 2 counted attempts (backoff 1 s between).
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 10, 12]
+    assert trio.current_time() - t0 == 13
+    assert (outcome.status, outcome.attempts, outcome.error) == (
+        ImageStatus.FAILED,
+        5,
+        "nothing started 5 (gave up after 2 attempts and 3 free retries)",
+    )
+    assert provider.remote_cancels == [(JOB_ID, 0)]
+
+
+async def test_the_free_retries_end_with_their_time_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, not_started=99))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(
+        await run_worker(make_context(provider, attempts=1, base_delay_s=1, free_retry_window_s=10))
+    )
+
+    # The first failure ends at 1 s. Free retries begin at 2, 5 and 10 s (1, 4 and 9 s after
+    # it); the next would begin at 11 + 8 s, past the window, so that failure uses the only
+    # attempt and the image fails.
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 10]
+    assert trio.current_time() - t0 == 11
+    assert (outcome.status, outcome.attempts) == (ImageStatus.FAILED, 4)
 
 
 async def test_waiting_for_capacity_does_not_count_against_the_attempt_timeout(
@@ -403,23 +524,44 @@ async def test_giving_up_waits_for_the_remote_cancel_within_provider_cancel_s(
 
 @pytest.mark.parametrize(
     "script",
-    [
-        Script(latency_s=1),
-        Script(latency_s=1, fail_times=2),
-        Script(latency_s=1, permanent="prompt rejected by policy"),
-        Script(latency_s=1, crash=ValueError),
-    ],
-    ids=["success", "success-after-retries", "permanent", "internal-error"],
+    [Script(latency_s=1), Script(latency_s=1, fail_times=2)],
+    ids=["success", "success-after-retries"],
 )
-async def test_no_remote_cancel_when_the_image_ends_on_its_own(
+async def test_no_remote_cancel_when_the_image_completes(
     autojump_clock: trio.testing.MockClock, script: Script
 ) -> None:
     provider = FakeProvider(default=script)
 
     outcome = outcome_of(await run_worker(make_context(provider, attempts=3)))
 
+    assert outcome.status is ImageStatus.COMPLETED
     assert outcome.attempts == len(provider.calls)
     assert provider.remote_cancels == []
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script(latency_s=1, permanent="prompt rejected by policy"),
+        Script(latency_s=1, crash=ValueError),
+    ],
+    ids=["permanent", "internal-error"],
+)
+async def test_a_failed_image_asks_the_provider_to_stop_its_remote_work_once(
+    autojump_clock: trio.testing.MockClock, script: Script
+) -> None:
+    # A permanent answer (a poll refused, say) may leave a prediction running at the provider,
+    # and the provider keeps the image's state until it is told the image is over.
+    provider = SlowCancelProvider(cancel_latency_s=600, default=script)
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=3), index=2))
+
+    assert outcome.status is ImageStatus.FAILED
+    assert len(provider.calls) == 1
+    assert (provider.remote_cancels, provider.finished_cancels) == ([(JOB_ID, 2)], [])
+    # 1 s attempt, then the cancel, bounded by provider_cancel_s (5 s).
+    assert trio.current_time() - t0 == 6
 
 
 async def test_an_attempt_timeout_leaves_remote_work_running_for_the_next_attempt(
@@ -455,3 +597,90 @@ async def test_cancelling_a_job_cancels_remote_work_of_its_running_images_only(
     assert (first.index, first.status) == (1, ImageStatus.COMPLETED)
     assert job.status is JobStatus.CANCELED
     assert sorted(provider.remote_cancels) == [(job.job_id, 0), (job.job_id, 2)]
+
+
+# --- capacity is never held while a report waits --------------------------------------------
+
+
+async def test_no_capacity_token_is_held_while_a_report_waits_for_a_broken_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Image 0 completes and its job waits for the store to take it; images 1 and 2 keep failing
+    # and report an attempt each time. The job's channel fills up; a worker that then waits to
+    # report must not do so holding a token, or the capacity starves every other job.
+    store = MemoryStore(resumable=True)
+    provider = FakeProvider({0: Script(latency_s=1)}, default=Script(latency_s=1, fail_times=99))
+    settings = SupervisorSettings(
+        capacity=2, retry=RetryPolicy(attempts=50, base_delay_s=0.1, max_delay_s=0.5)
+    )
+    async with open_supervisor(
+        provider, settings, now=fixed_now(), uniform=upper_jitter, store=store
+    ) as supervisor:
+        snapshot, _ = await supervisor.submit(owner="alice", prompt="a red fox", num_images=3)
+        store.broken = "disk full"
+        samples: list[tuple[int, int]] = []
+        await trio.sleep(0.13)  # samples between the attempts' starts and ends (whole 0.1 s)
+        for _ in range(60):
+            await trio.sleep(0.5)
+            samples.append((supervisor.capacity.statistics().in_use, provider.in_flight))
+        calls_during_outage = len(provider.calls)
+
+        assert all(in_use == in_flight for in_use, in_flight in samples), samples
+        store.broken = None
+        job = supervisor.get(snapshot.job_id, owner="alice")
+        with trio.fail_after(600):
+            await job.wait_finished()
+
+    assert calls_during_outage > 3  # the failing images went on trying meanwhile
+    assert [image.status for image in job.snapshot().images] == [
+        ImageStatus.COMPLETED,
+        ImageStatus.FAILED,
+        ImageStatus.FAILED,
+    ]
+
+
+# --- one image's bug stays in that image ------------------------------------------------------
+
+
+class FilesWithABug(ImageFiles):
+    """Copies take 2 s; the copy of image ``buggy`` raises at once (a bug in our code)."""
+
+    def __init__(self, tmp_path: Path, *, buggy: int) -> None:
+        super().__init__(ImageFilesSettings(directory=tmp_path), httpx.AsyncClient())
+        self.buggy = buggy
+
+    async def keep(self, job_id: str, index: int, url: str) -> str:
+        if index == self.buggy:
+            raise KeyError("a bug in the copy")
+        await trio.sleep(2)
+        return url
+
+
+async def test_a_bug_in_one_images_path_fails_that_image_only(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1))
+    context = attrs.evolve(
+        make_context(provider, capacity=FairCapacity(trio.CapacityLimiter(3))),
+        files=FilesWithABug(tmp_path, buggy=1),
+    )
+    job = JobActor(
+        job_id=JOB_ID, owner="alice", prompt=context.prompt, num_images=3, context=context
+    )
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(job.run)
+            await job.wait_finished()
+
+    # Images 0 and 2 were being copied when image 1's copy raised: they complete.
+    images = job.snapshot().images
+    assert [(image.status, image.error) for image in images] == [
+        (ImageStatus.COMPLETED, None),
+        (ImageStatus.FAILED, "internal error"),
+        (ImageStatus.COMPLETED, None),
+    ]
+    assert job.status is JobStatus.COMPLETED
+    assert provider.remote_cancels == [(JOB_ID, 1)]
+    assert "job-1 image 1: internal error" in caplog.text
+    assert "KeyError: 'a bug in the copy'" in caplog.text
