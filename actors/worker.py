@@ -13,7 +13,7 @@ from actors.capacity import FairCapacity
 from actors.errors import NotStartedError, ProviderError
 from actors.files import ImageFiles
 from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
-from actors.providers.base import ImageProvider, ImageRequest
+from actors.providers.base import ImageProvider, ImageRequest, PacedProvider
 from actors.retry import RetryPolicy, Uniform, is_retryable
 
 logger = logging.getLogger(__name__)
@@ -63,12 +63,13 @@ async def run_image_worker(
     """Make image ``index`` of ``context.job_id`` and report how it went.
 
     Each attempt takes one token of the shared capacity (in the job's fair turn) and calls the
-    provider under ``attempt_timeout_s``; time spent waiting for the token does not count.
-    Transient failures and timeouts are retried after a backoff taken *without* holding a token;
-    a failure that started nothing at the provider (``NotStartedError``: a 429, a create that
-    created nothing, the provider's own pacing) is waited out the same way but uses no attempt,
-    within a budget of its own (:class:`~actors.retry.RetryPolicy`); a permanent failure ends
-    the image at once.
+    provider under ``attempt_timeout_s``; time spent waiting for the token does not count. A
+    provider that paces its calls (:class:`~actors.providers.base.PacedProvider`) has its turn
+    waited for the same way, before the attempt: no token held, no attempt used. Transient
+    failures and timeouts are retried after a backoff taken *without* holding a token; a failure
+    that started nothing at the provider (``NotStartedError``: a 429, a create that created
+    nothing) is waited out the same way but uses no attempt, within a budget of its own
+    (:class:`~actors.retry.RetryPolicy`); a permanent failure ends the image at once.
 
     A resumed image (after a restart) numbers its attempts on from ``attempts_before`` with a
     fresh retry budget.
@@ -183,28 +184,38 @@ async def _attempt(
     progress: _Progress,
 ) -> str | Exception:
     """One provider call in a capacity slot: its URL, or the exception that ended it."""
-    progress.attempt += 1
-    request = ImageRequest(
-        job_id=context.job_id, index=index, prompt=context.prompt, attempt=progress.attempt
-    )
-    late: AttemptStarted | None = None
+    paced = context.provider if isinstance(context.provider, PacedProvider) else None
     waited_from = trio.current_time()
-    async with context.capacity.slot(context.job_id, priority=index):
-        started = trio.current_time()
-        report = AttemptStarted(
-            index=index, attempt=progress.attempt, at=context.now(), waited_s=started - waited_from
-        )
-        try:
-            reports_send.send_nowait(report)
-        except trio.WouldBlock:
-            late = report  # the job is busy (storing a batch): not worth a token's wait
-        try:
-            result = await _call_provider(context, request)
-        finally:
-            progress.provider_s += trio.current_time() - started
-    if late is not None:
-        await reports_send.send(late)
-    return result
+    while True:
+        if paced is not None:
+            # The provider's own pacing is waited for like capacity: without a token.
+            await trio.sleep(paced.turn_delay(context.job_id, index, book=False))
+        async with context.capacity.slot(context.job_id, priority=index):
+            if paced is not None and paced.turn_delay(context.job_id, index, book=True) > 0:
+                continue  # a turn is booked, not due yet: waited for without the token
+            progress.attempt += 1
+            started = trio.current_time()
+            report = AttemptStarted(
+                index=index,
+                attempt=progress.attempt,
+                at=context.now(),
+                waited_s=started - waited_from,
+            )
+            late: AttemptStarted | None = None
+            try:
+                reports_send.send_nowait(report)
+            except trio.WouldBlock:
+                late = report  # the job is busy (storing a batch): not worth a token's wait
+            request = ImageRequest(
+                job_id=context.job_id, index=index, prompt=context.prompt, attempt=progress.attempt
+            )
+            try:
+                result = await _call_provider(context, request)
+            finally:
+                progress.provider_s += trio.current_time() - started
+        if late is not None:
+            await reports_send.send(late)
+        return result
 
 
 async def _call_provider(context: WorkerContext, request: ImageRequest) -> str | Exception:

@@ -41,6 +41,11 @@ class CreatePacer:
         self._stamp = 0.0  # the time ``_tokens`` is counted at (after ``now`` while paused)
         self._paused_until = 0.0
 
+    @property
+    def paused_until(self) -> float:
+        """When the pause of the latest 429 ends (in the past when none is running)."""
+        return self._paused_until
+
     def book(self) -> float:
         """Book one create: the (Trio clock) time at which it may be sent."""
         now = trio.current_time()

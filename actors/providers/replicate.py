@@ -26,11 +26,13 @@ additively with every accepted create (AIMD).
 
 Waiting: an attempt holds one of the service's capacity tokens (``MAX_CONCURRENCY``) and runs
 under the attempt timeout, so what it waits for decides what the token is spent on. Every wait
-for a prediction that does not exist yet happens *outside* the attempt: the attempt raises
-``NotStartedError`` with how long to wait, and the worker waits it out without a token and
-without using an attempt. That covers the create pacer (a booked turn that is not due yet, a
-429's pause), a 429 answer, a create that answered 5xx and created nothing, Replicate being
-unreachable, and a store that cannot note the pending create. The waits that remain inside are
+for a prediction that does not exist yet happens *outside* the attempt. The create pacer's turn
+is waited for before the attempt starts (:meth:`ReplicateProvider.turn_delay`, booked in
+order).
+Otherwise the attempt raises ``NotStartedError`` with how long to wait, and the worker waits it
+out without a token and without using an attempt: a 429 (and the pause it puts on every
+create), a create that answered 5xx and created nothing, Replicate being unreachable, a store
+that cannot note the pending create, a turn a 429 voided. The waits that remain inside are
 for a prediction that exists at Replicate: polling it (and backing off when a poll fails) and
 storing its id before it is polled. That prediction is real work in flight, which is what
 ``MAX_CONCURRENCY`` bounds: giving the token back would let another image start a prediction
@@ -238,6 +240,26 @@ class ReplicateProvider:
         except (Answer, httpx.TransportError) as exc:
             logger.warning("replicate: cancel of %s failed: %s", prediction_id, exc)
 
+    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+        """Seconds until the image's next call may start: none if it will not create (it has a
+        prediction, or an unsure create to look up first and no turn yet), else until its
+        create turn (or, without ``book`` and without a turn, until a 429's pause ends)."""
+        key = (job_id, index)
+        image = self._work.get(key)
+        if image is not None and image.prediction_id is not None:
+            return 0.0
+        now = trio.current_time()
+        if image is None or not self._has_turn(image):
+            if image is not None and image.unsure is not None:
+                return 0.0  # the list first: it may show the prediction, and no create is due
+            if not book:
+                return max(0.0, self.pacer.paused_until - now)
+            if image is None:
+                # Released by generate or by the worker's cancel, as any other entry.
+                image = self._work[key] = _Image()
+        wait = self._book_turn(image) - now
+        return wait if wait > _DUE_EPSILON_S else 0.0
+
     def _forget(self, key: tuple[str, int]) -> _Image | None:
         """Release the image's entry: the only place one is released."""
         return self._work.pop(key, None)
@@ -382,14 +404,22 @@ class ReplicateProvider:
             if orphan is not None:
                 return self._adopt(key, image, orphan), False
 
+    def _has_turn(self, image: _Image) -> bool:
+        """Whether the image holds a create turn that no 429 has voided since it was booked."""
+        return image.turn is not None and image.turn[1] == self.pacer.throttles
+
+    def _book_turn(self, image: _Image) -> float:
+        """The image's create turn: booked with the pacer unless it has a valid one."""
+        if image.turn is None or not self._has_turn(image):
+            image.turn = (self.pacer.book(), self.pacer.throttles)
+        return image.turn[0]
+
     def _take_turn(self, image: _Image) -> None:
-        """Go ahead if the image's booked create time has come (booking one if it has none, or
-        if a 429 voided it); else raise ``NotStartedError`` with the time left, so that the
-        wait happens outside the attempt."""
-        pacer = self.pacer
-        if image.turn is None or image.turn[1] != pacer.throttles:
-            image.turn = (pacer.book(), pacer.throttles)
-        wait = image.turn[0] - trio.current_time()
+        """Go ahead if the image's create turn has come; else raise ``NotStartedError`` with
+        the time left, so that the wait happens outside the attempt. The worker has waited for
+        the turn before the attempt (:meth:`turn_delay`), so this raises only when the turn
+        was not due then (after a create the list showed nothing for, say)."""
+        wait = self._book_turn(image) - trio.current_time()
         if wait > _DUE_EPSILON_S:
             raise NotStartedError(
                 "waiting for a turn to create a prediction (Replicate's rate limit)",
@@ -506,6 +536,7 @@ class ReplicateProvider:
         if adopted is not None:
             image.unsure = None
             return self._adopt(key, image, adopted)
+        self._book_turn(image)  # the create to come waits for its turn before the attempt
         if isinstance(exc, Answer):
             raise NotStartedError(
                 f"Replicate failed to create the prediction: {exc.detail}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import attrs
@@ -269,12 +270,12 @@ async def test_cancel_reaches_replicate(fake: FakeReplicate) -> None:
     assert (stats["cancels"], stats["in_flight"]) == (1, 0)
 
 
-def worker_context(provider: ReplicateProvider) -> WorkerContext:
+def worker_context(provider: ReplicateProvider, capacity: int = 1) -> WorkerContext:
     return WorkerContext(
         job_id="job-1",
         prompt="a red fox",
         provider=provider,
-        capacity=FairCapacity(trio.CapacityLimiter(1)),
+        capacity=FairCapacity(trio.CapacityLimiter(capacity)),
         retry=RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05),
         attempt_timeout_s=5,
         provider_cancel_s=2,
@@ -337,6 +338,40 @@ async def test_an_image_given_up_after_creates_that_created_nothing_keeps_nothin
         await provider.cancel("job-1", 0)
     assert (provider.statistics()["tracked"], provider.statistics()["cancels"]) == (0, 0)
     assert fake.cancel_requests == []
+
+
+async def test_a_429s_pause_is_waited_out_without_capacity_or_attempts(
+    fake: FakeReplicate,
+) -> None:
+    fake.faults.retry_after_s = 1
+    fake.faults.forced_creates.extend(["429", "429"])
+    async with open_replicate_provider(settings_for(fake)) as provider:
+        context = worker_context(provider, capacity=2)
+        reports_send, reports_recv = trio.open_memory_channel[WorkerReport](100)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                with reports_send:
+                    for index in (0, 1):
+                        worker = partial(
+                            run_image_worker,
+                            index,
+                            context=context,
+                            reports_send=reports_send.clone(),
+                        )
+                        nursery.start_soon(worker)
+                while fake.create_requests < 2:  # noqa: ASYNC110 (the fake's own counter)
+                    await trio.sleep(0.01)
+                await trio.sleep(0.3)  # in the middle of the 1 s pause
+                in_use_in_pause = context.capacity.statistics().in_use
+                creates_in_pause = fake.create_requests
+        stats = provider.statistics()
+    outcomes = [report async for report in reports_recv if isinstance(report, ImageOutcome)]
+
+    assert (in_use_in_pause, creates_in_pause) == (0, 2)
+    assert [outcome.status for outcome in outcomes] == [ImageStatus.COMPLETED] * 2
+    assert {outcome.attempts for outcome in outcomes} == {2}  # the 429, then the image
+    assert (fake.create_requests, len(fake.predictions), stats["throttled"]) == (4, 2, 2)
+    assert (stats["in_flight"], stats["tracked"]) == (0, 0)
 
 
 async def test_unreachable_replicate_started_nothing() -> None:

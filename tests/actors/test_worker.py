@@ -22,6 +22,7 @@ from actors.messages import (
     ProgressEvent,
     WorkerReport,
 )
+from actors.providers.base import ImageRequest
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
 from actors.store import MemoryStore
@@ -684,3 +685,60 @@ async def test_a_bug_in_one_images_path_fails_that_image_only(
     assert provider.remote_cancels == [(JOB_ID, 1)]
     assert "job-1 image 1: internal error" in caplog.text
     assert "KeyError: 'a bug in the copy'" in caplog.text
+
+
+# --- a provider's own pacing is waited for without a token ----------------------------------
+
+
+class PacedFake(FakeProvider):
+    """A FakeProvider that lets one call start every ``spacing_s``, in the order turns were
+    booked (as the Replicate provider paces its creates)."""
+
+    def __init__(self, *, spacing_s: float, default: Script) -> None:
+        super().__init__(default=default)
+        self.spacing_s = spacing_s
+        self.turns: dict[int, float] = {}
+        self.next_turn = 0.0
+
+    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+        now = trio.current_time()
+        turn = self.turns.get(index)
+        if turn is None:
+            if not book:
+                return 0.0
+            turn = self.turns[index] = max(now, self.next_turn)
+            self.next_turn = turn + self.spacing_s
+        return max(0.0, turn - now)
+
+    async def generate(self, request: ImageRequest) -> str:
+        self.turns.pop(request.index, None)
+        return await super().generate(request)
+
+
+async def test_a_providers_pacing_is_waited_for_without_a_token_or_an_attempt(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    provider = PacedFake(spacing_s=2, default=Script(latency_s=1))
+    capacity = FairCapacity(trio.CapacityLimiter(3))
+    context = make_context(provider, capacity=capacity)
+    reports_send, reports_recv = trio.open_memory_channel[WorkerReport](10)
+    t0 = trio.current_time()
+    with reports_send:
+        for index in range(3):
+            nursery.start_soon(
+                partial(run_image_worker, index, context=context, reports_send=reports_send.clone())
+            )
+    await trio.sleep(1.5)  # image 0 done; 1 and 2 wait for their turns (2 s and 4 s)
+    in_use_while_paced = capacity.statistics().in_use
+
+    with trio.fail_after(60):
+        reports = [report async for report in reports_recv]
+
+    assert in_use_while_paced == 0
+    # One call every 2 s (in whichever order the turns were booked), each its image's first
+    # attempt, the turn's wait counted as waiting like capacity.
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 4]
+    started = [r for r in reports if isinstance(r, AttemptStarted)]
+    assert sorted(r.waited_s for r in started) == [0.0, 2.0, 4.0]
+    assert {r.attempt for r in started} == {1}
+    assert {r.status for r in reports if isinstance(r, ImageOutcome)} == {ImageStatus.COMPLETED}
