@@ -157,7 +157,9 @@ async def _make_image(
         if delay is None:
             counted += 1
             if counted >= retry.attempts:
-                spent = f"{counted} attempts" + (f" and {free} free retries" if free else "")
+                spent = f"{counted} attempts"
+                if free:
+                    spent += f" and {free} free {'retry' if free == 1 else 'retries'}"
                 return _failed(index, progress, context, f"{message} (gave up after {spent})")
             delay = retry.delay(counted, result, uniform=context.uniform)
         logger.info(
