@@ -157,9 +157,9 @@ async def _make_image(
         if delay is None:
             counted += 1
             if counted >= retry.attempts:
-                spent = f"{counted} attempts"
+                spent = _count(counted, "attempt", "attempts")
                 if free:
-                    spent += f" and {free} free {'retry' if free == 1 else 'retries'}"
+                    spent += " and " + _count(free, "free retry", "free retries")
                 return _failed(index, progress, context, f"{message} (gave up after {spent})")
             delay = retry.delay(counted, result, uniform=context.uniform)
         logger.info(
@@ -243,6 +243,10 @@ def _failed(index: int, progress: _Progress, context: WorkerContext, error: str)
         finished_at=context.now(),
         provider_s=progress.provider_s,
     )
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def describe_failure(exc: BaseException, attempt_timeout_s: float) -> str:

@@ -40,21 +40,13 @@ def make_context(
     base_delay_s: float = 1.0,
     attempt_timeout_s: float = 60.0,
     capacity: FairCapacity | None = None,
-    free_retries: int = 30,
-    free_retry_window_s: float = 300.0,
 ) -> WorkerContext:
     return WorkerContext(
         job_id=JOB_ID,
         prompt="a lighthouse at dusk",
         provider=provider,
         capacity=capacity or FairCapacity(trio.CapacityLimiter(1)),
-        retry=RetryPolicy(
-            attempts=attempts,
-            base_delay_s=base_delay_s,
-            max_delay_s=8.0,
-            free_retries=free_retries,
-            free_retry_window_s=free_retry_window_s,
-        ),
+        retry=RetryPolicy(attempts=attempts, base_delay_s=base_delay_s, max_delay_s=8.0),
         attempt_timeout_s=attempt_timeout_s,
         provider_cancel_s=5.0,
         now=fixed_now(),
@@ -222,51 +214,37 @@ async def test_a_failed_last_attempt_counts_in_provider_time(
 # --- failures that started nothing (429, a create that created nothing) -------------------------
 
 
-async def test_not_started_failures_use_no_attempt_and_back_off_exactly(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("script", "attempts", "starts"),
+    [
+        # One attempt only, yet three failures that started nothing (a create that created
+        # nothing, say) are retried: 1 s calls, backoffs of 1, 2 and 4 s.
+        (Script(latency_s=1, not_started=3), 1, [0, 2, 5, 10]),
+        # A 429's Retry-After is waited for, and uses no attempt either.
+        (Script(latency_s=1, not_started=1, retry_after_s=30), 1, [0, 31]),
+        # Two free retries, then two counted failures, then success on the last of 3 attempts;
+        # each budget backs off from its own first retry (1, 2 s free; 1, 2 s counted).
+        (Script(latency_s=1, not_started=2, fail_times=2), 3, [0, 2, 5, 7, 10]),
+    ],
+    ids=["not-created", "429-retry-after", "then-real-failures"],
+)
+async def test_failures_that_started_nothing_use_no_attempt(
+    autojump_clock: trio.testing.MockClock, script: Script, attempts: int, starts: list[int]
 ) -> None:
-    # One attempt only, yet three failures that started nothing are retried: 1 s calls, with
-    # backoffs of 1, 2 and 4 s (the cap doubling from the first free retry).
-    provider = FakeProvider(default=Script(latency_s=1, not_started=3))
+    provider = FakeProvider(default=script)
     t0 = trio.current_time()
 
-    reports = await run_worker(make_context(provider, attempts=1, base_delay_s=1))
+    reports = await run_worker(make_context(provider, attempts=attempts, base_delay_s=1))
 
-    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 10]
-    assert trio.current_time() - t0 == 11
+    assert [at - t0 for at in provider.start_times()] == starts
+    assert trio.current_time() - t0 == starts[-1] + 1
     outcome = outcome_of(reports)
     assert (outcome.status, outcome.attempts, outcome.provider_s) == (
         ImageStatus.COMPLETED,
-        4,
-        4.0,
+        len(starts),
+        len(starts) * 1.0,
     )
     assert provider.remote_cancels == []
-
-
-async def test_a_429s_retry_after_is_honoured_without_using_an_attempt(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    provider = FakeProvider(default=Script(latency_s=1, not_started=1, retry_after_s=30))
-    t0 = trio.current_time()
-
-    outcome = outcome_of(await run_worker(make_context(provider, attempts=1, base_delay_s=1)))
-
-    assert [at - t0 for at in provider.start_times()] == [0, 31]
-    assert outcome.status is ImageStatus.COMPLETED
-
-
-async def test_not_started_failures_do_not_shorten_the_attempts_of_real_failures(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # Two free retries, then two counted failures, then success on the last of 3 attempts;
-    # each budget backs off from its own first retry (1, 2 s free; 1, 2 s counted).
-    provider = FakeProvider(default=Script(latency_s=1, not_started=2, fail_times=2))
-    t0 = trio.current_time()
-
-    outcome = outcome_of(await run_worker(make_context(provider, attempts=3, base_delay_s=1)))
-
-    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 7, 10]
-    assert (outcome.status, outcome.attempts) == (ImageStatus.COMPLETED, 5)
 
 
 async def test_a_permanent_error_after_not_started_failures_fails_at_once(
@@ -286,43 +264,43 @@ async def test_a_permanent_error_after_not_started_failures_fails_at_once(
     )
 
 
-async def test_the_free_retries_end_after_their_count_then_attempts_are_used(
-    autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("retry", "starts", "error"),
+    [
+        # 3 free retries (backoffs 1, 2, 4 s), then 2 counted attempts (backoff 1 s between).
+        (
+            RetryPolicy(attempts=2, base_delay_s=1, free_retries=3),
+            [0, 2, 5, 10, 12],
+            "nothing started 5 (gave up after 2 attempts and 3 free retries)",
+        ),
+        # The first failure ends at 1 s. Free retries begin at 2, 5 and 10 s (1, 4 and 9 s
+        # after it); the next would begin at 11 + 8 s, past the window, so that failure uses
+        # the only attempt and the image fails.
+        (
+            RetryPolicy(attempts=1, base_delay_s=1, free_retry_window_s=10),
+            [0, 2, 5, 10],
+            "nothing started 4 (gave up after 1 attempt and 3 free retries)",
+        ),
+    ],
+    ids=["count", "time-window"],
+)
+async def test_the_free_retries_end_then_attempts_are_used(
+    autojump_clock: trio.testing.MockClock, retry: RetryPolicy, starts: list[int], error: str
 ) -> None:
     provider = FakeProvider(default=Script(latency_s=1, not_started=99))
     t0 = trio.current_time()
+    context = attrs.evolve(make_context(provider), retry=retry)
 
-    outcome = outcome_of(
-        await run_worker(make_context(provider, attempts=2, base_delay_s=1, free_retries=3))
-    )
+    outcome = outcome_of(await run_worker(context))
 
-    # 3 free retries (backoffs 1, 2, 4 s), then 2 counted attempts (backoff 1 s between).
-    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 10, 12]
-    assert trio.current_time() - t0 == 13
+    assert [at - t0 for at in provider.start_times()] == starts
+    assert trio.current_time() - t0 == starts[-1] + 1
     assert (outcome.status, outcome.attempts, outcome.error) == (
         ImageStatus.FAILED,
-        5,
-        "nothing started 5 (gave up after 2 attempts and 3 free retries)",
+        len(starts),
+        error,
     )
     assert provider.remote_cancels == [(JOB_ID, 0)]
-
-
-async def test_the_free_retries_end_with_their_time_window(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    provider = FakeProvider(default=Script(latency_s=1, not_started=99))
-    t0 = trio.current_time()
-
-    outcome = outcome_of(
-        await run_worker(make_context(provider, attempts=1, base_delay_s=1, free_retry_window_s=10))
-    )
-
-    # The first failure ends at 1 s. Free retries begin at 2, 5 and 10 s (1, 4 and 9 s after
-    # it); the next would begin at 11 + 8 s, past the window, so that failure uses the only
-    # attempt and the image fails.
-    assert [at - t0 for at in provider.start_times()] == [0, 2, 5, 10]
-    assert trio.current_time() - t0 == 11
-    assert (outcome.status, outcome.attempts) == (ImageStatus.FAILED, 4)
 
 
 async def test_waiting_for_capacity_does_not_count_against_the_attempt_timeout(
