@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import attrs
 import trio
 
-from actors.errors import PermanentProviderError, TransientProviderError
+from actors.errors import NotStartedError, PermanentProviderError, TransientProviderError
 from actors.eventlog import EventLog
 from actors.messages import JobEvent
 from actors.providers.base import ImageRequest, ProviderStatistics
@@ -26,8 +26,10 @@ class Script:
 
     Args:
         latency_s: Virtual time an attempt takes before it answers (after ``block``).
-        fail_times: Attempts ``1..fail_times`` raise ``TransientProviderError``.
-        retry_after_s: The provider's hint carried by those transient errors.
+        not_started: Attempts ``1..not_started`` raise ``NotStartedError`` (a 429, a create
+            that created nothing).
+        fail_times: The next ``fail_times`` attempts raise ``TransientProviderError``.
+        retry_after_s: The provider's hint carried by those errors.
         permanent: Later attempts raise ``PermanentProviderError(permanent)``.
         crash: Later attempts raise this exception type (a provider bug).
         block: Every attempt first waits until this event is set.
@@ -35,6 +37,7 @@ class Script:
     """
 
     latency_s: float = 1.0
+    not_started: int = 0
     fail_times: int = 0
     retry_after_s: float | None = None
     permanent: str | None = None
@@ -98,7 +101,11 @@ class FakeProvider:
             raise
         finally:
             self.in_flight -= 1
-        if request.attempt <= script.fail_times:
+        if request.attempt <= script.not_started:
+            raise NotStartedError(
+                f"nothing started {request.attempt}", retry_after_s=script.retry_after_s
+            )
+        if request.attempt <= script.not_started + script.fail_times:
             raise TransientProviderError(
                 f"transient failure {request.attempt}", retry_after_s=script.retry_after_s
             )

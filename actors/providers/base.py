@@ -173,3 +173,16 @@ class NullJournal:
         pending_since: datetime | None,  # noqa: ARG002
     ) -> Commit:
         return Commit.settled_with()
+
+
+@runtime_checkable
+class PacedProvider(Protocol):
+    """A provider that paces its calls (Replicate's rate of creates). A worker waits for its
+    image's turn before it takes capacity and again once it holds a token, so that the wait
+    spends neither a capacity token nor the attempt's time limit nor an attempt."""
+
+    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+        """Seconds until the image's next call may start (0: now). With ``book``, an image
+        that needs a turn and has none gets one, booked in the order asked; without, only a
+        turn already booked (or a pause every call is under) is waited for."""
+        ...
