@@ -644,7 +644,12 @@ async def test_a_bug_in_one_images_path_fails_that_image_only(
         files=FilesWithABug(tmp_path, buggy=1),
     )
     job = JobActor(
-        job_id=JOB_ID, owner="alice", prompt=context.prompt, num_images=3, context=context
+        job_id=JOB_ID,
+        owner="alice",
+        prompt=context.prompt,
+        num_images=3,
+        context=context,
+        store=MemoryStore(),
     )
 
     with trio.fail_after(60):
