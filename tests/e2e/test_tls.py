@@ -20,6 +20,7 @@ import pytest
 import trio
 import trustme
 
+from tests.e2e.certificates import issue, trusting
 from tests.e2e.test_server import (
     DEMO_EMAIL,
     DEMO_PASSWORD,
@@ -51,19 +52,12 @@ def authority() -> trustme.CA:
 
 @pytest.fixture
 def certificate(authority: trustme.CA, tmp_path: Path) -> Path:
-    """The server's key and certificate chain in one PEM file, for 127.0.0.1."""
-    path = tmp_path / "server.pem"
-    authority.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(
-        str(path)
-    )
-    return path
+    return issue(authority, tmp_path / "server.pem")
 
 
 @pytest.fixture
 def client_context(authority: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    authority.configure_trust(context)
-    return context
+    return trusting(authority)
 
 
 @pytest.fixture
@@ -158,22 +152,22 @@ async def test_many_event_streams_share_one_http2_connection(
 
 
 async def test_a_websocket_speaks_http11_on_the_same_port(
-    server: Server, h2: httpx.AsyncClient, client_context: ssl.SSLContext
+    server: Server, h2: httpx.AsyncClient, authority: trustme.CA
 ) -> None:
     token = await login(h2, DEMO_EMAIL, DEMO_PASSWORD)
     job_id = await submit(h2, token)
-    client_context.set_alpn_protocols(["http/1.1"])
+    ws_context = trusting(authority, alpn=["http/1.1"])
     url = server.ws_url(f"/api/generate/{job_id}")
     assert url.startswith("wss://")
     frames = []
 
     with trio.fail_after(WAIT_S):
-        async with open_ws(f"{url}?token={token}", ssl_context=client_context) as ws:
+        async with open_ws(f"{url}?token={token}", ssl_context=ws_context) as ws:
             while (message := await receive(ws)) is not None:
                 frames.append(message)
             assert ws.closed is not None
             code = ws.closed.code
-        async with open_ws(f"{url}?token=forged", ssl_context=client_context) as ws:
+        async with open_ws(f"{url}?token=forged", ssl_context=ws_context) as ws:
             assert await receive(ws) is None
             assert ws.closed is not None
             refused = ws.closed.code
