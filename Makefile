@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser run test lint bench clean
+.PHONY: setup browser nginx run test lint bench clean
 
 # A virtualenv with every dependency pinned by constraints.txt (re-done when either file changes).
 $(STAMP): pyproject.toml constraints.txt
@@ -27,8 +27,17 @@ browser:
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	else echo "$(CHROMIUM) is missing and we are not root: the browser tests will skip" >&2; fi
 
+# Debian's nginx for the reverse-proxy tests (tests/e2e/test_proxy.py runs it as a child process
+# on docs/deploy/nginx.conf), installed like Chromium: only when missing, only as root.
+NGINX := /usr/sbin/nginx
+nginx:
+	@if [ -x $(NGINX) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx; \
+	else echo "$(NGINX) is missing and we are not root: the proxy tests will skip" >&2; fi
+
 # The whole test suite. pytest exits 5 when it collects nothing: a broken suite, so a failure.
-test: $(STAMP) browser
+test: $(STAMP) browser nginx
 	@$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; exit 1; fi; \
 	exit $$status
