@@ -287,3 +287,16 @@ async def test_forwarded_headers_from_anyone_else_change_nothing(
     assert all(url.startswith(f"{service.url}/files/") for url in urls), urls
     urls = [result["url"] for result in through_proxy.json()["results"]]
     assert all(url.startswith(f"{proxy.url}/files/") for url in urls), urls
+
+
+async def test_the_proxy_serves_health_and_refuses_metrics(
+    service: Server, proxy: Proxy, public: httpx.AsyncClient, direct: httpx.AsyncClient
+) -> None:
+    with trio.fail_after(WAIT_S):
+        health = await public.get("/health")
+        refused = await public.get("/metrics")
+        scraped = await direct.get("/metrics")  # as Prometheus does, on the service's own port
+
+    assert (health.status_code, health.json()["status"]) == (200, "ok")
+    assert refused.status_code == 403
+    assert (scraped.status_code, "imagegen_jobs" in scraped.text) == (200, True)
