@@ -18,23 +18,24 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m web
 
+# $(call debian_package,PROGRAM,PACKAGE,TESTS): install Debian's PACKAGE when PROGRAM is
+# missing, only as root (as in CI); elsewhere TESTS skip (under CI=true they fail instead).
+debian_package = if [ -x $(1) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(2); \
+	else echo "$(1) is missing and we are not root: $(3) will skip" >&2; fi
+
 # Debian's Chromium for the browser tests (tests/browser/; Playwright's own browser download is
-# not used). Installed only when missing and only as root, as in CI; elsewhere those tests skip.
+# not used).
 CHROMIUM := /usr/bin/chromium
 browser:
-	@if [ -x $(CHROMIUM) ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
-	else echo "$(CHROMIUM) is missing and we are not root: the browser tests will skip" >&2; fi
+	@$(call debian_package,$(CHROMIUM),chromium,the browser tests)
 
 # Debian's nginx for the reverse-proxy tests (tests/e2e/test_proxy.py runs it as a child process
-# on docs/deploy/nginx.conf), installed like Chromium: only when missing, only as root.
+# on docs/deploy/nginx.conf).
 NGINX := /usr/sbin/nginx
 nginx:
-	@if [ -x $(NGINX) ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx; \
-	else echo "$(NGINX) is missing and we are not root: the proxy tests will skip" >&2; fi
+	@$(call debian_package,$(NGINX),nginx,the proxy tests)
 
 # The whole test suite. pytest exits 5 when it collects nothing: a broken suite, so a failure.
 test: $(STAMP) browser nginx

@@ -19,6 +19,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -109,6 +110,19 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def run_in_work_dir(
+    run: Callable[[Any, Path], Awaitable[dict[str, Any]]], args: Any, prefix: str
+) -> dict[str, Any]:
+    """``trio.run(run, args, work_dir)`` in a fresh temporary directory, with the open-files
+    limit raised; its figures with the settings and the machine added."""
+    raise_nofile()
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        result = trio.run(run, args, Path(work))
+    result["settings"] = vars(args) | {"json": None}
+    result["machine"] = machine()
+    return result
 
 
 def raise_nofile() -> int:

@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import math
 import ssl
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import trio
 import trustme
 
 from bench import common
@@ -147,11 +145,7 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=20, help="between images (few)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    common.raise_nofile()
-    with tempfile.TemporaryDirectory(prefix="bench-http2-") as work:
-        result = trio.run(run, args, Path(work))
-    result["settings"] = vars(args) | {"json": None}
-    result["machine"] = common.machine()
+    result = common.run_in_work_dir(run, args, "bench-http2-")
     rows: list[list[object]] = []
     counts = ("connections", "server_cpu_ms_per_event", "rss_kib_per_subscriber")
     for label, name in [(f"{args.few} SSE", "few"), (f"{args.many} SSE", "many")]:

@@ -48,6 +48,7 @@ from tests.e2e.test_server import (
     submit,
 )
 from tests.e2e.web_process import ROOT
+from tests.system import require_program
 
 NGINX = Path(os.environ.get("NGINX", "/usr/sbin/nginx"))  # Debian's package
 SITE = ROOT / "docs" / "deploy" / "nginx.conf"
@@ -56,15 +57,6 @@ PROXY_ADDRESS, OTHER_ADDRESS = "127.0.0.1", "127.0.0.2"
 SPOOFED = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example:666"}
 #: One image at a time, this long each: a job's events are spread over a second and a half.
 IMAGE_MS = 300
-
-
-def require_nginx() -> None:
-    if NGINX.exists():
-        return
-    reason = f"{NGINX} is missing: `make nginx` installs Debian's nginx (as root)"
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 def site_config(*, upstream: int, port: int, http_port: int, certificate: Path) -> str:
@@ -175,7 +167,7 @@ async def service(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Server
 
 @pytest.fixture
 async def proxy(service: Server, authority: trustme.CA, tmp_path: Path) -> AsyncIterator[Proxy]:
-    require_nginx()
+    require_program(NGINX, "`make nginx` installs Debian's nginx (as root)")
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     certificate = issue(authority, prefix / "server.pem")
