@@ -47,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/flake8-async --enable=ASYNC1,ASYNC2,ASYNC4,ASYNC913 --disable=ASYNC124,ASYNC127 \
-	  --startable-in-context-manager=run,serve,run_server \
+	  --startable-in-context-manager=run,serve,run_server,follow \
 	  --async200-blocking-calls='replicate.run->the trio-safe provider,replicate.stream->the trio-safe provider,*.predictions.create->the trio-safe provider or trio.to_thread' \
 	  $$(git ls-files '*.py')
 	$(BIN)/mypy
