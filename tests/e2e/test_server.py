@@ -3,7 +3,7 @@ real socket and the real clock, driven by real clients: httpx for HTTP and SSE, 
 for WebSockets, and h11 by hand where a request must stop half way.
 
 Virtual time is not used here: ``autojump_clock`` can jump while socket I/O is in flight
-(STACK.md section 2). Every step that could hang is bounded by ``trio.fail_after``.
+(its jumps ignore the network). Every step that could hang is bounded by ``trio.fail_after``.
 """
 
 from __future__ import annotations
