@@ -7,6 +7,7 @@ And the repository stands alone: every relative link of its Markdown resolves in
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,26 @@ def test_relative_links_resolve_inside_the_repository(path: Path) -> None:
 
 def test_the_readme_links_the_api_reference() -> None:
     assert "](docs/api.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+#: How the notes kept beside the repository (not in it) were referred to.
+OUTSIDE = re.compile(r"\.\./shared/|\b(?:STACK|STYLE|REPLICATE|API)\.md\b")
+
+
+def test_no_tracked_file_refers_to_notes_outside_the_repository() -> None:
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"],  # noqa: S607 (git from PATH, as a developer runs it)
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout.split(b"\0")
+    found = []
+    for name in filter(None, listed):
+        path = ROOT / name.decode()
+        if path.suffix in {".png", ".ico"} or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if OUTSIDE.search(line) and path != Path(__file__):
+                found.append(f"{name.decode()}:{number}: {line.strip()}")
+    assert found == []
