@@ -1,11 +1,12 @@
 """A fake of Replicate's predictions API: a real HTTP server on 127.0.0.1, scriptable faults.
 
-Shaped after ``../shared/REPLICATE.md``: the create endpoints (201, ``Prefer: wait=N`` held up to
-N s, ``Preference-Applied``), get, cancel, list (newest first), Bearer auth with a problem+json
-401, 429 with ``Retry-After`` and a ``retry_after`` body, 5xx (optionally after creating the
-prediction), failed predictions with an error text, string or list output, and signed
-``completed`` webhooks (Standard Webhooks). Faults come from a seeded random source or from a
-queue of forced answers, so tests are repeatable.
+Shaped after Replicate's HTTP API (https://replicate.com/docs/reference/http): the create
+endpoints (201, ``Prefer: wait=N`` held up to N s, ``Preference-Applied``), get, cancel, list
+(newest first), Bearer auth with a problem+json 401, 429 with ``Retry-After`` and a
+``retry_after`` body, 5xx (optionally after creating the prediction), failed predictions with
+an error text, string or list output, and signed ``completed`` webhooks (Standard Webhooks).
+Faults come from a seeded random source or from a queue of forced answers, so tests are
+repeatable.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP contract (``shared/API.md``) as an OpenAPI 3.1 document, built in code.
+"""The HTTP contract (``docs/api.md``) as an OpenAPI 3.1 document, built in code.
 
 The component schemas of the wire types are derived from the attrs classes of
 :mod:`web.schemas` (``attrs.fields`` and their type hints) and the enums from
@@ -9,7 +9,8 @@ methods and nothing else is, the document is valid OpenAPI 3.1, and real answers
 against it with no undocumented member.
 
 Not documented: ``GET /`` and ``GET /static/{name}`` (the web page, a client of this API, not
-part of it), and the ``HEAD`` and ``OPTIONS`` methods Quart and quart-cors add to every route.
+part of it), ``GET /docs`` and ``GET /docs/assets/{name}`` (the page that shows this document),
+and the ``HEAD`` and ``OPTIONS`` methods Quart and quart-cors add to every route.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from web.settings import Settings
 OPENAPI_VERSION = "3.1.0"
 DISTRIBUTION = "imagegen-trio"
 #: Routes of the app that the document leaves out on purpose (see the module's docstring).
-UNDOCUMENTED_ROUTES = frozenset({"/", "/static/<path:name>"})
+UNDOCUMENTED_ROUTES = frozenset({"/", "/static/<path:name>", "/docs", "/docs/assets/<name>"})
 
 Schema = dict[str, Any]
 

@@ -126,7 +126,7 @@ async def stream_sse(job_id: str) -> Response:
             "X-Accel-Buffering": "no",
         },
     )
-    response.timeout = None  # Quart's RESPONSE_TIMEOUT (60 s) would cut the stream (STACK.md)
+    response.timeout = None  # Quart's RESPONSE_TIMEOUT (60 s) would cut the stream
     return response
 
 

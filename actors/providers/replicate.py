@@ -2,7 +2,7 @@
 
 Calls the HTTP API with our own ``httpx.AsyncClient`` (one connection pool per process) and
 waits with Trio: the ``replicate`` package's async helpers sleep with asyncio and crash under
-Trio (STACK.md §4), so only its webhook signature check is used here.
+Trio (replicate 1.0.7 calls ``asyncio.sleep``), so only its webhook signature check is used here.
 
 Latency: a prediction is created with ``Prefer: wait=N``, so Replicate answers the create the
 moment the image exists; past that window it is polled at a short, fixed interval, or, with

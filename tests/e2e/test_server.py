@@ -3,13 +3,14 @@ real socket and the real clock, driven by real clients: httpx for HTTP and SSE, 
 for WebSockets, and h11 by hand where a request must stop half way.
 
 Virtual time is not used here: ``autojump_clock`` can jump while socket I/O is in flight
-(STACK.md section 2). Every step that could hang is bounded by ``trio.fail_after``.
+(its jumps ignore the network). Every step that could hang is bounded by ``trio.fail_after``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -95,6 +96,12 @@ def settings(
     graceful_timeout_s: float,
     max_streams_per_user: int,
 ) -> Settings:
+    return server_settings(tmp_path, latency_ms, heartbeat_s, graceful_timeout_s)
+
+
+def server_settings(
+    tmp_path: Path, latency_ms: tuple[int, int], heartbeat_s: float, graceful_timeout_s: float
+) -> Settings:
     """Images in ``tmp_path``; the demo user plus ``other@example.com`` from a users file."""
     users_file = tmp_path / "users.txt"
     users_file.write_text(f"{OTHER_EMAIL}:{HASHER.hash(OTHER_PASSWORD)}\n", encoding="utf-8")
@@ -115,7 +122,13 @@ def settings(
 
 @pytest.fixture
 async def server(nursery: trio.Nursery, settings: Settings) -> AsyncIterator[Server]:
-    """``run_server`` on a free port; teardown shuts it down and waits until it has returned."""
+    async with running_server(nursery, settings) as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_server(nursery: trio.Nursery, settings: Settings) -> AsyncIterator[Server]:
+    """``run_server`` on a free port; on exit it is shut down and waited for until it returns."""
     shutdown, stopped = trio.Event(), trio.Event()
     auth = Authenticator(settings, hasher=HASHER, secret=SECRET)
 
@@ -248,8 +261,11 @@ async def read_sse(
 
 
 @asynccontextmanager
-async def open_ws(url: str) -> AsyncIterator[WebSocketConnection]:
-    """A WebSocket client on a TCP stream of our own, closed on the way out.
+async def open_ws(
+    url: str, *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    """A WebSocket client on a TCP (or, with ``ssl_context``, TLS) stream of our own, closed on
+    the way out.
 
     Not ``trio_websocket.open_websocket_url``: after a close that the server started, trio-websocket
     0.12.2 never closes its socket (``aclose`` returns early once a close reason is set, and the
@@ -260,10 +276,15 @@ async def open_ws(url: str) -> AsyncIterator[WebSocketConnection]:
     assert parts.hostname is not None
     assert parts.port is not None
     resource = f"{parts.path}?{parts.query}" if parts.query else parts.path
-    async with (
-        await trio.open_tcp_stream(parts.hostname, parts.port) as stream,
-        trio.open_nursery() as nursery,
-    ):
+    if ssl_context is None:
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = await trio.open_tcp_stream(
+            parts.hostname, parts.port
+        )
+    else:
+        stream = await trio.open_ssl_over_tcp_stream(
+            parts.hostname, parts.port, ssl_context=ssl_context
+        )
+    async with stream, trio.open_nursery() as nursery:
         ws = await wrap_client_stream(nursery, stream, parts.netloc, resource)
         try:
             yield ws

@@ -27,7 +27,7 @@ from web.settings import Settings
 
 
 class StreamingTestHTTPConnection(TestHTTPConnection):
-    """quart-trio's test connection, ending the stream when the app returns (STACK.md §3):
+    """quart-trio's test connection, ending the stream when the app returns (as a real server does):
     without this, leaving an endless SSE response hangs the test."""
 
     async def __aenter__(self) -> StreamingTestHTTPConnection:

@@ -77,7 +77,7 @@ def test_values_are_parsed() -> None:
 # --- Replicate ---------------------------------------------------------------------------------
 
 VERSION = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
-SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # REPLICATE.md §5's test vector
+SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # replicate-python's webhook test vector
 
 
 def replicate_env(**variables: str) -> dict[str, str]:
