@@ -96,11 +96,17 @@ def settings(
     graceful_timeout_s: float,
     max_streams_per_user: int,
 ) -> Settings:
-    return server_settings(tmp_path, latency_ms, heartbeat_s, graceful_timeout_s)
+    return server_settings(
+        tmp_path, latency_ms, heartbeat_s, graceful_timeout_s, max_streams_per_user
+    )
 
 
 def server_settings(
-    tmp_path: Path, latency_ms: tuple[int, int], heartbeat_s: float, graceful_timeout_s: float
+    tmp_path: Path,
+    latency_ms: tuple[int, int],
+    heartbeat_s: float,
+    graceful_timeout_s: float,
+    max_streams_per_user: int = Settings().supervisor.max_streams_per_user,
 ) -> Settings:
     """Images in ``tmp_path``; the demo user plus ``other@example.com`` from a users file."""
     users_file = tmp_path / "users.txt"
