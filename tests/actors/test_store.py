@@ -1,4 +1,8 @@
-"""The job store: one contract for both backends, then what only SQLite promises (real clock)."""
+"""The job store: one contract for every backend, then what only SQLite promises (real clock).
+
+The Redis backend runs against the real Redis (tests/redis_support.py); what only it promises is
+in test_store_redis.py.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from actors.store import (
     commit,
     open_sqlite_store,
 )
+from actors.store.redis import open_redis_store
 from actors.store.sqlite import SCHEMA_VERSION
+from tests.redis_support import REDIS_URL, fresh_prefix
 
 #: Not UTC, with microseconds: a stored datetime must come back with both.
 CREATED = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
@@ -97,16 +103,20 @@ async def only_job(store: JobStore) -> StoredJob:
     return stored
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
     if request.param == "memory":
         yield MemoryStore()
+        return
+    if request.param == "redis":
+        async with fresh_prefix() as prefix, open_redis_store(REDIS_URL, prefix) as redis_store:
+            yield redis_store
         return
     async with open_sqlite_store(tmp_path / "jobs.db") as sqlite_store:
         yield sqlite_store
 
 
-# --- the contract (both backends) --------------------------------------------------------------
+# --- the contract (every backend) --------------------------------------------------------------
 
 
 async def test_a_new_job_loads_as_written(store: JobStore) -> None:
