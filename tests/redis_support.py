@@ -95,6 +95,7 @@ class RedisProxy:
         self._flowing = trio.Event()
         self._flowing.set()
         self._up = trio.Event()
+        self._listening_again = trio.Event()
 
     @property
     def url(self) -> str:
@@ -107,12 +108,11 @@ class RedisProxy:
                 listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
                 self.port = listeners[0].socket.getsockname()[1]
                 with trio.CancelScope() as self._listening:
+                    self._listening_again.set()
                     if not started:
                         task_status.started()
                         started = True
-                    await trio.serve_listeners(
-                        self._forward, listeners, handler_nursery=nursery
-                    )
+                    await trio.serve_listeners(self._forward, listeners, handler_nursery=nursery)
                 for listener in listeners:
                     await listener.aclose()
                 await self._up.wait()
@@ -120,6 +120,7 @@ class RedisProxy:
     def down(self) -> None:
         """Refuse connections and cut the open ones."""
         self._up = trio.Event()
+        self._listening_again = trio.Event()
         if self._listening is not None:
             self._listening.cancel()
         for scope in self._connections:
@@ -129,9 +130,11 @@ class RedisProxy:
         """Keep connections open but forward nothing (new ones too)."""
         self._flowing = trio.Event()
 
-    def up(self) -> None:
+    async def up(self) -> None:
+        """Listen and forward again (returns once listening)."""
         self._up.set()
         self._flowing.set()
+        await self._listening_again.wait()
 
     async def _forward(self, client: trio.SocketStream) -> None:
         with trio.CancelScope() as scope:

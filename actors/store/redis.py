@@ -288,6 +288,9 @@ class RedisStore:
         self._renew = client.register_script(redis_scripts.RENEW_OWNER)
         self._release = client.register_script(redis_scripts.RELEASE_OWNER)
         self._writer = BatchWriter(self._transaction)
+        #: Bounds of one call and of ``check()``'s wait (attributes, so tests can shorten them).
+        self.call_timeout_s = CALL_TIMEOUT_S
+        self.health_timeout_s = HEALTH_TIMEOUT_S
         self._last_error: str | None = None
         #: The holder that took the prefix over while this process could not renew it.
         self.lost_to: str | None = None
@@ -297,9 +300,12 @@ class RedisStore:
     # -- calls ----------------------------------------------------------------------------
 
     async def _call(
-        self, what: str, call: Callable[[], Awaitable[T]], timeout_s: float = CALL_TIMEOUT_S
+        self, what: str, call: Callable[[], Awaitable[T]], timeout_s: float | None = None
     ) -> T:
-        """``call()`` within ``timeout_s``; Redis's errors become ``StoreUnavailable``."""
+        """``call()`` within ``timeout_s`` (:attr:`call_timeout_s`); Redis's errors become
+        ``StoreUnavailable``."""
+        if timeout_s is None:
+            timeout_s = self.call_timeout_s
         self._calls += 1
         try:
             with trio.fail_after(timeout_s):
@@ -406,13 +412,15 @@ class RedisStore:
         if self.lost_to is not None:
             return StoreHealth(ok=False, detail=self._lost_detail())
         try:
-            await self._call("PING", self._client.ping, HEALTH_TIMEOUT_S)
+            await self._call("PING", self._client.ping, self.health_timeout_s)
             if self._last_error is not None:
                 # The last write failed: write a key of our own, so that a Redis that takes
                 # writes again (back up, or a replica promoted) says so without traffic.
                 now = datetime.now(UTC).isoformat()
                 await self._call(
-                    "a write", lambda: self._client.set(self.keys.health, now), HEALTH_TIMEOUT_S
+                    "a write",
+                    lambda: self._client.set(self.keys.health, now),
+                    self.health_timeout_s,
                 )
                 logger.info("store: writing again")
                 self._last_error = None
@@ -540,17 +548,25 @@ async def open_redis_store(
     Raises:
         StoreUnavailable: Redis cannot be reached, or another process holds the prefix.
     """
+    refused: StoreUnavailable | None = None
     async with open_client(url) as client:
         store = RedisStore(client, url=url, prefix=prefix, owner_ttl_s=owner_ttl_s)
-        await store.acquire()
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run)
-                try:
-                    yield store
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            await store._writer.close(CLOSE_FLUSH_S)
-            with trio.CancelScope(shield=True):
-                await store.release()
+            await store.acquire()
+        except StoreUnavailable as exc:
+            # Raised outside the client's task group, which would wrap it in a group.
+            refused = exc
+        else:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store.run)
+                    try:
+                        yield store
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                await store._writer.close(CLOSE_FLUSH_S)
+                with trio.CancelScope(shield=True):
+                    await store.release()
+    if refused is not None:
+        raise refused
