@@ -80,7 +80,8 @@ class RedisProxy:
 
     ``down()`` closes every connection and stops listening (connections are refused, as from a
     stopped Redis); ``up()`` listens again on the same port. ``stall()`` keeps connections open
-    but forwards nothing (a Redis or network that hangs), until ``up()``.
+    but forwards nothing (a Redis or network that hangs), until ``up()``; ``blackhole()`` does that
+    to the connections open now only, for good.
 
     Concurrency: :meth:`run` is started in the test's nursery and runs until cancelled.
     """
@@ -91,7 +92,7 @@ class RedisProxy:
         self._db = target.path or "/0"
         self.port = 0
         self._listening: trio.CancelScope | None = None
-        self._connections: set[trio.CancelScope] = set()
+        self._connections: dict[trio.CancelScope, list[bool]] = {}  # scope -> [black-holed]
         self._flowing = trio.Event()
         self._flowing.set()
         self._up = trio.Event()
@@ -130,6 +131,12 @@ class RedisProxy:
         """Keep connections open but forward nothing (new ones too)."""
         self._flowing = trio.Event()
 
+    def blackhole(self) -> None:
+        """The connections open now forward nothing, ever, and are never closed (as when the
+        server's host vanished without a reset); new connections work."""
+        for state in self._connections.values():
+            state[0] = True
+
     async def up(self) -> None:
         """Listen and forward again (returns once listening)."""
         self._up.set()
@@ -138,20 +145,27 @@ class RedisProxy:
 
     async def _forward(self, client: trio.SocketStream) -> None:
         with trio.CancelScope() as scope:
-            self._connections.add(scope)
+            state = self._connections[scope] = [False]
             try:
-                async with client, await trio.open_tcp_stream(*self._target) as server:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pipe, client, server)
-                        nursery.start_soon(self._pipe, server, client)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+                async with (
+                    client,
+                    await trio.open_tcp_stream(*self._target) as server,
+                    trio.open_nursery() as nursery,
+                ):
+                    nursery.start_soon(self._pipe, client, server, state)
+                    nursery.start_soon(self._pipe, server, client, state)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the connection is over, as the side that ended it wanted
             finally:
-                self._connections.discard(scope)
+                del self._connections[scope]
 
-    async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    async def _pipe(
+        self, source: trio.SocketStream, sink: trio.SocketStream, state: list[bool]
+    ) -> None:
         while data := await source.receive_some(65536):
             await self._flowing.wait()
+            if state[0]:
+                await trio.sleep_forever()
             await sink.send_all(data)
         # One side closed: so is the other (as a real connection would be).
         raise trio.BrokenResourceError

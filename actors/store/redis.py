@@ -311,6 +311,10 @@ class RedisStore:
             with trio.fail_after(timeout_s):
                 return await call()
         except trio.TooSlowError:
+            # The client keeps a connection whose answer is late (it multiplexes requests on
+            # it, and a timeout does not close it): one that went silent for good (a vanished
+            # host, no reset) would fail every later call. Start afresh instead.
+            self._client.connection_pool.disconnect()
             raise StoreUnavailable(
                 f"Redis at {self.url} did not answer {what} within {timeout_s:g} s"
             ) from None
