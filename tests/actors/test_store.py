@@ -281,6 +281,20 @@ async def test_a_write_to_a_job_that_is_not_there_is_refused_whole(store: JobSto
     assert (await store.check()).ok
 
 
+async def test_an_idempotency_key_freed_by_a_delete_is_reused_in_the_same_batch(
+    store: JobStore,
+) -> None:
+    await commit(store, PutJob(job_record("old", 1, idempotency_key="k")))
+    # Retention forgets the old job and a new one takes its key, in one tick (one batch).
+    delete = store.write(DeleteJob("old"))
+    put = store.write(PutJob(job_record("new", 2, idempotency_key="k")))
+    await delete.wait()
+    await put.wait()
+
+    assert [s.job.job_id for s in await store.load()] == ["new"]
+    assert store.statistics()["failed_commits"] == 0
+
+
 async def test_a_working_store_checks_ok(store: JobStore) -> None:
     await commit(store, *new_job())
 
@@ -521,21 +535,6 @@ async def test_text_with_lone_surrogates_is_stored_not_fatal(store: JobStore) ->
     stored = await only_job(store)
     assert stored.images[0].error is not None
     assert stored.images[0].error.startswith("bad ")
-
-
-async def test_an_idempotency_key_freed_by_a_delete_is_reused_in_the_same_batch(
-    db_path: Path,
-) -> None:
-    async with open_sqlite_store(db_path) as store:
-        await commit(store, PutJob(job_record("old", 1, idempotency_key="k")))
-        # Retention forgets the old job and a new one takes its key, in one tick (one batch).
-        delete = store.write(DeleteJob("old"))
-        put = store.write(PutJob(job_record("new", 2, idempotency_key="k")))
-        await delete.wait()
-        await put.wait()
-
-        assert [s.job.job_id for s in await store.load()] == ["new"]
-        assert store.statistics()["failed_commits"] == 0
 
 
 async def test_writes_queued_just_before_closing_are_stored(db_path: Path) -> None:

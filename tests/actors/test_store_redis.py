@@ -153,20 +153,6 @@ async def test_an_idempotency_key_of_another_job_is_refused(store: RedisStore) -
     assert [stored.job.job_id for stored in await store.load()] == ["old", "bobs"]
 
 
-async def test_an_idempotency_key_freed_by_a_delete_is_reused_in_the_same_batch(
-    store: RedisStore,
-) -> None:
-    await commit(store, PutJob(job_record("old", 1, idempotency_key="k")))
-
-    delete = store.write(DeleteJob("old"))
-    put = store.write(PutJob(job_record("new", 2, idempotency_key="k")))
-    await delete.wait()
-    await put.wait()
-
-    assert [stored.job.job_id for stored in await store.load()] == ["new"]
-    assert store.statistics()["failed_commits"] == 0
-
-
 async def test_an_event_older_than_the_last_one_stored_is_refused(store: RedisStore) -> None:
     await commit(store, *new_job(), AppendEvent("job-1", progress(2, 1)))
 

@@ -14,19 +14,16 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
 from tests.e2e.ports import free_port
 from tests.e2e.service_clients import (
-    WAIT_S,
-    Event,
     check_continuation,
     check_images,
     get_json,
     http,
-    open_sse,
+    kill_after_events,
     read_sse,
     service,
     submit_job,
@@ -78,19 +75,10 @@ async def test_a_killed_service_on_redis_carries_its_job_on_after_a_restart(
         "LOCAL_LATENCY_MS": "600-900",
         "MAX_CONCURRENCY": "2",
     }
-    seen: list[Event] = []
     async with service(tmp_path, environ, name="first") as first, http(first) as client:
         second_start = await start_refused(tmp_path, environ)
         job_id = await submit_job(client, 6)
-        with trio.fail_after(WAIT_S):
-            async with open_sse(client, job_id) as events:
-                while len(seen) < 2:
-                    event = await events.next()
-                    assert event is not None
-                    seen.append(event)
-                await first.kill()
-                with pytest.raises(httpx.TransportError):
-                    await events.next()
+        seen = await kill_after_events(client, job_id, first, 2)
     assert [(event.id, event.type) for event in seen] == [(1, "progress"), (2, "progress")]
 
     # The same prefix, once the killed process's owner key has expired.
