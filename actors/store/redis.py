@@ -569,8 +569,10 @@ async def open_redis_store(
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
-                await store._writer.close(CLOSE_FLUSH_S)
-                with trio.CancelScope(shield=True):
+                with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
+                    await store._writer.flush()
+                store._writer.fail_queued()
+                with trio.move_on_after(CALL_TIMEOUT_S, shield=True):
                     await store.release()
     if refused is not None:
         raise refused

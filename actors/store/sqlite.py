@@ -478,7 +478,8 @@ class SQLiteStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until cancelled."""
-        await self._writer.run(task_status=task_status)
+        task_status.started()
+        await self._writer.run()
 
     async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
         try:
@@ -568,7 +569,9 @@ async def open_sqlite_store(path: Path, *, synchronous: str = "full") -> AsyncIt
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        await store._writer.close(CLOSE_FLUSH_S)
+        with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
+            await store.flush()
+        store._writer.fail_queued()
         with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
             await trio.to_thread.run_sync(store.close, limiter=store._thread)
         os.close(lock)

@@ -89,11 +89,8 @@ class BatchWriter:
         while self.queue:
             await self._write_queued()
 
-    async def close(self, timeout_s: float) -> None:
-        """Write what is still queued (within ``timeout_s``, even when cancelled), then fail the
-        rest."""
-        with trio.move_on_after(timeout_s, shield=True):
-            await self.flush()
+    def fail_queued(self) -> None:
+        """Fail what is still queued (closing, once :meth:`flush` had its time)."""
         if self.queue:
             logger.error("store: %d writes were not stored before closing", len(self.queue))
             for _, commit in self.queue:
