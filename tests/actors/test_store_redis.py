@@ -20,21 +20,15 @@ from actors.errors import StoreUnavailable
 from actors.store import AppendEvent, DeleteJob, PutImages, PutJob, SetRemote, commit
 from actors.store.redis import RedisStore, open_client, open_redis_store
 from tests.actors.test_store import PENDING, image, job_record, new_job, only_job, progress
-from tests.redis_support import REDIS_URL, RedisProxy, fresh_prefix, keys_under, require_redis
+from tests.redis_support import REDIS_URL, RedisProxy, keys_under
 
 #: Short, so that waiting out a dead holder costs little; the same code path as 5 s.
 TTL_S = 0.6
 
 
 @pytest.fixture
-def redis_server() -> None:
-    require_redis()  # here, outside Trio: a skip raised in an async fixture loses its reason
-
-
-@pytest.fixture
-async def prefix(redis_server: None) -> AsyncIterator[str]:
-    async with fresh_prefix() as fresh:
-        yield fresh
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 @pytest.fixture

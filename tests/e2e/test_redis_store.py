@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from tests.e2e.service_clients import (
     submit_job,
 )
 from tests.e2e.web_process import ROOT
-from tests.redis_support import REDIS_URL, fresh_prefix, keys_under, require_redis
+from tests.redis_support import REDIS_URL, keys_under
 
 #: A killed holder's owner key outlives it by its TTL (actors/store/redis.py: 5 s), and the next
 #: process waits for it at its start.
@@ -37,14 +36,8 @@ RESTART_S = 20
 
 
 @pytest.fixture
-def redis_server() -> None:
-    require_redis()  # here, outside Trio: a skip raised in an async fixture loses its reason
-
-
-@pytest.fixture
-async def prefix(redis_server: None) -> AsyncIterator[str]:
-    async with fresh_prefix() as fresh:
-        yield fresh
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 async def start_refused(
