@@ -60,16 +60,15 @@ from coredis.response.types import StreamEntry
 
 from actors.errors import StoreUnavailable
 from actors.messages import JobEvent, JobStatus
+from actors.providers.base import Commit, RemoteWork
 from actors.store import redis_scripts
 from actors.store.base import (
     AppendEvent,
-    Commit,
     DeleteJob,
     JobRecord,
     Operation,
     PutImages,
     PutJob,
-    RemoteWork,
     SetRemote,
     StoredJob,
     StoreHealth,

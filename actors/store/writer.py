@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from actors.errors import StoreUnavailable
-from actors.store.base import Commit, Operation
+from actors.providers.base import Commit
+from actors.store.base import Operation
 
 logger = logging.getLogger(__name__)
 
