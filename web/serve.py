@@ -20,11 +20,13 @@ from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
 from actors.store import JobStore, MemoryStore, open_sqlite_store
 from actors.store.journal import StoreJournal
+from actors.store.redis import open_redis_store
 from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError, kept_secret
 from web.logs import configure_logging
+from web.proxy import TrustedProxies
 from web.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("web")
@@ -43,6 +45,10 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.graceful_timeout = settings.graceful_timeout_s
     # Protocol-level pings keep idle WebSockets alive through proxies without extra frames.
     config.websocket_ping_interval = settings.heartbeat_s
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        # HTTPS on the same bind: HTTP/2 by ALPN, else HTTP/1.1 (WebSockets use HTTP/1.1).
+        config.certfile = str(settings.tls_certfile)
+        config.keyfile = str(settings.tls_keyfile)
     return config
 
 
@@ -98,7 +104,7 @@ async def run_server(
         supervisor = await stack.enter_async_context(
             open_supervisor(provider, settings.supervisor, store=store, files=files)
         )
-        app = create_app(supervisor, settings, auth)
+        app = TrustedProxies(create_app(supervisor, settings, auth), settings.forwarded_allow_ips)
         config = hypercorn_config(settings, bind=bind)
 
         async def trigger() -> None:
@@ -124,11 +130,18 @@ async def run_server(
 
 @asynccontextmanager
 async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
-    """The store ``STORE`` names: SQLite at ``DATABASE_PATH`` (the default), or memory."""
-    if settings.store.backend == "memory":
+    """The store ``STORE`` names: SQLite at ``DATABASE_PATH`` (the default), memory, or Redis
+    at ``REDIS_URL`` under ``REDIS_PREFIX``."""
+    store_settings = settings.store
+    if store_settings.backend == "memory":
         yield MemoryStore()
         return
-    store_settings = settings.store
+    if store_settings.backend == "redis":
+        async with open_redis_store(
+            store_settings.redis_url, store_settings.redis_prefix
+        ) as redis_store:
+            yield redis_store
+        return
     async with open_sqlite_store(
         store_settings.database_path, synchronous=store_settings.synchronous
     ) as store:
@@ -160,11 +173,16 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_format)
     try:
         secret = None
-        if settings.auth_secret is None and settings.store.backend == "sqlite":
+        if settings.auth_secret is None and settings.store.backend != "memory":
             secret = kept_secret(settings.store.database_path.with_name("auth_secret"))
         auth = Authenticator(settings, secret=secret)
     except (UsersFileError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+    try:
+        hypercorn_config(settings).create_ssl_context()  # unreadable TLS files stop us here
+    except OSError as exc:  # ssl.SSLError included
+        sys.stderr.write(f"error: TLS_CERTFILE/TLS_KEYFILE cannot be used: {exc}\n")
         raise SystemExit(2) from None
     try:
         trio.run(partial(run_server, settings, auth=auth))

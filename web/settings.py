@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 from dotenv import dotenv_values
@@ -28,6 +29,7 @@ from actors.providers.replicate import (
 from actors.retry import MAX_ATTEMPTS, RetryPolicy
 from actors.settings import SupervisorSettings
 from actors.store.sqlite import SYNCHRONOUS
+from web.proxy import Network, parse_networks
 
 T = TypeVar("T")
 
@@ -38,7 +40,8 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-STORE_BACKENDS = ("sqlite", "memory")
+STORE_BACKENDS = ("sqlite", "memory", "redis")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 @attrs.frozen(kw_only=True)
@@ -46,15 +49,19 @@ class StoreSettings:
     """Where jobs are kept.
 
     Args:
-        backend: ``sqlite`` (jobs survive restarts) or ``memory`` (``STORE``).
+        backend: ``sqlite`` (jobs survive restarts), ``memory`` or ``redis`` (``STORE``).
         database_path: The SQLite file (``DATABASE_PATH``), made with its directory if missing.
         synchronous: ``full`` or ``normal`` (``DATABASE_SYNCHRONOUS``): whether each commit
             waits for the disk (survives a power cut) or only for the OS (survives a crash).
+        redis_url: The Redis server of ``STORE=redis`` (``REDIS_URL``).
+        redis_prefix: The start of every key the service keeps there (``REDIS_PREFIX``).
     """
 
     backend: str = "sqlite"
     database_path: Path = Path("var/imagegen.sqlite3")
     synchronous: str = "full"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "imagegen:"
 
 
 @attrs.frozen(kw_only=True)
@@ -92,6 +99,12 @@ class Settings:
     files: ImageFilesSettings = attrs.Factory(
         lambda: ImageFilesSettings(directory=Path("var/images"))
     )
+    # --- deployment: TLS and reverse proxies ---
+    #: Serve HTTPS (HTTP/2 by ALPN, and HTTP/1.1) with this PEM chain and key; both or neither.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    #: Peers whose ``X-Forwarded-*`` headers are believed (web/proxy.py); none by default.
+    forwarded_allow_ips: tuple[Network, ...] = ()
 
 
 def _int(value: str) -> int:
@@ -161,6 +174,25 @@ def _http_url(value: str) -> str:
     if not re.match(r"^https?://[^/\s]+", url):
         raise ValueError("expected an http(s) URL")
     return url
+
+
+def _redis_url(value: str) -> str:
+    url = value.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES or not (parts.netloc or parts.path):
+        raise ValueError("expected redis://[user:password@]host[:port][/db], rediss:// or unix://")
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
+    return url
+
+
+def _redis_prefix(value: str) -> str:
+    prefix = value.strip()
+    if any(character.isspace() or character in "*?[]" for character in prefix):
+        raise ValueError("no spaces or glob characters (* ? [ ])")
+    return prefix
 
 
 def _whsec(value: str) -> str:
@@ -240,6 +272,9 @@ def _build(env: _Reader) -> Settings:
         retry_after_s=env.get("RETRY_AFTER_S", _int, sup.retry_after_s),
         job_retention_s=env.get("JOB_RETENTION_S", _float, sup.job_retention_s),
         max_retained_jobs=env.get("MAX_RETAINED_JOBS", _int, sup.max_retained_jobs),
+        max_streams_per_user=env.get(
+            "MAX_STREAMS_PER_USER", _int_in(1, 1_000_000), sup.max_streams_per_user
+        ),
     )
     local = LocalProviderSettings(
         images_dir=Path(env.text("IMAGES_DIR", None) or defaults.local.images_dir),
@@ -267,6 +302,8 @@ def _build(env: _Reader) -> Settings:
         synchronous=env.get(
             "DATABASE_SYNCHRONOUS", _choice(SYNCHRONOUS), defaults.store.synchronous
         ),
+        redis_url=env.get("REDIS_URL", _redis_url, defaults.store.redis_url),
+        redis_prefix=env.get("REDIS_PREFIX", _redis_prefix, defaults.store.redis_prefix),
     )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(
@@ -295,9 +332,18 @@ def _build(env: _Reader) -> Settings:
         replicate=_replicate(env),
         store=store,
         files=files,
+        tls_certfile=_optional_path(env.text("TLS_CERTFILE", None)),
+        tls_keyfile=_optional_path(env.text("TLS_KEYFILE", None)),
+        forwarded_allow_ips=env.get(
+            "FORWARDED_ALLOW_IPS", parse_networks, defaults.forwarded_allow_ips
+        ),
     )
     check(settings)
     return settings
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _replicate(env: _Reader) -> ReplicateSettings | None:
@@ -354,6 +400,8 @@ def check(settings: Settings) -> None:
         problems.append("SSE_RETRY_MS and GRACEFUL_TIMEOUT_S must not be negative")
     if settings.shutdown_grace_s < 0:
         problems.append("SHUTDOWN_GRACE_S must not be negative")
+    if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
+        problems.append("TLS_CERTFILE and TLS_KEYFILE go together")
     if settings.log_format not in {"text", "json"}:
         problems.append("LOG_FORMAT must be text or json")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
