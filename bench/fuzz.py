@@ -57,6 +57,11 @@ def fuzz_round(
     one()
 
 
+def _excerpt(logged: str, lines: int = 60) -> str:
+    start = logged.index("Traceback")
+    return "\n".join(logged[logged.rfind("\n", 0, start) + 1 :].splitlines()[:lines])
+
+
 def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     environ = {"MAX_CONCURRENCY": "1", "LOCAL_LATENCY_MS": "500-1000", "HEARTBEAT_S": "0.5"}
     endings: Counter[str] = Counter()
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         elapsed = time.monotonic() - started
         alive = service.alive()
         errors = service.connection_errors() if alive else {}
-        tracebacks = service.log_since(0).count("Traceback")
+        logged = service.log_since(0)
+        tracebacks = logged.count("Traceback")
     return {
         "benchmark": "fuzz",
         "machine": common.machine(),
@@ -88,6 +94,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "connection_errors": errors,
         "connection_errors_total": counter_total(errors),
         "tracebacks_logged": tracebacks,
+        # The log from the first traceback on (bounded), for whoever reads the figures.
+        "traceback_excerpt": _excerpt(logged) if tracebacks else None,
         "alive": alive,
         "failure": failure,
     }
@@ -111,6 +119,8 @@ def main() -> None:
     )
     print(f"tracebacks logged     {result['tracebacks_logged']}")
     print(f"process alive         {result['alive']}")
+    if result["traceback_excerpt"]:
+        print(f"first traceback:\n{result['traceback_excerpt']}")
     if result["failure"]:
         print(f"FAILED: {result['failure']}")
     common.emit(result, args.json)

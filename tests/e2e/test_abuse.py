@@ -73,6 +73,9 @@ ENVIRON = {
     # Frequent WebSocket pings (hypercorn's, first one at once) and SSE heartbeats: more sends
     # to race the closes below.
     "HEARTBEAT_S": "0.5",
+    # Hundreds of one user's streams at once: the per-user cap would refuse most of them
+    # before they could race anything.
+    "MAX_STREAMS_PER_USER": "100000",
 }
 PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG, POLICY_VIOLATION = 1002, 1007, 1009, 1008
 
@@ -114,7 +117,8 @@ def _survives(
     events, error = followed.follower.snapshot()
     assert error is None, f"the SSE follower failed: {error!r}"
     check_exactly_once(events, NUM_IMAGES, finished=False)
-    assert "Traceback" not in logged, tail(logged)
+    if request.node.get_closest_marker("xfail") is None:  # a known bug logs its traceback
+        assert "Traceback" not in logged, tail(logged)
 
 
 @pytest.fixture
@@ -230,6 +234,22 @@ TOLERATED: dict[str, tuple[bytes, set[int]]] = {
 async def test_unusual_http_is_answered(service: LiveService, name: str) -> None:
     data, allowed = TOLERATED[name]
     assert await first_status(service.port, data, wait_s=STEP_S) in allowed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="quart's _create_request_from_scope reads path[0] of an empty path: IndexError, 500",
+)
+@pytest.mark.parametrize(
+    "data",
+    [request(target="?a"), request(target="?"), upgrade_request("?token=x")],
+    ids=["query_only", "question_mark_only", "websocket_upgrade"],
+)
+async def test_a_target_without_a_path_is_a_4xx(service: LiveService, data: bytes) -> None:
+    """``GET ?a HTTP/1.1``: h11 accepts it, Hypercorn gives the app an empty path."""
+    status = await first_status(service.port, data, wait_s=STEP_S)
+    assert status is not None
+    assert 400 <= status < 500, status
 
 
 @pytest.mark.parametrize(
