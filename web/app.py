@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from quart import Response, send_from_directory
@@ -26,6 +27,9 @@ from web.settings import Settings
 
 # Stored images never change under their name, so browsers and proxies may keep them.
 FILE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+# What a stored image's name may look like (``{job_id}-{index}.{ext}``, actors/files.py); anything
+# else is not a file of ours, whatever the disk would make of it (too long, traversal, ...).
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 # The web page (web/static/): the page is revalidated on every load, its assets after a while.
 STATIC_DIR = Path(__file__).parent / "static"
 PAGE_CACHE_CONTROL = "no-cache"
@@ -45,6 +49,8 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
         auth: Users and tokens.
     """
     app = QuartTrio(__name__, static_folder=None)  # /static/ is served below, with its headers
+    # A path with "//" (or an encoded "/") is not ours: 404, never a redirect to a merged path.
+    app.url_map.merge_slashes = False
     # The largest body any route takes; each route enforces its own (web/body.py).
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, WEBHOOK_MAX_BYTES)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -59,7 +65,7 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
     @app.get("/files/<path:name>")
     async def files(name: str) -> Response:
         """Images the service stores itself."""
-        if "/" in name or name.startswith("."):
+        if FILE_NAME.fullmatch(name) is None or ".." in name:
             raise APIError(404, "File not found")
         response = await send_from_directory(images_dir, name)
         response.headers["Cache-Control"] = FILE_CACHE_CONTROL

@@ -1,47 +1,105 @@
-"""Three fixes to Hypercorn 0.18.0 under Trio that a graceful shutdown needs.
+"""Fixes to Hypercorn 0.18.0 under Trio: graceful shutdown, and no connection can end the process.
+
+Each fix replaces one method, is pinned to the versions in constraints.txt, and has a test
+(tests/web/test_hypercorn_fixes.py, tests/e2e/) that fails without it.
+
+Shutdown:
 
 1. The idle-connection timer. Hypercorn's trio ``TCPServer`` closes a keep-alive connection when
-it has been idle for ``keep_alive_timeout`` or when the server stops, from a timer task that
-``TrioSingleTask.restart`` starts with ``nursery.start``. After a response, that restart is called
-from the app's own task, which quart-trio cancels as soon as the response is sent. ``start`` runs
-the new task in the caller's cancel context until it reports ``started``, so the timer dies at
-once: idle connections are then never closed, neither after ``keep_alive_timeout`` nor on
-shutdown, where Hypercorn waits the whole ``graceful_timeout`` for them (seen with hypercorn
-0.18.0, quart-trio 0.12.0: 3 s per stop with one idle keep-alive client).
+   it has been idle for ``keep_alive_timeout`` or when the server stops, from a timer task that
+   ``TrioSingleTask.restart`` starts with ``nursery.start``. After a response, that restart is
+   called from the app's own task, which quart-trio cancels as soon as the response is sent, so
+   the timer died at once: idle connections were never closed, and every stop waited the whole
+   ``graceful_timeout`` for them. The fix starts the timer shielded.
+2. WebSocket pings. ``WSStream._send_pings`` sleeps a whole ``websocket_ping_interval`` inside
+   the connection's task group, so a stop after any WebSocket waited for that sleep. The fix also
+   wakes on the server's ``terminated`` event.
+3. Closing a connection once the server stops. ``TCPServer._close`` runs from the app's task,
+   which quart-trio cancels: ``send_eof`` raised ``Cancelled`` before ``aclose`` ran and the stop
+   waited the whole ``graceful_timeout`` for a client that keeps its connection alive. The close
+   is shielded and bounded (see 5).
 
-The fix starts the timer shielded, so it reaches ``started`` and lives in the connection's nursery
-as intended.
+Never down (hypercorn issue #225, and PR #228 which contained connection errors and was
+reverted upstream; h11 and wsproto raise ``LocalProtocolError`` for what a peer may send):
 
-2. WebSocket pings. ``WSStream._send_pings`` sleeps a whole ``websocket_ping_interval`` before it
-looks at anything, inside the connection's task group, so a stop after any WebSocket (even one
-closed seconds ago) waits for that sleep or for the graceful timeout, whichever is first. The fix
-also wakes on the server's ``terminated`` event.
+4. Containment. Whatever one connection raises ends that connection only: ``TCPServer.run``
+   catches it, closes the socket, logs one WARNING with the peer and the exception type (the
+   traceback at DEBUG) and counts it in :data:`connection_errors` (``/metrics``:
+   ``imagegen_connection_errors_total{kind}``). Cancellation still propagates. Without it, an
+   exception escaping one connection's task group ends ``trio.serve_listeners`` and the process.
+5. Sends and EOF on one socket are serialized. ``protocol_send`` writes under ``send_lock`` but
+   ``_close`` called ``send_eof`` without it, so a Pong, a Ping or a response racing a close
+   raised ``trio.BusyResourceError`` out of the connection (seen with keepalive-pinging
+   WebSocket clients, invalid UTF-8, unknown opcodes). The EOF now takes the lock (waiting at
+   most ``CLOSE_TIMEOUT_S``, then the socket is closed without it, which wakes a stuck sender
+   with ``ClosedResourceError``).
+6. A peer that never reads. Hypercorn's writes are shielded and unbounded: a client that stops
+   reading held its connection's task, and every graceful stop, forever. A write that makes no
+   progress for ``SEND_TIMEOUT_S`` (nginx's ``send_timeout`` idea) closes the connection.
+7. Data before the WebSocket handshake completes (issue #225). A client that sends bytes right
+   after its upgrade request made Hypercorn answer 400 while the app was already accepting; h11
+   then raised ``LocalProtocolError`` and the process died. Such bytes are now held (at most
+   ``EARLY_DATA_MAX_BYTES``) and handed to the WebSocket once the app accepts: pipelined frames
+   work, garbage fails the WebSocket with a close frame. An app that rejects the upgrade drops
+   them.
+8. Frames that break RFC 6455 (invalid UTF-8, reserved bits, bad close codes, ...). wsproto
+   reports them as a ``CloseConnection`` with the right code while its state stays OPEN, and
+   Hypercorn then dropped the TCP connection without a close frame (the client saw 1006). The
+   close frame with wsproto's code (1002, 1007, ...) is now sent first (RFC 6455 section 7.1.7).
+   The WebSocket's event handling also runs under a per-stream lock, since 7 hands early data to
+   it from a second task.
+9. Messages for an app that has finished. Hypercorn hands a request's body chunks and a
+   WebSocket's messages to the app through a channel of ``max_app_queue_size``; once the app
+   returned nobody read it, so a client that kept sending (a body past the size limit, frames to
+   a WebSocket the app closed, even unauthenticated) left the connection's reader blocked
+   forever: its task and memory leaked, one connection at a time. The channel is now closed
+   when the app returns, and what arrives later is dropped.
 
-3. Closing a connection once the server stops. When a response ends while Hypercorn is shutting
-down, ``H11Protocol._maybe_recycle`` closes the connection through ``TCPServer._close``, again from
-the app's task, which quart-trio cancels: ``send_eof`` raises ``Cancelled`` before ``aclose`` runs,
-the socket stays open, and the stop waits the whole ``graceful_timeout`` for a client that keeps
-its connection alive (seen: every SIGTERM during a shutdown grace with an SSE client, 3.1 s instead
-of 0.1 s). The fix closes shielded, bounded by a second.
-
-All are pinned to the versions in constraints.txt; a test of each (tests/e2e) fails if an
-upgrade changes the behaviour they rely on.
+:data:`open_connections` counts the connections being served (``/metrics``:
+``imagegen_connections_open``), which is how a leak like 9 shows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
-from hypercorn.protocol.ws_stream import WSStream
-from hypercorn.trio import tcp_server, worker_context
-from hypercorn.typing import TaskGroup
-from wsproto.events import Ping
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Body, Data, Event as StreamEvent, StreamClosed
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, FrameTooLargeError, WSStream
+from hypercorn.trio import task_group, tcp_server, worker_context
+from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, Scope, TaskGroup
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.frame_protocol import CloseReason
 
-_original_restart = worker_context.TrioSingleTask.restart
-_original_close = tcp_server.TCPServer._close
+logger = logging.getLogger("web.connections")
+
 #: Bounds a shielded close (an EOF to a peer that does not read could otherwise block).
 CLOSE_TIMEOUT_S = 1.0
+#: A write that makes no progress for this long closes the connection (a peer not reading).
+SEND_TIMEOUT_S = 30.0
+#: Bytes a WebSocket client may send before its handshake completes (more: the socket closes).
+EARLY_DATA_MAX_BYTES = 64 * 1024
+
+#: Connection errors contained since the process started, by exception type (process-wide, as
+#: the patched classes are).
+connection_errors: Counter[str] = Counter()
+#: Connections being served now (process-wide).
+open_connections = 0
+
+_original_restart = worker_context.TrioSingleTask.restart
+_original_run = tcp_server.TCPServer.run
+_original_protocol_send = tcp_server.TCPServer.protocol_send
+_original_ws_handle = WSStream.handle
+_original_ws_accept = WSStream._accept
+
+
+# --- 1, 2: shutdown --------------------------------------------------------------------------
 
 
 async def _restart_shielded(
@@ -62,13 +120,214 @@ async def _send_pings_until_stopped(self: WSStream) -> None:
             return
 
 
-async def _close_shielded(self: tcp_server.TCPServer) -> None:
+# --- 4: containment --------------------------------------------------------------------------
+
+
+def _peer(stream: object) -> str:
+    transport = getattr(stream, "transport_stream", stream)
+    try:
+        host, port, *_ = transport.socket.getpeername()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, TypeError, ValueError):
+        return "unknown peer"
+    return f"{host}:{port}"
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def contain(peer: str, error: BaseException) -> None:
+    """Log and count an exception that ended one connection (never re-raised)."""
+    leaves = _leaves(error)
+    kind = type(leaves[0]).__name__
+    connection_errors[kind] += 1
+    logger.warning(
+        "connection error from %s: %s: %s",
+        peer,
+        kind,
+        leaves[0],
+        extra={"peer": peer, "kind": kind, "errors": [type(leaf).__name__ for leaf in leaves]},
+    )
+    logger.debug("connection error from %s", peer, exc_info=error)
+
+
+async def _run_contained(self: tcp_server.TCPServer) -> None:
+    global open_connections  # noqa: PLW0603 (a process-wide gauge, as the patch is)
+    peer = _peer(self.stream)
+    open_connections += 1
+    try:
+        await _original_run(self)
+    except* Exception as group:  # noqa: BLE001 (the boundary: see 4 above)
+        contain(peer, group)
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await self.stream.aclose()
+    finally:
+        open_connections -= 1
+
+
+# --- 9: messages for an app that has finished ------------------------------------------------
+
+
+async def _spawn_app(
+    self: task_group.TaskGroup,
+    app: AppWrapper,
+    config: Config,
+    scope: Scope,
+    send: Callable[[ASGISendEvent | None], Awaitable[None]],
+) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+    """Hypercorn's ``TaskGroup.spawn_app``, closing the app's channel when the app returns."""
+    app_send, app_receive = trio.open_memory_channel[ASGIReceiveEvent](config.max_app_queue_size)
+
+    async def run_app() -> None:
+        with app_receive:  # closing wakes a reader blocked on a full channel
+            await task_group._handle(
+                app,
+                config,
+                scope,
+                app_receive.receive,
+                send,
+                trio.to_thread.run_sync,
+                trio.from_thread.run,
+            )
+
+    async def put(message: ASGIReceiveEvent) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # the app returned: nobody reads
+            await app_send.send(message)
+
+    assert self._nursery is not None
+    self._nursery.start_soon(run_app)
+    return put
+
+
+# --- 3, 5, 6: sends and closes ---------------------------------------------------------------
+
+
+async def _protocol_send(self: tcp_server.TCPServer, event: Event) -> None:
+    if not isinstance(event, RawData):
+        await _original_protocol_send(self, event)
+        return
+    async with self.send_lock:
+        try:
+            # Shielded as Hypercorn's is (a cancelled sender must not cut a frame in half),
+            # but bounded.
+            with trio.move_on_after(SEND_TIMEOUT_S, shield=True) as scope:
+                await self.stream.send_all(event.data)
+            failed = scope.cancelled_caught
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            failed = True
+        if failed:
+            # Closing is what a stalled write leaves possible: part of the data may be sent.
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await self.stream.aclose()
+            await self.protocol.handle(Closed())
+
+
+async def _send_eof(self: tcp_server.TCPServer) -> None:
+    lock = self.send_lock
+    try:
+        if lock.statistics().owner is trio.lowlevel.current_task():
+            await self.stream.send_eof()
+        else:
+            async with lock:
+                await self.stream.send_eof()
+    except (
+        AttributeError,  # an SSLStream has no EOF of its own
+        trio.BrokenResourceError,
+        trio.BusyResourceError,
+        trio.ClosedResourceError,
+        OSError,
+    ):
+        pass  # the peer is gone or the socket is closed already: nothing to tell it
+
+
+async def _close_serialized(self: tcp_server.TCPServer) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
-        await _original_close(self)
+        await _send_eof(self)
+    # Trio closes a stream even when its aclose is cancelled; the bound is for TLS's goodbye.
+    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+        await self.stream.aclose()
+
+
+# --- 7, 8: WebSocket early data and protocol errors ------------------------------------------
+
+
+def _early_data(stream: WSStream) -> bytearray:
+    early: bytearray | None = getattr(stream, "_early_data", None)
+    if early is None:
+        early = bytearray()
+        stream._early_data = early  # type: ignore[attr-defined]
+    return early
+
+
+def _events_lock(stream: WSStream) -> trio.Lock:
+    lock: trio.Lock | None = getattr(stream, "_events_lock", None)
+    if lock is None:
+        lock = stream._events_lock = trio.Lock()  # type: ignore[attr-defined]
+    return lock
+
+
+async def _ws_handle(self: WSStream, event: StreamEvent) -> None:
+    if self.closed or not isinstance(event, Body | Data) or self.handshake.accepted:
+        await _original_ws_handle(self, event)
+        return
+    if self.state is not ASGIWebsocketState.HANDSHAKE:
+        return  # the app rejected the upgrade: its HTTP answer ends the connection
+    early = _early_data(self)
+    early.extend(event.data)
+    if len(early) > EARLY_DATA_MAX_BYTES:
+        early.clear()
+        await _original_ws_handle(self, StreamClosed(stream_id=self.stream_id))
+        await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+async def _ws_accept(self: WSStream, message: object) -> None:
+    await _original_ws_accept(self, message)  # type: ignore[arg-type]
+    early = _early_data(self)
+    if early:
+        self.connection.receive_data(bytes(early))
+        early.clear()
+        self.task_group.spawn(self._handle_events)
+
+
+async def _ws_handle_events(self: WSStream) -> None:
+    """Hypercorn's ``WSStream._handle_events``, locked, failing broken frames with a close."""
+    async with _events_lock(self):
+        for event in self.connection.events():
+            if isinstance(event, Message):
+                try:
+                    self.buffer.extend(event)
+                except FrameTooLargeError:
+                    await self._send_wsproto_event(
+                        CloseConnection(code=CloseReason.MESSAGE_TOO_BIG)
+                    )
+                    break
+                if event.message_finished:
+                    assert self.app_put is not None
+                    await self.app_put(self.buffer.to_message())
+                    self.buffer.clear()
+            elif isinstance(event, Ping):
+                await self._send_wsproto_event(event.response())
+            elif isinstance(event, CloseConnection):
+                if self.connection.state is ConnectionState.REMOTE_CLOSING:
+                    await self._send_wsproto_event(event.response())
+                elif self.connection.state is ConnectionState.OPEN:
+                    # Not a close frame from the peer: a frame wsproto could not accept.
+                    reason = (event.reason or "").encode()[:120].decode(errors="ignore")
+                    await self._send_wsproto_event(CloseConnection(code=event.code, reason=reason))
+                await self.send(StreamClosed(stream_id=self.stream_id))
+                break
 
 
 def install() -> None:
-    """Apply the three fixes (idempotent)."""
+    """Apply every fix (idempotent)."""
     worker_context.TrioSingleTask.restart = _restart_shielded  # type: ignore[method-assign]
     WSStream._send_pings = _send_pings_until_stopped  # type: ignore[method-assign]
-    tcp_server.TCPServer._close = _close_shielded  # type: ignore[method-assign]
+    tcp_server.TCPServer.run = _run_contained  # type: ignore[method-assign]
+    tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
+    tcp_server.TCPServer._close = _close_serialized  # type: ignore[method-assign]
+    WSStream.handle = _ws_handle  # type: ignore[method-assign]
+    WSStream._accept = _ws_accept  # type: ignore[method-assign]
+    WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
+    task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]

@@ -15,6 +15,7 @@ from quart_trio import QuartTrio
 
 from actors.messages import ImageStatus, JobSnapshot
 from actors.supervisor import Supervisor
+from web import hypercorn_fixes
 from web.logs import request_id_var
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -76,6 +77,25 @@ class _SupervisorCollector(Collector):
             yield from _gauges("files", "image directory", files.statistics())
 
 
+class _ConnectionCollector(Collector):
+    """Open connections, and errors contained at the server's boundary (web/hypercorn_fixes.py)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "imagegen_connections_open",
+            "Connections being served",
+            value=hypercorn_fixes.open_connections,
+        )
+        errors = CounterMetricFamily(
+            "imagegen_connection_errors",
+            "Exceptions that ended one connection (and only it), by exception type",
+            labels=["kind"],
+        )
+        for kind, count in sorted(hypercorn_fixes.connection_errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+
+
 def _gauges(
     prefix: str, owner: str, statistics: Mapping[str, object]
 ) -> Iterator[GaugeMetricFamily]:
@@ -91,6 +111,7 @@ class Metrics:
     def __init__(self, supervisor: Supervisor) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_SupervisorCollector(supervisor))
+        self.registry.register(_ConnectionCollector())
         self.ttfi = Histogram(
             "imagegen_ttfi_seconds",
             "Time to first image, per job that had one",

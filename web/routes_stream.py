@@ -130,7 +130,6 @@ async def _close(code: int, reason: str) -> None:
         await websocket.close(code, reason)
     except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError):
         # The client closed at the same moment (e.g. right after ``done``): nothing to tell it.
-        # Hypercorn's send_eof races its own sender then (tcp_server._close takes no lock).
         logger.debug("websocket already closed by the client")
 
 

@@ -635,3 +635,44 @@ async def test_shutdown_does_not_wait_for_a_closed_websocket(
         await server.stopped.wait()
 
     assert trio.current_time() - t0 < graceful_timeout_s / 2
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/files/" + "a" * 10_000 + ".png",  # was a 500 (the OS refused the name)
+        "/files//x.png",  # was a 308 to /files/x.png
+        "/files/%2F%2Fetc%2Fpasswd",  # was a 308: Hypercorn decodes the slashes
+        "/files/..%2F..%2Fetc%2Fpasswd",
+        "/files/../../etc/passwd",
+        "/files/x%00.png",
+        "/files/.hidden",
+        "/files/a%5Cb.png",
+    ],
+    ids=[
+        "long",
+        "double-slash",
+        "encoded-slashes",
+        "encoded-traversal",
+        "traversal",
+        "nul",
+        "dotfile",
+        "backslash",
+    ],
+)
+async def test_a_bad_file_name_is_a_404_with_a_detail(server: Server, target: str) -> None:
+    url = urlsplit(server.url)
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream(url.hostname or "", url.port or 0)
+        async with stream:
+            connection = h11.Connection(h11.CLIENT)
+            request = h11.Request(method="GET", target=target, headers=[("Host", url.netloc)])
+            await send_h11(stream, connection, request)
+            await send_h11(stream, connection, h11.EndOfMessage())
+            response = await next_h11_event(stream, connection)
+            body = b""
+            while isinstance(event := await next_h11_event(stream, connection), h11.Data):
+                body += event.data
+    assert isinstance(response, h11.Response)
+    assert response.status_code == 404, (response.status_code, body)
+    assert json.loads(body)["detail"] in {"File not found", "Not Found"}

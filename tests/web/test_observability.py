@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,6 +12,7 @@ from quart_trio.testing import TrioClient
 
 from tests.fakes import FakeProvider, Script
 from tests.web.helpers import bearer, create_job, read_sse
+from web import hypercorn_fixes
 from web.logs import JsonFormatter, RequestIdFilter, request_id_var
 
 
@@ -45,6 +47,16 @@ async def test_a_scrape_shows_jobs_images_histograms_and_http_requests(
     route = (("method", "GET"), ("route", "/api/generate/<job_id>"), ("status", "200"))
     assert found["imagegen_http_requests_total", route] == 1
     assert found["imagegen_provider_calls", ()] == 6
+
+
+async def test_a_scrape_counts_connection_errors_by_kind(
+    client: TrioClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    errors = Counter({"LocalProtocolError": 2, "BusyResourceError": 1})
+    monkeypatch.setattr(hypercorn_fixes, "connection_errors", errors)
+    found = samples(await (await client.get("/metrics")).get_data(as_text=True))
+    assert found["imagegen_connection_errors_total", (("kind", "LocalProtocolError"),)] == 2
+    assert found["imagegen_connection_errors_total", (("kind", "BusyResourceError"),)] == 1
 
 
 async def test_request_ids_are_echoed_or_made(client: TrioClient) -> None:
