@@ -9,10 +9,13 @@ those after creating the prediction anyway) or 429, polls answer 429. For ``--mi
   and an ``Idempotency-Key``; some first send the create and drop the connection before the
   answer, then send it again with the same key; a 429 or 503 is waited out and retried;
 - for each job, **SSE followers** (``--sse``) and **WebSocket followers** (``--ws``, through
-  ``httpx-ws`` with its keepalive pings every ``--ws-ping-s``) follow it to ``done``; many of
-  their connections are dropped at a random moment (the socket closed, or reset), and they
-  resume after the last event they got (``Last-Event-ID``, ``?last_event_id=``); some
-  WebSocket drops say goodbye with a close frame first;
+  ``httpx-ws`` with its keepalive pings every ``--ws-ping-s``: far more often than a real
+  client's 20 s, so that pings meet closes often) follow it to ``done``; ``--drop`` of their
+  connections are dropped at a random moment (the socket closed, or reset; on a WebSocket also
+  a close frame first), and they resume after the last event they got (``Last-Event-ID``,
+  ``?last_event_id=``); **flappers** (``--flappers`` WebSocket followers per job) drop nearly
+  every connection within ``--flap-s`` of its handshake and come straight back, so that
+  connections open and close all the time;
 - a **poller** per job polls it to its end (some polls dropped before the answer), then reads
   its metrics.
 
@@ -185,6 +188,7 @@ class Watch:
     samples: list[Sample] = attrs.Factory(list)
     first_fds: dict[str, int] = attrs.Factory(dict)  # by kind (fd_kinds)
     last_fds: dict[str, int] = attrs.Factory(dict)
+    peak_fds: dict[str, int] = attrs.Factory(dict)  # by kind, the most at any sample
     died_at_s: float | None = None
     exit_code: int | None = None
 
@@ -477,6 +481,8 @@ async def sample(server: common.Server, watch: Watch, t0: float, every_s: float)
             )
             watch.last_fds = fd_kinds(server.pid, server.port)
             watch.first_fds = watch.first_fds or watch.last_fds
+            for kind, count in watch.last_fds.items():
+                watch.peak_fds[kind] = max(watch.peak_fds.get(kind, 0), count)
         except (OSError, common.BenchError):
             return  # the process is gone
         await trio.sleep(every_s)
@@ -497,7 +503,8 @@ def fd_kinds(pid: int, service_port: int) -> dict[str, int]:
             listening = fields[3] == "0A"
             kind = "listening" if listening else "outbound"
             if local_port == service_port and not listening:
-                kind = "clients"
+                # CLOSE_WAIT: the client has closed its end; the service has not closed its own.
+                kind = "clients (closed by the client)" if fields[3] == "08" else "clients"
             inodes[fields[9]] = kind
     kinds: Counter[str] = Counter()
     fd_dir = Path(f"/proc/{pid}/fd")
@@ -508,6 +515,7 @@ def fd_kinds(pid: int, service_port: int) -> dict[str, int]:
             continue  # closed meanwhile
         if target.startswith("socket:["):
             inode = target.removeprefix("socket:[").removesuffix("]")
+            # Not in the TCP tables: a socketpair, or a TCP socket reset by its peer.
             kinds[f"tcp {inodes[inode]}" if inode in inodes else "socket (other)"] += 1
         elif target.startswith(("pipe:", "anon_inode:")):
             kinds[target.split(":")[0].split("[")[0]] += 1
@@ -574,7 +582,7 @@ def connection_metrics(metrics_text: str | None) -> dict[str, Any]:
     export it; ``{}`` when it does, with no error yet) and ``imagegen_connections_open``."""
     text = metrics_text or ""
     errors: dict[str, float] | None = None
-    if "# TYPE imagegen_connection_errors counter" in text:
+    if re.search(r"^# TYPE imagegen_connection_errors(_total)? counter", text, re.MULTILINE):
         errors = {}
     opened: float | None = None
     for name, labels, value in _SAMPLE.findall(text):
@@ -635,7 +643,8 @@ def resource_figures(
             "last_minute_slope_per_min": None if fd_slope is None else round(fd_slope, 1),
             "first_by_kind": watch.first_fds,
             "last_by_kind": watch.last_fds,
-            "settled": watch.last_fds.get("tcp clients", 0) == 0
+            "peak_by_kind": dict(sorted(watch.peak_fds.items())),
+            "settled": not any(kind.startswith("tcp clients") for kind in watch.last_fds)
             and last - max(0, outbound) <= first + args.fd_slack,
         },
         "cpu_share_under_load": None if cpu_share is None else round(cpu_share, 2),
@@ -732,7 +741,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         final,
         {
             "load_s": load_s,
-            "drain_s": round(drained_s, 1),
+            "drain_s": round(drained_s, 1) if watch.died_at_s is None else None,
             "wall_s": round(time.time() - wall_start, 1),
             "alive_at_end": alive_at_end,
             "exit_code_on_sigterm": stop_code if alive_at_end else None,
@@ -905,6 +914,7 @@ def report(result: dict[str, Any]) -> None:
             f"{fds.get('last_minute_slope_per_min')} /min",
         ],
         ["open fds at the end, by kind", "", _pairs(fds.get("last_by_kind", {}))],
+        ["open fds at their peak, by kind", "", _pairs(fds.get("peak_by_kind", {}))],
         ["service CPU under load (cores)", "", res.get("cpu_share_under_load")],
         [
             "imagegen_connection_errors_total",
