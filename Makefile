@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser run test lint bench clean
+.PHONY: setup browser nginx run test lint bench clean
 
 # A virtualenv with every dependency pinned by constraints.txt (re-done when either file changes).
 $(STAMP): pyproject.toml constraints.txt
@@ -18,17 +18,27 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m web
 
+# $(call debian_package,PROGRAM,PACKAGE,TESTS): install Debian's PACKAGE when PROGRAM is
+# missing, only as root (as in CI); elsewhere TESTS skip (under CI=true they fail instead).
+debian_package = if [ -x $(1) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(2); \
+	else echo "$(1) is missing and we are not root: $(3) will skip" >&2; fi
+
 # Debian's Chromium for the browser tests (tests/browser/; Playwright's own browser download is
-# not used). Installed only when missing and only as root, as in CI; elsewhere those tests skip.
+# not used).
 CHROMIUM := /usr/bin/chromium
 browser:
-	@if [ -x $(CHROMIUM) ]; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
-	else echo "$(CHROMIUM) is missing and we are not root: the browser tests will skip" >&2; fi
+	@$(call debian_package,$(CHROMIUM),chromium,the browser tests)
+
+# Debian's nginx for the reverse-proxy tests (tests/e2e/test_proxy.py runs it as a child process
+# on docs/deploy/nginx.conf).
+NGINX := /usr/sbin/nginx
+nginx:
+	@$(call debian_package,$(NGINX),nginx,the proxy tests)
 
 # The whole test suite. pytest exits 5 when it collects nothing: a broken suite, so a failure.
-test: $(STAMP) browser
+test: $(STAMP) browser nginx
 	@$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; exit 1; fi; \
 	exit $$status
@@ -37,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/flake8-async --enable=ASYNC1,ASYNC2,ASYNC4,ASYNC913 --disable=ASYNC124,ASYNC127 \
-	  --startable-in-context-manager=run,serve,run_server \
+	  --startable-in-context-manager=run,serve,run_server,follow \
 	  --async200-blocking-calls='replicate.run->the trio-safe provider,replicate.stream->the trio-safe provider,*.predictions.create->the trio-safe provider or trio.to_thread' \
 	  $$(git ls-files '*.py')
 	$(BIN)/mypy

@@ -12,6 +12,8 @@ Hierarchy::
 
     ProviderError            raised by an ``ImageProvider``
     ├── TransientProviderError   worth another attempt (5xx, 429, transport errors, timeouts)
+    │   └── NotStartedError      ... and nothing was started for the image (429, a create that
+    │                            created nothing, the provider unreachable, create pacing)
     └── PermanentProviderError   never worth another attempt (bad input, rejected token, ...)
 
     WebhookRejected          a provider's webhook whose signature or timestamp does not hold
@@ -87,6 +89,18 @@ class TransientProviderError(ProviderError):
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class NotStartedError(TransientProviderError):
+    """Nothing was started for the image: the provider refused or deferred it (a 429, its own
+    pacing), or a create failed and certainly created nothing (a 5xx with no prediction to show
+    for it, a connection that was never made).
+
+    Another try costs nothing at the provider, so it does not use up one of the image's attempts
+    (as BullMQ's rate-limit error does not); it draws on a budget of its own instead
+    (:meth:`actors.retry.RetryPolicy.free_retry_delay`). Raised after the provider's call has
+    done no waiting of its own: the worker waits ``retry_after_s`` out without holding capacity.
+    """
 
 
 class PermanentProviderError(ProviderError):

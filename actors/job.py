@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from datetime import datetime
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from functools import partial
 
 import attrs
@@ -24,9 +25,9 @@ from actors.messages import (
     ProgressEvent,
     WorkerReport,
 )
+from actors.providers.base import Commit
 from actors.store.base import (
     AppendEvent,
-    Commit,
     JobRecord,
     JobStore,
     Operation,
@@ -34,7 +35,6 @@ from actors.store.base import (
     PutJob,
     StoredJob,
 )
-from actors.store.memory import MemoryStore
 from actors.worker import WorkerContext, run_image_worker
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class JobCounters:
     retries: int = 0
     completed: int = 0
     failed: int = 0
+    #: Jobs ended by a bug of their own (logged with its traceback), not by their images.
+    crashed: int = 0
 
 
 def _ms(seconds: float) -> int:
@@ -95,7 +97,7 @@ class JobActor:
         num_images: How many images (one worker each).
         context: What the workers share (provider, capacity, retry policy, clocks).
         counters: Service-wide totals to bump (the Supervisor's).
-        store: Where the job is kept (an in-memory store unless given).
+        store: Where the job is kept.
         seq: The job's place in its owner's list (newest largest).
         idempotency_key: The client's key for this job, if it sent one.
 
@@ -108,7 +110,8 @@ class JobActor:
     event a restart could lose; while the store cannot write, the job waits and tries again.
     Ends after every worker has finished or been cancelled, then stores and publishes ``done``.
     Cancelled from outside (the process stopping), it leaves a resumable store untouched, so the
-    next start carries the job on, and with any other store it finalises synchronously.
+    next start carries the job on, and with any other store it finalises synchronously. A bug
+    anywhere in :meth:`run` ends this job alone (see there), never the supervisor's nursery.
     """
 
     def __init__(
@@ -119,8 +122,8 @@ class JobActor:
         prompt: str,
         num_images: int,
         context: WorkerContext,
+        store: JobStore,
         counters: JobCounters | None = None,
-        store: JobStore | None = None,
         seq: int = 0,
         idempotency_key: str | None = None,
     ) -> None:
@@ -131,7 +134,7 @@ class JobActor:
         self.seq = seq
         self.idempotency_key = idempotency_key
         self.log = EventLog()
-        self._store: JobStore = store or MemoryStore()
+        self._store = store
         self._context = context
         self._counters = counters or JobCounters()
         self._created_at = context.now()
@@ -157,8 +160,8 @@ class JobActor:
         stored: StoredJob,
         *,
         context: WorkerContext,
+        store: JobStore,
         counters: JobCounters | None = None,
-        store: JobStore | None = None,
     ) -> JobActor:
         """The job as ``stored``: finished (read-only) or ready to :meth:`run` on from there."""
         record = stored.job
@@ -240,6 +243,43 @@ class JobActor:
     # --- the actor --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the job to its end: every worker finished, ``done`` stored and published.
+
+        The job's actor boundary: a bug anywhere in here (its first write, a fold, a store write,
+        the tail) ends this job, logged and counted, with its unfinished images failed and
+        ``done`` published, and never reaches the supervisor. Only cancellation leaves: from
+        outside (the process stopping) the job stays as stored in a resumable store, and any
+        other store is told its end synchronously.
+        """
+        task_status.started()  # its state and log exist from construction: readable at once
+        settled = False
+        try:
+            try:
+                await self._work()
+            except Exception:
+                logger.exception("job %s crashed", self.job_id, extra={"job_id": self.job_id})
+                self._crashed = True
+                if not self._stored.is_set():
+                    self._refuse(StoreUnavailable("the job could not be stored"))
+            if self._refused is None:
+                self._conclude()
+                await self._flush()
+            settled = True
+        except Exception:
+            # The tail itself failed (a store write, or ending the job): end it without the store.
+            logger.exception("job %s could not end cleanly", self.job_id)
+            self._crashed = True
+            self._end_now()
+            settled = True
+        finally:
+            # Unsettled: cancelled from outside (the job's own scope ends at its ``with``), so
+            # the process is stopping. A resumable store keeps the job as it is for the next
+            # start; any other store is told the end now, synchronously.
+            if not settled and not self._store.resumable:
+                self._end_now()
+
+    async def _work(self) -> None:
+        """Store the new job, then run its workers and fold their reports in until they end."""
         if not self._stored.is_set():
             await self._store_new()
         if self._refused is not None:
@@ -247,56 +287,84 @@ class JobActor:
         running = [image for image in self._images if image.status is ImageStatus.RUNNING]
         # Room for every worker's report: a worker never waits while the job stores a batch.
         reports_send, reports_recv = trio.open_memory_channel[WorkerReport](len(running) + 1)
-        settled = False
+        with self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                with reports_send:
+                    for image in running:
+                        worker = partial(
+                            run_image_worker,
+                            image.index,
+                            context=self._context,
+                            reports_send=reports_send.clone(),
+                            attempts_before=image.attempts,
+                            keep_remote=self._keeps_remote_work,
+                        )
+                        name = f"image {self.job_id}/{image.index}"
+                        nursery.start_soon(self._crashes_noted, worker, name=name)
+                with reports_recv:
+                    await self._crashes_noted(partial(self._fold_reports, reports_recv))
+
+    async def _fold_reports(self, reports_recv: trio.MemoryReceiveChannel[WorkerReport]) -> None:
+        async for report in reports_recv:
+            await self._take(report, reports_recv)
+
+    async def _crashes_noted(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run ``task``, noting a crash before the nursery cancels the other workers (so that
+        they stop their remote work rather than leave it for the next start)."""
         try:
-            try:
-                with self._cancel_scope:
-                    async with trio.open_nursery() as nursery:
-                        with reports_send:
-                            for image in running:
-                                worker = partial(
-                                    run_image_worker,
-                                    image.index,
-                                    context=self._context,
-                                    reports_send=reports_send.clone(),
-                                    attempts_before=image.attempts,
-                                    keep_remote=self._keeps_remote_work,
-                                )
-                                name = f"image {self.job_id}/{image.index}"
-                                nursery.start_soon(worker, name=name)
-                        task_status.started()
-                        with reports_recv:
-                            async for report in reports_recv:
-                                await self._take(report, reports_recv)
-            except Exception:
-                # Actor boundary: a bug in one job must not take the supervisor (and server) down.
-                logger.exception("job %s crashed", self.job_id)
-                self._crashed = True
-            settled = True
-        finally:
-            # Unsettled: cancelled from outside (the job's own scope ends at its ``with``), so
-            # the process is stopping. A resumable store keeps the job as it is for the next
-            # start; any other store is told the end now, synchronously.
-            if not settled and not self._store.resumable:
-                self._conclude()
-                self._store.write(*self._operations())
-                self._publish()
-        self._conclude()
-        await self._flush()
+            await task()
+        except Exception:
+            self._crashed = True
+            raise
 
     def _keeps_remote_work(self) -> bool:
-        """Whether a cancelled worker leaves its remote work running (for the next start)."""
-        return self._store.resumable and not self._cancel_scope.cancel_called
+        """Whether a cancelled worker leaves its remote work running (for the next start): only
+        when the process stops, not when the job is cancelled or has crashed."""
+        return self._store.resumable and not self._cancel_scope.cancel_called and not self._crashed
+
+    def _end_now(self) -> None:
+        """Sync and never raising: end the job, queue its last write (not waited for: the store
+        may be what failed) and publish ``done``."""
+        try:
+            try:
+                self._conclude()
+            except Exception:
+                logger.exception("job %s could not conclude", self.job_id)
+                self._crashed = True
+                self._force_end()
+            try:
+                self._store.write(*self._operations())
+            except Exception:
+                logger.exception("job %s: its last write failed", self.job_id)
+            self._publish()
+        except Exception:
+            # Nothing more can be done right; at least no follower waits for an end forever.
+            logger.exception("job %s could not publish its end", self.job_id)
+            if not self._status.finished:
+                self._status = JobStatus.FAILED
+            self.log.close()
+            self._finished.set()
 
     def admit(self) -> None:
         """Queue the new job's first write (sync; the supervisor calls it as it admits the job).
 
-        A store that writes at once (memory) has the job stored before this returns.
+        A store that writes at once (memory) has the job stored before this returns. A store
+        that fails on it with a bug, not ``StoreUnavailable``, refuses the job as one that cannot
+        write does (logged and counted as a crash): the job never runs.
         """
-        self._admission = self._store.write(
-            PutJob(self._job_record()),
-            PutImages(self.job_id, tuple(self._image_snapshot(image) for image in self._images)),
-        )
+        try:
+            self._admission = self._store.write(
+                PutJob(self._job_record()),
+                PutImages(
+                    self.job_id, tuple(self._image_snapshot(image) for image in self._images)
+                ),
+            )
+        except Exception:
+            logger.exception("job %s: its first write crashed", self.job_id)
+            self._counters.crashed += 1
+            self._admission = Commit.settled_with(
+                StoreUnavailable("the store failed to take the job")
+            )
         if self._admission.settled:
             self._settle_admission()
 
@@ -304,14 +372,19 @@ class JobActor:
         commit = self._admission
         assert commit is not None
         if not commit.settled:
-            self._refused = StoreUnavailable("the store did not answer in time")
-        else:
-            try:
-                commit.raise_error()
-            except StoreUnavailable as exc:
-                self._refused = exc
-        if self._refused is not None:
-            self.log.close()  # anyone following it is told it ended
+            self._refuse(StoreUnavailable("the store did not answer in time"))
+            return
+        try:
+            commit.raise_error()
+        except StoreUnavailable as exc:
+            self._refuse(exc)
+            return
+        self._stored.set()
+
+    def _refuse(self, error: StoreUnavailable) -> None:
+        """The new job is not in the store: it never runs, and is to be forgotten."""
+        self._refused = error
+        self.log.close()  # anyone following it is told it ended
         self._stored.set()
 
     async def _store_new(self) -> None:
@@ -391,17 +464,18 @@ class JobActor:
         image.finished_at = outcome.finished_at
         image.provider_s = outcome.provider_s
         self._dirty.add(image.index)
-        self._unpublished.append(
-            ProgressEvent(
-                id=self._new_event_id(),
-                index=image.index,
-                status=image.status,
-                url=image.url,
-                error=image.error,
-                attempts=image.attempts,
-                started_at=image.started_at,
-                finished_at=outcome.finished_at,
-            )
+        self._unpublished.append(self._progress_event(image, outcome.finished_at))
+
+    def _progress_event(self, image: _Image, finished_at: datetime) -> ProgressEvent:
+        return ProgressEvent(
+            id=self._new_event_id(),
+            index=image.index,
+            status=image.status,
+            url=image.url,
+            error=image.error,
+            attempts=image.attempts,
+            started_at=image.started_at,
+            finished_at=finished_at,
         )
 
     def _new_event_id(self) -> int:
@@ -449,6 +523,7 @@ class JobActor:
         if self._status.finished and not self._finished.is_set():
             self.log.close()
             self._finished.set()
+            self._counters.crashed += self._crashed
             snapshot = self._build_snapshot()
             logger.info(
                 "job %s %s: %d completed, %d failed in %d ms",
@@ -486,20 +561,39 @@ class JobActor:
                 self._settle(image, outcome)
         if self._frozen is None:
             self._frozen = self._build_snapshot()
+        self._end(end)
+
+    def _force_end(self) -> None:
+        """The least that ends a job whose :meth:`_conclude` failed (sync): its unfinished
+        images fail and ``done`` is queued, from the job's own state only (no injected clock)."""
+        end = self._created_at + timedelta(seconds=trio.current_time() - self._accepted)
+        for image in self._images:
+            if image.status is ImageStatus.RUNNING:
+                image.status = ImageStatus.FAILED
+                image.error = "internal error"
+                image.finished_at = end
+                self._dirty.add(image.index)
+                self._unpublished.append(self._progress_event(image, end))
+        self._end(end)
+
+    def _end(self, end: datetime) -> None:
+        """Every image has finished: the job's status, timings and ``done``."""
         self._status = self._final_status()
         self._total_s = trio.current_time() - self._accepted
         self._finished_at = end
-        counts = self._build_snapshot()
         self._unpublished.append(
             DoneEvent(
                 id=self._new_event_id(),
                 status=self._status,
                 total_ms=_ms(self._total_s),
-                ttfi_ms=counts.ttfi_ms,
-                completed_count=counts.count(ImageStatus.COMPLETED),
-                failed_count=counts.count(ImageStatus.FAILED),
+                ttfi_ms=None if self._ttfi_s is None else _ms(self._ttfi_s),
+                completed_count=self._count(ImageStatus.COMPLETED),
+                failed_count=self._count(ImageStatus.FAILED),
             )
         )
+
+    def _count(self, status: ImageStatus) -> int:
+        return sum(1 for image in self._images if image.status is status)
 
     def _final_status(self) -> JobStatus:
         statuses = {image.status for image in self._images}

@@ -167,4 +167,8 @@ class SupervisorStatistics:
     retries_total: int
     images_completed_total: int
     images_failed_total: int
+    #: Jobs ended by a bug of their own (their first write, a fold, their store writes, ...).
+    jobs_crashed_total: int
     subscribers: tuple[tuple[Transport, int], ...]
+    #: Streams refused since the start because their user had too many open.
+    subscribers_refused: tuple[tuple[Transport, int], ...]

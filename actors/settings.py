@@ -21,6 +21,8 @@ class SupervisorSettings:
         job_retention_s: How long a finished job stays readable.
         max_retained_jobs: How many finished jobs are kept at most (oldest forgotten first).
         provider_cancel_s: Time a provider gets to stop remote work, shielded from cancellation.
+        max_streams_per_user: Event streams (SSE and WebSocket together) one user may have open
+            at once (more: ``LimitExceeded``).
     """
 
     capacity: int = attrs.field(default=5, validator=attrs.validators.ge(1))
@@ -32,3 +34,4 @@ class SupervisorSettings:
     job_retention_s: float = attrs.field(default=3600.0, validator=attrs.validators.gt(0))
     max_retained_jobs: int = attrs.field(default=10_000, validator=attrs.validators.ge(1))
     provider_cancel_s: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    max_streams_per_user: int = attrs.field(default=50, validator=attrs.validators.ge(1))

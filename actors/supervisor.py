@@ -33,11 +33,10 @@ from actors.messages import (
     SupervisorStatistics,
     Transport,
 )
-from actors.providers.base import ImageProvider, ResumesRemoteWork
+from actors.providers.base import Commit, ImageProvider, RemoteWork, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import Commit, DeleteJob, JobStore, RemoteWork, StoredJob
-from actors.store.memory import MemoryStore
+from actors.store.base import DeleteJob, JobStore, StoredJob
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ class Subscription:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._supervisor._subscribers[self.transport] -= 1
+            self._supervisor._unsubscribe(self)
 
     def __enter__(self) -> Subscription:
         return self
@@ -121,10 +120,10 @@ class Supervisor:
     Args:
         provider: Where images come from.
         settings: Limits and timings.
+        store: Where jobs are kept; on start, the jobs it holds are restored: finished ones
+            readable, unfinished ones carried on from where they were.
         now: Wall clock for timestamps (``datetime.now(UTC)`` unless a test injects one).
         uniform: Jitter source for backoff (``random.uniform`` unless a test pins it).
-        store: Where jobs are kept (in memory unless given); on start, the jobs it holds are
-            restored: finished ones readable, unfinished ones carried on from where they were.
         files: The image directory: copies of the providers' outputs are kept there, and a
             forgotten job's files are deleted with it; while it is over its budget, the oldest
             finished jobs are forgotten.
@@ -142,14 +141,14 @@ class Supervisor:
         provider: ImageProvider,
         settings: SupervisorSettings,
         *,
+        store: JobStore,
         now: Callable[[], datetime] = _utcnow,
         uniform: Uniform = random.uniform,
-        store: JobStore | None = None,
         files: ImageFiles | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
-        self.store: JobStore = store or MemoryStore()
+        self.store = store
         self.files = files
         self.capacity = FairCapacity(trio.CapacityLimiter(settings.capacity))
         #: Set once the supervisor admits no more jobs (draining, then shutting down).
@@ -174,6 +173,8 @@ class Supervisor:
         self._seqs: dict[str, int] = {}
         self._counters = JobCounters()
         self._subscribers = dict.fromkeys(Transport, 0)
+        self._subscribers_refused = dict.fromkeys(Transport, 0)
+        self._streams_by_owner: dict[str, int] = {}
         #: Called (sync, on the Trio thread) with each job's final snapshot: metrics, audit logs.
         self.job_listeners: list[Callable[[JobSnapshot], None]] = []
         self._wait_scopes: set[trio.CancelScope] = set()
@@ -416,10 +417,36 @@ class Supervisor:
 
         Raises:
             JobNotFound: Unknown, forgotten, or someone else's.
+            LimitExceeded: ``owner`` has as many streams open as a user may (counted).
         """
         job = self.get(job_id, owner=owner)
+        self.check_subscriber(owner=owner, transport=transport)
         self._subscribers[transport] += 1
+        self._streams_by_owner[owner] = self._streams_by_owner.get(owner, 0) + 1
         return Subscription(self, job, transport)
+
+    def check_subscriber(self, *, owner: str, transport: Transport) -> None:
+        """Whether ``owner`` may open one more stream now (sync; :meth:`subscribe` asks too).
+
+        Raises:
+            LimitExceeded: ``owner`` has as many streams open as a user may; counted as refused.
+        """
+        limit = self.settings.max_streams_per_user
+        if self._streams_by_owner.get(owner, 0) >= limit:
+            self._subscribers_refused[transport] += 1
+            raise LimitExceeded(
+                f"Too many open streams: at most {limit} per user",
+                retry_after_s=self.settings.retry_after_s,
+            )
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers[subscription.transport] -= 1
+        owner = subscription.job.owner
+        left = self._streams_by_owner[owner] - 1
+        if left:
+            self._streams_by_owner[owner] = left
+        else:
+            del self._streams_by_owner[owner]  # bounded by the users streaming now
 
     def statistics(self) -> SupervisorStatistics:
         self._expire()
@@ -438,7 +465,9 @@ class Supervisor:
             retries_total=counters.retries,
             images_completed_total=counters.completed,
             images_failed_total=counters.failed,
+            jobs_crashed_total=counters.crashed,
             subscribers=tuple(self._subscribers.items()),
+            subscribers_refused=tuple(self._subscribers_refused.items()),
         )
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -457,7 +486,12 @@ class Supervisor:
         store they stay unfinished there, and the next start carries them on.
         """
         self.stop_admitting()
-        with trio.move_on_after(grace_s) as self._grace:
+        with trio.move_on_after(grace_s) as grace:
+            self._grace = grace
+            if self.shutting_down.is_set():
+                # begin_shutdown() came first (a second signal handled before this task ran):
+                # it cancelled the previous scope, so this one starts cancelled too.
+                grace.cancel()
             while self._active:
                 await self._job_ended.wait()
         if self._active:
@@ -509,7 +543,7 @@ class Supervisor:
                     await trio.sleep(delay)
                     delay = min(delay * 2, STORE_RETRY_S[1])
                     if self._deleting.get(job_id) is commit:
-                        self._deleting[job_id] = self.store.write(DeleteJob(job_id))
+                        self._deleting[job_id] = self._queue_delete(job_id)
                     continue
                 delay = STORE_RETRY_S[0]
                 if self._deleting.get(job_id) is commit:
@@ -524,9 +558,18 @@ class Supervisor:
         finished_bytes = files.total_bytes - files.bytes_of(self._active)
         return finished_bytes > files.settings.max_total_bytes
 
+    def _queue_delete(self, job_id: str) -> Commit:
+        """Queue the job's deletion. A store that fails on it with a bug, not
+        ``StoreUnavailable``, is asked again later, as one that cannot write is."""
+        try:
+            return self.store.write(DeleteJob(job_id))
+        except Exception:
+            logger.exception("job %s: the store failed to take its deletion", job_id)
+            return Commit.settled_with(StoreUnavailable("the store failed to take the deletion"))
+
     def _forget(self, job_id: str) -> None:
         # Queued now, in order with the writes after it (a new job may take its key at once).
-        self._deleting[job_id] = self.store.write(DeleteJob(job_id))
+        self._deleting[job_id] = self._queue_delete(job_id)
         self._deletes_queued.set()
         if self.files is not None:
             self.files.forget(job_id)
@@ -564,9 +607,9 @@ async def open_supervisor(
     provider: ImageProvider,
     settings: SupervisorSettings,
     *,
+    store: JobStore,
     now: Callable[[], datetime] = _utcnow,
     uniform: Uniform = random.uniform,
-    store: JobStore | None = None,
     files: ImageFiles | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a :class:`Supervisor` for the body of the ``async with``; stop it on exit.

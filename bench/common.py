@@ -15,9 +15,11 @@ import os
 import re
 import resource
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ import h11
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from bench import h2client
 from bench.provider import finished_ns, prompt
 from tests.e2e.ports import free_port
 
@@ -109,6 +112,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def run_in_work_dir(
+    run: Callable[[Any, Path], Awaitable[dict[str, Any]]], args: Any, prefix: str
+) -> dict[str, Any]:
+    """``trio.run(run, args, work_dir)`` in a fresh temporary directory, with the open-files
+    limit raised; its figures with the settings and the machine added."""
+    raise_nofile()
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        result = trio.run(run, args, Path(work))
+    result["settings"] = vars(args) | {"json": None}
+    result["machine"] = machine()
+    return result
+
+
 def raise_nofile() -> int:
     """Raise the open-files limit to its hard limit (inherited by the servers); the new limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -149,6 +165,10 @@ class Server:
     port: int
     log_path: Path
     gates: int = 0
+    #: The server serves HTTPS (``TLS_CERTFILE``): HTTP/1.1 clients trust it with this context,
+    #: HTTP/2 clients with ``h2_context`` (each offers its own protocol by ALPN).
+    ssl_context: ssl.SSLContext | None = None
+    h2_context: ssl.SSLContext | None = None
 
     @property
     def pid(self) -> int:
@@ -244,12 +264,14 @@ async def spawn_server(
     command: Sequence[str] | None = None,
     gc_log: bool = True,
     extra_args: Sequence[str] = (),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Server]:
     """Run a server subprocess until the block ends (then SIGTERM, and SIGKILL after 10 s).
 
     ``kind`` is ``ours`` or ``yardstick`` (``python -m bench.server``), or anything else with an
     explicit ``command``. The server's log goes to ``work_dir/<kind>-<port>.log``; its working
-    directory is ``work_dir`` (so no ``.env`` of the repository is read).
+    directory is ``work_dir`` (so no ``.env`` of the repository is read). A server started with
+    ``TLS_CERTFILE`` in ``env`` needs the ``ssl_context`` its clients trust it with.
     """
     port = free_port()
     args = list(command or [sys.executable, "-m", "bench.server", "--kind", kind])
@@ -265,7 +287,9 @@ async def spawn_server(
         process = await trio.lowlevel.open_process(
             args, cwd=work_dir, env=environ, stdout=log, stderr=subprocess.STDOUT
         )
-    server = Server(kind=kind, process=process, port=port, log_path=log_path)
+    server = Server(
+        kind=kind, process=process, port=port, log_path=log_path, ssl_context=ssl_context
+    )
     try:
         await _wait_healthy(server)
         yield server
@@ -286,7 +310,7 @@ async def _wait_healthy(server: Server) -> None:
             if server.process.returncode is not None:
                 raise BenchError(f"{server.kind} exited early; see {server.log_path}")
             try:
-                async with await HttpClient.connect(server.port) as client:
+                async with await HttpClient.connect(server.port, server.ssl_context) as client:
                     status, _ = await client.request("GET", "/health")
                 if status == 200:
                     return
@@ -299,15 +323,26 @@ async def _wait_healthy(server: Server) -> None:
 # --- a lean HTTP/1.1 client -------------------------------------------------------------------
 
 
+async def open_stream(port: int, ssl_context: ssl.SSLContext | None = None) -> trio.abc.Stream:
+    """A TCP connection to ``127.0.0.1:port``, over TLS if ``ssl_context`` is given."""
+    if ssl_context is None:
+        return await trio.open_tcp_stream("127.0.0.1", port)
+    return await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ssl_context)
+
+
 class HttpClient:
-    """One keep-alive HTTP/1.1 connection to ``127.0.0.1:port``, parsed with h11.
+    """One keep-alive HTTP/1.1 connection to ``127.0.0.1:port`` (over TLS with
+    ``ssl_context``), parsed with h11.
 
     Lighter than httpx, so that the client is not what a benchmark measures.
     """
 
-    def __init__(self, stream: trio.SocketStream, port: int) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._stream = stream
         self._port = port
+        self._ssl_context = ssl_context
         self._host = f"127.0.0.1:{port}"
         self._conn = h11.Connection(h11.CLIENT)
         self.token: str | None = None
@@ -315,8 +350,8 @@ class HttpClient:
         self._used = time.monotonic()
 
     @classmethod
-    async def connect(cls, port: int) -> HttpClient:
-        return cls(await trio.open_tcp_stream("127.0.0.1", port), port)
+    async def connect(cls, port: int, ssl_context: ssl.SSLContext | None = None) -> HttpClient:
+        return cls(await open_stream(port, ssl_context), port, ssl_context)
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -353,7 +388,7 @@ class HttpClient:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await self._stream.receive_some(RECEIVE_BYTES))
+                conn.receive_data(bytes(await self._stream.receive_some(RECEIVE_BYTES)))
             elif isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
@@ -370,7 +405,7 @@ class HttpClient:
 
     async def _reconnect(self) -> None:
         await self._stream.aclose()
-        self._stream = await trio.open_tcp_stream("127.0.0.1", self._port)
+        self._stream = await open_stream(self._port, self._ssl_context)
         self._conn = h11.Connection(h11.CLIENT)
         self.reconnects += 1
 
@@ -403,8 +438,8 @@ class HttpClient:
         return job_id
 
 
-async def login(port: int) -> str:
-    async with await HttpClient.connect(port) as client:
+async def login(port: int, ssl_context: ssl.SSLContext | None = None) -> str:
+    async with await HttpClient.connect(port, ssl_context) as client:
         return await client.login()
 
 
@@ -433,7 +468,13 @@ _TERMINATOR = b"\r\n0\r\n\r\n"  # the end of a chunked body
 
 
 async def record_sse(
-    port: int, target: str, token: str, *, on_ready: Callable[[], None], max_reads: int = 100_000
+    port: int,
+    target: str,
+    token: str,
+    *,
+    on_ready: Callable[[], None],
+    max_reads: int = 100_000,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[tuple[int, bytes]]:
     """Open an SSE stream and keep every read with its arrival time until the response ends.
 
@@ -441,7 +482,7 @@ async def record_sse(
     afterwards (:func:`parse_sse`), so a subscriber costs the client one ``receive_some`` and one
     clock read per wake-up, and thousands of them in one process stay cheap.
     """
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = await open_stream(port, ssl_context)
     request = (
         f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
         "Accept: text/event-stream\r\n\r\n"
@@ -456,7 +497,7 @@ async def record_sse(
             now = time.monotonic_ns()
             if not data:
                 break
-            reads.append((now, data))
+            reads.append((now, bytes(data)))  # the same object when it is bytes
             if not ready:
                 head = b"".join(chunk for _, chunk in reads)
                 if b"\r\n\r\n" in head and not head.startswith(b"HTTP/1.1 200"):
@@ -614,6 +655,75 @@ async def run_gated_jobs(
     return GatedDeliveries(sse_ms, ws_ms, complete, subscribers)
 
 
+@attrs.define(eq=False)
+class _Subscribers:
+    """The subscribers of one gated job: what each recorded, and when all have their stream.
+
+    At most ``limiter``'s worth of connections are being set up at a time.
+    """
+
+    server: Server
+    token: str
+    job_id: str
+    want: int
+    limiter: trio.CapacityLimiter
+    ready: int = 0
+    all_ready: trio.Event = attrs.Factory(trio.Event)
+    sse_reads: list[list[tuple[int, bytes]]] = attrs.Factory(list)
+    ws_events: list[list[Received]] = attrs.Factory(list)
+
+    def count_ready(self) -> None:
+        self.ready += 1
+        if self.ready == self.want:
+            self.all_ready.set()
+
+    def one_ready(self) -> None:
+        self.limiter.release_on_behalf_of(trio.lowlevel.current_task())
+        self.count_ready()
+
+    async def sse(self) -> None:
+        await self.limiter.acquire_on_behalf_of(trio.lowlevel.current_task())
+        target = f"/api/generate/{self.job_id}/stream"
+        reads = await record_sse(
+            self.server.port,
+            target,
+            self.token,
+            on_ready=self.one_ready,
+            ssl_context=self.server.ssl_context,
+        )
+        self.sse_reads.append(reads)
+
+    async def h2(self, count: int) -> None:
+        """``count`` SSE subscribers on one HTTP/2 connection."""
+        if self.server.h2_context is None:
+            raise BenchError("HTTP/2 subscribers need a server that serves TLS (h2_context)")
+        task = trio.lowlevel.current_task()
+        await self.limiter.acquire_on_behalf_of(task)  # one connection being set up
+        held = True
+
+        def stream_ready() -> None:
+            nonlocal held
+            if held:
+                self.limiter.release_on_behalf_of(task)
+                held = False
+            self.count_ready()
+
+        recordings = await h2client.record_sse_streams(
+            self.server.port,
+            f"/api/generate/{self.job_id}/stream",
+            self.token,
+            count,
+            ssl_context=self.server.h2_context,
+            on_ready=stream_ready,
+        )
+        self.sse_reads.extend(recordings)
+
+    async def ws(self) -> None:
+        await self.limiter.acquire_on_behalf_of(trio.lowlevel.current_task())
+        target = f"/api/generate/{self.job_id}?token={self.token}"
+        self.ws_events.append(await record_ws(self.server.port, target, on_ready=self.one_ready))
+
+
 async def run_gated_job(
     server: Server,
     token: str,
@@ -627,49 +737,33 @@ async def run_gated_job(
     settle_s: float = 0.3,
     timeout_s: float = 300,
     before_gate: Callable[[], Awaitable[None]] | None = None,
+    h2_streams: int = 0,
 ) -> StreamRun:
     """Create a job whose images wait for a gate, subscribe to it, open the gate, record.
 
     The gate opens once every subscriber has its stream (and ``settle_s`` more, so the server
-    is idle); image ``i`` then finishes ``latency_ms + i * gap_ms`` later.
+    is idle); image ``i`` then finishes ``latency_ms + i * gap_ms`` later. SSE subscribers each
+    have a connection of their own (HTTP/1.1, over TLS if the server serves it), or with
+    ``h2_streams`` share HTTP/2 connections, that many streams on each.
     """
-    async with await HttpClient.connect(server.port) as client:
+    async with await HttpClient.connect(server.port, server.ssl_context) as client:
         client.token = token
         spec = prompt(latency_ms=latency_ms, gap_ms=gap_ms, gate=server.next_gate())
         job_id = await client.create(spec, num_images)
     rss_before = server.rss_kb()
-    limiter = trio.CapacityLimiter(connecting)
-    want = sse + ws
-    ready = 0
-    all_ready = trio.Event()
-    sse_reads: list[list[tuple[int, bytes]]] = []
-    ws_events: list[list[Received]] = []
-
-    def one_ready() -> None:
-        nonlocal ready
-        ready += 1
-        limiter.release_on_behalf_of(trio.lowlevel.current_task())
-        if ready == want:
-            all_ready.set()
-
-    async def sse_subscriber() -> None:
-        await limiter.acquire_on_behalf_of(trio.lowlevel.current_task())
-        target = f"/api/generate/{job_id}/stream"
-        sse_reads.append(await record_sse(server.port, target, token, on_ready=one_ready))
-
-    async def ws_subscriber() -> None:
-        await limiter.acquire_on_behalf_of(trio.lowlevel.current_task())
-        target = f"/api/generate/{job_id}?token={token}"
-        ws_events.append(await record_ws(server.port, target, on_ready=one_ready))
-
+    subscribers = _Subscribers(server, token, job_id, sse + ws, trio.CapacityLimiter(connecting))
     t0 = trio.current_time()
     with trio.fail_after(timeout_s):
         async with trio.open_nursery() as nursery:
-            for _ in range(sse):
-                nursery.start_soon(sse_subscriber)
+            if h2_streams:
+                for first in range(0, sse, h2_streams):
+                    nursery.start_soon(subscribers.h2, min(h2_streams, sse - first))
+            else:
+                for _ in range(sse):
+                    nursery.start_soon(subscribers.sse)
             for _ in range(ws):
-                nursery.start_soon(ws_subscriber)
-            await all_ready.wait()
+                nursery.start_soon(subscribers.ws)
+            await subscribers.all_ready.wait()
             connect_s = trio.current_time() - t0
             await trio.sleep(settle_s)
             rss_subscribed = server.rss_kb()
@@ -678,8 +772,8 @@ async def run_gated_job(
             server.open_gate()
     return StreamRun(
         num_images=num_images,
-        sse=[parse_sse(reads) for reads in sse_reads],
-        ws=ws_events,
+        sse=[parse_sse(reads) for reads in subscribers.sse_reads],
+        ws=subscribers.ws_events,
         rss_before_kb=rss_before,
         rss_subscribed_kb=rss_subscribed,
         rss_after_kb=server.rss_kb(),

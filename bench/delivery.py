@@ -19,11 +19,8 @@ yardstick's.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
-
-import trio
 
 from bench import common
 
@@ -92,11 +89,7 @@ def main() -> None:
     parser.add_argument("--many-gap-ms", type=float, default=200, help="between images (many)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    common.raise_nofile()
-    with tempfile.TemporaryDirectory(prefix="bench-delivery-") as work:
-        result = trio.run(run, args, Path(work))
-    result["settings"] = vars(args) | {"json": None}
-    result["machine"] = common.machine()
+    result = common.run_in_work_dir(run, args, "bench-delivery-")
     ours, yard = result["ours"], result["yardstick"]
     rows: list[list[object]] = []
     scenarios = [

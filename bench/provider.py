@@ -10,7 +10,8 @@ A job's prompt says how its images behave, as ``key=value`` words after ``bench`
   opened this many times (``open_gate``; the bench's server process opens it on ``SIGUSR1``), so
   that the clock starts only when every subscriber is connected.
 - ``fail``, ``limit``: the probability that an attempt fails with a transient error, or with a
-  rate limit (a transient error carrying a retry-after hint of ``retry_after`` ms, default 200).
+  rate limit (a ``NotStartedError``, which uses no attempt, carrying a retry-after hint of
+  ``retry_after`` ms, default 200).
 
 Every image's URL carries the moment it finished, from ``time.monotonic_ns()``:
 ``/files/bench-<job>-<index>-<ns>.png``. ``CLOCK_MONOTONIC`` is one clock for every process of
@@ -26,7 +27,7 @@ import time
 import attrs
 import trio
 
-from actors.errors import TransientProviderError
+from actors.errors import NotStartedError, TransientProviderError
 from actors.providers.base import ImageRequest, ProviderStatistics
 
 _STAMP = re.compile(r"-(\d+)\.png$")
@@ -121,7 +122,7 @@ class BenchProvider:
                 raise TransientProviderError("bench: simulated transient failure")
             if draw < spec.fail + spec.limit:
                 self.rate_limited += 1
-                raise TransientProviderError(
+                raise NotStartedError(
                     "bench: simulated rate limit", retry_after_s=spec.retry_after_ms / 1000
                 )
         self.images += 1

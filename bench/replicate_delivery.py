@@ -57,11 +57,27 @@ async def follow(
     return done
 
 
+def faulty_fake(  # noqa: PLR0917 (keywords in practice)
+    latency_s: float,
+    seed: int,
+    create_500: float,
+    create_429: float,
+    retry_after_s: int,
+    create_500_creates: float | None = None,
+) -> FakeReplicate:
+    """A fake Replicate whose creates answer 500 (``create_500_creates`` of those after
+    creating the prediction; the fake's default unless given) and 429 at these rates."""
+    fake = FakeReplicate(latency_s=latency_s, seed=seed)
+    fake.faults.create_500 = create_500
+    fake.faults.create_429 = create_429
+    fake.faults.retry_after_s = retry_after_s
+    if create_500_creates is not None:
+        fake.faults.create_500_creates = create_500_creates
+    return fake
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    fake = FakeReplicate(latency_s=args.latency, seed=args.seed)
-    fake.faults.create_500 = args.create_500
-    fake.faults.create_429 = args.create_429
-    fake.faults.retry_after_s = args.retry_after
+    fake = faulty_fake(args.latency, args.seed, args.create_500, args.create_429, args.retry_after)
     work_dir = tempfile.mkdtemp(prefix="bench-replicate-")
     async with run_fake_replicate(fake) as fake_url, trio.open_nursery() as nursery:
         base = Settings()

@@ -1,11 +1,12 @@
 """A fake of Replicate's predictions API: a real HTTP server on 127.0.0.1, scriptable faults.
 
-Shaped after ``../shared/REPLICATE.md``: the create endpoints (201, ``Prefer: wait=N`` held up to
-N s, ``Preference-Applied``), get, cancel, list (newest first), Bearer auth with a problem+json
-401, 429 with ``Retry-After`` and a ``retry_after`` body, 5xx (optionally after creating the
-prediction), failed predictions with an error text, string or list output, and signed
-``completed`` webhooks (Standard Webhooks). Faults come from a seeded random source or from a
-queue of forced answers, so tests are repeatable.
+Shaped after Replicate's HTTP API (https://replicate.com/docs/reference/http): the create
+endpoints (201, ``Prefer: wait=N`` held up to N s, ``Preference-Applied``), get, cancel, list
+(newest first), Bearer auth with a problem+json 401, 429 with ``Retry-After`` and a
+``retry_after`` body, 5xx (optionally after creating the prediction), failed predictions with
+an error text, string or list output, and signed ``completed`` webhooks (Standard Webhooks).
+Faults come from a seeded random source or from a queue of forced answers, so tests are
+repeatable.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Faults:
     ``forced_creates`` holds answers for the next creates, in order, before any random fault:
     ``"429"``, ``"500"`` (nothing created), ``"500-created"`` (created, then answered 500),
     ``"hang-created"`` (created, then no answer for an hour: the client times out) or ``"ok"``.
+    ``forced_gets`` holds status codes the next gets of a prediction answer with instead (a
+    problem+json body), before any random fault: ``401``, ``404``, ...
     """
 
     create_500: float = 0.0
@@ -57,6 +60,7 @@ class Faults:
     fail: float = 0.0
     retry_after_s: int = 1
     forced_creates: deque[str] = attrs.Factory(deque)
+    forced_gets: deque[int] = attrs.Factory(deque)
     failure_text: str = "CUDA out of memory"
 
 
@@ -267,6 +271,8 @@ class FakeReplicate:
 
         @app.get("/v1/predictions/<prediction_id>")
         async def get(prediction_id: str) -> Response:
+            if self.faults.forced_gets:
+                return problem(self.faults.forced_gets.popleft(), "Forced answer")
             if self.rng.random() < self.faults.get_429:
                 return throttled()
             if self.rng.random() < self.faults.get_503:

@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 import attrs
 import trio
 
-from actors.errors import PermanentProviderError, TransientProviderError
+from actors.errors import NotStartedError, PermanentProviderError, TransientProviderError
 from actors.eventlog import EventLog
 from actors.messages import JobEvent
 from actors.providers.base import ImageRequest, ProviderStatistics
 from actors.settings import SupervisorSettings
+from actors.store import JobStore, MemoryStore
 from actors.supervisor import Supervisor
 
 FIXED_NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -25,8 +26,10 @@ class Script:
 
     Args:
         latency_s: Virtual time an attempt takes before it answers (after ``block``).
-        fail_times: Attempts ``1..fail_times`` raise ``TransientProviderError``.
-        retry_after_s: The provider's hint carried by those transient errors.
+        not_started: Attempts ``1..not_started`` raise ``NotStartedError`` (a 429, a create
+            that created nothing).
+        fail_times: The next ``fail_times`` attempts raise ``TransientProviderError``.
+        retry_after_s: The provider's hint carried by those errors.
         permanent: Later attempts raise ``PermanentProviderError(permanent)``.
         crash: Later attempts raise this exception type (a provider bug).
         block: Every attempt first waits until this event is set.
@@ -34,6 +37,7 @@ class Script:
     """
 
     latency_s: float = 1.0
+    not_started: int = 0
     fail_times: int = 0
     retry_after_s: float | None = None
     permanent: str | None = None
@@ -97,7 +101,11 @@ class FakeProvider:
             raise
         finally:
             self.in_flight -= 1
-        if request.attempt <= script.fail_times:
+        if request.attempt <= script.not_started:
+            raise NotStartedError(
+                f"nothing started {request.attempt}", retry_after_s=script.retry_after_s
+            )
+        if request.attempt <= script.not_started + script.fail_times:
             raise TransientProviderError(
                 f"transient failure {request.attempt}", retry_after_s=script.retry_after_s
             )
@@ -136,11 +144,18 @@ async def start_supervisor(
     nursery: trio.Nursery,
     provider: FakeProvider,
     settings: SupervisorSettings | None = None,
+    *,
+    store: JobStore | None = None,
 ) -> Supervisor:
-    """A Supervisor on ``provider`` with a fixed wall clock and upper jitter, running in
-    ``nursery`` (pytest-trio cancels it at teardown)."""
+    """A Supervisor on ``provider`` and ``store`` (a fresh in-memory one unless given), with a
+    fixed wall clock and upper jitter, running in ``nursery`` (pytest-trio cancels it at
+    teardown)."""
     supervisor = Supervisor(
-        provider, settings or SupervisorSettings(), now=fixed_now(), uniform=upper_jitter
+        provider,
+        settings or SupervisorSettings(),
+        store=store if store is not None else MemoryStore(),
+        now=fixed_now(),
+        uniform=upper_jitter,
     )
     await nursery.start(supervisor.run)
     return supervisor

@@ -13,6 +13,7 @@ from actors.supervisor import Supervisor
 from web import (
     observability,
     routes_auth,
+    routes_docs,
     routes_health,
     routes_jobs,
     routes_openapi,
@@ -60,6 +61,7 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
     for module in (routes_auth, routes_jobs, routes_stream, routes_health, routes_webhooks):
         app.register_blueprint(module.blueprint)
     app.register_blueprint(routes_openapi.blueprint)
+    app.register_blueprint(routes_docs.blueprint)
     images_dir = Path(settings.local.images_dir).resolve()
 
     @app.get("/files/<path:name>")

@@ -62,12 +62,25 @@ class _SupervisorCollector(Collector):
         yield CounterMetricFamily(
             "imagegen_retries", "Attempts after the first", value=stats.retries_total
         )
+        yield CounterMetricFamily(
+            "imagegen_job_crashes",
+            "Jobs ended by a bug of their own",
+            value=stats.jobs_crashed_total,
+        )
         subscribers = GaugeMetricFamily(
             "imagegen_subscribers", "Open event streams, by transport", labels=["transport"]
         )
         for transport, count in stats.subscribers:
             subscribers.add_metric([transport.value], count)
         yield subscribers
+        refused = CounterMetricFamily(
+            "imagegen_subscribers_refused",
+            "Event streams refused: their user had MAX_STREAMS_PER_USER open",
+            labels=["transport"],
+        )
+        for transport, count in stats.subscribers_refused:
+            refused.add_metric([transport.value], count)
+        yield refused
         provider = self._supervisor.provider
         yield from _gauges("provider", provider.name, provider.statistics())
         store = self._supervisor.store

@@ -1,4 +1,4 @@
-"""The HTTP contract (``shared/API.md``) as an OpenAPI 3.1 document, built in code.
+"""The HTTP contract (``docs/api.md``) as an OpenAPI 3.1 document, built in code.
 
 The component schemas of the wire types are derived from the attrs classes of
 :mod:`web.schemas` (``attrs.fields`` and their type hints) and the enums from
@@ -9,7 +9,8 @@ methods and nothing else is, the document is valid OpenAPI 3.1, and real answers
 against it with no undocumented member.
 
 Not documented: ``GET /`` and ``GET /static/{name}`` (the web page, a client of this API, not
-part of it), and the ``HEAD`` and ``OPTIONS`` methods Quart and quart-cors add to every route.
+part of it), ``GET /docs`` and ``GET /docs/assets/{name}`` (the page that shows this document),
+and the ``HEAD`` and ``OPTIONS`` methods Quart and quart-cors add to every route.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from web.settings import Settings
 OPENAPI_VERSION = "3.1.0"
 DISTRIBUTION = "imagegen-trio"
 #: Routes of the app that the document leaves out on purpose (see the module's docstring).
-UNDOCUMENTED_ROUTES = frozenset({"/", "/static/<path:name>"})
+UNDOCUMENTED_ROUTES = frozenset({"/", "/static/<path:name>", "/docs", "/docs/assets/<name>"})
 
 Schema = dict[str, Any]
 
@@ -279,7 +280,9 @@ def _handwritten() -> dict[str, Schema]:
                 "capacity",
                 "attempts_total",
                 "retries_total",
+                "jobs_crashed_total",
                 "subscribers",
+                "subscribers_refused",
                 "provider",
                 "store",
             ],
@@ -300,8 +303,18 @@ def _handwritten() -> dict[str, Schema]:
                 ),
                 "attempts_total": {"type": "integer", "minimum": 0},
                 "retries_total": {"type": "integer", "minimum": 0},
+                "jobs_crashed_total": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Jobs ended by a bug of their own since the start.",
+                },
                 "subscribers": _counts(
                     (t.value for t in Transport), "Open event streams, by transport."
+                ),
+                "subscribers_refused": _counts(
+                    (t.value for t in Transport),
+                    "Event streams refused since the start: their user had as many open as "
+                    "`MAX_STREAMS_PER_USER` allows.",
                 ),
                 "provider": {
                     "type": "object",
@@ -418,7 +431,8 @@ def _components(settings: Settings) -> Schema:
             "content": _json(_ref("schemas", "ValidationError")),
         },
         "TooManyRequests": failure(
-            "A limit was hit (failed logins, active jobs per user).", **retry_after
+            "A limit was hit (failed logins, active jobs or open streams per user).",
+            **retry_after,
         ),
         "ServiceUnavailable": failure("Overloaded or shutting down.", **retry_after),
     }
@@ -670,7 +684,10 @@ def build_document(settings: Settings) -> Schema:
                     "frames": _ref("schemas", "WebSocketFrame"),
                     "closeCodes": {
                         "1000": "The job is done (after the `done` frame).",
-                        "1008": "Missing, invalid or expired token.",
+                        "1008": (
+                            "Missing, invalid or expired token, or too many open streams "
+                            "(the close reason says which)."
+                        ),
                         "1012": "The server is shutting down.",
                         "4404": "Unknown job, or another user's.",
                     },
@@ -748,7 +765,7 @@ def build_document(settings: Settings) -> Schema:
                         },
                     ),
                     "204": _ok("Resumed from the `done` event or later: nothing more to send."),
-                    **_errors("Unauthorized", "NotFound"),
+                    **_errors("Unauthorized", "NotFound", "TooManyRequests"),
                 },
             },
         },
@@ -900,8 +917,9 @@ text frame (`components/schemas/WebSocketFrame`):
     {"type": "done", "id": 6, "payload": {"status": "completed", "total_ms": 4210, ...}}
 
 Replay and resume as for the SSE stream (resume with `?last_event_id=N`). After `done` the
-server closes with 1000; a missing, invalid or expired token closes with 1008; an unknown job
-(or another user's) with 4404; a server shutting down with 1012.
+server closes with 1000; a missing, invalid or expired token closes with 1008, and so does a
+user's stream beyond `MAX_STREAMS_PER_USER` open at once (the close reason says which); an
+unknown job (or another user's) with 4404; a server shutting down with 1012.
 """
 
 _SSE = """\
@@ -911,7 +929,9 @@ is the job's own event number, 1, 2, 3 ... A late subscriber first gets every ev
 already happened; a finished job answers with all of them at once. While nothing happens, a
 `: ping` comment is sent every `HEARTBEAT_S` seconds.
 
-The token may also be given as `?token=` (a browser's EventSource cannot set headers).
+The token may also be given as `?token=` (a browser's EventSource cannot set headers). A user
+may have `MAX_STREAMS_PER_USER` streams open at once (SSE and WebSocket together); one more
+answers 429 with `Retry-After`.
 """
 
 _SSE_EXAMPLE = """\

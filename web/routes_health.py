@@ -53,7 +53,11 @@ def status_view(stats: SupervisorStatistics) -> dict[str, object]:
         },
         "attempts_total": stats.attempts_total,
         "retries_total": stats.retries_total,
+        "jobs_crashed_total": stats.jobs_crashed_total,
         "subscribers": {transport.value: count for transport, count in stats.subscribers},
+        "subscribers_refused": {
+            transport.value: count for transport, count in stats.subscribers_refused
+        },
     }
 
 

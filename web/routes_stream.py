@@ -12,7 +12,7 @@ import trio
 from quart import Blueprint, Response, request, websocket
 from quart_cors import cors_exempt
 
-from actors.errors import JobNotFound
+from actors.errors import JobNotFound, LimitExceeded
 from actors.messages import DoneEvent, JobEvent, Transport
 from actors.supervisor import Batch, Subscription
 from web.auth import authenticate
@@ -88,6 +88,9 @@ async def stream_sse(job_id: str) -> Response:
     cursor = _resume_cursor(request.headers.get("Last-Event-ID"), request.args.get("last_event_id"))
     if job.log.closed and cursor >= job.log.last_id:
         return Response("", status=204)
+    # Over the user's stream cap: 429 now. The stream itself is counted only once its body runs
+    # (whose ``finally`` is then sure to release it), so that a response never sent leaks none.
+    supervisor.check_subscriber(owner=user, transport=Transport.SSE)
     absolute = url_maker(request.scheme, request.host)
     settings = app_state.settings
 
@@ -96,8 +99,10 @@ async def stream_sse(job_id: str) -> Response:
         # yield, sync clean-up in ``finally``; Quart aclose()s it when the client goes away.
         try:
             subscription = supervisor.subscribe(job_id, owner=user, transport=Transport.SSE)
-        except JobNotFound:
-            return  # forgotten between the check above and now: the stream just ends
+        except (JobNotFound, LimitExceeded):
+            # Forgotten, or the user's other streams took the room, between the checks above
+            # and now: the stream just ends (a browser reconnecting then gets the 404 or 429).
+            return
         try:
             yield encode_retry(settings.sse_retry_ms)
             follower = Follower(subscription, cursor, settings.heartbeat_s)
@@ -121,7 +126,7 @@ async def stream_sse(job_id: str) -> Response:
             "X-Accel-Buffering": "no",
         },
     )
-    response.timeout = None  # Quart's RESPONSE_TIMEOUT (60 s) would cut the stream (STACK.md)
+    response.timeout = None  # Quart's RESPONSE_TIMEOUT (60 s) would cut the stream
     return response
 
 
@@ -140,7 +145,8 @@ async def _close(code: int, reason: str) -> None:
 async def stream_ws(job_id: str) -> None:
     """The job's events as WebSocket text frames; closes 1000 after ``done``.
 
-    Close codes: 1008 bad or missing token, 4404 unknown job, 1012 server stopping.
+    Close codes: 1008 bad or missing token, or too many open streams (the reason says which);
+    4404 unknown job; 1012 server stopping.
     """
     app_state = state()
     supervisor = app_state.supervisor
@@ -170,5 +176,8 @@ async def stream_ws(job_id: str) -> None:
                     break
     except JobNotFound:
         await _close(WS_NOT_FOUND, "Job not found")
+        return
+    except LimitExceeded as exc:
+        await _close(WS_POLICY_VIOLATION, str(exc))
         return
     await _close(WS_NORMAL, "Job finished")

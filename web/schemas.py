@@ -1,4 +1,4 @@
-"""Wire types shaped exactly like API.md, and the one cattrs converter that reads them."""
+"""Wire types shaped exactly like docs/api.md, and the one cattrs converter that reads them."""
 
 from __future__ import annotations
 

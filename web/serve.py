@@ -25,6 +25,7 @@ from web import hypercorn_fixes
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError, kept_secret
 from web.logs import configure_logging
+from web.proxy import TrustedProxies
 from web.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("web")
@@ -43,6 +44,10 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.graceful_timeout = settings.graceful_timeout_s
     # Protocol-level pings keep idle WebSockets alive through proxies without extra frames.
     config.websocket_ping_interval = settings.heartbeat_s
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        # HTTPS on the same bind: HTTP/2 by ALPN, else HTTP/1.1 (WebSockets use HTTP/1.1).
+        config.certfile = str(settings.tls_certfile)
+        config.keyfile = str(settings.tls_keyfile)
     return config
 
 
@@ -98,7 +103,7 @@ async def run_server(
         supervisor = await stack.enter_async_context(
             open_supervisor(provider, settings.supervisor, store=store, files=files)
         )
-        app = create_app(supervisor, settings, auth)
+        app = TrustedProxies(create_app(supervisor, settings, auth), settings.forwarded_allow_ips)
         config = hypercorn_config(settings, bind=bind)
 
         async def trigger() -> None:
@@ -165,6 +170,11 @@ def main() -> None:
         auth = Authenticator(settings, secret=secret)
     except (UsersFileError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
+    try:
+        hypercorn_config(settings).create_ssl_context()  # unreadable TLS files stop us here
+    except OSError as exc:  # ssl.SSLError included
+        sys.stderr.write(f"error: TLS_CERTFILE/TLS_KEYFILE cannot be used: {exc}\n")
         raise SystemExit(2) from None
     try:
         trio.run(partial(run_server, settings, auth=auth))

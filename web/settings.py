@@ -28,6 +28,7 @@ from actors.providers.replicate import (
 from actors.retry import MAX_ATTEMPTS, RetryPolicy
 from actors.settings import SupervisorSettings
 from actors.store.sqlite import SYNCHRONOUS
+from web.proxy import Network, parse_networks
 
 T = TypeVar("T")
 
@@ -92,6 +93,12 @@ class Settings:
     files: ImageFilesSettings = attrs.Factory(
         lambda: ImageFilesSettings(directory=Path("var/images"))
     )
+    # --- deployment: TLS and reverse proxies ---
+    #: Serve HTTPS (HTTP/2 by ALPN, and HTTP/1.1) with this PEM chain and key; both or neither.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    #: Peers whose ``X-Forwarded-*`` headers are believed (web/proxy.py); none by default.
+    forwarded_allow_ips: tuple[Network, ...] = ()
 
 
 def _int(value: str) -> int:
@@ -240,6 +247,9 @@ def _build(env: _Reader) -> Settings:
         retry_after_s=env.get("RETRY_AFTER_S", _int, sup.retry_after_s),
         job_retention_s=env.get("JOB_RETENTION_S", _float, sup.job_retention_s),
         max_retained_jobs=env.get("MAX_RETAINED_JOBS", _int, sup.max_retained_jobs),
+        max_streams_per_user=env.get(
+            "MAX_STREAMS_PER_USER", _int_in(1, 1_000_000), sup.max_streams_per_user
+        ),
     )
     local = LocalProviderSettings(
         images_dir=Path(env.text("IMAGES_DIR", None) or defaults.local.images_dir),
@@ -295,9 +305,18 @@ def _build(env: _Reader) -> Settings:
         replicate=_replicate(env),
         store=store,
         files=files,
+        tls_certfile=_optional_path(env.text("TLS_CERTFILE", None)),
+        tls_keyfile=_optional_path(env.text("TLS_KEYFILE", None)),
+        forwarded_allow_ips=env.get(
+            "FORWARDED_ALLOW_IPS", parse_networks, defaults.forwarded_allow_ips
+        ),
     )
     check(settings)
     return settings
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _replicate(env: _Reader) -> ReplicateSettings | None:
@@ -354,6 +373,8 @@ def check(settings: Settings) -> None:
         problems.append("SSE_RETRY_MS and GRACEFUL_TIMEOUT_S must not be negative")
     if settings.shutdown_grace_s < 0:
         problems.append("SHUTDOWN_GRACE_S must not be negative")
+    if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
+        problems.append("TLS_CERTFILE and TLS_KEYFILE go together")
     if settings.log_format not in {"text", "json"}:
         problems.append("LOG_FORMAT must be text or json")
     if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:

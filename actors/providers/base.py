@@ -1,4 +1,9 @@
-"""The seam between the actors and whatever makes the images."""
+"""The seam between the actors and whatever makes the images.
+
+A provider whose remote work outlives the process also declares here the small journal port it
+writes to (:class:`RemoteJournal`, its :class:`Commit` and :class:`RemoteWork`); the job store
+implements it (``actors.store.journal``), so providers never import the store.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 import attrs
+import trio
 
-from actors.store.base import Commit, RemoteWork
+from actors.errors import StoreUnavailable
 
 
 @attrs.frozen(kw_only=True)
@@ -73,6 +79,66 @@ class WebhookReceiver(Protocol):
         ...
 
 
+@attrs.frozen(kw_only=True)
+class RemoteWork:
+    """What a provider journaled about an image's remote work (a prediction).
+
+    ``remote_id`` is the provider's id for the work once known; ``pending_since`` is set while a
+    create is in flight whose answer is not known yet (the work may exist without an id).
+    """
+
+    job_id: str
+    index: int
+    prompt: str
+    remote_id: str | None
+    pending_since: datetime | None
+
+
+class Commit:
+    """One queued write: await :meth:`wait` to know it is stored.
+
+    Concurrency: created by whoever queues the write (a journal's ``note``, the job store's
+    ``write``) and settled once by the task that stores it.
+    Any number of tasks may wait; cancelling a wait does not cancel the write.
+    """
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._error: StoreUnavailable | None = None
+
+    @classmethod
+    def settled_with(cls, error: StoreUnavailable | None = None) -> Commit:
+        """A write that is over before anyone waits: stored (no ``error``) or failed."""
+        commit = cls()
+        commit.settle(error)
+        return commit
+
+    @property
+    def settled(self) -> bool:
+        return self._done.is_set()
+
+    def settle(self, error: StoreUnavailable | None = None) -> None:
+        self._error = error
+        self._done.set()
+
+    def raise_error(self) -> None:
+        """Raise the write's error if it failed (call once settled)."""
+        if self._error is not None:
+            raise self._error
+
+    async def wait(self) -> None:
+        """Return once the write is stored.
+
+        Raises:
+            StoreUnavailable: The write failed; nothing of it was stored.
+        """
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
 class RemoteJournal(Protocol):
     """Where a provider notes an image's remote work, so that the next start can resume it."""
 
@@ -92,4 +158,31 @@ class ResumesRemoteWork(Protocol):
         """Take up ``work`` an earlier process journaled for images still to be made, before
         any of them is generated; ``finished`` are the remote ids of images already made (never
         to be taken for another image)."""
+        ...
+
+
+class NullJournal:
+    """Remembers nothing: for a provider whose process is the only one that could resume."""
+
+    def note(
+        self,
+        job_id: str,  # noqa: ARG002 (the protocol's)
+        index: int,  # noqa: ARG002
+        *,
+        remote_id: str | None,  # noqa: ARG002
+        pending_since: datetime | None,  # noqa: ARG002
+    ) -> Commit:
+        return Commit.settled_with()
+
+
+@runtime_checkable
+class PacedProvider(Protocol):
+    """A provider that paces its calls (Replicate's rate of creates). A worker waits for its
+    image's turn before it takes capacity and again once it holds a token, so that the wait
+    spends neither a capacity token nor the attempt's time limit nor an attempt."""
+
+    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+        """Seconds until the image's next call may start (0: now). With ``book``, an image
+        that needs a turn and has none gets one, booked in the order asked; without, only a
+        turn already booked (or a pause every call is under) is waited for."""
         ...

@@ -22,8 +22,14 @@ class CreatePacer:
     one create goes and the bucket refills from empty; every accepted create adds ``RATE_STEP``
     back, up to ``max_rate``.
 
-    Concurrency: shared by every attempt of the provider; ``acquire`` queues FIFO behind a
-    ``trio.Lock``; ``throttled`` and ``accepted`` are sync.
+    Creates are *booked*, not waited for: :meth:`book` hands out the time at which one create
+    may go (now, or later, in booking order) and takes its token at once, going into debt, so
+    that the caller can wait for its turn elsewhere (the Replicate provider waits outside the
+    attempt and its capacity token) without a crowd of callers racing for the next token. A
+    429 (:meth:`throttled`) clears the debt; bookings made before it are void (``throttles``
+    tells them apart) and are made again.
+
+    Concurrency: shared by every attempt of the provider; every method is sync.
     """
 
     def __init__(self, *, max_rate: float = MAX_CREATES_PER_S, burst: float = CREATE_BURST) -> None:
@@ -31,24 +37,24 @@ class CreatePacer:
         self.rate = max_rate
         self.burst = burst
         self.throttles = 0
-        self._tokens = burst
-        self._stamp = 0.0
+        self._tokens = burst  # negative: bookings ahead of the bucket
+        self._stamp = 0.0  # the time ``_tokens`` is counted at (after ``now`` while paused)
         self._paused_until = 0.0
-        self._lock = trio.Lock()
 
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = trio.current_time()
-                self._refill(now)
-                # The epsilon absorbs float rounding of the refill, which would otherwise leave
-                # 0.999... tokens and a wake-up that is due "now" forever.
-                if now >= self._paused_until and self._tokens >= 1 - _EPSILON:
-                    self._tokens = max(0.0, self._tokens - 1)
-                    return
-                # Sleep until a token is due (a 429 meanwhile moves the target: look again).
-                due = now + max(0.0, 1 - self._tokens) / self.rate
-                await trio.sleep_until(max(due, self._paused_until))
+    @property
+    def paused_until(self) -> float:
+        """When the pause of the latest 429 ends (in the past when none is running)."""
+        return self._paused_until
+
+    def book(self) -> float:
+        """Book one create: the (Trio clock) time at which it may be sent."""
+        now = trio.current_time()
+        self._refill(now)
+        self._tokens -= 1
+        # The epsilon absorbs float rounding of the refill, which would otherwise leave a debt
+        # of 1e-16 tokens and a turn that is due "now" forever.
+        debt = -self._tokens if self._tokens < -_EPSILON else 0.0
+        return max(now, self._stamp) + debt / self.rate
 
     def throttled(self, retry_after_s: float) -> None:
         """Replicate answered 429: halve the rate and pause every create for ``retry_after_s``."""

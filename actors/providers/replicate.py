@@ -2,7 +2,7 @@
 
 Calls the HTTP API with our own ``httpx.AsyncClient`` (one connection pool per process) and
 waits with Trio: the ``replicate`` package's async helpers sleep with asyncio and crash under
-Trio (STACK.md §4), so only its webhook signature check is used here.
+Trio (replicate 1.0.7 calls ``asyncio.sleep``), so only its webhook signature check is used here.
 
 Latency: a prediction is created with ``Prefer: wait=N``, so Replicate answers the create the
 moment the image exists; past that window it is polled at a short, fixed interval, or, with
@@ -23,6 +23,20 @@ nor a ``kill -9`` in the middle of a create leads to a second prediction for an 
 Rate: creates pass a process-wide pacer that stays under Replicate's documented 600 creates per
 minute, halves its rate and pauses for ``Retry-After`` when Replicate answers 429, and recovers
 additively with every accepted create (AIMD).
+
+Waiting: an attempt holds one of the service's capacity tokens (``MAX_CONCURRENCY``) and runs
+under the attempt timeout, so what it waits for decides what the token is spent on. Every wait
+for a prediction that does not exist yet happens *outside* the attempt. The create pacer's turn
+is waited for before the attempt starts (:meth:`ReplicateProvider.turn_delay`, booked in
+order).
+Otherwise the attempt raises ``NotStartedError`` with how long to wait, and the worker waits it
+out without a token and without using an attempt: a 429 (and the pause it puts on every
+create), a create that answered 5xx and created nothing, Replicate being unreachable, a store
+that cannot note the pending create, a turn a 429 voided. The waits that remain inside are
+for a prediction that exists at Replicate: polling it (and backing off when a poll fails) and
+storing its id before it is polled. That prediction is real work in flight, which is what
+``MAX_CONCURRENCY`` bounds: giving the token back would let another image start a prediction
+beyond it.
 """
 
 from __future__ import annotations
@@ -40,12 +54,20 @@ import trio
 from replicate.webhook import Webhooks, WebhookSigningSecret
 
 from actors.errors import (
+    NotStartedError,
     PermanentProviderError,
     StoreUnavailable,
     TransientProviderError,
     WebhookRejected,
 )
-from actors.providers.base import ImageRequest, ProviderStatistics, RemoteJournal
+from actors.providers.base import (
+    Commit,
+    ImageRequest,
+    NullJournal,
+    ProviderStatistics,
+    RemoteJournal,
+    RemoteWork,
+)
 from actors.providers.pacing import CreatePacer
 from actors.providers.replicate_api import (
     TERMINAL,
@@ -63,8 +85,6 @@ from actors.providers.replicate_settings import (
     ReplicateSettings,
     SettingsProblem,
 )
-from actors.store.base import Commit, RemoteWork
-from actors.store.journal import NullJournal
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -91,6 +111,27 @@ RECONCILE_PAGES = 5
 MAX_REMEMBERED_PREDICTIONS = 10_000
 #: Terminal webhooks that arrive before their create's answer (``Prefer: wait`` races them).
 MAX_EARLY_WEBHOOKS = 1_000
+
+
+#: Booked create times closer than this count as due (float rounding of the pacer's sums).
+_DUE_EPSILON_S = 1e-6
+
+
+@attrs.define(eq=False)
+class _Image:
+    """What this process holds for one image's remote work, owned by ``ReplicateProvider._work``
+    and released with the entry (:meth:`ReplicateProvider._forget`)."""
+
+    #: The image's prediction, once Replicate gave it (or it was adopted from the list).
+    prediction_id: str | None = None
+    #: A create that may have created a prediction (its body and when it was sent): looked up
+    #: in the list of recent predictions before anything is created again.
+    unsure: tuple[dict[str, object], datetime] | None = None
+    #: The note of ``prediction_id`` in the journal, until it is stored.
+    note: Commit | None = None
+    #: When this image's next create may go, as booked with the pacer, and the pacer's 429 count
+    #: at booking (a later 429 voids the booking).
+    turn: tuple[float, int] | None = None
 
 
 @attrs.define(eq=False)
@@ -121,10 +162,14 @@ class ReplicateProvider:
 
     Concurrency: opened once per process with :func:`open_replicate_provider`, which owns the
     ``httpx.AsyncClient``; any number of workers call :meth:`generate` and :meth:`cancel` at
-    once. State (which image waits for which prediction) lives here and is touched only on the
-    Trio thread; entries are dropped when an image finishes or is cancelled. The same state is
-    noted in ``journal``: a create is sent only once its pending note is stored, and an image
-    waits for its prediction id's note before it polls.
+    once. Each image's state (its prediction, an unsure create, a pending note, its booked create
+    time) is one ``_Image`` entry of ``_work``, touched only on the Trio thread and released in
+    one place, :meth:`_forget`, on every ending that will not be resumed: :meth:`generate`
+    returning or failing permanently with no prediction left running, or :meth:`cancel` (which
+    the worker calls after every other ending: a permanent failure that may leave a prediction
+    running, giving up, a cancelled job). Transient failures keep the entry for the next
+    attempt. The same state is noted in ``journal``: a create is sent only once its pending note
+    is stored, and an image waits for its prediction id's note before it polls.
     """
 
     name = "replicate"
@@ -140,47 +185,56 @@ class ReplicateProvider:
         self.pacer = CreatePacer()
         self._client = client
         self._journal: RemoteJournal = journal or NullJournal()
-        self._images: dict[tuple[str, int], str] = {}
-        self._unsure: dict[tuple[str, int], tuple[dict[str, object], datetime]] = {}
+        self._work: dict[tuple[str, int], _Image] = {}
         self._tracked: dict[str, _Tracked] = {}
         self._claimed: dict[str, None] = {}  # insertion-ordered, bounded
         self._early: dict[str, Mapping[str, Any]] = {}  # insertion-ordered, bounded
-        self._notes: dict[tuple[str, int], Commit] = {}  # prediction ids being stored
         self._counters = _Counters()
         self._multi_output_warned = False
 
     # --- the ImageProvider protocol ---------------------------------------------------------
 
     async def generate(self, request: ImageRequest) -> str:
+        """The image's URL.
+
+        Raises:
+            NotStartedError: No prediction was started (throttled, not this image's turn to
+                create yet, a create that created nothing, Replicate unreachable); retry after
+                ``retry_after_s``.
+            TransientProviderError: Worth another attempt, which continues this one's work.
+            PermanentProviderError: Replicate refused, or the prediction failed.
+        """
         key = (request.job_id, request.index)
-        prediction_id = self._images.get(key)
-        check_now = True
-        if prediction_id is None:
-            prediction, answered = await self._create_once(key, request.prompt)
-            prediction_id = str(prediction["id"])
-            await self._noted(key)
-            if answered and finished(prediction, sync_answer=True):
-                return self._result(key, prediction)
-            # A create's own answer is fresh; a prediction adopted from the list is checked now.
-            check_now = not answered
-        else:
-            self._counters.resumed += 1
-        prediction = await self._wait_untilfinished(prediction_id, check_now=check_now)
-        return self._result(key, prediction)
+        image = self._work.get(key)
+        if image is None:
+            image = self._work[key] = _Image()
+        try:
+            prediction = await self._finished_prediction(key, image, request.prompt)
+        except PermanentProviderError:
+            # A refused poll (401, 403, 404, ...) may leave the prediction running: the entry
+            # stays for the worker's cancel, which stops it and releases the entry.
+            if image.prediction_id is None:
+                self._forget(key)
+            raise
+        self._forget(key)  # the prediction is over, whatever it came to
+        return self._result(prediction)
 
     async def cancel(self, job_id: str, index: int) -> None:
+        """Stop the image's prediction at Replicate, if it has one, and forget the image."""
         key = (job_id, index)
-        unsure = self._unsure.pop(key, None)
-        if unsure is not None and key not in self._images:
+        image = self._forget(key)
+        if image is None:
+            await trio.lowlevel.checkpoint()
+            return
+        if image.prediction_id is None and image.unsure is not None:
             try:
-                adopted = await self._reconcile(*unsure)
+                adopted = await self._reconcile(*image.unsure)
             except TransientProviderError as exc:
                 logger.warning("replicate: cannot find a prediction to cancel: %s", exc)
                 adopted = None
             if adopted is not None:
-                self._adopt(key, adopted)
-        self._notes.pop(key, None)  # stored or not, the cancel is what matters now
-        prediction_id = self._images.pop(key, None)
+                self._adopt(key, image, adopted)
+        prediction_id = image.prediction_id
         if prediction_id is None:
             await trio.lowlevel.checkpoint()
             return
@@ -190,6 +244,30 @@ class ReplicateProvider:
             await self._call("POST", f"/v1/predictions/{prediction_id}/cancel")
         except (Answer, httpx.TransportError) as exc:
             logger.warning("replicate: cancel of %s failed: %s", prediction_id, exc)
+
+    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+        """Seconds until the image's next call may start: none if it will not create (it has a
+        prediction, or an unsure create to look up first and no turn yet), else until its
+        create turn (or, without ``book`` and without a turn, until a 429's pause ends)."""
+        key = (job_id, index)
+        image = self._work.get(key)
+        if image is not None and image.prediction_id is not None:
+            return 0.0
+        now = trio.current_time()
+        if image is None or not self._has_turn(image):
+            if image is not None and image.unsure is not None:
+                return 0.0  # the list first: it may show the prediction, and no create is due
+            if not book:
+                return max(0.0, self.pacer.paused_until - now)
+            if image is None:
+                # Released by generate or by the worker's cancel, as any other entry.
+                image = self._work[key] = _Image()
+        wait = self._book_turn(image) - now
+        return wait if wait > _DUE_EPSILON_S else 0.0
+
+    def _forget(self, key: tuple[str, int]) -> _Image | None:
+        """Release the image's entry: the only place one is released."""
+        return self._work.pop(key, None)
 
     def statistics(self) -> ProviderStatistics:
         counters = self._counters
@@ -208,7 +286,8 @@ class ReplicateProvider:
             "cancels": counters.cancels,
             "throttled": self.pacer.throttles,
             "create_rate_per_s": round(self.pacer.rate, 3),
-            "in_flight": len(self._images),
+            "in_flight": sum(image.prediction_id is not None for image in self._work.values()),
+            "tracked": len(self._work),
         }
 
     def resume_remote_work(self, work: Sequence[RemoteWork], finished: Sequence[str]) -> None:
@@ -219,10 +298,12 @@ class ReplicateProvider:
         for item in work:
             key = (item.job_id, item.index)
             if item.remote_id is not None:
-                self._images[key] = item.remote_id
+                self._work[key] = _Image(prediction_id=item.remote_id)
                 self._claim(item.remote_id)
             elif item.pending_since is not None:
-                self._unsure[key] = (self._create_body(item.prompt), item.pending_since)
+                self._work[key] = _Image(
+                    unsure=(self._create_body(item.prompt), item.pending_since)
+                )
         if work:
             logger.info("replicate: resuming %d images of an earlier run", len(work))
 
@@ -269,38 +350,53 @@ class ReplicateProvider:
 
     # --- creating ---------------------------------------------------------------------------
 
+    async def _finished_prediction(
+        self, key: tuple[str, int], image: _Image, prompt: str
+    ) -> Mapping[str, Any]:
+        """The image's prediction once it has finished (created first if it has none)."""
+        if image.prediction_id is None:
+            prediction, answered = await self._create_once(key, image, prompt)
+            await self._noted(key, image)
+            if answered and finished(prediction, sync_answer=True):
+                return prediction
+            # A create's own answer is fresh; a prediction adopted from the list is checked now.
+            check_now = not answered
+        else:
+            self._counters.resumed += 1
+            await self._noted(key, image)
+            check_now = True
+        assert image.prediction_id is not None
+        return await self._wait_untilfinished(image.prediction_id, check_now=check_now)
+
     async def _create_once(
-        self, key: tuple[str, int], prompt: str
+        self, key: tuple[str, int], image: _Image, prompt: str
     ) -> tuple[Mapping[str, Any], bool]:
         """The image's prediction, and whether it is the create's own answer (else adopted)."""
         body = self._create_body(prompt)
-        unsure = self._unsure.get(key)
-        if unsure is not None:
+        if image.unsure is not None:
             # An earlier create may have created a prediction: find it before making another.
-            adopted = await self._reconcile(*unsure)
-            del self._unsure[key]
+            adopted = await self._reconcile(*image.unsure)
+            image.unsure = None
             if adopted is not None:
-                return self._adopt(key, adopted), False
+                return self._adopt(key, image, adopted), False
         while True:
-            await self.pacer.acquire()
+            self._take_turn(image)
             since = datetime.now(UTC)
             # Until Replicate answers, this image may or may not have a prediction: an attempt
             # timeout, a cancel or a restart in the middle of the create must not lead to a
             # second one. So the pending create is in the journal before it is sent.
-            self._unsure[key] = (body, since)
+            image.unsure = (body, since)
             try:
                 await self._note(key, None, since).wait()
             except StoreUnavailable as exc:
-                del self._unsure[key]
-                raise TransientProviderError(f"cannot note the create first: {exc}") from None
-            prediction, unsure_why = await self._try_create(key, body)
-            if unsure_why is not None:
-                return await self._after_unsure_create(key, body, since, unsure_why), False
-            if prediction is None:
-                continue  # throttled: the pacer now waits out Retry-After for every create
+                image.unsure = None
+                raise NotStartedError(f"cannot note the create first: {exc}") from None
+            prediction, answered = await self._try_create(key, image, body, since)
+            if not answered:
+                return prediction, False
             self.pacer.accepted()
             if prediction.get("id") not in self._claimed:
-                return self._adopt(key, prediction), True
+                return self._adopt(key, image, prediction), True
             # While this create was held open (Prefer: wait), another image reconciling an
             # unsure create of the same input took its prediction. Inputs being equal, the
             # images are interchangeable: take that image's orphan if it made one, else create
@@ -311,35 +407,68 @@ class ReplicateProvider:
             except TransientProviderError:
                 orphan = None
             if orphan is not None:
-                return self._adopt(key, orphan), False
+                return self._adopt(key, image, orphan), False
+
+    def _has_turn(self, image: _Image) -> bool:
+        """Whether the image holds a create turn that no 429 has voided since it was booked."""
+        return image.turn is not None and image.turn[1] == self.pacer.throttles
+
+    def _book_turn(self, image: _Image) -> float:
+        """The image's create turn: booked with the pacer unless it has a valid one."""
+        if image.turn is None or not self._has_turn(image):
+            image.turn = (self.pacer.book(), self.pacer.throttles)
+        return image.turn[0]
+
+    def _take_turn(self, image: _Image) -> None:
+        """Go ahead if the image's create turn has come; else raise ``NotStartedError`` with
+        the time left, so that the wait happens outside the attempt. The worker has waited for
+        the turn before the attempt (:meth:`turn_delay`), so this raises only when the turn
+        was not due then (after a create the list showed nothing for, say)."""
+        wait = self._book_turn(image) - trio.current_time()
+        if wait > _DUE_EPSILON_S:
+            raise NotStartedError(
+                "waiting for a turn to create a prediction (Replicate's rate limit)",
+                retry_after_s=wait,
+            )
+        image.turn = None
 
     async def _try_create(
-        self, key: tuple[str, int], body: dict[str, object]
-    ) -> tuple[Mapping[str, Any] | None, str | None]:
-        """One create: its prediction, or ``None`` when throttled, or why it is unsure.
+        self, key: tuple[str, int], image: _Image, body: dict[str, object], since: datetime
+    ) -> tuple[Mapping[str, Any], bool]:
+        """One create: its own answer (``True``), or a prediction it made that was found in
+        the list after an unsure answer (``False``).
 
         Raises:
+            NotStartedError: Nothing was created (429, a 5xx or a lost answer with nothing to
+                show for it in the list, Replicate unreachable).
             PermanentProviderError: Replicate refused (nothing was created).
-            TransientProviderError: Replicate could not be reached (nothing was sent).
+            TransientProviderError: The answer was lost and the list cannot be read to check
+                (the image stays unsure: the next attempt looks again before creating).
         """
+        unsure: Answer | httpx.TransportError
         try:
             prediction = await self._post_create(body)
         except Answer as exc:
-            if exc.status >= 500:
-                return None, exc.detail
-            self._settle_nothing(key)  # Replicate said no: nothing was created
-            if exc.status != 429:
-                raise permanent(exc) from None
-            # Backpressure, not a failure of the image: slow every create, then go on.
-            self.pacer.throttled(min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S))
-            return None, None
+            if exc.status < 500:
+                self._settle_nothing(key, image)  # Replicate said no: nothing was created
+                if exc.status != 429:
+                    raise permanent(exc) from None
+                # Backpressure, not a failure of the image: slow every create, then try again.
+                pause = min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S)
+                self.pacer.throttled(pause)
+                raise NotStartedError(
+                    "Replicate is throttling creates (429)", retry_after_s=pause
+                ) from None
+            unsure = exc
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            self._settle_nothing(key)  # the request never left
-            raise TransientProviderError(f"cannot reach Replicate ({exc!r})") from None
+            self._settle_nothing(key, image)  # the request never left
+            raise NotStartedError(f"cannot reach Replicate ({exc!r})") from None
         except httpx.TransportError as exc:
-            return None, repr(exc)
-        del self._unsure[key]
-        return prediction, None
+            unsure = exc
+        else:
+            image.unsure = None
+            return prediction, True
+        return await self._after_unsure_create(key, image, body, since, unsure), False
 
     def _create_body(self, prompt: str) -> dict[str, object]:
         settings = self.settings
@@ -354,24 +483,32 @@ class ReplicateProvider:
     ) -> Commit:
         return self._journal.note(key[0], key[1], remote_id=remote_id, pending_since=pending_since)
 
-    async def _noted(self, key: tuple[str, int]) -> None:
+    async def _noted(self, key: tuple[str, int], image: _Image) -> None:
         """Wait until the image's prediction id is stored, noting it again while the store
-        fails: until then a restart could only find the prediction by reconciling."""
+        fails: until then a restart could only find the prediction by reconciling.
+
+        Inside the attempt (holding its capacity token) on purpose: the prediction is running
+        at Replicate, which is the work ``MAX_CONCURRENCY`` bounds. An attempt cut meanwhile
+        leaves the note for the next attempt to wait for.
+        """
         delay = 0.1
-        while (commit := self._notes.pop(key, None)) is not None:
+        while (commit := image.note) is not None:
             try:
                 await commit.wait()
             except StoreUnavailable as exc:
                 logger.warning("replicate: cannot note the prediction of %s yet: %s", key, exc)
+                if exc.refused or image.prediction_id is None:
+                    image.note = None
+                    return
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_POLL_BACKOFF_S)
-                prediction_id = self._images.get(key)
-                if prediction_id is not None and not exc.refused:
-                    self._notes[key] = self._note(key, prediction_id, None)
+                image.note = self._note(key, image.prediction_id, None)
+            else:
+                image.note = None
 
-    def _settle_nothing(self, key: tuple[str, int]) -> None:
+    def _settle_nothing(self, key: tuple[str, int], image: _Image) -> None:
         """The image's pending create certainly created nothing."""
-        del self._unsure[key]
+        image.unsure = None
         self._note(key, None, None)
 
     async def _post_create(self, body: dict[str, object]) -> Mapping[str, Any]:
@@ -386,13 +523,31 @@ class ReplicateProvider:
         )
 
     async def _after_unsure_create(
-        self, key: tuple[str, int], body: dict[str, object], since: datetime, detail: str
+        self,
+        key: tuple[str, int],
+        image: _Image,
+        body: dict[str, object],
+        since: datetime,
+        exc: Answer | httpx.TransportError,
     ) -> Mapping[str, Any]:
+        """The prediction an unsure create made, found in the list of recent predictions.
+
+        Raises:
+            NotStartedError: The list shows none: nothing was started. The image stays unsure
+                all the same, so the next attempt looks again before it creates.
+            TransientProviderError: The list cannot be read.
+        """
         adopted = await self._reconcile(body, since)
         if adopted is not None:
-            del self._unsure[key]
-            return self._adopt(key, adopted)
-        raise TransientProviderError(f"Replicate failed to create the prediction: {detail}")
+            image.unsure = None
+            return self._adopt(key, image, adopted)
+        self._book_turn(image)  # the create to come waits for its turn before the attempt
+        if isinstance(exc, Answer):
+            raise NotStartedError(
+                f"Replicate failed to create the prediction: {exc.detail}",
+                retry_after_s=exc.retry_after_s,
+            )
+        raise NotStartedError(f"Replicate failed to create the prediction: {exc!r}")
 
     async def _reconcile(
         self, body: Mapping[str, object], since: datetime
@@ -429,13 +584,15 @@ class ReplicateProvider:
             path = page.get("next")
         return None
 
-    def _adopt(self, key: tuple[str, int], prediction: Mapping[str, Any]) -> Mapping[str, Any]:
+    def _adopt(
+        self, key: tuple[str, int], image: _Image, prediction: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
         prediction_id = prediction.get("id")
         if not isinstance(prediction_id, str):
             raise TransientProviderError("Replicate answered without a prediction id")
         self._counters.predictions += 1
-        self._images[key] = prediction_id
-        self._notes[key] = self._note(key, prediction_id, None)
+        image.prediction_id = prediction_id
+        image.note = self._note(key, prediction_id, None)
         logger.info(
             "job %s image %d: prediction %s",
             key[0],
@@ -482,7 +639,10 @@ class ReplicateProvider:
             self._tracked.pop(prediction_id, None)
 
     async def _get(self, prediction_id: str) -> Mapping[str, Any]:
-        """The prediction now; retries 429, 5xx and network errors with a bounded backoff."""
+        """The prediction now; retries 429, 5xx and network errors with a bounded backoff.
+
+        The backoff stays inside the attempt: the prediction is running at Replicate whether
+        or not it is polled (see the module's note on waiting)."""
         delay = self.settings.poll_interval_s
         while True:
             self._counters.polls += 1
@@ -500,9 +660,8 @@ class ReplicateProvider:
 
     # --- results ----------------------------------------------------------------------------
 
-    def _result(self, key: tuple[str, int], prediction: Mapping[str, Any]) -> str:
+    def _result(self, prediction: Mapping[str, Any]) -> str:
         status = prediction.get("status")
-        del self._images[key]
         url = first_url(prediction.get("output"))
         if status in ("succeeded", "processing") and url is not None:
             self._counters.images += 1
@@ -511,7 +670,7 @@ class ReplicateProvider:
         if status == "succeeded":
             raise PermanentProviderError("Replicate returned no image (it may have been filtered)")
         if status == "aborted":
-            raise TransientProviderError("Replicate aborted the prediction before it started")
+            raise NotStartedError("Replicate aborted the prediction before it started")
         if status == "canceled":
             raise PermanentProviderError("the prediction was canceled at Replicate")
         self._counters.failed_predictions += 1

@@ -66,7 +66,8 @@ def finished(prediction: Mapping[str, Any], *, sync_answer: bool) -> bool:
     if status in TERMINAL:
         return True
     # A ``Prefer: wait`` answer for a model with file outputs comes as soon as every file exists,
-    # with ``output`` filled while ``status`` may still say ``processing`` (REPLICATE.md §4).
+    # with ``output`` filled while ``status`` may still say ``processing`` (Replicate's docs on
+    # the ``Prefer: wait`` header).
     return (
         sync_answer and status == "processing" and first_url(prediction.get("output")) is not None
     )

@@ -1,15 +1,14 @@
 """Where jobs are kept: the ``JobStore`` seam and its backends (memory, SQLite)."""
 
+from actors.providers.base import Commit, RemoteWork
 from actors.store.base import (
     AppendEvent,
-    Commit,
     DeleteJob,
     JobRecord,
     JobStore,
     Operation,
     PutImages,
     PutJob,
-    RemoteWork,
     SetRemote,
     StoredJob,
     StoreHealth,

@@ -12,10 +12,9 @@ from datetime import datetime
 from typing import Protocol
 
 import attrs
-import trio
 
-from actors.errors import StoreUnavailable
 from actors.messages import ImageSnapshot, JobEvent, JobStatus
+from actors.providers.base import Commit, RemoteWork
 
 # --- records -----------------------------------------------------------------------------------
 
@@ -35,21 +34,6 @@ class JobRecord:
     finished_at: datetime | None = None
     ttfi_ms: int | None = None
     total_ms: int | None = None
-
-
-@attrs.frozen(kw_only=True)
-class RemoteWork:
-    """What a provider journaled about an image's remote work (a prediction).
-
-    ``remote_id`` is the provider's id for the work once known; ``pending_since`` is set while a
-    create is in flight whose answer is not known yet (the work may exist without an id).
-    """
-
-    job_id: str
-    index: int
-    prompt: str
-    remote_id: str | None
-    pending_since: datetime | None
 
 
 @attrs.frozen(kw_only=True)
@@ -117,43 +101,6 @@ class StoreHealth:
 
 
 # --- the protocol ------------------------------------------------------------------------------
-
-
-class Commit:
-    """One queued write: await :meth:`wait` to know it is stored.
-
-    Concurrency: created by :meth:`JobStore.write` and settled once by the store's writer task.
-    Any number of tasks may wait; cancelling a wait does not cancel the write.
-    """
-
-    __slots__ = ("_done", "_error")
-
-    def __init__(self) -> None:
-        self._done = trio.Event()
-        self._error: StoreUnavailable | None = None
-
-    @property
-    def settled(self) -> bool:
-        return self._done.is_set()
-
-    def settle(self, error: StoreUnavailable | None = None) -> None:
-        self._error = error
-        self._done.set()
-
-    def raise_error(self) -> None:
-        """Raise the write's error if it failed (call once settled)."""
-        if self._error is not None:
-            raise self._error
-
-    async def wait(self) -> None:
-        """Return once the write is stored.
-
-        Raises:
-            StoreUnavailable: The write failed; nothing of it was stored.
-        """
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
 
 
 #: What a store reports about itself for ``GET /api/status`` and ``/metrics`` (flat).

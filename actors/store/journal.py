@@ -1,10 +1,12 @@
-"""A provider's remote-work journal kept in the job store."""
+"""A provider's remote-work journal (``actors.providers.base.RemoteJournal``) kept in the job
+store."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from actors.store.base import Commit, JobStore, SetRemote
+from actors.providers.base import Commit
+from actors.store.base import JobStore, SetRemote
 
 
 class StoreJournal:
@@ -20,19 +22,3 @@ class StoreJournal:
         self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
     ) -> Commit:
         return self._store.write(SetRemote(job_id, index, remote_id, pending_since))
-
-
-class NullJournal:
-    """Remembers nothing: for a provider whose process is the only one that could resume."""
-
-    def note(
-        self,
-        job_id: str,  # noqa: ARG002 (the protocol's)
-        index: int,  # noqa: ARG002
-        *,
-        remote_id: str | None,  # noqa: ARG002
-        pending_since: datetime | None,  # noqa: ARG002
-    ) -> Commit:
-        commit = Commit()
-        commit.settle()
-        return commit

@@ -9,15 +9,14 @@ import trio
 
 from actors.errors import StoreUnavailable
 from actors.messages import ImageSnapshot, JobEvent
+from actors.providers.base import Commit, RemoteWork
 from actors.store.base import (
     AppendEvent,
-    Commit,
     DeleteJob,
     JobRecord,
     Operation,
     PutImages,
     PutJob,
-    RemoteWork,
     SetRemote,
     StoredJob,
     StoreHealth,

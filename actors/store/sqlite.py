@@ -32,15 +32,14 @@ from actors.messages import (
     JobStatus,
     ProgressEvent,
 )
+from actors.providers.base import Commit, RemoteWork
 from actors.store.base import (
     AppendEvent,
-    Commit,
     DeleteJob,
     JobRecord,
     Operation,
     PutImages,
     PutJob,
-    RemoteWork,
     SetRemote,
     StoredJob,
     StoreHealth,

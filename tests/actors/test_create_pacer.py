@@ -1,4 +1,4 @@
-"""The Replicate create pacer: token bucket with AIMD, on virtual time."""
+"""The Replicate create pacer: token bucket with AIMD, bookings on virtual time."""
 
 from __future__ import annotations
 
@@ -9,20 +9,17 @@ import trio.testing
 from actors.providers.pacing import CREATE_BURST, MAX_CREATES_PER_S, RATE_STEP, CreatePacer
 
 
-async def times_of(pacer: CreatePacer, count: int) -> list[float]:
-    t0 = trio.current_time()
-    stamps = []
-    for _ in range(count):
-        await pacer.acquire()
-        stamps.append(round(trio.current_time() - t0, 6))
-    return stamps
+def bookings(pacer: CreatePacer, count: int) -> list[float]:
+    """``count`` bookings made now, as times from now."""
+    now = trio.current_time()
+    return [round(pacer.book() - now, 6) for _ in range(count)]
 
 
 async def test_a_burst_goes_at_once_then_the_rate_applies(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     await trio.sleep(10)  # a full bucket
-    stamps = await times_of(CreatePacer(), int(CREATE_BURST) + 3)
+    stamps = bookings(CreatePacer(), int(CREATE_BURST) + 3)
     assert stamps[: int(CREATE_BURST)] == [0.0] * int(CREATE_BURST)
     assert stamps[int(CREATE_BURST) :] == pytest.approx([0.1, 0.2, 0.3])
 
@@ -34,9 +31,30 @@ async def test_a_429_pauses_every_create_for_retry_after_and_halves_the_rate(
     pacer = CreatePacer()
     pacer.throttled(3.0)
     assert pacer.rate == MAX_CREATES_PER_S / 2
-    stamps = await times_of(pacer, 3)
     # paused 3 s with an empty bucket, then one create per 1/rate seconds
-    assert stamps == pytest.approx([3.0, 3.2, 3.4])
+    assert bookings(pacer, 3) == pytest.approx([3.0, 3.2, 3.4])
+
+
+async def test_a_429_voids_the_debt_of_earlier_bookings(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pacer = CreatePacer(burst=1)
+    await trio.sleep(1)
+    assert bookings(pacer, 3) == pytest.approx([0.0, 0.1, 0.2])
+    before = pacer.throttles
+    pacer.throttled(1.0)
+    assert pacer.throttles == before + 1  # how a holder of an earlier booking knows it is void
+    assert bookings(pacer, 2) == pytest.approx([1.0, 1.2])
+
+
+async def test_bookings_refill_with_time_up_to_the_burst(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pacer = CreatePacer(burst=2)
+    await trio.sleep(1)
+    assert bookings(pacer, 3) == pytest.approx([0.0, 0.0, 0.1])
+    await trio.sleep(0.25)  # the debt of 1 is paid at 0.1 s; 1.5 tokens after, capped at 2
+    assert bookings(pacer, 3) == pytest.approx([0.0, 0.05, 0.15])
 
 
 async def test_accepted_creates_recover_the_rate_up_to_the_limit(
@@ -52,19 +70,3 @@ async def test_accepted_creates_recover_the_rate_up_to_the_limit(
         pacer.accepted()
     assert pacer.rate == MAX_CREATES_PER_S
     assert pacer.throttles == 2
-
-
-async def test_waiting_creates_are_served_in_order(autojump_clock: trio.testing.MockClock) -> None:
-    pacer = CreatePacer(burst=1)
-    await trio.sleep(1)
-    order: list[int] = []
-
-    async def create(number: int) -> None:
-        await pacer.acquire()
-        order.append(number)
-
-    async with trio.open_nursery() as nursery:
-        for number in range(5):
-            nursery.start_soon(create, number)
-            await trio.testing.wait_all_tasks_blocked()
-    assert order == [0, 1, 2, 3, 4]

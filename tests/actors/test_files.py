@@ -1,9 +1,9 @@
 """ImageFiles: downloads checked and stored on disk, accounting per job, deletion of old jobs.
 
 Downloads go to a real HTTP server on 127.0.0.1 (a small Quart-Trio app under hypercorn), so the
-clock is the real one: ``autojump_clock`` can jump while socket I/O is in flight (STACK.md
-section 2). Backoff and timeouts are therefore set to tens of milliseconds, and every step that
-could hang is bounded by ``trio.fail_after``.
+clock is the real one: ``autojump_clock`` can jump while socket I/O is in flight (its jumps
+ignore the network). Backoff and timeouts are therefore set to tens of milliseconds, and every
+step that could hang is bounded by ``trio.fail_after``.
 """
 
 from __future__ import annotations

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
 import pytest
 import trio
 import trio.testing
 
 from actors.capacity import FairCapacity
+from actors.errors import StoreUnavailable
 from actors.job import JobActor
-from actors.messages import DoneEvent, ImageStatus, JobStatus, ProgressEvent
+from actors.messages import (
+    DoneEvent,
+    ImageStatus,
+    JobEvent,
+    JobStatus,
+    ProgressEvent,
+    WorkerReport,
+)
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store import AppendEvent, Commit, DeleteJob, MemoryStore, Operation, PutJob
 from actors.supervisor import Supervisor
 from actors.worker import WorkerContext
 from tests.fakes import (
@@ -327,7 +340,14 @@ async def test_cancellation_from_outside_still_publishes_done(
         now=fixed_now(),
         uniform=upper_jitter,
     )
-    job = JobActor(job_id="job-1", owner="alice", prompt="a red fox", num_images=2, context=context)
+    job = JobActor(
+        job_id="job-1",
+        owner="alice",
+        prompt="a red fox",
+        num_images=2,
+        context=context,
+        store=MemoryStore(),
+    )
 
     with trio.move_on_after(3):  # the server stopping, not job.cancel()
         await job.run()
@@ -356,3 +376,270 @@ async def test_log_holds_one_event_per_image_plus_done(
 
     assert job.log.last_id == num_images + 1
     assert job.log.closed
+
+
+# --- the job's actor boundary: a bug in one job ends that job, never the supervisor ------------
+
+BOOM = "boom"  # the prompt of the job a test breaks
+
+
+def _job_id(operation: Operation) -> str:
+    return operation.record.job_id if isinstance(operation, PutJob) else operation.job_id
+
+
+class BuggyStore(MemoryStore):
+    """A memory store whose ``write`` raises ``RuntimeError`` (a bug, not ``StoreUnavailable``)
+    for the writes of ``boom`` jobs that ``breaks`` picks; every other write works.
+    ``unavailable`` fails those writes as a full disk does instead."""
+
+    def __init__(
+        self,
+        breaks: Callable[[Sequence[Operation]], bool],
+        *,
+        resumable: bool = False,
+        unavailable: bool = False,
+    ) -> None:
+        super().__init__(resumable=resumable)
+        self._breaks = breaks
+        self._unavailable = unavailable
+        self._boom_ids: set[str] = set()
+        self.raised = 0
+
+    def write(self, *operations: Operation) -> Commit:
+        for operation in operations:
+            if isinstance(operation, PutJob) and operation.record.prompt == BOOM:
+                self._boom_ids.add(operation.record.job_id)
+        boom = any(_job_id(operation) in self._boom_ids for operation in operations)
+        if boom and self._breaks(operations):
+            self.raised += 1
+            if self._unavailable:
+                return Commit.settled_with(StoreUnavailable("disk full"))
+            raise RuntimeError("store bug")
+        return super().write(*operations)
+
+
+def _first_write(operations: Sequence[Operation]) -> bool:
+    return any(
+        isinstance(op, PutJob) and op.record.status is JobStatus.PENDING for op in operations
+    )
+
+
+def _deletion(operations: Sequence[Operation]) -> bool:
+    return any(isinstance(op, DeleteJob) for op in operations)
+
+
+def _appends(kind: type[JobEvent]) -> Callable[[Sequence[Operation]], bool]:
+    def breaks(operations: Sequence[Operation]) -> bool:
+        return any(isinstance(op, AppendEvent) and isinstance(op.event, kind) for op in operations)
+
+    return breaks
+
+
+async def submit(supervisor: Supervisor, prompt: str, n: int = 2) -> str:
+    snapshot, _ = await supervisor.submit(owner="alice", prompt=prompt, num_images=n)
+    return snapshot.job_id
+
+
+async def ended(job: JobActor) -> list[JobEvent]:
+    with trio.fail_after(60):
+        events = await read_all(job.log)
+    assert job.log.closed
+    assert isinstance(events[-1], DoneEvent)
+    assert events[-1].status is job.status
+    assert job.status.finished
+    return events
+
+
+async def assert_the_rest_lives_on(
+    supervisor: Supervisor, sibling_id: str, caplog: pytest.LogCaptureFixture, boom_id: str
+) -> None:
+    """The sibling job completes, a new job is admitted and completes, the crash was counted
+    once and logged with its traceback."""
+    sibling = job_of(supervisor, sibling_id)
+    with trio.fail_after(60):
+        await sibling.wait_finished()
+    assert sibling.status is JobStatus.COMPLETED
+    assert {image.status for image in sibling.snapshot().images} == {ImageStatus.COMPLETED}
+    later = job_of(supervisor, await submit(supervisor, "later", n=1))
+    with trio.fail_after(60):
+        await later.wait_finished()
+    assert later.status is JobStatus.COMPLETED
+    assert supervisor.statistics().jobs_crashed_total == 1
+    crashes = [
+        record
+        for record in caplog.records
+        if record.levelno == logging.ERROR and boom_id in record.getMessage()
+    ]
+    assert crashes
+    assert all(record.exc_info for record in crashes)
+
+
+async def test_a_store_bug_on_the_first_write_refuses_only_that_job(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its deletion (a refused job is forgotten) fails the same way.
+    store = BuggyStore(lambda ops: _first_write(ops) or _deletion(ops))
+    supervisor = await start_supervisor(nursery, FakeProvider(), store=store)
+    sibling_id = await submit(supervisor, "a red fox")
+
+    with pytest.raises(StoreUnavailable, match="failed to take the job"):
+        await submit(supervisor, BOOM)
+    await trio.sleep(1)  # the refused job is forgotten; its deletion is tried again meanwhile
+
+    (boom_id,) = store._boom_ids
+    listed, _ = supervisor.list_jobs(owner="alice", limit=10)
+    assert boom_id not in {job.job_id for job in listed}
+    assert store.raised >= 3  # the first write, the deletion, and the deletion again
+    await assert_the_rest_lives_on(supervisor, sibling_id, caplog, boom_id)
+
+
+async def test_a_fold_that_raises_fails_only_its_job_and_stops_its_remote_work(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fold = JobActor._fold
+
+    def buggy_fold(self: JobActor, report: WorkerReport) -> None:
+        if self.prompt == BOOM:
+            raise RuntimeError("fold bug")
+        fold(self, report)
+
+    monkeypatch.setattr(JobActor, "_fold", buggy_fold)
+    provider = FakeProvider(by_prompt={BOOM: Script(latency_s=10)})
+    # Resumable: the remote work of a job stopped by the process would be kept; a crash's is not.
+    store = MemoryStore(resumable=True)
+    supervisor = await start_supervisor(nursery, provider, store=store)
+    sibling_id = await submit(supervisor, "a red fox")
+    boom_id = await submit(supervisor, BOOM)
+
+    job = job_of(supervisor, boom_id)
+    events = await ended(job)
+
+    assert job.status is JobStatus.FAILED
+    assert [(image.status, image.error) for image in job.snapshot().images] == [
+        (ImageStatus.FAILED, "internal error")
+    ] * 2
+    assert [event.id for event in events] == [1, 2, 3]
+    assert sorted(provider.remote_cancels) == [(boom_id, 0), (boom_id, 1)]
+    (stored,) = [record for record in await store.load() if record.job.job_id == boom_id]
+    assert stored.job.status is JobStatus.FAILED
+    await assert_the_rest_lives_on(supervisor, sibling_id, caplog, boom_id)
+
+
+async def test_a_store_bug_mid_job_fails_its_unfinished_images_and_publishes_done(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every write that carries an image's outcome fails, the job's last one included.
+    store = BuggyStore(_appends(ProgressEvent))
+    provider = FakeProvider({0: Script(latency_s=1)}, default=Script(latency_s=10))
+    supervisor = await start_supervisor(nursery, provider, store=store)
+    sibling_id = await submit(supervisor, "a red fox")
+    boom_id = await submit(supervisor, BOOM)
+
+    job = job_of(supervisor, boom_id)
+    events = await ended(job)
+
+    assert trio.current_time() == 1
+    assert [(image.status, image.error) for image in job.snapshot().images] == [
+        (ImageStatus.COMPLETED, None),
+        (ImageStatus.FAILED, "internal error"),
+    ]
+    assert events[-1] == DoneEvent(
+        id=3,
+        status=JobStatus.COMPLETED,
+        total_ms=1000,
+        ttfi_ms=1000,
+        completed_count=1,
+        failed_count=1,
+    )
+    assert provider.remote_cancels == [(boom_id, 1)]
+    await assert_the_rest_lives_on(supervisor, sibling_id, caplog, boom_id)
+
+
+async def test_a_store_bug_on_the_last_write_still_publishes_done(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = BuggyStore(_appends(DoneEvent))
+    supervisor = await start_supervisor(nursery, FakeProvider(), store=store)
+    sibling_id = await submit(supervisor, "a red fox")
+    boom_id = await submit(supervisor, BOOM)
+
+    job = job_of(supervisor, boom_id)
+    events = await ended(job)
+
+    assert [type(event) for event in events] == [ProgressEvent, ProgressEvent, DoneEvent]
+    assert job.status is JobStatus.COMPLETED  # both images were made and stored
+    assert store.raised == 2  # the tail's write, and the last one queued as the job ends
+    await assert_the_rest_lives_on(supervisor, sibling_id, caplog, boom_id)
+
+
+async def test_a_bug_ending_the_job_still_publishes_done(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conclude = JobActor._conclude
+
+    def buggy_conclude(self: JobActor) -> None:
+        if self.prompt == BOOM:
+            raise RuntimeError("conclude bug")
+        conclude(self)
+
+    monkeypatch.setattr(JobActor, "_conclude", buggy_conclude)
+    provider = FakeProvider(by_prompt={BOOM: Script(latency_s=10)})
+    store = MemoryStore()
+    supervisor = await start_supervisor(nursery, provider, store=store)
+    sibling_id = await submit(supervisor, "a red fox")
+    boom_id = await submit(supervisor, BOOM)
+    await trio.sleep(2)
+
+    supervisor.cancel(boom_id, owner="alice")  # the job's end is what fails
+    job = job_of(supervisor, boom_id)
+    events = await ended(job)
+
+    assert [(image.status, image.error) for image in job.snapshot().images] == [
+        (ImageStatus.FAILED, "internal error")
+    ] * 2
+    finished_at = FIXED_NOW + timedelta(seconds=2)  # from the job's own clocks
+    assert [event.finished_at for event in events if isinstance(event, ProgressEvent)] == [
+        finished_at
+    ] * 2
+    assert events[-1] == DoneEvent(
+        id=3,
+        status=JobStatus.FAILED,
+        total_ms=2000,
+        ttfi_ms=None,
+        completed_count=0,
+        failed_count=2,
+    )
+    (stored,) = [record for record in await store.load() if record.job.job_id == boom_id]
+    assert stored.events == tuple(events)
+    await assert_the_rest_lives_on(supervisor, sibling_id, caplog, boom_id)
+
+
+async def test_cancelled_from_outside_while_storing_its_end_still_publishes_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Not resumable: stopping the process ends its jobs, and their followers are told so.
+    store = BuggyStore(_appends(DoneEvent), unavailable=True)
+    async with trio.open_nursery() as nursery:
+        supervisor = await start_supervisor(nursery, FakeProvider(), store=store)
+        job = job_of(supervisor, await submit(supervisor, BOOM, n=1))
+        await trio.sleep(5)  # the job's last write waits for the store...
+        waiting = [type(event) for event in job.log.events_after(0)]
+        nursery.cancel_scope.cancel()  # ...when the process stops
+
+    events = job.log.events_after(0)
+    assert waiting == [ProgressEvent]
+    assert job.log.closed
+    assert [type(event) for event in events] == [ProgressEvent, DoneEvent]
+    assert job.status is JobStatus.COMPLETED

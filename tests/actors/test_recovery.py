@@ -620,6 +620,41 @@ async def test_drain_gives_a_longer_job_exactly_the_grace_then_shuts_down(
     assert provider.remote_cancels == []
 
 
+async def test_begin_shutdown_during_drain_ends_the_grace_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=100))
+    async with running(MemoryStore(resumable=True), provider) as supervisor:
+        job_id = await submit(supervisor)
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervisor.drain, 10)
+            await trio.sleep(2)
+            supervisor.begin_shutdown()  # a second signal
+
+        assert trio.current_time() - t0 == 2
+        assert supervisor.get(job_id, owner="alice").status is JobStatus.RUNNING
+
+
+async def test_begin_shutdown_before_drain_leaves_no_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Both signals handled before the task that drains runs: the second one still counts.
+    provider = FakeProvider(default=Script(latency_s=100))
+    async with running(MemoryStore(resumable=True), provider) as supervisor:
+        job_id = await submit(supervisor)
+        await trio.sleep(1)
+        supervisor.stop_admitting()
+        supervisor.begin_shutdown()
+        t0 = trio.current_time()
+
+        await supervisor.drain(10)
+
+        assert trio.current_time() - t0 == 0
+        assert supervisor.shutting_down.is_set()
+        assert supervisor.get(job_id, owner="alice").status is JobStatus.RUNNING
+
+
 # --- SQLite, on the real clock (its threads and virtual time do not mix) -----------------------
 
 
@@ -663,7 +698,12 @@ async def test_the_image_budget_evicts_old_finished_jobs_never_for_running_ones(
     async with httpx.AsyncClient() as client:
         files = ImageFiles(ImageFilesSettings(directory=tmp_path, max_total_bytes=1000), client)
         async with open_supervisor(
-            provider, SupervisorSettings(), now=wall_clock, uniform=upper_jitter, files=files
+            provider,
+            SupervisorSettings(),
+            store=MemoryStore(),
+            now=wall_clock,
+            uniform=upper_jitter,
+            files=files,
         ) as supervisor:
             first = await submit(supervisor, n=1)
             await trio.sleep(2)

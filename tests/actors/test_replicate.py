@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import attrs
 import pytest
 import trio
 
-from actors.errors import PermanentProviderError, TransientProviderError, WebhookRejected
+from actors.capacity import FairCapacity
+from actors.errors import (
+    NotStartedError,
+    PermanentProviderError,
+    TransientProviderError,
+    WebhookRejected,
+)
+from actors.messages import ImageOutcome, ImageStatus, WorkerReport
 from actors.providers.base import ImageRequest
 from actors.providers.replicate import (
     ModelRef,
@@ -19,6 +27,8 @@ from actors.providers.replicate import (
     SettingsProblem,
     open_replicate_provider,
 )
+from actors.retry import RetryPolicy
+from actors.worker import WorkerContext, run_image_worker
 from tests.fake_replicate import (
     TOKEN,
     WEBHOOK_SECRET,
@@ -26,6 +36,7 @@ from tests.fake_replicate import (
     run_fake_replicate,
     sign_webhook,
 )
+from tests.fakes import fixed_now, upper_jitter
 
 VERSION = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
 
@@ -108,29 +119,42 @@ async def test_extra_input_is_merged_and_the_prompt_wins(fake: FakeReplicate) ->
     assert prediction.input == {"aspect_ratio": "16:9", "prompt": "a calm lake"}
 
 
-async def test_429_on_create_slows_every_create_and_is_retried_inside_the_attempt(
+async def test_429_on_create_slows_every_create_and_is_waited_out_outside_the_attempt(
     fake: FakeReplicate, provider: ReplicateProvider
 ) -> None:
     fake.faults.forced_creates.extend(["429"])
-    t0 = trio.current_time()
-    url = await generate(provider, image())
+    with pytest.raises(NotStartedError, match="throttling") as throttled:
+        await generate(provider, image())
+    assert throttled.value.retry_after_s == fake.faults.retry_after_s  # Retry-After, for the worker
+    # Until the pause ends no create goes out: the attempt says how long to wait, at once.
+    with pytest.raises(NotStartedError, match="turn") as early:
+        await generate(provider, image(attempt=2))
+    assert early.value.retry_after_s is not None
+    assert 0 < early.value.retry_after_s <= fake.faults.retry_after_s
+    assert fake.create_requests == 1
+
+    await trio.sleep(early.value.retry_after_s)
+    url = await generate(provider, image(attempt=3))
+
     assert url.endswith("/out-0.webp")
-    assert trio.current_time() - t0 >= fake.faults.retry_after_s  # Retry-After was honoured
     stats = provider.statistics()
     assert (stats["creates"], stats["predictions"], stats["throttled"]) == (2, 1, 1)
     assert stats["create_rate_per_s"] == 6.0  # halved from 10, then one accepted create
     assert len(fake.predictions) == 1
+    assert (stats["in_flight"], stats["tracked"]) == (0, 0)
 
 
-async def test_500_that_created_nothing_is_transient_and_the_retry_creates(
+async def test_500_that_created_nothing_started_nothing_and_the_retry_creates(
     fake: FakeReplicate, provider: ReplicateProvider
 ) -> None:
     fake.faults.forced_creates.extend(["500"])
-    with pytest.raises(TransientProviderError, match="failed to create"):
+    with pytest.raises(NotStartedError, match="failed to create"):
         await generate(provider, image())
     assert len(fake.predictions) == 0
     await generate(provider, image(attempt=2))
     assert len(fake.predictions) == 1
+    stats = provider.statistics()
+    assert (stats["creates"], stats["in_flight"], stats["tracked"]) == (2, 0, 0)
 
 
 @pytest.mark.parametrize("fault", ["500-created", "hang-created"])
@@ -246,12 +270,116 @@ async def test_cancel_reaches_replicate(fake: FakeReplicate) -> None:
     assert (stats["cancels"], stats["in_flight"]) == (1, 0)
 
 
-async def test_unreachable_replicate_is_transient() -> None:
+def worker_context(provider: ReplicateProvider, capacity: int = 1) -> WorkerContext:
+    return WorkerContext(
+        job_id="job-1",
+        prompt="a red fox",
+        provider=provider,
+        capacity=FairCapacity(trio.CapacityLimiter(capacity)),
+        retry=RetryPolicy(attempts=3, base_delay_s=0.01, max_delay_s=0.05),
+        attempt_timeout_s=5,
+        provider_cancel_s=2,
+        now=fixed_now(),
+        uniform=upper_jitter,
+    )
+
+
+async def make_image(provider: ReplicateProvider, index: int = 0) -> ImageOutcome:
+    """Run one image worker on ``provider`` to its outcome."""
+    reports_send, reports_recv = trio.open_memory_channel[WorkerReport](100)
+    with trio.fail_after(10):
+        await run_image_worker(index, context=worker_context(provider), reports_send=reports_send)
+    *_, outcome = [report async for report in reports_recv]
+    assert isinstance(outcome, ImageOutcome)
+    return outcome
+
+
+@pytest.mark.parametrize("status", [401, 404])
+async def test_a_refused_poll_fails_the_image_cancels_its_prediction_and_keeps_nothing(
+    fake: FakeReplicate, status: int
+) -> None:
+    fake.latency_s = 5  # still running when its poll is refused
+    fake.faults.forced_gets.extend([status])
+    async with open_replicate_provider(settings_for(fake, wait_s=1)) as provider:
+        outcome = await make_image(provider)
+        stats = provider.statistics()
+
+    assert outcome.status is ImageStatus.FAILED
+    assert outcome.error is not None
+    assert f"({status})" in outcome.error
+    (prediction_id,) = fake.predictions
+    assert fake.cancel_requests == [prediction_id]
+    assert fake.statuses() == ["canceled"]
+    assert (stats["cancels"], stats["in_flight"], stats["tracked"]) == (1, 0, 0)
+
+
+async def test_a_failed_prediction_ends_with_nothing_kept_and_nothing_to_cancel(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
+    outcome = await make_image(provider)  # a success first: the same state, released
+    assert outcome.status is ImageStatus.COMPLETED
+    assert provider.statistics()["tracked"] == 0
+
+    with pytest.raises(PermanentProviderError, match="CUDA"):
+        await generate(provider, image(index=1, prompt="fail: this one"))
+    assert (provider.statistics()["in_flight"], provider.statistics()["tracked"]) == (0, 0)
+    await provider.cancel("job-1", 1)  # what the worker does next: nothing left to stop
+    assert fake.cancel_requests == []
+
+
+async def test_an_image_given_up_after_creates_that_created_nothing_keeps_nothing(
+    fake: FakeReplicate, provider: ReplicateProvider
+) -> None:
+    fake.faults.forced_creates.extend(["500"])
+    with pytest.raises(NotStartedError):
+        await generate(provider, image())
+    assert (provider.statistics()["in_flight"], provider.statistics()["tracked"]) == (0, 1)
+    with trio.fail_after(5):
+        await provider.cancel("job-1", 0)
+    assert (provider.statistics()["tracked"], provider.statistics()["cancels"]) == (0, 0)
+    assert fake.cancel_requests == []
+
+
+async def test_a_429s_pause_is_waited_out_without_capacity_or_attempts(
+    fake: FakeReplicate,
+) -> None:
+    fake.faults.retry_after_s = 1
+    fake.faults.forced_creates.extend(["429", "429"])
+    async with open_replicate_provider(settings_for(fake)) as provider:
+        context = worker_context(provider, capacity=2)
+        reports_send, reports_recv = trio.open_memory_channel[WorkerReport](100)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                with reports_send:
+                    for index in (0, 1):
+                        worker = partial(
+                            run_image_worker,
+                            index,
+                            context=context,
+                            reports_send=reports_send.clone(),
+                        )
+                        nursery.start_soon(worker)
+                while fake.create_requests < 2:  # noqa: ASYNC110 (the fake's own counter)
+                    await trio.sleep(0.01)
+                await trio.sleep(0.3)  # in the middle of the 1 s pause
+                in_use_in_pause = context.capacity.statistics().in_use
+                creates_in_pause = fake.create_requests
+        stats = provider.statistics()
+    outcomes = [report async for report in reports_recv if isinstance(report, ImageOutcome)]
+
+    assert (in_use_in_pause, creates_in_pause) == (0, 2)
+    assert [outcome.status for outcome in outcomes] == [ImageStatus.COMPLETED] * 2
+    assert {outcome.attempts for outcome in outcomes} == {2}  # the 429, then the image
+    assert (fake.create_requests, len(fake.predictions), stats["throttled"]) == (4, 2, 2)
+    assert (stats["in_flight"], stats["tracked"]) == (0, 0)
+
+
+async def test_unreachable_replicate_started_nothing() -> None:
     settings = ReplicateSettings(
         api_token=TOKEN, base_url="http://127.0.0.1:9", request_timeout_s=1
     )
     async with open_replicate_provider(settings) as provider:
-        with pytest.raises(TransientProviderError, match="cannot reach Replicate"):
+        with pytest.raises(NotStartedError, match="cannot reach Replicate"):
             await generate(provider, image())
 
 

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from quart import request
 
-from actors.errors import PermanentProviderError, TransientProviderError
+from actors.errors import NotStartedError, PermanentProviderError
 from actors.messages import ImageStatus, JobStatus
 from actors.providers.base import ImageRequest
 from actors.providers.replicate import ReplicateProvider, open_replicate_provider
@@ -200,7 +200,7 @@ async def test_a_create_whose_note_cannot_be_stored_is_not_sent(fake: FakeReplic
     store.broken = "disk full"
 
     async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
-        with pytest.raises(TransientProviderError, match="cannot note the create first: disk full"):
+        with pytest.raises(NotStartedError, match="cannot note the create first: disk full"):
             await generate(provider, image())
 
     assert fake.create_requests == 0
@@ -234,7 +234,11 @@ async def test_a_throttled_create_is_journaled_pending_again_before_it_is_sent_a
     journal = RecordingJournal(store)
 
     async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
-        await generate(provider, image())
+        with pytest.raises(NotStartedError) as throttled:
+            await generate(provider, image())
+        assert throttled.value.retry_after_s is not None
+        await trio.sleep(throttled.value.retry_after_s)
+        await generate(provider, image(attempt=2))
 
     (prediction_id,) = fake.predictions
     assert [(remote_id, since is None) for _, remote_id, since in journal.notes] == [

@@ -26,6 +26,7 @@ from actors.messages import (
 )
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store import MemoryStore
 from actors.supervisor import Batch, Supervisor, open_supervisor
 from tests.fakes import (
     FIXED_NOW,
@@ -64,7 +65,7 @@ async def test_submit_returns_a_pending_snapshot(nursery: trio.Nursery) -> None:
 
 
 async def test_submit_before_the_supervisor_runs_raises_shutting_down() -> None:
-    supervisor = Supervisor(FakeProvider(), SupervisorSettings())
+    supervisor = Supervisor(FakeProvider(), SupervisorSettings(), store=MemoryStore())
 
     with pytest.raises(ShuttingDown):
         supervisor.submit_nowait(owner="alice", prompt="a cat", num_images=1)
@@ -433,6 +434,30 @@ async def test_a_subscriber_is_counted_until_its_subscription_is_closed(
     assert supervisor.statistics().subscribers == ((Transport.SSE, 0), (Transport.WEBSOCKET, 0))
 
 
+async def test_open_streams_are_capped_per_user_and_refusals_counted(
+    nursery: trio.Nursery,
+) -> None:
+    settings = SupervisorSettings(max_streams_per_user=2, retry_after_s=7)
+    supervisor = await start_supervisor(nursery, FakeProvider(), settings)
+    job_id = submit(supervisor)
+    bobs = submit(supervisor, owner="bob")
+
+    first = supervisor.subscribe(job_id, owner="alice", transport=Transport.SSE)
+    supervisor.subscribe(job_id, owner="alice", transport=Transport.WEBSOCKET)
+    with pytest.raises(LimitExceeded, match="at most 2 per user") as info:
+        supervisor.subscribe(job_id, owner="alice", transport=Transport.SSE)
+    with pytest.raises(LimitExceeded):
+        supervisor.check_subscriber(owner="alice", transport=Transport.WEBSOCKET)
+    supervisor.subscribe(bobs, owner="bob", transport=Transport.SSE)  # the cap is per user
+
+    assert info.value.retry_after_s == 7
+    statistics = supervisor.statistics()
+    assert statistics.subscribers == ((Transport.SSE, 2), (Transport.WEBSOCKET, 1))
+    assert statistics.subscribers_refused == ((Transport.SSE, 1), (Transport.WEBSOCKET, 1))
+    first.close()
+    supervisor.subscribe(job_id, owner="alice", transport=Transport.SSE).close()  # room again
+
+
 # --- shutdown ----------------------------------------------------------------------------------
 
 
@@ -479,7 +504,11 @@ async def test_leaving_open_supervisor_cancels_unfinished_jobs(
     provider = FakeProvider({0: Script(latency_s=1)}, default=Script(latency_s=100))
     with trio.fail_after(10):
         async with open_supervisor(
-            provider, SupervisorSettings(), now=fixed_now(), uniform=upper_jitter
+            provider,
+            SupervisorSettings(),
+            store=MemoryStore(),
+            now=fixed_now(),
+            uniform=upper_jitter,
         ) as supervisor:
             job_id = submit(supervisor, n=3)
             job = supervisor.get(job_id, owner="alice")
@@ -551,7 +580,9 @@ async def test_statistics_count_jobs_attempts_capacity_and_subscribers(
         retries_total=1,
         images_completed_total=1,
         images_failed_total=1,
+        jobs_crashed_total=0,
         subscribers=((Transport.SSE, 2), (Transport.WEBSOCKET, 1)),
+        subscribers_refused=((Transport.SSE, 0), (Transport.WEBSOCKET, 0)),
     )
     assert statistics.uptime_s == 3
     assert after.subscribers == ((Transport.SSE, 0), (Transport.WEBSOCKET, 0))

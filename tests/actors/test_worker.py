@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
+import attrs
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from actors.capacity import FairCapacity
+from actors.files import ImageFiles, ImageFilesSettings
+from actors.job import JobActor
 from actors.messages import (
     AttemptStarted,
     ImageOutcome,
@@ -17,8 +22,11 @@ from actors.messages import (
     ProgressEvent,
     WorkerReport,
 )
+from actors.providers.base import ImageRequest
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store import MemoryStore
+from actors.supervisor import open_supervisor
 from actors.worker import WorkerContext, run_image_worker
 from tests.fakes import FIXED_NOW, FakeProvider, Script, fixed_now, start_supervisor, upper_jitter
 
@@ -201,6 +209,98 @@ async def test_a_failed_last_attempt_counts_in_provider_time(
 
     assert outcome.status is ImageStatus.FAILED
     assert outcome.provider_s == 1.0
+
+
+# --- failures that started nothing (429, a create that created nothing) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "attempts", "starts"),
+    [
+        # One attempt only, yet three failures that started nothing (a create that created
+        # nothing, say) are retried: 1 s calls, backoffs of 1, 2 and 4 s.
+        (Script(latency_s=1, not_started=3), 1, [0, 2, 5, 10]),
+        # A 429's Retry-After is waited for, and uses no attempt either.
+        (Script(latency_s=1, not_started=1, retry_after_s=30), 1, [0, 31]),
+        # Two free retries, then two counted failures, then success on the last of 3 attempts;
+        # each budget backs off from its own first retry (1, 2 s free; 1, 2 s counted).
+        (Script(latency_s=1, not_started=2, fail_times=2), 3, [0, 2, 5, 7, 10]),
+    ],
+    ids=["not-created", "429-retry-after", "then-real-failures"],
+)
+async def test_failures_that_started_nothing_use_no_attempt(
+    autojump_clock: trio.testing.MockClock, script: Script, attempts: int, starts: list[int]
+) -> None:
+    provider = FakeProvider(default=script)
+    t0 = trio.current_time()
+
+    reports = await run_worker(make_context(provider, attempts=attempts, base_delay_s=1))
+
+    assert [at - t0 for at in provider.start_times()] == starts
+    assert trio.current_time() - t0 == starts[-1] + 1
+    outcome = outcome_of(reports)
+    assert (outcome.status, outcome.attempts, outcome.provider_s) == (
+        ImageStatus.COMPLETED,
+        len(starts),
+        len(starts) * 1.0,
+    )
+    assert provider.remote_cancels == []
+
+
+async def test_a_permanent_error_after_not_started_failures_fails_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, not_started=2, permanent="bad prompt"))
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=1, base_delay_s=1)))
+
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 5]
+    assert trio.current_time() - t0 == 6
+    assert (outcome.status, outcome.error, outcome.attempts) == (
+        ImageStatus.FAILED,
+        "bad prompt",
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("retry", "starts", "error"),
+    [
+        # 3 free retries (backoffs 1, 2, 4 s), then 2 counted attempts (backoff 1 s between).
+        (
+            RetryPolicy(attempts=2, base_delay_s=1, free_retries=3),
+            [0, 2, 5, 10, 12],
+            "nothing started 5 (gave up after 2 attempts and 3 free retries)",
+        ),
+        # The first failure ends at 1 s. Free retries begin at 2, 5 and 10 s (1, 4 and 9 s
+        # after it); the next would begin at 11 + 8 s, past the window, so that failure uses
+        # the only attempt and the image fails.
+        (
+            RetryPolicy(attempts=1, base_delay_s=1, free_retry_window_s=10),
+            [0, 2, 5, 10],
+            "nothing started 4 (gave up after 1 attempt and 3 free retries)",
+        ),
+    ],
+    ids=["count", "time-window"],
+)
+async def test_the_free_retries_end_then_attempts_are_used(
+    autojump_clock: trio.testing.MockClock, retry: RetryPolicy, starts: list[int], error: str
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, not_started=99))
+    t0 = trio.current_time()
+    context = attrs.evolve(make_context(provider), retry=retry)
+
+    outcome = outcome_of(await run_worker(context))
+
+    assert [at - t0 for at in provider.start_times()] == starts
+    assert trio.current_time() - t0 == starts[-1] + 1
+    assert (outcome.status, outcome.attempts, outcome.error) == (
+        ImageStatus.FAILED,
+        len(starts),
+        error,
+    )
+    assert provider.remote_cancels == [(JOB_ID, 0)]
 
 
 async def test_waiting_for_capacity_does_not_count_against_the_attempt_timeout(
@@ -403,23 +503,44 @@ async def test_giving_up_waits_for_the_remote_cancel_within_provider_cancel_s(
 
 @pytest.mark.parametrize(
     "script",
-    [
-        Script(latency_s=1),
-        Script(latency_s=1, fail_times=2),
-        Script(latency_s=1, permanent="prompt rejected by policy"),
-        Script(latency_s=1, crash=ValueError),
-    ],
-    ids=["success", "success-after-retries", "permanent", "internal-error"],
+    [Script(latency_s=1), Script(latency_s=1, fail_times=2)],
+    ids=["success", "success-after-retries"],
 )
-async def test_no_remote_cancel_when_the_image_ends_on_its_own(
+async def test_no_remote_cancel_when_the_image_completes(
     autojump_clock: trio.testing.MockClock, script: Script
 ) -> None:
     provider = FakeProvider(default=script)
 
     outcome = outcome_of(await run_worker(make_context(provider, attempts=3)))
 
+    assert outcome.status is ImageStatus.COMPLETED
     assert outcome.attempts == len(provider.calls)
     assert provider.remote_cancels == []
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script(latency_s=1, permanent="prompt rejected by policy"),
+        Script(latency_s=1, crash=ValueError),
+    ],
+    ids=["permanent", "internal-error"],
+)
+async def test_a_failed_image_asks_the_provider_to_stop_its_remote_work_once(
+    autojump_clock: trio.testing.MockClock, script: Script
+) -> None:
+    # A permanent answer (a poll refused, say) may leave a prediction running at the provider,
+    # and the provider keeps the image's state until it is told the image is over.
+    provider = SlowCancelProvider(cancel_latency_s=600, default=script)
+    t0 = trio.current_time()
+
+    outcome = outcome_of(await run_worker(make_context(provider, attempts=3), index=2))
+
+    assert outcome.status is ImageStatus.FAILED
+    assert len(provider.calls) == 1
+    assert (provider.remote_cancels, provider.finished_cancels) == ([(JOB_ID, 2)], [])
+    # 1 s attempt, then the cancel, bounded by provider_cancel_s (5 s).
+    assert trio.current_time() - t0 == 6
 
 
 async def test_an_attempt_timeout_leaves_remote_work_running_for_the_next_attempt(
@@ -455,3 +576,152 @@ async def test_cancelling_a_job_cancels_remote_work_of_its_running_images_only(
     assert (first.index, first.status) == (1, ImageStatus.COMPLETED)
     assert job.status is JobStatus.CANCELED
     assert sorted(provider.remote_cancels) == [(job.job_id, 0), (job.job_id, 2)]
+
+
+# --- capacity is never held while a report waits --------------------------------------------
+
+
+async def test_no_capacity_token_is_held_while_a_report_waits_for_a_broken_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Image 0 completes and its job waits for the store to take it; images 1 and 2 keep failing
+    # and report an attempt each time. The job's channel fills up; a worker that then waits to
+    # report must not do so holding a token, or the capacity starves every other job.
+    store = MemoryStore(resumable=True)
+    provider = FakeProvider({0: Script(latency_s=1)}, default=Script(latency_s=1, fail_times=99))
+    settings = SupervisorSettings(
+        capacity=2, retry=RetryPolicy(attempts=50, base_delay_s=0.1, max_delay_s=0.5)
+    )
+    async with open_supervisor(
+        provider, settings, now=fixed_now(), uniform=upper_jitter, store=store
+    ) as supervisor:
+        snapshot, _ = await supervisor.submit(owner="alice", prompt="a red fox", num_images=3)
+        store.broken = "disk full"
+        samples: list[tuple[int, int]] = []
+        await trio.sleep(0.13)  # samples between the attempts' starts and ends (whole 0.1 s)
+        for _ in range(60):
+            await trio.sleep(0.5)
+            samples.append((supervisor.capacity.statistics().in_use, provider.in_flight))
+        calls_during_outage = len(provider.calls)
+
+        assert all(in_use == in_flight for in_use, in_flight in samples), samples
+        store.broken = None
+        job = supervisor.get(snapshot.job_id, owner="alice")
+        with trio.fail_after(600):
+            await job.wait_finished()
+
+    assert calls_during_outage > 3  # the failing images went on trying meanwhile
+    assert [image.status for image in job.snapshot().images] == [
+        ImageStatus.COMPLETED,
+        ImageStatus.FAILED,
+        ImageStatus.FAILED,
+    ]
+
+
+# --- one image's bug stays in that image ------------------------------------------------------
+
+
+class FilesWithABug(ImageFiles):
+    """Copies take 2 s; the copy of image ``buggy`` raises at once (a bug in our code)."""
+
+    def __init__(self, tmp_path: Path, *, buggy: int) -> None:
+        super().__init__(ImageFilesSettings(directory=tmp_path), httpx.AsyncClient())
+        self.buggy = buggy
+
+    async def keep(self, job_id: str, index: int, url: str) -> str:
+        if index == self.buggy:
+            raise KeyError("a bug in the copy")
+        await trio.sleep(2)
+        return url
+
+
+async def test_a_bug_in_one_images_path_fails_that_image_only(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1))
+    context = attrs.evolve(
+        make_context(provider, capacity=FairCapacity(trio.CapacityLimiter(3))),
+        files=FilesWithABug(tmp_path, buggy=1),
+    )
+    job = JobActor(
+        job_id=JOB_ID,
+        owner="alice",
+        prompt=context.prompt,
+        num_images=3,
+        context=context,
+        store=MemoryStore(),
+    )
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(job.run)
+            await job.wait_finished()
+
+    # Images 0 and 2 were being copied when image 1's copy raised: they complete.
+    images = job.snapshot().images
+    assert [(image.status, image.error) for image in images] == [
+        (ImageStatus.COMPLETED, None),
+        (ImageStatus.FAILED, "internal error"),
+        (ImageStatus.COMPLETED, None),
+    ]
+    assert job.status is JobStatus.COMPLETED
+    assert provider.remote_cancels == [(JOB_ID, 1)]
+    assert "job-1 image 1: internal error" in caplog.text
+    assert "KeyError: 'a bug in the copy'" in caplog.text
+
+
+# --- a provider's own pacing is waited for without a token ----------------------------------
+
+
+class PacedFake(FakeProvider):
+    """A FakeProvider that lets one call start every ``spacing_s``, in the order turns were
+    booked (as the Replicate provider paces its creates)."""
+
+    def __init__(self, *, spacing_s: float, default: Script) -> None:
+        super().__init__(default=default)
+        self.spacing_s = spacing_s
+        self.turns: dict[int, float] = {}
+        self.next_turn = 0.0
+
+    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+        now = trio.current_time()
+        turn = self.turns.get(index)
+        if turn is None:
+            if not book:
+                return 0.0
+            turn = self.turns[index] = max(now, self.next_turn)
+            self.next_turn = turn + self.spacing_s
+        return max(0.0, turn - now)
+
+    async def generate(self, request: ImageRequest) -> str:
+        self.turns.pop(request.index, None)
+        return await super().generate(request)
+
+
+async def test_a_providers_pacing_is_waited_for_without_a_token_or_an_attempt(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    provider = PacedFake(spacing_s=2, default=Script(latency_s=1))
+    capacity = FairCapacity(trio.CapacityLimiter(3))
+    context = make_context(provider, capacity=capacity)
+    reports_send, reports_recv = trio.open_memory_channel[WorkerReport](10)
+    t0 = trio.current_time()
+    with reports_send:
+        for index in range(3):
+            nursery.start_soon(
+                partial(run_image_worker, index, context=context, reports_send=reports_send.clone())
+            )
+    await trio.sleep(1.5)  # image 0 done; 1 and 2 wait for their turns (2 s and 4 s)
+    in_use_while_paced = capacity.statistics().in_use
+
+    with trio.fail_after(60):
+        reports = [report async for report in reports_recv]
+
+    assert in_use_while_paced == 0
+    # One call every 2 s (in whichever order the turns were booked), each its image's first
+    # attempt, the turn's wait counted as waiting like capacity.
+    assert [at - t0 for at in provider.start_times()] == [0, 2, 4]
+    started = [r for r in reports if isinstance(r, AttemptStarted)]
+    assert sorted(r.waited_s for r in started) == [0.0, 2.0, 4.0]
+    assert {r.attempt for r in started} == {1}
+    assert {r.status for r in reports if isinstance(r, ImageOutcome)} == {ImageStatus.COMPLETED}

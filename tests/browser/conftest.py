@@ -24,6 +24,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, ViewportSize, sync_playwright
 
+from tests.system import require_program
+
 ROOT = Path(__file__).parents[2]
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))  # Debian's package
 CHROMIUM_ARGS = [
@@ -41,12 +43,7 @@ DESKTOP: ViewportSize = {"width": 1280, "height": 900}
 
 
 def _require_chromium() -> None:
-    if CHROMIUM.exists():
-        return
-    reason = f"{CHROMIUM} is missing: `make browser` installs Debian's chromium (as root)"
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    require_program(CHROMIUM, "`make browser` installs Debian's chromium (as root)")
 
 
 def free_port() -> int:

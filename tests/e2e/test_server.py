@@ -3,13 +3,14 @@ real socket and the real clock, driven by real clients: httpx for HTTP and SSE, 
 for WebSockets, and h11 by hand where a request must stop half way.
 
 Virtual time is not used here: ``autojump_clock`` can jump while socket I/O is in flight
-(STACK.md section 2). Every step that could hang is bounded by ``trio.fail_after``.
+(its jumps ignore the network). Every step that could hang is bounded by ``trio.fail_after``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -82,8 +83,30 @@ def graceful_timeout_s() -> float:
 
 
 @pytest.fixture
+def max_streams_per_user() -> int:
+    """Open event streams a user may have (a test may parametrize it)."""
+    return Settings().supervisor.max_streams_per_user
+
+
+@pytest.fixture
 def settings(
-    tmp_path: Path, latency_ms: tuple[int, int], heartbeat_s: float, graceful_timeout_s: float
+    tmp_path: Path,
+    latency_ms: tuple[int, int],
+    heartbeat_s: float,
+    graceful_timeout_s: float,
+    max_streams_per_user: int,
+) -> Settings:
+    return server_settings(
+        tmp_path, latency_ms, heartbeat_s, graceful_timeout_s, max_streams_per_user
+    )
+
+
+def server_settings(
+    tmp_path: Path,
+    latency_ms: tuple[int, int],
+    heartbeat_s: float,
+    graceful_timeout_s: float,
+    max_streams_per_user: int = Settings().supervisor.max_streams_per_user,
 ) -> Settings:
     """Images in ``tmp_path``; the demo user plus ``other@example.com`` from a users file."""
     users_file = tmp_path / "users.txt"
@@ -96,6 +119,7 @@ def settings(
         graceful_timeout_s=graceful_timeout_s,
         # Shutdown tests here are about streams ending: no grace (test_durability covers it).
         shutdown_grace_s=0,
+        supervisor=attrs.evolve(Settings().supervisor, max_streams_per_user=max_streams_per_user),
         local=LocalProviderSettings(images_dir=tmp_path / "images", latency_ms=latency_ms),
         store=StoreSettings(database_path=tmp_path / "imagegen.sqlite3"),
         files=ImageFilesSettings(directory=tmp_path / "images"),
@@ -104,7 +128,13 @@ def settings(
 
 @pytest.fixture
 async def server(nursery: trio.Nursery, settings: Settings) -> AsyncIterator[Server]:
-    """``run_server`` on a free port; teardown shuts it down and waits until it has returned."""
+    async with running_server(nursery, settings) as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_server(nursery: trio.Nursery, settings: Settings) -> AsyncIterator[Server]:
+    """``run_server`` on a free port; on exit it is shut down and waited for until it returns."""
     shutdown, stopped = trio.Event(), trio.Event()
     auth = Authenticator(settings, hasher=HASHER, secret=SECRET)
 
@@ -237,8 +267,11 @@ async def read_sse(
 
 
 @asynccontextmanager
-async def open_ws(url: str) -> AsyncIterator[WebSocketConnection]:
-    """A WebSocket client on a TCP stream of our own, closed on the way out.
+async def open_ws(
+    url: str, *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    """A WebSocket client on a TCP (or, with ``ssl_context``, TLS) stream of our own, closed on
+    the way out.
 
     Not ``trio_websocket.open_websocket_url``: after a close that the server started, trio-websocket
     0.12.2 never closes its socket (``aclose`` returns early once a close reason is set, and the
@@ -249,10 +282,15 @@ async def open_ws(url: str) -> AsyncIterator[WebSocketConnection]:
     assert parts.hostname is not None
     assert parts.port is not None
     resource = f"{parts.path}?{parts.query}" if parts.query else parts.path
-    async with (
-        await trio.open_tcp_stream(parts.hostname, parts.port) as stream,
-        trio.open_nursery() as nursery,
-    ):
+    if ssl_context is None:
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = await trio.open_tcp_stream(
+            parts.hostname, parts.port
+        )
+    else:
+        stream = await trio.open_ssl_over_tcp_stream(
+            parts.hostname, parts.port, ssl_context=ssl_context
+        )
+    async with stream, trio.open_nursery() as nursery:
         ws = await wrap_client_stream(nursery, stream, parts.netloc, resource)
         try:
             yield ws
@@ -676,3 +714,72 @@ async def test_a_bad_file_name_is_a_404_with_a_detail(server: Server, target: st
     assert isinstance(response, h11.Response)
     assert response.status_code == 404, (response.status_code, body)
     assert json.loads(body)["detail"] in {"File not found", "Not Found"}
+
+
+# --- 7. a user's open streams are capped ------------------------------------------------------
+
+
+async def wait_for_subscribers(
+    client: httpx.AsyncClient, token: str, expected: dict[str, int]
+) -> dict[str, Any]:
+    """``/api/status`` once its open streams are ``expected`` (the server sees them a moment
+    after the client does)."""
+    with trio.fail_after(WAIT_S):
+        while True:
+            view: dict[str, Any] = (await client.get("/api/status", headers=bearer(token))).json()
+            if view["subscribers"] == expected:
+                return view
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("latency_ms", "max_streams_per_user"), [((60_000, 60_000), 2)], ids=["slow-cap-2"]
+)
+async def test_a_users_streams_over_the_cap_get_429_or_close_1008(
+    server: Server, client: httpx.AsyncClient, token: str
+) -> None:
+    other = await login(client, OTHER_EMAIL, OTHER_PASSWORD)
+    job_id = await submit(client, token)
+    others_id = await submit(client, other)
+    path = f"/api/generate/{job_id}/stream"
+    ws_url = server.ws_url(f"/api/generate/{job_id}?token={token}")
+    with trio.fail_after(WAIT_S):
+        async with client.stream("GET", path, headers=bearer(token)) as held:
+            lines = held.aiter_lines()  # kept, and read to its end (a half-read response warns)
+            assert await anext(lines) == "retry: 3000"
+            async with open_ws(ws_url):
+                await wait_for_subscribers(client, token, {"sse": 1, "websocket": 1})
+
+                refused = await client.get(path, headers=bearer(token))
+                async with open_ws(ws_url) as over:
+                    assert await receive(over) is None
+                    closed = over.closed
+                async with client.stream(
+                    "GET", f"/api/generate/{others_id}/stream", headers=bearer(other)
+                ) as others:  # the cap is per user
+                    await client.delete(f"/api/generate/{others_id}", headers=bearer(other))
+                    others_lines = [line async for line in others.aiter_lines()]
+                view = await wait_for_subscribers(client, token, {"sse": 1, "websocket": 1})
+                metrics = (await client.get("/metrics")).text
+                await client.delete(f"/api/generate/{job_id}", headers=bearer(token))
+                held_lines = [line async for line in lines]
+        after = await wait_for_subscribers(client, token, {"sse": 0, "websocket": 0})
+        again = await read_sse(client, job_id, headers=bearer(token))  # room again
+
+    assert refused.status_code == 429
+    assert refused.json() == {"detail": "Too many open streams: at most 2 per user"}
+    assert refused.headers["retry-after"] == "5"
+    assert closed is not None
+    assert (closed.code, closed.reason) == (
+        WS_POLICY_VIOLATION,
+        "Too many open streams: at most 2 per user",
+    )
+    assert others.status_code == 200
+    assert "event: done" in others_lines
+    assert view["subscribers_refused"] == {"sse": 1, "websocket": 1}
+    assert 'imagegen_subscribers_refused_total{transport="sse"} 1.0' in metrics
+    assert 'imagegen_subscribers_refused_total{transport="websocket"} 1.0' in metrics
+    assert "event: done" in held_lines
+    assert after["subscribers_refused"] == {"sse": 1, "websocket": 1}
+    assert again.status == 200
+    assert again.events()[-1].type == "done"

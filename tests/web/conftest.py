@@ -17,6 +17,7 @@ from trio.testing import MockClock
 from actors.providers.local import LocalProviderSettings
 from actors.retry import RetryPolicy
 from actors.settings import SupervisorSettings
+from actors.store import MemoryStore
 from actors.supervisor import Supervisor
 from tests.fakes import FakeProvider, upper_jitter
 from tests.web.helpers import HASHER, OTHER_EMAIL, OTHER_PASSWORD, SECRET, login
@@ -26,7 +27,7 @@ from web.settings import Settings
 
 
 class StreamingTestHTTPConnection(TestHTTPConnection):
-    """quart-trio's test connection, ending the stream when the app returns (STACK.md §3):
+    """quart-trio's test connection, ending the stream when the app returns (as a real server does):
     without this, leaving an endless SSE response hangs the test."""
 
     async def __aenter__(self) -> StreamingTestHTTPConnection:
@@ -99,7 +100,9 @@ async def supervisor(
     provider: FakeProvider,
     settings: Settings,
 ) -> Supervisor:
-    supervisor = Supervisor(provider, settings.supervisor, uniform=upper_jitter)
+    supervisor = Supervisor(
+        provider, settings.supervisor, store=MemoryStore(), uniform=upper_jitter
+    )
     await nursery.start(supervisor.run)
     return supervisor
 

@@ -15,7 +15,7 @@ from web.settings import SettingsError, load_settings
 CLAIMS = {"sub": "test@example.com", "iat": 1, "exp": 2**40, "type": "access"}
 FORGED = jwt.encode(CLAIMS, "another-secret-that-is-long-enough-0123456789", algorithm="HS256")
 HS512 = jwt.encode(CLAIMS, SECRET, algorithm="HS512")
-ALG_NONE = jwt.encode(CLAIMS, None, algorithm="none")
+ALG_NONE = jwt.encode(CLAIMS, "", algorithm="none")  # "" is how pyjwt types "no key"
 
 PROTECTED = [
     ("POST", "/api/generate"),

@@ -47,6 +47,7 @@ def test_env_example_defaults_are_the_real_defaults() -> None:
         ({"IMAGE_MAX_BYTES": "0"}, "IMAGE_MAX_BYTES"),
         ({"IMAGES_MAX_BYTES": "-1"}, "IMAGES_MAX_BYTES"),
         ({"SHUTDOWN_GRACE_S": "-1"}, "SHUTDOWN_GRACE_S"),
+        ({"MAX_STREAMS_PER_USER": "0"}, "MAX_STREAMS_PER_USER"),
     ],
 )
 def test_malformed_settings_name_the_variable(environ: dict[str, str], names: str) -> None:
@@ -62,6 +63,7 @@ def test_values_are_parsed() -> None:
             "LOCAL_LATENCY_MS": "250",
             "RETRY_BASE_DELAY_MS": "100",
             "PUBLIC_BASE_URL": "https://img.example/",
+            "MAX_STREAMS_PER_USER": "7",
         }
     )
     assert settings.port == 9000
@@ -69,12 +71,13 @@ def test_values_are_parsed() -> None:
     assert settings.local.latency_ms == (250, 250)
     assert settings.supervisor.retry.base_delay_s == 0.1
     assert settings.public_base_url == "https://img.example"
+    assert settings.supervisor.max_streams_per_user == 7
 
 
 # --- Replicate ---------------------------------------------------------------------------------
 
 VERSION = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
-SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # REPLICATE.md §5's test vector
+SIGNING_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # replicate-python's webhook test vector
 
 
 def replicate_env(**variables: str) -> dict[str, str]:

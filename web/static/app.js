@@ -1,4 +1,4 @@
-// The service's web page: the HTTP API's first client (contract: API.md). Plain modern
+// The service's web page: the HTTP API's first client (contract: docs/api.md). Plain modern
 // JavaScript, no build step. Every server answer is shown in words; none is swallowed.
 //
 // The token lives in sessionStorage only. It travels in the Authorization header, and in the
