@@ -59,6 +59,7 @@ import httpcore
 import httpx
 import trio
 import wsproto.utilities
+from argon2 import PasswordHasher
 from httpx_ws import (
     AsyncWebSocketSession,
     HTTPXWSException,
@@ -97,6 +98,9 @@ MAX_LIST_PAGES = 200
 #: Answers of 5xx kept in full for the report (all are counted).
 MAX_SAMPLES = 20
 WS_NORMAL = 1000
+#: A stream refused for the user's stream cap (MAX_STREAMS_PER_USER), and the shipped wait.
+REFUSED = frozenset({"answered 429", "closed 1008"})
+RETRY_AFTER_S = 5
 #: Share of a flapper's connections that it drops.
 FLAP_DROP = 0.95
 
@@ -126,6 +130,7 @@ class Follower:
 @attrs.define(eq=False)
 class Job:
     job_id: str
+    token: str  # its user's
     prompt: str
     num_images: int
     created_s: float  # since the load began
@@ -200,7 +205,7 @@ class Watch:
 class Soak:
     args: argparse.Namespace
     server: common.Server
-    token: str
+    tokens: list[str]  # one user per creator
     ws_client: httpx.AsyncClient
     t0: float
     load_end: float
@@ -223,7 +228,7 @@ class Soak:
         for _ in range(100_000):
             if trio.current_time() >= self.load_end:
                 break
-            job = await self.create(rng)
+            job = await self.create(rng, self.tokens[number % len(self.tokens)])
             if job is None:
                 await trio.sleep(1)
                 continue
@@ -239,7 +244,7 @@ class Soak:
                     followers.start_soon(self.follow, job, follower, self.rng())
                 followers.start_soon(self.poll, job, self.rng())
 
-    async def create(self, rng: random.Random) -> Job | None:
+    async def create(self, rng: random.Random, token: str) -> Job | None:
         num_images = rng.randint(MIN_IMAGES, MAX_IMAGES)
         prompt = f"soak {self.args.seed} job {next(self.job_numbers)}"
         body = {"prompt": prompt, "num_images": num_images}
@@ -247,16 +252,17 @@ class Soak:
         try:
             if rng.random() < self.args.create_drop:
                 mode = rng.choice(("close", "reset"))
-                await self.abandoned_request("POST", "/api/generate", body, key, mode, rng)
+                await self.abandoned_request(token, "POST", "/api/generate", body, key, mode, rng)
                 self.tally.drops["create", mode] += 1
             async with await common.HttpClient.connect(self.port) as client:
-                client.token = self.token
+                client.token = token
                 for _ in range(MAX_CREATE_TRIES):
                     status, answer = await client.json("POST", "/api/generate", body, key)
                     self.tally.answer("create", status, answer)
                     if status == 200:
                         created_s = trio.current_time() - self.t0
-                        return Job(str(answer["job_id"]), prompt, num_images, created_s)
+                        job_id = str(answer["job_id"])
+                        return Job(job_id, token, prompt, num_images, created_s)
                     if status not in {429, 503}:
                         return None
                     await trio.sleep(1)  # the active-jobs limit: wait for a job to end
@@ -266,6 +272,7 @@ class Soak:
 
     async def abandoned_request(  # noqa: PLR0917 (one helper, positional reads well here)
         self,
+        token: str,
         method: str,
         target: str,
         body: object,
@@ -275,7 +282,7 @@ class Soak:
     ) -> None:
         """Send a request, then drop the connection before (or while) the answer comes."""
         payload = json.dumps(body).encode() if body is not None else b""
-        fields = [("Host", f"127.0.0.1:{self.port}"), ("Authorization", f"Bearer {self.token}")]
+        fields = [("Host", f"127.0.0.1:{self.port}"), ("Authorization", f"Bearer {token}")]
         fields += headers
         if payload:
             fields += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
@@ -324,6 +331,9 @@ class Soak:
                 self.tally.drops[follower.transport, mode] += 1
             elif outcome != "error":
                 self.tally.ends[follower.transport, outcome] += 1
+            if outcome in REFUSED:
+                # The user's stream cap: wait as Retry-After (RETRY_AFTER_S) says.
+                await trio.sleep(RETRY_AFTER_S)
             await trio.sleep(rng.uniform(0, pause_s))
 
     def received(self, follower: Follower, event_id: int, kind: str, data: Any) -> None:
@@ -336,7 +346,7 @@ class Soak:
         """One SSE connection: ``dropped``, or how the server ended it."""
         headers = [
             ("Host", f"127.0.0.1:{self.port}"),
-            ("Authorization", f"Bearer {self.token}"),
+            ("Authorization", f"Bearer {job.token}"),
             ("Accept", "text/event-stream"),
         ]
         if follower.ids:
@@ -372,7 +382,7 @@ class Soak:
 
     async def ws_once(self, job: Job, follower: Follower, drop_after: float, mode: str) -> str:
         """One WebSocket connection: ``dropped``, or how the server ended it."""
-        url = f"http://127.0.0.1:{self.port}/api/generate/{job.job_id}?token={self.token}"
+        url = f"http://127.0.0.1:{self.port}/api/generate/{job.job_id}?token={job.token}"
         if follower.ids:
             url += f"&last_event_id={follower.last_id}"
         ping_s = self.args.ws_ping_s
@@ -415,11 +425,11 @@ class Soak:
         target = f"/api/generate/{job.job_id}"
         try:
             async with await common.HttpClient.connect(self.port) as client:
-                client.token = self.token
+                client.token = job.token
                 for _ in range(MAX_POLLS):
                     if rng.random() < self.args.poll_drop:
                         mode = rng.choice(("close", "reset"))
-                        await self.abandoned_request("GET", target, None, [], mode, rng)
+                        await self.abandoned_request(job.token, "GET", target, None, [], mode, rng)
                         self.tally.drops["poll", mode] += 1
                     else:
                         status, view = await client.json("GET", target)
@@ -547,31 +557,44 @@ def last_traceback(log: Path, max_lines: int = 150) -> list[str]:
 
 
 async def final_checks(soak: Soak) -> dict[str, Any]:
-    """What the service says once the load is over: status, metrics, its list of jobs."""
+    """What the service says once the load is over: status, metrics, every user's jobs."""
     result: dict[str, Any] = {}
     tally = soak.tally
+    listed: list[dict[str, Any]] = []
     async with await common.HttpClient.connect(soak.port) as client:
-        client.token = soak.token
+        client.token = soak.tokens[0]
         status, view = await client.json("GET", "/api/status")
         tally.answer("status", status, view)
         result["status"] = view
         code, raw = await client.request("GET", "/metrics")
         tally.answer("metrics", code, raw[:300])
         result["metrics_text"] = raw.decode(errors="replace")
-        listed: list[dict[str, Any]] = []
-        cursor: str | None = None
-        for _ in range(MAX_LIST_PAGES):
-            target = "/api/generate?limit=100" + (f"&cursor={cursor}" if cursor else "")
-            code, page = await client.json("GET", target)
-            tally.answer("list", code, page)
-            if code != 200:
-                break
-            listed += page["results"]
-            cursor = page["next_cursor"]
-            if cursor is None:
-                break
-        result["listed"] = listed
+        for token in soak.tokens:
+            client.token = token
+            cursor: str | None = None
+            for _ in range(MAX_LIST_PAGES):
+                target = "/api/generate?limit=100" + (f"&cursor={cursor}" if cursor else "")
+                code, page = await client.json("GET", target)
+                tally.answer("list", code, page)
+                if code != 200:
+                    break
+                listed += page["results"]
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+    result["listed"] = listed
     return result
+
+
+def users_file(path: Path, count: int) -> list[dict[str, str]]:
+    """Write a ``USERS_FILE`` of ``count`` users; their credentials."""
+    hasher = PasswordHasher()
+    users = [
+        {"email": f"soak-{n}@example.com", "password": f"soak-password-{n}"} for n in range(count)
+    ]
+    lines = [f"{user['email']}:{hasher.hash(user['password'])}\n" for user in users]
+    path.write_text("".join(lines))
+    return users
 
 
 _SAMPLE = re.compile(r"^(imagegen_[a-z_]+?)(\{[^}]*\})? ([0-9.e+-]+)$", re.MULTILINE)
@@ -695,7 +718,12 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     final: dict[str, Any] = {}
     common.raise_nofile()
     async with run_fake_replicate(fake) as fake_url:
-        env = {"REPLICATE_API_TOKEN": TOKEN, "REPLICATE_BASE_URL": fake_url}
+        users = users_file(work_dir / "users", args.creators)
+        env = {
+            "REPLICATE_API_TOKEN": TOKEN,
+            "REPLICATE_BASE_URL": fake_url,
+            "USERS_FILE": str(work_dir / "users"),
+        }
         command = [sys.executable, "-m", "web"]
         async with (
             common.spawn_server(
@@ -705,12 +733,17 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 timeout=httpx.Timeout(10), limits=httpx.Limits(max_connections=None)
             ) as ws_client,
         ):
+            tokens = []
             async with await common.HttpClient.connect(server.port) as client:
-                token = await client.login()
+                for user in users:
+                    status, answer = await client.json("POST", "/api/auth/login", user)
+                    if status != 200:
+                        raise common.BenchError(f"login answered {status}: {answer}")
+                    tokens.append(str(answer["access_token"]))
             t0 = trio.current_time()
             load_s = args.minutes * 60
-            soak = Soak(args, server, token, ws_client, t0, t0 + load_s)
-            soak.tally.answer("login", 200)
+            soak = Soak(args, server, tokens, ws_client, t0, t0 + load_s)
+            soak.tally.answers["login", 200] += len(tokens)
             wall_start = time.time()
             async with trio.open_nursery() as outer:
                 load = trio.CancelScope(deadline=t0 + load_s + args.drain_s)
@@ -945,7 +978,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--minutes", type=float, default=3.0, help="how long new jobs are created")
     add("--json", type=Path, help="also write the figures here")
-    add("--creators", type=int, default=10, help="jobs in flight at once")
+    add("--creators", type=int, default=10, help="jobs in flight at once, one user each")
     add("--sse", type=int, default=2, help="SSE followers per job")
     add("--ws", type=int, default=3, help="WebSocket followers per job")
     add("--flappers", type=int, default=2, help="WebSocket followers per job that flap")
