@@ -27,9 +27,12 @@ Pass criteria (a failed one makes the exit status 1): the service never exits du
 every job ends (its followers saw ``done`` and its poller a final status); every follower's
 stream is exact (across its reconnects, every event id of its job exactly once, in order); no
 client saw a 5xx answer; no image is billed twice (per job, at most ``num_images`` predictions at
-the fake ran to completion); RSS settles (grows by at most ``--max-rss-growth-mib-per-min`` in the
-last minute of load) and open descriptors settle (after the quiet period, at most
-``--fd-slack`` above the first sample).
+the fake ran to completion); RSS settles (in the last minute of load it grows by at most
+``--rss-base-mib-per-min`` plus ``--rss-kib-per-job`` for each job created in that minute: finished
+jobs are kept in memory for an hour) and open descriptors settle (after the quiet period no client
+socket is open and, keep-alive sockets to the fake aside, at most ``--fd-slack`` more than at
+the first sample). Each user (one per creator, in a ``USERS_FILE``) keeps the shipped caps on
+active jobs and open streams.
 
     .venv/bin/python -m bench.soak --json bench/results/soak.json
 """
@@ -165,17 +168,15 @@ class Tally:
         if status >= 500 and len(self.server_errors) < MAX_SAMPLES:
             self.server_errors.append(f"{kind} {status} {str(detail)[:300]}")
 
-    def error(self, kind: str, group: BaseException) -> None:
-        for exc in _leaves(group):
-            self.client_errors[kind, type(exc).__name__] += 1
+    def error(self, kind: str, group: BaseExceptionGroup[BaseException]) -> None:
+        """Count every exception in ``group`` by its type."""
 
+        def count(exc: BaseException) -> bool:
+            if not isinstance(exc, BaseExceptionGroup):
+                self.client_errors[kind, type(exc).__name__] += 1
+            return False  # so that split() visits every nested group and leaf
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
+        group.split(count)
 
 
 @attrs.frozen
