@@ -1,10 +1,12 @@
-"""Store cost: job throughput and event delivery with ``STORE=memory`` and ``STORE=sqlite``.
+"""Store cost: job throughput and event delivery with ``STORE=memory``, ``sqlite`` and ``redis``.
 
-One run starts our service twice (``python -m bench.server --kind ours``, i.e. ``python -m web``
-with the bench provider), once with ``STORE=memory`` and once with ``STORE=sqlite`` and
-``DATABASE_PATH`` in its own work directory (a temporary directory on the same disk as
-``/tmp``), and keeps both running. Then ``--rounds`` rounds alternate between them, A/B then B/A,
-so that drift of a shared machine falls on both alike; in each round each server gets, in turn:
+One run starts our service once per store of ``--stores`` (``python -m bench.server --kind
+ours``, i.e. ``python -m web`` with the bench provider): with ``STORE=memory``; with
+``STORE=sqlite`` and ``DATABASE_PATH`` in its own work directory (a temporary directory on the
+same disk as ``/tmp``); with ``STORE=redis`` on ``--redis-url`` under a prefix of its own (its
+keys deleted at the end). It keeps them all running. Then ``--rounds`` rounds go through them,
+in one order then the reverse, so that drift of a shared machine falls on each alike; in each
+round each server gets, in turn:
 
 - **throughput**: :func:`bench.throughput.one_round`, unchanged: 10 clients on keep-alive
   connections create ``--jobs`` jobs of ``--images`` images (provider latency 0: the service is
@@ -15,17 +17,18 @@ so that drift of a shared machine falls on both alike; in each round each server
   followed by ``--sse`` SSE subscribers. Delivery = the subscriber's ``time.monotonic_ns()`` at
   the read that completed the event minus the provider's stamp in the image's URL.
 
-Figures: the median round for throughput (and the median of the rounds' own sqlite/memory
+Figures: the median round for throughput (and the median of the rounds' own store/memory
 ratios); for delivery the percentiles of every round's deliveries together (each round's own p50
 and p99 are in the JSON). The store's counters from ``GET /api/status`` (``store``: ``commits``,
 ``transactions``, ``largest_batch``) are read around each phase, so that SQLite's batching shows
-as commits per transaction. Target: SQLite within 20 % of memory (rates >= 0.8x, times <= 1.2x).
+as commits per transaction (for Redis: per batch, one script call each). Target: SQLite within
+20 % of memory (rates >= 0.8x, times <= 1.2x); Redis is measured against the same yardstick.
 
 Then, with both servers stopped, ``--breakdown`` times one event's commit in this process on an
 idle store, piece by piece (the thread hop, the transaction at each ``DATABASE_SYNCHRONOUS``
-level, the store's whole ``write().wait()``). ``--profile-rounds N`` samples each server with
-py-spy over N more throughput rounds (not timed) and splits the samples of SQLite's worker thread
-into waiting for the GIL, waiting for the disk, SQLite's C code and Python.
+level, the store's whole ``write().wait()``, and Redis's). ``--profile-rounds N`` samples each
+server with py-spy over N more throughput rounds (not timed) and splits the samples of SQLite's
+worker thread into waiting for the GIL, waiting for the disk, SQLite's C code and Python.
 
 ``--synchronous normal`` sets ``DATABASE_SYNCHRONOUS`` of the SQLite server; ``--server-args``
 passes experiments to both servers (``--sqlite-inline``, ``--switch-interval``: see
@@ -54,16 +57,33 @@ import trio
 from actors.messages import ImageSnapshot, ImageStatus, JobStatus, ProgressEvent
 from actors.store import sqlite as sqlite_store
 from actors.store.base import AppendEvent, JobRecord, Operation, PutImages, PutJob
+from actors.store.redis import open_client, open_redis_store
 from bench import common, profiling, throughput
 
-STORES = ("memory", "sqlite")
+STORES = ("memory", "sqlite", "redis")
 DATABASE_NAME = "imagegen.sqlite3"
 #: SQLite/memory ratios within this much of 1 meet the target.
 WITHIN = 0.20
 
 
-def store_env(store: str, work_dir: Path, synchronous: str | None = None) -> dict[str, str]:
+def run_prefix(work: Path) -> str:
+    """Where a run in ``work`` keeps its keys in Redis (deleted at its end)."""
+    return f"bench-store:{work.name}:"
+
+
+def redis_prefix(work_dir: Path) -> str:
+    """The prefix of a Redis store used in ``work_dir`` (a directory of the run's)."""
+    return f"{run_prefix(work_dir.parent)}{work_dir.name}:"
+
+
+def store_env(
+    store: str, work_dir: Path, synchronous: str | None = None, redis_url: str | None = None
+) -> dict[str, str]:
     """``service_env`` for one store; SQLite's file goes into ``work_dir``."""
+    if store == "redis":
+        assert redis_url is not None
+        prefix = redis_prefix(work_dir)
+        return common.service_env(STORE="redis", REDIS_URL=redis_url, REDIS_PREFIX=prefix)
     if store != "sqlite":
         return common.service_env(STORE=store)
     env = common.service_env(STORE="sqlite", DATABASE_PATH=work_dir / DATABASE_NAME)
@@ -143,7 +163,7 @@ class Target:
 @asynccontextmanager
 async def start(store: str, work_dir: Path, args: argparse.Namespace) -> AsyncIterator[Target]:
     """Our service with ``STORE=store`` running in ``work_dir`` (made by ``main``), logged in."""
-    env = store_env(store, work_dir, args.synchronous)
+    env = store_env(store, work_dir, args.synchronous, args.redis_url)
     capacity, server_args = args.capacity, args.server_args
     spawn = common.spawn_server(
         "ours", work_dir, env=env, capacity=capacity, extra_args=server_args
@@ -199,12 +219,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     targets: dict[str, Target] = {}
     t0 = time.perf_counter()
     async with AsyncExitStack() as stack:
-        for store in STORES:
+        for store in args.stores:
             targets[store] = await stack.enter_async_context(start(store, work / store, args))
-        for store in STORES:
+        for store in args.stores:
             await warm_up(targets[store], args)
         for number in range(args.rounds):
-            order = STORES if number % 2 == 0 else STORES[::-1]
+            order = args.stores if number % 2 == 0 else args.stores[::-1]
             for store in order:
                 await measure_round(targets[store], args, number)
                 print(
@@ -221,6 +241,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             result[store]["full_gc"] = common.full_gc_pauses(target.server)
         if args.breakdown:
             result["breakdown"] = await breakdown(work, args.breakdown)
+            if "redis" in args.stores:
+                result["breakdown"] |= await redis_breakdown(work, args)
         if args.profile_rounds:
             result["profiles"] = {
                 store: await profile(target, args, args.profile_dir / f"store-{store}.raw")
@@ -319,6 +341,38 @@ async def breakdown(work: Path, count: int) -> dict[str, dict[str, float]]:
     return result
 
 
+async def redis_breakdown(work: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """One event's commit on an idle Redis store, and a bare round trip (PING) for scale."""
+    prefix = redis_prefix(work / "breakdown")
+    pings, waits = [], []
+    async with (
+        open_redis_store(args.redis_url, prefix) as store,
+        open_client(args.redis_url) as client,
+    ):
+        for _ in range(args.breakdown):
+            t0 = time.perf_counter()
+            await client.ping()
+            pings.append(1000 * (time.perf_counter() - t0))
+        for number in range(args.breakdown):
+            operations = event_operations(number)
+            t0 = time.perf_counter()
+            await store.write(*operations).wait()
+            waits.append(1000 * (time.perf_counter() - t0))
+    return {
+        "Redis PING round trip (coredis)": common.summarize(pings),
+        "RedisStore.write().wait() (idle store, one script call)": common.summarize(waits),
+    }
+
+
+async def delete_redis_keys(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (what a run left in Redis)."""
+    async with open_client(url) as client:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(keys[start : start + 1000])
+    return len(keys)
+
+
 # --- profiles ---------------------------------------------------------------------------------
 
 #: Inclusive views of the store's own work, after :data:`bench.profiling.FEATURES`.
@@ -328,6 +382,8 @@ STORE_FEATURES: list[tuple[str, tuple[str, ...]]] = [
     ("    event JSON (encode_event)", ("encode_event (actors/",)),
     ("  handing to the thread (to_thread_run_sync, Trio side)", ("to_thread_run_sync (trio/",)),
     ("store: memory (actors/store/memory.py)", ("(actors/store/memory.py",)),
+    ("store: Redis (actors/store/redis.py)", ("(actors/store/redis.py",)),
+    ("  Redis client (coredis)", ("(coredis/",)),
     ("job writes + publishing (JobActor._flush)", ("_flush (actors/job.py",)),
     ("new job stored (JobActor._store_new)", ("_store_new (actors/job.py",)),
 ]
@@ -506,8 +562,11 @@ def verdict(ratio: float | None, higher_is_better: bool) -> str:
     return "yes" if ok else "no"
 
 
-def table(result: dict[str, Any]) -> list[list[object]]:
-    memory, sqlite = result["memory"], result["sqlite"]
+def table(result: dict[str, Any], stores: tuple[str, ...]) -> list[list[object]]:
+    """One column per store, then each store's ratio to memory (the first store), then whether
+    each ratio is within the target."""
+    base, others = result[stores[0]], [result[store] for store in stores[1:]]
+    columns = [result[store] for store in stores]
     rows: list[list[object]] = []
     compared: list[tuple[str, Callable[[dict[str, Any]], float], bool]] = [
         ("images/s (median round)", lambda s: s["images_per_s"], True),
@@ -519,77 +578,55 @@ def table(result: dict[str, Any]) -> list[list[object]]:
         ("delivery max, ms", lambda s: s["delivery_ms"]["max"], False),
     ]
     for label, pick, higher in compared:
-        a, b = pick(memory), pick(sqlite)
-        rate = common.ratio(b, a)
-        target = verdict(rate, higher) if "max" not in label else "-"
-        rows.append([label, a, b, rate, target])
-    rows.extend(
+        rates = [common.ratio(pick(other), pick(base)) for other in others]
+        targets = [verdict(rate, higher) if "max" not in label else "-" for rate in rates]
+        rows.append([label, *(pick(column) for column in columns), *rates, " / ".join(targets)])
+
+    def plain(label: str, values: list[object], rates: list[object] | None = None) -> None:
+        rows.append([label, *values, *(rates or [None] * len(others)), "-"])
+
+    plain(
+        "images/s of each round",
+        [" / ".join(f"{v:g}" for v in column["images_per_s_rounds"]) for column in columns],
+    )
+    plain(
+        "throughput: images completed (all rounds)",
+        [column["images_completed"] for column in columns],
+    )
+    plain(
+        "images/s: median of the rounds' own ratios",
+        [None] * len(columns),
         [
-            [
-                "images/s of each round",
-                " / ".join(f"{v:g}" for v in memory["images_per_s_rounds"]),
-                " / ".join(f"{v:g}" for v in sqlite["images_per_s_rounds"]),
-                None,
-                "-",
-            ],
-            [
-                "throughput: images completed (all rounds)",
-                memory["images_completed"],
-                sqlite["images_completed"],
-                None,
-                "-",
-            ],
-            [
-                "images/s: median of the rounds' own ratios",
-                None,
-                None,
-                paired_ratio(memory["images_per_s_rounds"], sqlite["images_per_s_rounds"]),
-                "-",
-            ],
-            [
-                "SSE subscribers with every event",
-                memory["subscribers_complete"],
-                sqlite["subscribers_complete"],
-                None,
-                "-",
-            ],
-        ]
+            paired_ratio(base["images_per_s_rounds"], other["images_per_s_rounds"])
+            for other in others
+        ],
+    )
+    plain(
+        "SSE subscribers with every event", [column["subscribers_complete"] for column in columns]
     )
     for phase, label in (("throughput_store", "throughput"), ("delivery_store", "delivery")):
-        m, s = memory[phase], sqlite[phase]
-        rows.append(
+        plain(
+            f"{label}: store commits / transactions (per txn)",
             [
-                f"{label}: store commits / transactions (per txn)",
-                f"{m['commits']} / -",
-                f"{s['commits']} / {s['transactions']} ({fmt_ratio(s['commits_per_transaction'])})",
-                None,
-                "-",
-            ]
+                f"{c[phase]['commits']} / {c[phase]['transactions'] or '-'}"
+                f" ({fmt_ratio(c[phase]['commits_per_transaction'])})"
+                for c in columns
+            ],
         )
-    rows.extend(
+    plain(
+        "throughput: store commits per image",
+        [column["throughput_store"]["commits_per_image"] for column in columns],
+    )
+    plain(
+        "largest batch (commits in one transaction)",
+        [column["store_final"].get("largest_batch", "-") for column in columns],
+    )
+    plain(
+        "database file / WAL at the end, KiB",
         [
-            [
-                "throughput: store commits per image",
-                memory["throughput_store"]["commits_per_image"],
-                sqlite["throughput_store"]["commits_per_image"],
-                None,
-                "-",
-            ],
-            [
-                "largest batch (commits in one transaction)",
-                "-",
-                sqlite["store_final"].get("largest_batch"),
-                None,
-                "-",
-            ],
-            [
-                "database file / WAL at the end, KiB",
-                "-",
-                " / ".join(f"{v / 1024:.0f}" for v in sqlite["database_bytes"].values()),
-                None,
-                "-",
-            ],
-        ]
+            " / ".join(f"{v / 1024:.0f}" for v in column["database_bytes"].values()) or "-"
+            for column in columns
+        ],
     )
     return rows
 
@@ -626,6 +663,15 @@ def main() -> None:
         "--breakdown", type=int, default=500, help="in-process commits timed at the end (0: none)"
     )
     parser.add_argument(
+        "--stores",
+        type=lambda value: tuple(value.split(",")),
+        default=STORES,
+        help="comma-separated, memory first (the yardstick): memory,sqlite,redis",
+    )
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/0", help="the Redis of STORE=redis"
+    )
+    parser.add_argument(
         "--profile-rounds",
         type=int,
         default=0,
@@ -638,12 +684,18 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="make the temporary work directory here")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if args.stores[0] != "memory" or not set(args.stores) <= set(STORES):
+        parser.error(f"--stores: memory first, then any of {', '.join(STORES[1:])}")
     if args.profile_rounds:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-store-", dir=args.work_dir) as work:
-        for store in STORES:
+        for store in args.stores:
             (Path(work) / store).mkdir()
-        result = trio.run(run, args, Path(work))
+        try:
+            result = trio.run(run, args, Path(work))
+        finally:
+            if "redis" in args.stores:
+                trio.run(delete_redis_keys, args.redis_url, run_prefix(Path(work)))
     result["settings"] = vars(args) | {
         "json": None,
         "work_dir": str(args.work_dir or ""),
@@ -651,9 +703,10 @@ def main() -> None:
     }
     result["machine"] = common.machine()
     result["revision"] = revision()
-    headers = ["figure", "memory", "sqlite", "sqlite/memory", "within 20 %?"]
+    others = args.stores[1:]
+    headers = ["figure", *args.stores, *(f"{store}/memory" for store in others), "within 20 %?"]
     sys.stdout.write(f"machine: {result['machine']}, revision: {result['revision']}\n")
-    common.print_table(headers, table(result))
+    common.print_table(headers, table(result, args.stores))
     if result.get("breakdown"):
         sys.stdout.write(f"\none event's commit, in this process ({args.breakdown} times), ms\n")
         stats = ["p50", "p95", "p99", "mean"]

@@ -1,10 +1,12 @@
-"""Test-wide hooks only (the web fixtures live in ``tests/web/``)."""
+"""Test-wide hooks, and the Redis fixtures (the web fixtures live in ``tests/web/``)."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 
 import pytest
+
+from tests.redis_support import fresh_prefix, require_redis
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -30,3 +32,16 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
+
+
+@pytest.fixture
+def redis_server() -> None:
+    """The test Redis answers, or the test skips (fails in CI): tests/redis_support.py."""
+    require_redis()  # here, outside Trio: a skip raised in an async fixture loses its reason
+
+
+@pytest.fixture
+async def redis_prefix(redis_server: None) -> AsyncIterator[str]:
+    """A prefix of the test's own on the test Redis, its keys deleted afterwards."""
+    async with fresh_prefix() as prefix:
+        yield prefix

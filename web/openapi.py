@@ -325,7 +325,9 @@ def _handwritten() -> dict[str, Schema]:
                 },
                 "store": {
                     "type": "object",
-                    "description": "The job store's backend (sqlite or memory) and its counters.",
+                    "description": (
+                        "The job store's backend (sqlite, redis or memory) and its counters."
+                    ),
                     "required": ["backend"],
                     "properties": {"backend": {"type": "string"}},
                     "additionalProperties": {"type": ["string", "number", "null"]},

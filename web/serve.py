@@ -20,6 +20,7 @@ from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
 from actors.store import JobStore, MemoryStore, open_sqlite_store
 from actors.store.journal import StoreJournal
+from actors.store.redis import open_redis_store
 from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
@@ -129,11 +130,18 @@ async def run_server(
 
 @asynccontextmanager
 async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
-    """The store ``STORE`` names: SQLite at ``DATABASE_PATH`` (the default), or memory."""
-    if settings.store.backend == "memory":
+    """The store ``STORE`` names: SQLite at ``DATABASE_PATH`` (the default), memory, or Redis
+    at ``REDIS_URL`` under ``REDIS_PREFIX``."""
+    store_settings = settings.store
+    if store_settings.backend == "memory":
         yield MemoryStore()
         return
-    store_settings = settings.store
+    if store_settings.backend == "redis":
+        async with open_redis_store(
+            store_settings.redis_url, store_settings.redis_prefix
+        ) as redis_store:
+            yield redis_store
+        return
     async with open_sqlite_store(
         store_settings.database_path, synchronous=store_settings.synchronous
     ) as store:
@@ -165,7 +173,7 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_format)
     try:
         secret = None
-        if settings.auth_secret is None and settings.store.backend == "sqlite":
+        if settings.auth_secret is None and settings.store.backend != "memory":
             secret = kept_secret(settings.store.database_path.with_name("auth_secret"))
         auth = Authenticator(settings, secret=secret)
     except (UsersFileError, OSError) as exc:

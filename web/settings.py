@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 from dotenv import dotenv_values
@@ -39,7 +40,8 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-STORE_BACKENDS = ("sqlite", "memory")
+STORE_BACKENDS = ("sqlite", "memory", "redis")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 @attrs.frozen(kw_only=True)
@@ -47,15 +49,19 @@ class StoreSettings:
     """Where jobs are kept.
 
     Args:
-        backend: ``sqlite`` (jobs survive restarts) or ``memory`` (``STORE``).
+        backend: ``sqlite`` (jobs survive restarts), ``memory`` or ``redis`` (``STORE``).
         database_path: The SQLite file (``DATABASE_PATH``), made with its directory if missing.
         synchronous: ``full`` or ``normal`` (``DATABASE_SYNCHRONOUS``): whether each commit
             waits for the disk (survives a power cut) or only for the OS (survives a crash).
+        redis_url: The Redis server of ``STORE=redis`` (``REDIS_URL``).
+        redis_prefix: The start of every key the service keeps there (``REDIS_PREFIX``).
     """
 
     backend: str = "sqlite"
     database_path: Path = Path("var/imagegen.sqlite3")
     synchronous: str = "full"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "imagegen:"
 
 
 @attrs.frozen(kw_only=True)
@@ -170,6 +176,25 @@ def _http_url(value: str) -> str:
     return url
 
 
+def _redis_url(value: str) -> str:
+    url = value.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES or not (parts.netloc or parts.path):
+        raise ValueError("expected redis://[user:password@]host[:port][/db], rediss:// or unix://")
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"bad port: {exc}") from None
+    return url
+
+
+def _redis_prefix(value: str) -> str:
+    prefix = value.strip()
+    if any(character.isspace() or character in "*?[]" for character in prefix):
+        raise ValueError("no spaces or glob characters (* ? [ ])")
+    return prefix
+
+
 def _whsec(value: str) -> str:
     secret = value.strip()
     _, _, key = secret.partition("whsec_")
@@ -277,6 +302,8 @@ def _build(env: _Reader) -> Settings:
         synchronous=env.get(
             "DATABASE_SYNCHRONOUS", _choice(SYNCHRONOUS), defaults.store.synchronous
         ),
+        redis_url=env.get("REDIS_URL", _redis_url, defaults.store.redis_url),
+        redis_prefix=env.get("REDIS_PREFIX", _redis_prefix, defaults.store.redis_prefix),
     )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(

@@ -11,7 +11,6 @@ file from a newer release is refused.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -19,19 +18,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
 from actors.errors import StoreUnavailable
-from actors.messages import (
-    DoneEvent,
-    ImageSnapshot,
-    ImageStatus,
-    JobEvent,
-    JobStatus,
-    ProgressEvent,
-)
+from actors.messages import ImageSnapshot, ImageStatus, JobEvent, JobStatus
 from actors.providers.base import Commit, RemoteWork
 from actors.store.base import (
     AppendEvent,
@@ -45,6 +37,14 @@ from actors.store.base import (
     StoreHealth,
     StoreStatistics,
 )
+from actors.store.codec import (
+    decode_event,
+    encode_event,
+    parse_time as _parse_time,
+    safe_text as _text,
+    time_text as _time,
+)
+from actors.store.writer import BatchWriter
 
 logger = logging.getLogger(__name__)
 
@@ -102,64 +102,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 HEALTH_TIMEOUT_S = 2.0
 #: How long closing the store may take to write what is still queued.
 CLOSE_FLUSH_S = 10.0
-
-
-def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
-
-
-def encode_event(event: JobEvent) -> str:
-    """An event as the JSON kept in the ``events`` table."""
-    if isinstance(event, ProgressEvent):
-        body: dict[str, object] = {
-            "type": "progress",
-            "index": event.index,
-            "status": event.status.value,
-            "url": event.url,
-            "error": event.error,
-            "attempts": event.attempts,
-            "started_at": _time(event.started_at),
-            "finished_at": _time(event.finished_at),
-        }
-    else:
-        body = {
-            "type": "done",
-            "status": event.status.value,
-            "total_ms": event.total_ms,
-            "ttfi_ms": event.ttfi_ms,
-            "completed_count": event.completed_count,
-            "failed_count": event.failed_count,
-        }
-    return json.dumps(body, separators=(",", ":"))
-
-
-def decode_event(event_id: int, text: str) -> JobEvent:
-    body: dict[str, Any] = json.loads(text)
-    if body["type"] == "progress":
-        finished_at = _parse_time(body["finished_at"])
-        assert finished_at is not None
-        return ProgressEvent(
-            id=event_id,
-            index=body["index"],
-            status=ImageStatus(body["status"]),
-            url=body["url"],
-            error=body["error"],
-            attempts=body["attempts"],
-            started_at=_parse_time(body["started_at"]),
-            finished_at=finished_at,
-        )
-    return DoneEvent(
-        id=event_id,
-        status=JobStatus(body["status"]),
-        total_ms=body["total_ms"],
-        ttfi_ms=body["ttfi_ms"],
-        completed_count=body["completed_count"],
-        failed_count=body["failed_count"],
-    )
 
 
 def _connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
@@ -293,13 +235,6 @@ def _insert(connection: sqlite3.Connection, head: str, rows: list[Row], tail: st
         values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
         parameters = [value for row in chunk for value in row]
         connection.execute(f"{head} VALUES {values}{tail}", parameters)
-
-
-def _text(value: str | None) -> str | None:
-    """``value`` as SQLite can store it: text from a provider may hold lone surrogates."""
-    if value is None or value.isascii():
-        return value
-    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 class _Rows:
@@ -487,13 +422,9 @@ class SQLiteStore:
         self._connection = connection
         self._thread = trio.CapacityLimiter(1)
         self._probes = trio.CapacityLimiter(1)
-        self._queue: list[tuple[Sequence[Operation], Commit]] = []
-        self._wake = trio.Event()
+        self._writer = BatchWriter(self._transaction)
         self._last_error: str | None = None
-        self._commits = 0
         self._transactions = 0
-        self._failures = 0
-        self._batch_max = 0
 
     async def _in_thread(self, function: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(function, *args, limiter=self._thread)
@@ -506,10 +437,7 @@ class SQLiteStore:
             raise StoreUnavailable(f"cannot read the stored jobs: {_describe(exc)}") from None
 
     def write(self, *operations: Operation) -> Commit:
-        commit = Commit()
-        self._queue.append((operations, commit))
-        self._wake.set()
-        return commit
+        return self._writer.write(*operations)
 
     async def check(self) -> StoreHealth:
         with trio.move_on_after(HEALTH_TIMEOUT_S):
@@ -542,48 +470,15 @@ class SQLiteStore:
         return {
             "backend": self.name,
             "path": str(self.path),
-            "commits": self._commits,
+            **self._writer.statistics(),
             "transactions": self._transactions,
-            "failed_commits": self._failures,
-            "largest_batch": self._batch_max,
-            "queued": len(self._queue),
             "error": self._last_error,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until cancelled."""
         task_status.started()
-        while True:
-            if not self._queue:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                continue
-            await self._write_queued()
-
-    async def _write_queued(self) -> None:
-        # The queue is trimmed only after a transaction: a cancellation before the thread starts
-        # leaves everything queued for the closing flush.
-        batch = list(self._queue)
-        self._batch_max = max(self._batch_max, len(batch))
-        error = await self._transaction([operation for ops, _ in batch for operation in ops])
-        # Only a refused write is worth isolating: a locked, full or failing database would
-        # fail each write of the batch alike (and a lock would cost its wait once per write).
-        if error is None or not error.refused or len(batch) == 1:
-            del self._queue[: len(batch)]
-            for _, commit in batch:
-                self._settle(commit, error)
-            return
-        for operations, commit in batch:
-            error = await self._transaction(operations)
-            del self._queue[0]
-            self._settle(commit, error)
-
-    def _settle(self, commit: Commit, error: StoreUnavailable | None) -> None:
-        if error is None:
-            self._commits += 1
-        else:
-            self._failures += 1
-        commit.settle(error)
+        await self._writer.run()
 
     async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
         try:
@@ -608,8 +503,7 @@ class SQLiteStore:
 
     async def flush(self) -> None:
         """Write everything queued now (the writer task may be gone: closing does this)."""
-        while self._queue:
-            await self._write_queued()
+        await self._writer.flush()
 
     def close(self) -> None:
         self._connection.close()
@@ -676,10 +570,7 @@ async def open_sqlite_store(path: Path, *, synchronous: str = "full") -> AsyncIt
     finally:
         with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
             await store.flush()
-        if store._queue:
-            logger.error("store: %d writes were not stored before closing", len(store._queue))
-            for _, commit in store._queue:
-                commit.settle(StoreUnavailable("the store closed before this write"))
+        store._writer.fail_queued()
         with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
             await trio.to_thread.run_sync(store.close, limiter=store._thread)
         os.close(lock)

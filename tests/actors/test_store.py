@@ -1,4 +1,8 @@
-"""The job store: one contract for both backends, then what only SQLite promises (real clock)."""
+"""The job store: one contract for every backend, then what only SQLite promises (real clock).
+
+The Redis backend runs against the real Redis (tests/redis_support.py); what only it promises is
+in test_store_redis.py.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from actors.store import (
     commit,
     open_sqlite_store,
 )
+from actors.store.redis import open_redis_store
 from actors.store.sqlite import SCHEMA_VERSION
+from tests.redis_support import REDIS_URL, fresh_prefix, require_redis
 
 #: Not UTC, with microseconds: a stored datetime must come back with both.
 CREATED = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
@@ -97,16 +103,29 @@ async def only_job(store: JobStore) -> StoredJob:
     return stored
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    if request.param == "memory":
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    # Skipped here, outside Trio: a skip raised in an async fixture loses its reason.
+    if request.param == "redis":
+        require_redis()
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+async def store(backend: str, tmp_path: Path) -> AsyncIterator[JobStore]:
+    if backend == "memory":
         yield MemoryStore()
+        return
+    if backend == "redis":
+        async with fresh_prefix() as prefix, open_redis_store(REDIS_URL, prefix) as redis_store:
+            yield redis_store
         return
     async with open_sqlite_store(tmp_path / "jobs.db") as sqlite_store:
         yield sqlite_store
 
 
-# --- the contract (both backends) --------------------------------------------------------------
+# --- the contract (every backend) --------------------------------------------------------------
 
 
 async def test_a_new_job_loads_as_written(store: JobStore) -> None:
@@ -269,6 +288,20 @@ async def test_a_write_to_a_job_that_is_not_there_is_refused_whole(store: JobSto
     (stored,) = await store.load()
     assert stored.events == ()
     assert (await store.check()).ok
+
+
+async def test_an_idempotency_key_freed_by_a_delete_is_reused_in_the_same_batch(
+    store: JobStore,
+) -> None:
+    await commit(store, PutJob(job_record("old", 1, idempotency_key="k")))
+    # Retention forgets the old job and a new one takes its key, in one tick (one batch).
+    delete = store.write(DeleteJob("old"))
+    put = store.write(PutJob(job_record("new", 2, idempotency_key="k")))
+    await delete.wait()
+    await put.wait()
+
+    assert [s.job.job_id for s in await store.load()] == ["new"]
+    assert store.statistics()["failed_commits"] == 0
 
 
 async def test_a_working_store_checks_ok(store: JobStore) -> None:
@@ -511,21 +544,6 @@ async def test_text_with_lone_surrogates_is_stored_not_fatal(store: JobStore) ->
     stored = await only_job(store)
     assert stored.images[0].error is not None
     assert stored.images[0].error.startswith("bad ")
-
-
-async def test_an_idempotency_key_freed_by_a_delete_is_reused_in_the_same_batch(
-    db_path: Path,
-) -> None:
-    async with open_sqlite_store(db_path) as store:
-        await commit(store, PutJob(job_record("old", 1, idempotency_key="k")))
-        # Retention forgets the old job and a new one takes its key, in one tick (one batch).
-        delete = store.write(DeleteJob("old"))
-        put = store.write(PutJob(job_record("new", 2, idempotency_key="k")))
-        await delete.wait()
-        await put.wait()
-
-        assert [s.job.job_id for s in await store.load()] == ["new"]
-        assert store.statistics()["failed_commits"] == 0
 
 
 async def test_writes_queued_just_before_closing_are_stored(db_path: Path) -> None:

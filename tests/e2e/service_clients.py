@@ -200,6 +200,27 @@ async def open_sse(
         yield EventStream(response.aiter_lines())
 
 
+async def kill_after_events(
+    client: httpx.AsyncClient, job_id: str, svc: Service, count: int
+) -> list[Event]:
+    """The first ``count`` events of the job's stream; then ``svc`` is killed (SIGKILL) and the
+    stream read to its cut (read to the error: leaving a response half read leaves httpcore's
+    body generator to the garbage collector)."""
+    seen: list[Event] = []
+    with trio.fail_after(WAIT_S):
+        async with open_sse(client, job_id) as events:
+            while len(seen) < count:
+                event = await events.next()
+                assert event is not None
+                seen.append(event)
+            await svc.kill()
+            try:
+                await events.next()
+            except httpx.TransportError:
+                return seen
+    raise AssertionError("the stream went on after the service was killed")
+
+
 async def read_sse(
     client: httpx.AsyncClient, job_id: str, *, last_event_id: int | None = None
 ) -> list[Event]:

@@ -32,6 +32,7 @@ from tests.e2e.service_clients import (
     database,
     get_json,
     http,
+    kill_after_events,
     open_sse,
     poll_until,
     read_sse,
@@ -85,20 +86,9 @@ async def test_a_killed_service_carries_its_job_on_and_streams_resume_after_the_
     # 6 images, 2 at a time, 600-900 ms each: the job needs at least 1.8 s, and the kill comes
     # right after the first two images (at most 0.9 s plus rendering).
     environ = {"LOCAL_LATENCY_MS": "600-900", "MAX_CONCURRENCY": "2"}
-    seen: list[Event] = []
     async with service(tmp_path, environ, name="first") as first, http(first) as client:
         job_id = await submit_job(client, 6)
-        with trio.fail_after(WAIT_S):
-            async with open_sse(client, job_id) as events:
-                while len(seen) < 2:
-                    event = await events.next()
-                    assert event is not None
-                    seen.append(event)
-                await first.kill()
-                # The client sees its stream cut (read to the error: leaving a response half
-                # read leaves httpcore's body generator to the garbage collector).
-                with pytest.raises(httpx.TransportError):
-                    await events.next()
+        seen = await kill_after_events(client, job_id, first, 2)
     assert [(event.id, event.type) for event in seen] == [(1, "progress"), (2, "progress")]
     last_seen = seen[-1].id
 

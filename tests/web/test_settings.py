@@ -41,7 +41,11 @@ def test_env_example_defaults_are_the_real_defaults() -> None:
         ({"MIN_IMAGES": "10", "MAX_IMAGES": "5"}, "MIN_IMAGES"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
         ({"AUTH_SECRET": "x" * 31}, "AUTH_SECRET"),
-        ({"STORE": "redis"}, "STORE"),
+        ({"STORE": "postgres"}, "STORE"),
+        ({"REDIS_URL": "http://127.0.0.1:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL"),
+        ({"REDIS_PREFIX": "image gen:"}, "REDIS_PREFIX"),
+        ({"REDIS_PREFIX": "imagegen*"}, "REDIS_PREFIX"),
         ({"DATABASE_SYNCHRONOUS": "off"}, "DATABASE_SYNCHRONOUS"),
         ({"STORE_IMAGES": "maybe"}, "STORE_IMAGES"),
         ({"IMAGE_MAX_BYTES": "0"}, "IMAGE_MAX_BYTES"),
@@ -72,6 +76,18 @@ def test_values_are_parsed() -> None:
     assert settings.supervisor.retry.base_delay_s == 0.1
     assert settings.public_base_url == "https://img.example"
     assert settings.supervisor.max_streams_per_user == 7
+
+
+def test_the_redis_store_is_chosen_with_its_server_and_prefix() -> None:
+    store = load_settings(
+        {"STORE": "Redis", "REDIS_URL": "redis://:pw@redis.internal:6380/2", "REDIS_PREFIX": "a:"}
+    ).store
+
+    assert (store.backend, store.redis_url, store.redis_prefix) == (
+        "redis",
+        "redis://:pw@redis.internal:6380/2",
+        "a:",
+    )
 
 
 # --- Replicate ---------------------------------------------------------------------------------

@@ -1,0 +1,577 @@
+"""The Redis store (``STORE=redis``): jobs kept in a Redis server, under ``REDIS_PREFIX``.
+
+Key layout (``P`` is the prefix, e.g. ``imagegen:``; every key of a deployment is under it, so
+deployments and test runs share one server)::
+
+    P owner                     string  the process that writes under P (token, PX ~5 s)
+    P seq                       string  the highest job seq stored (a later INCR allocates)
+    P jobs                      zset    every job id, scored by seq (load order)
+    P job:<id>:record           hash    the job's fields (JobRecord; a None field is absent)
+    P job:<id>:images           hash    image index -> JSON (ImageSnapshot)
+    P job:<id>:remote           hash    image index -> JSON [prediction id, pending since]:
+                                        the provider's journal (ids and creates in flight)
+    P job:<id>:events           stream  the job's events; entry id ``<event id>-0``, field
+                                        ``e`` the event's JSON, so ``Last-Event-ID: n`` is
+                                        stream id ``n-0`` on any node (XRANGE/XREAD after it)
+    P user:<owner>:jobs         zset    the user's job ids by seq (list order and cursors)
+    P user:<owner>:idem         hash    idempotency key -> job id
+    P health                    string  what ``check()`` writes to learn that writes work again
+
+Every name ends with a fixed part (``:record``, ``:jobs``, ...), so no id or owner can make one
+key's name another's. It is laid out for several nodes sharing the prefix: a job's whole state
+and its event stream are reachable from any node, a user's list and idempotency keys are global,
+and seq can be allocated with INCR; until jobs hold leases, one process writes under a prefix.
+
+Writes: every operation queued while a batch was being written goes into the next batch, which
+is one run of a Lua script (:data:`~actors.store.redis_scripts.BATCH`), atomic: it checks the
+whole batch, then writes it, or writes nothing. Deleting a job removes every key of it. The
+script also fences: it writes only while ``P owner`` holds this process's token.
+
+One process per prefix: on opening, the store takes ``P owner`` with ``SET NX PX`` and a task
+renews it every third of its TTL; another process finding it held by a live holder (one that
+renews it) is refused, naming the holder; a holder killed with ``kill -9`` lets go when the key
+expires, seconds later, and the next process waits that long at most.
+
+Redis down, restarting or failing over: every call is bounded (:data:`CALL_TIMEOUT_S`); writes
+fail with ``StoreUnavailable`` (a job waits and tries again, a new job gets 503), ``check()``
+says what Redis answered, and the next write or check that gets through works again, without a
+restart. What a Redis crash loses depends on its persistence settings (README).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from functools import partial
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import coredis
+import coredis.exceptions
+import coredis.retry
+import trio
+from coredis.response.types import StreamEntry
+
+from actors.errors import StoreUnavailable
+from actors.messages import JobEvent, JobStatus
+from actors.providers.base import Commit, RemoteWork
+from actors.store import redis_scripts
+from actors.store.base import (
+    AppendEvent,
+    DeleteJob,
+    JobRecord,
+    Operation,
+    PutImages,
+    PutJob,
+    SetRemote,
+    StoredJob,
+    StoreHealth,
+    StoreStatistics,
+)
+from actors.store.codec import (
+    decode_event,
+    decode_image,
+    encode_event,
+    encode_image,
+    parse_time,
+    safe_text,
+    time_text,
+)
+from actors.store.writer import BatchWriter
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long one Redis call may take (a batch, a load chunk, a renewal) before it fails.
+CALL_TIMEOUT_S = 5.0
+#: How long opening a connection may take.
+CONNECT_TIMEOUT_S = 2.0
+#: How long ``check()`` waits for Redis.
+HEALTH_TIMEOUT_S = 2.0
+#: How long the owner key lives without a renewal (renewed every third of it).
+OWNER_TTL_S = 5.0
+#: How long closing the store may take to write what is still queued.
+CLOSE_FLUSH_S = 10.0
+#: Jobs read per pipelined round trip by ``load()``.
+LOAD_CHUNK = 100
+
+#: What a call can raise when Redis is unreachable, restarting, or answers an error.
+_REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.BrokenResourceError, EOFError)
+
+
+class RedisKeys:
+    """The names of the keys under ``prefix`` (the layout is in the module docstring)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.owner = f"{prefix}owner"
+        self.seq = f"{prefix}seq"
+        self.jobs = f"{prefix}jobs"
+        self.health = f"{prefix}health"
+
+    def job(self, job_id: str, part: str) -> str:
+        return f"{self.prefix}job:{job_id}:{part}"
+
+    def user(self, owner: str, part: str) -> str:
+        return f"{self.prefix}user:{owner}:{part}"
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (for messages and statistics)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit(parts._replace(netloc=f"{user}{host}"))
+
+
+# --- operations as script arguments, and records back --------------------------------------
+
+
+def _record_fields(record: JobRecord) -> list[str]:
+    fields: dict[str, str | int | None] = {
+        "seq": record.seq,
+        "owner": safe_text(record.owner),
+        "prompt": safe_text(record.prompt),
+        "num_images": record.num_images,
+        "idempotency_key": safe_text(record.idempotency_key),
+        "status": record.status.value,
+        "created_at": time_text(record.created_at),
+        "finished_at": time_text(record.finished_at),
+        "ttfi_ms": record.ttfi_ms,
+        "total_ms": record.total_ms,
+    }
+    return [str(field) for pair in fields.items() if pair[1] is not None for field in pair]
+
+
+def batch_arguments(operations: Sequence[Operation]) -> list[str]:
+    """``operations`` as the batch script's ARGV after its first three (see the script)."""
+    args: list[str] = []
+    for operation in operations:
+        match operation:
+            case PutJob(record):
+                fields = _record_fields(record)
+                idem = safe_text(record.idempotency_key)
+                args += ["J", record.job_id, str(record.seq), safe_text(record.owner) or ""]
+                args += ["0", ""] if idem is None else ["1", idem]
+                args += [str(len(fields) // 2), *fields]
+            case PutImages(job_id, images):
+                args += ["I", job_id, str(len(images))]
+                for image in images:
+                    args += [str(image.index), encode_image(image)]
+            case AppendEvent(job_id, event):
+                args += ["E", job_id, str(event.id), encode_event(event)]
+            case SetRemote(job_id, index, remote_id, pending_since):
+                body = json.dumps([remote_id, time_text(pending_since)])
+                args += ["R", job_id, str(index), body]
+            case DeleteJob(job_id):
+                args += ["D", job_id]
+    return args
+
+
+def _optional_int(value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def decode_record(job_id: str, fields: dict[str, str]) -> JobRecord:
+    created_at = parse_time(fields["created_at"])
+    assert created_at is not None
+    return JobRecord(
+        job_id=job_id,
+        seq=int(fields["seq"]),
+        owner=fields["owner"],
+        prompt=fields["prompt"],
+        num_images=int(fields["num_images"]),
+        idempotency_key=fields.get("idempotency_key"),
+        status=JobStatus(fields["status"]),
+        created_at=created_at,
+        finished_at=parse_time(fields.get("finished_at")),
+        ttfi_ms=_optional_int(fields.get("ttfi_ms")),
+        total_ms=_optional_int(fields.get("total_ms")),
+    )
+
+
+def event_id(stream_id: str) -> int:
+    """The event id of a job's stream entry (``<event id>-0``)."""
+    return int(stream_id.partition("-")[0])
+
+
+def _event(entry: StreamEntry) -> JobEvent:
+    # The client decodes answers (decode_responses=True): these are str.
+    return decode_event(event_id(str(entry.identifier)), str(entry.field_values["e"]))
+
+
+def _stored_job(
+    job_id: str,
+    record: dict[str, str],
+    images: dict[str, str],
+    remote: dict[str, str],
+    events: Sequence[StreamEntry],
+) -> StoredJob:
+    job = decode_record(job_id, record)
+    work = []
+    for index, body in sorted(remote.items(), key=lambda item: int(item[0])):
+        remote_id, pending = json.loads(body)
+        work.append(
+            RemoteWork(
+                job_id=job_id,
+                index=int(index),
+                prompt=job.prompt,
+                remote_id=remote_id,
+                pending_since=parse_time(pending),
+            )
+        )
+    return StoredJob(
+        job=job,
+        images=tuple(
+            decode_image(job_id, body)
+            for _, body in sorted(images.items(), key=lambda item: int(item[0]))
+        ),
+        events=tuple(_event(entry) for entry in events),
+        remote=tuple(work),
+    )
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+def _holder_token() -> str:
+    """Who holds the prefix, in words an operator can act on, unique per process start."""
+    since = datetime.now(UTC).isoformat(timespec="seconds")
+    return f"{socket.gethostname()} pid {os.getpid()} since {since} ({secrets.token_hex(4)})"
+
+
+class RedisStore:
+    """Jobs in Redis, written by one task in atomic batches, under a prefix this process holds.
+
+    Args:
+        client: An entered ``coredis.Redis`` with ``decode_responses=True``.
+        url: Where Redis is (for messages; never shown with its password).
+        prefix: The start of every key of this deployment.
+        owner_ttl_s: How long the owner key outlives its last renewal.
+
+    Concurrency: opened with :func:`open_redis_store`, which takes the owner key and runs
+    :meth:`run` (the writer and the owner key's renewal). :meth:`write` is sync and only
+    queues; the writer runs everything queued as one script call, then settles each
+    :class:`Commit`. A refused batch is tried write by write; a failing Redis fails the whole
+    batch at once. Every call is bounded by :data:`CALL_TIMEOUT_S`.
+    """
+
+    name = "redis"
+    resumable = True
+
+    def __init__(
+        self,
+        client: coredis.Redis[str],
+        *,
+        url: str,
+        prefix: str,
+        owner_ttl_s: float = OWNER_TTL_S,
+    ) -> None:
+        self.url = redacted(url)
+        self.keys = RedisKeys(prefix)
+        self.holder = _holder_token()
+        self._client = client
+        self._owner_ttl_ms = max(1, round(owner_ttl_s * 1000))
+        self._batch = client.register_script(redis_scripts.BATCH)
+        self._renew = client.register_script(redis_scripts.RENEW_OWNER)
+        self._release = client.register_script(redis_scripts.RELEASE_OWNER)
+        self._writer = BatchWriter(self._transaction)
+        #: Bounds of one call and of ``check()``'s wait (attributes, so tests can shorten them).
+        self.call_timeout_s = CALL_TIMEOUT_S
+        self.health_timeout_s = HEALTH_TIMEOUT_S
+        self._last_error: str | None = None
+        #: The holder that took the prefix over while this process could not renew it.
+        self.lost_to: str | None = None
+        self._batches = 0
+        self._calls = 0
+
+    # -- calls ----------------------------------------------------------------------------
+
+    async def _call(
+        self, what: str, call: Callable[[], Awaitable[T]], timeout_s: float | None = None
+    ) -> T:
+        """``call()`` within ``timeout_s`` (:attr:`call_timeout_s`); Redis's errors become
+        ``StoreUnavailable``."""
+        if timeout_s is None:
+            timeout_s = self.call_timeout_s
+        self._calls += 1
+        try:
+            with trio.fail_after(timeout_s):
+                return await call()
+        except trio.TooSlowError:
+            # The client keeps a connection whose answer is late (it multiplexes requests on
+            # it, and a timeout does not close it): one that went silent for good (a vanished
+            # host, no reset) would fail every later call. Start afresh instead.
+            self._client.connection_pool.disconnect()
+            raise StoreUnavailable(
+                f"Redis at {self.url} did not answer {what} within {timeout_s:g} s"
+            ) from None
+        except coredis.exceptions.ResponseError as exc:
+            text = str(exc)
+            if text.startswith("REFUSED "):
+                raise StoreUnavailable(text.removeprefix("REFUSED "), refused=True) from None
+            if text.startswith("FENCED "):
+                self._lose(text.removeprefix("FENCED "))
+                raise StoreUnavailable(self._lost_detail()) from None
+            raise StoreUnavailable(f"Redis at {self.url} answered {what}: {text}") from None
+        except _REDIS_ERRORS as exc:
+            detail = str(exc) or type(exc).__name__
+            raise StoreUnavailable(f"Redis at {self.url} failed {what}: {detail}") from None
+
+    def _lose(self, holder: str) -> None:
+        if self.lost_to is None:
+            logger.error("store: another process took %s over: %s", self.keys.prefix, holder)
+        self.lost_to = holder
+
+    def _lost_detail(self) -> str:
+        return (
+            f"Redis at {self.url}: another process ({self.lost_to}) took REDIS_PREFIX "
+            f"{self.keys.prefix!r} over while this one could not renew it; restart this process"
+        )
+
+    # -- the protocol ------------------------------------------------------------------------
+
+    async def load(self) -> tuple[StoredJob, ...]:
+        client = self._client
+        job_ids: tuple[str, ...] = tuple(
+            await self._call("reading the jobs", lambda: client.zrange(self.keys.jobs, 0, -1))
+        )
+        stored: list[StoredJob] = []
+        for start in range(0, len(job_ids), LOAD_CHUNK):
+            chunk = job_ids[start : start + LOAD_CHUNK]
+            rows = await self._call("reading the jobs", partial(self._read, chunk))
+            try:
+                stored.extend(
+                    _stored_job(job_id, *row)
+                    for job_id, row in zip(chunk, rows, strict=True)
+                    # A job without its record is one deleted meanwhile.
+                    if row[0]
+                )
+            except (KeyError, ValueError, TypeError, IndexError) as exc:
+                # A job this release cannot read: refuse to start rather than run on without it.
+                raise StoreUnavailable(
+                    f"Redis at {self.url}: cannot read the stored jobs: {exc!r}"
+                ) from None
+        return tuple(stored)
+
+    async def _read(
+        self, job_ids: Sequence[str]
+    ) -> list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]:
+        keys = self.keys
+        async with self._client.pipeline(transaction=False) as pipe:
+            pending = [
+                (
+                    pipe.hgetall(keys.job(job_id, "record")),
+                    pipe.hgetall(keys.job(job_id, "images")),
+                    pipe.hgetall(keys.job(job_id, "remote")),
+                    pipe.xrange(keys.job(job_id, "events"), "-", "+"),
+                )
+                for job_id in job_ids
+            ]
+        rows: list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]
+        rows = []
+        for record, images, remote, events in pending:
+            rows.append((dict(await record), dict(await images), dict(await remote), await events))
+        return rows
+
+    def write(self, *operations: Operation) -> Commit:
+        if self.lost_to is not None:
+            commit = Commit()
+            commit.settle(StoreUnavailable(self._lost_detail()))
+            return commit
+        return self._writer.write(*operations)
+
+    async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
+        args = [self.keys.prefix, self.holder, str(self._owner_ttl_ms)]
+        args += batch_arguments(operations)
+        try:
+            await self._call("a write", lambda: self._batch(keys=[], args=args))
+        except StoreUnavailable as exc:
+            if exc.refused:
+                logger.warning("store: write refused: %s", exc)
+                return exc
+            if self._last_error is None:
+                logger.error("store: write failed: %s", exc)
+            self._last_error = str(exc)
+            return exc
+        if self._last_error is not None and operations:
+            logger.info("store: writing again")
+            self._last_error = None
+        self._batches += 1
+        return None
+
+    async def check(self) -> StoreHealth:
+        if self.lost_to is not None:
+            return StoreHealth(ok=False, detail=self._lost_detail())
+        try:
+            await self._call("PING", self._client.ping, self.health_timeout_s)
+            if self._last_error is not None:
+                # The last write failed: write a key of our own, so that a Redis that takes
+                # writes again (back up, or a replica promoted) says so without traffic.
+                now = datetime.now(UTC).isoformat()
+                await self._call(
+                    "a write",
+                    lambda: self._client.set(self.keys.health, now),
+                    self.health_timeout_s,
+                )
+                logger.info("store: writing again")
+                self._last_error = None
+        except StoreUnavailable as exc:
+            return StoreHealth(ok=False, detail=str(exc))
+        return StoreHealth(ok=True, detail="ok")
+
+    def statistics(self) -> StoreStatistics:
+        return {
+            "backend": self.name,
+            "url": self.url,
+            "prefix": self.keys.prefix,
+            **self._writer.statistics(),
+            "transactions": self._batches,
+            "redis_calls": self._calls,
+            "error": self._lost_detail() if self.lost_to is not None else self._last_error,
+        }
+
+    # -- the owner key -----------------------------------------------------------------------
+
+    async def acquire(self, *, poll_s: float = 0.1) -> None:
+        """Take the owner key, waiting for a dead holder's key to expire.
+
+        A live holder renews its key every third of its TTL: seeing that (the key's TTL grows,
+        or the holder changes), or the key outliving a whole TTL, means another process runs.
+
+        Raises:
+            StoreUnavailable: Another live process holds the prefix, or Redis cannot be reached.
+        """
+        client, key, ttl_ms = self._client, self.keys.owner, self._owner_ttl_ms
+        deadline = trio.current_time() + 1.5 * ttl_ms / 1000
+        seen: tuple[str, int] | None = None
+        while True:
+            taken = await self._call(
+                "taking the owner key",
+                lambda: client.set(key, self.holder, condition=coredis.PureToken.NX, px=ttl_ms),
+            )
+            if taken:
+                logger.info("store: redis %s, prefix %r, held by %s", self.url, key, self.holder)
+                return
+            holder = await self._call("reading the owner key", lambda: client.get(key))
+            left = await self._call("reading the owner key", lambda: client.pttl(key))
+            if holder is None:
+                continue  # expired just now
+            renewed = seen is not None and (holder != seen[0] or left > seen[1])
+            if renewed or trio.current_time() >= deadline:
+                raise StoreUnavailable(
+                    f"REDIS_PREFIX {self.keys.prefix!r} on Redis at {self.url} is in use by "
+                    f"another process ({holder}); one service process per REDIS_PREFIX"
+                )
+            seen = (holder, left)
+            await trio.sleep(poll_s)
+
+    async def _keep_owner(self) -> None:
+        """Renew the owner key every third of its TTL until cancelled (or another takes it)."""
+        period = self._owner_ttl_ms / 3000
+        failing = False
+        while self.lost_to is None:
+            await trio.sleep(period)
+            try:
+                answer: list[int | str] = await self._call(
+                    "renewing the owner key",
+                    lambda: self._renew(
+                        keys=[self.keys.owner], args=[self.holder, str(self._owner_ttl_ms)]
+                    ),
+                    timeout_s=period,
+                )
+            except StoreUnavailable as exc:
+                if not failing:
+                    logger.warning("store: %s", exc)
+                failing = True
+                continue
+            failing = False
+            state, holder = answer
+            if state == 0:
+                self._lose(str(holder))
+            elif state == 2:
+                logger.warning("store: the owner key had expired; taken again")
+
+    async def release(self) -> None:
+        """Let go of the owner key if it is still ours (a clean stop frees the prefix at once)."""
+        try:
+            await self._call(
+                "releasing the owner key",
+                lambda: self._release(keys=[self.keys.owner], args=[self.holder]),
+            )
+        except StoreUnavailable as exc:
+            logger.warning("store: %s", exc)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write batches and renew the owner key until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_owner, name="redis store owner key")
+            await nursery.start(self._writer.run)
+            task_status.started()
+
+
+def open_client(url: str) -> coredis.Redis[str]:
+    """A client for ``url`` (to be entered once, by the task that owns it).
+
+    ``stream_timeout`` bounds every read of an answer, so it must outlast any blocking read
+    (``XREAD BLOCK``) a later user of this client makes. Commands are not retried by the client:
+    the writer's caller (a job) tries again, and a retried call would double the wait.
+    """
+    return coredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        stream_timeout=CALL_TIMEOUT_S,
+        retry_policy=coredis.retry.NoRetryPolicy(),
+    )
+
+
+@asynccontextmanager
+async def open_redis_store(
+    url: str, prefix: str, *, owner_ttl_s: float = OWNER_TTL_S
+) -> AsyncIterator[RedisStore]:
+    """The store under ``prefix`` on the Redis at ``url``, its writer running.
+
+    Args:
+        url: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+        prefix: The start of every key (``REDIS_PREFIX``).
+        owner_ttl_s: How long a killed process keeps the prefix from the next one.
+
+    Raises:
+        StoreUnavailable: Redis cannot be reached, or another process holds the prefix.
+    """
+    refused: StoreUnavailable | None = None
+    async with open_client(url) as client:
+        store = RedisStore(client, url=url, prefix=prefix, owner_ttl_s=owner_ttl_s)
+        try:
+            await store.acquire()
+        except StoreUnavailable as exc:
+            # Raised outside the client's task group, which would wrap it in a group.
+            refused = exc
+        else:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store.run)
+                    try:
+                        yield store
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
+                    await store._writer.flush()
+                store._writer.fail_queued()
+                with trio.move_on_after(CALL_TIMEOUT_S, shield=True):
+                    await store.release()
+    if refused is not None:
+        raise refused

@@ -1,0 +1,239 @@
+"""The Lua scripts of the Redis store (``actors/store/redis.py`` documents the key layout).
+
+A script runs atomically, but Redis has no rollback: one that fails half-way keeps what it wrote.
+So the batch script checks the whole batch first (jobs written to exist, idempotency keys free,
+event ids in order, no key under the prefix of a foreign type) and only then writes; the
+``#!lua`` line makes Redis refuse a script while it is out of memory before it starts, instead
+of at a write half-way (https://redis.io/docs/latest/develop/programmability/lua-api/).
+
+Key names are built from the prefix inside the scripts (one Redis primary, not Cluster: a batch
+spans many jobs). Errors a caller tells apart start with ``REFUSED`` (the store works but will
+never take this batch) or ``FENCED`` (another process holds the prefix).
+"""
+
+from __future__ import annotations
+
+#: ARGV: prefix, owner token, owner TTL (ms), then the operations, each as a tag and its fields:
+#: ``J id seq owner has_idem idem n field value ...`` (put job), ``I id n index json ...`` (put
+#: images), ``E id event_id json`` (append event), ``R id index json`` (remote work),
+#: ``D id`` (delete job). Returns the number of operations.
+BATCH = r"""#!lua
+local P, token, ttl = ARGV[1], ARGV[2], ARGV[3]
+
+-- The fence: only the process holding the prefix writes. A key gone (it expired while Redis
+-- was unreachable, or Redis lost it) is taken again: nobody else holds it now.
+local held = redis.call('GET', P .. 'owner')
+if held == false then
+  redis.call('SET', P .. 'owner', token, 'PX', ttl)
+elseif held ~= token then
+  return redis.error_reply('FENCED ' .. held)
+end
+
+local function job_key(id, part) return P .. 'job:' .. id .. ':' .. part end
+local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part end
+
+-- Parse the operations.
+local ops = {}
+local i = 4
+while i <= #ARGV do
+  local tag, id = ARGV[i], ARGV[i + 1]
+  if tag == 'J' then
+    local n = tonumber(ARGV[i + 6])
+    local idem = false
+    if ARGV[i + 4] == '1' then idem = ARGV[i + 5] end
+    ops[#ops + 1] = {tag = tag, id = id, seq = tonumber(ARGV[i + 2]), owner = ARGV[i + 3],
+                     idem = idem, first = i + 7, count = 2 * n}
+    i = i + 7 + 2 * n
+  elseif tag == 'I' then
+    local n = tonumber(ARGV[i + 2])
+    ops[#ops + 1] = {tag = tag, id = id, first = i + 3, count = 2 * n}
+    i = i + 3 + 2 * n
+  elseif tag == 'E' then
+    ops[#ops + 1] = {tag = tag, id = id, n = tonumber(ARGV[i + 2]), body = ARGV[i + 3]}
+    i = i + 4
+  elseif tag == 'R' then
+    ops[#ops + 1] = {tag = tag, id = id, index = ARGV[i + 2], body = ARGV[i + 3]}
+    i = i + 4
+  elseif tag == 'D' then
+    ops[#ops + 1] = {tag = tag, id = id}
+    i = i + 2
+  else
+    return redis.error_reply('REFUSED unknown operation ' .. tostring(tag))
+  end
+end
+
+-- Check the batch against what is stored, as it would be after each operation in turn.
+local types, idents, holders, lasts, added = {}, {}, {}, {}, {}
+local function foreign(key, want)
+  local t = types[key]
+  if t == nil then
+    t = redis.call('TYPE', key).ok
+    types[key] = t
+  end
+  if t ~= 'none' and t ~= want then return key .. ' holds a ' .. t .. ', not a ' .. want end
+  return nil
+end
+local function identity(id)
+  local ident = idents[id]
+  if ident == nil then
+    local row = redis.call('HMGET', job_key(id, 'record'), 'owner', 'idempotency_key')
+    ident = {owner = row[1], idem = row[2]}
+    idents[id] = ident
+  end
+  return ident
+end
+local function holder(owner, idem)
+  local k = owner .. '\0' .. idem
+  local h = holders[k]
+  if h == nil then
+    h = redis.call('HGET', user_key(owner, 'idem'), idem)
+    holders[k] = h
+  end
+  return h
+end
+local function last_event(id)
+  local last = lasts[id]
+  if last == nil then
+    last = 0
+    local top = redis.call('XREVRANGE', job_key(id, 'events'), '+', '-', 'COUNT', 1)
+    if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+    lasts[id] = last
+    added[id] = {}
+  end
+  return last
+end
+
+local problem = foreign(P .. 'jobs', 'zset') or foreign(P .. 'seq', 'string')
+for _, op in ipairs(ops) do
+  if problem then break end
+  local id = op.id
+  problem = foreign(job_key(id, 'record'), 'hash')
+  if problem then break end
+  local ident = identity(id)
+  if op.tag == 'J' then
+    problem = foreign(user_key(op.owner, 'jobs'), 'zset')
+      or (ident.owner and foreign(user_key(ident.owner, 'jobs'), 'zset'))
+      or (op.idem and foreign(user_key(op.owner, 'idem'), 'hash'))
+      or (ident.idem and foreign(user_key(ident.owner, 'idem'), 'hash'))
+    if problem then break end
+    if op.idem then
+      local h = holder(op.owner, op.idem)
+      if h and h ~= id then
+        problem = 'the idempotency key ' .. op.idem .. ' of ' .. op.owner .. ' is job ' .. h .. "'s"
+        break
+      end
+    end
+    op.old_owner = ident.owner
+    if ident.idem and (ident.owner ~= op.owner or ident.idem ~= op.idem)
+        and holder(ident.owner, ident.idem) == id then
+      op.release = {ident.owner, ident.idem}
+      holders[ident.owner .. '\0' .. ident.idem] = false
+    end
+    if op.idem then holders[op.owner .. '\0' .. op.idem] = id end
+    idents[id] = {owner = op.owner, idem = op.idem}
+  elseif op.tag == 'D' then
+    if ident.owner then
+      problem = foreign(user_key(ident.owner, 'jobs'), 'zset')
+        or (ident.idem and foreign(user_key(ident.owner, 'idem'), 'hash'))
+      if problem then break end
+      op.owner = ident.owner
+      if ident.idem and holder(ident.owner, ident.idem) == id then
+        op.release = {ident.owner, ident.idem}
+        holders[ident.owner .. '\0' .. ident.idem] = false
+      end
+    end
+    idents[id] = {owner = false, idem = false}
+    for _, part in ipairs({'record', 'images', 'remote', 'events'}) do
+      types[job_key(id, part)] = 'none'
+    end
+    lasts[id] = 0
+    added[id] = {}
+  elseif not ident.owner then
+    problem = 'no job ' .. id .. ' to write to'
+  elseif op.tag == 'I' then
+    problem = foreign(job_key(id, 'images'), 'hash')
+  elseif op.tag == 'R' then
+    problem = foreign(job_key(id, 'remote'), 'hash')
+  else
+    problem = foreign(job_key(id, 'events'), 'stream')
+    if problem then break end
+    local last = last_event(id)
+    if op.n > last then
+      op.write = true
+      lasts[id] = op.n
+      added[id][op.n] = true
+    elseif not added[id][op.n] then
+      -- Written before (the same event again: an event never changes), or out of order.
+      local key = job_key(id, 'events')
+      local stored = types[key] ~= 'none'
+        and #redis.call('XRANGE', key, op.n .. '-0', op.n .. '-0') > 0
+      if not stored then
+        problem = 'event ' .. op.n .. ' of job ' .. id .. ' comes after event ' .. last
+      end
+    end
+  end
+end
+if problem then return redis.error_reply('REFUSED ' .. problem) end
+
+-- Write, in order.
+local function hset_range(key, first, count)
+  local chunk = 200
+  for start = first, first + count - 1, chunk do
+    redis.call('HSET', key, unpack(ARGV, start, math.min(start + chunk, first + count) - 1))
+  end
+end
+local top = 0
+for _, op in ipairs(ops) do
+  local id = op.id
+  if op.tag == 'J' then
+    local record = job_key(id, 'record')
+    redis.call('DEL', record)
+    hset_range(record, op.first, op.count)
+    redis.call('ZADD', P .. 'jobs', op.seq, id)
+    if op.old_owner and op.old_owner ~= op.owner then
+      redis.call('ZREM', user_key(op.old_owner, 'jobs'), id)
+    end
+    redis.call('ZADD', user_key(op.owner, 'jobs'), op.seq, id)
+    if op.release then redis.call('HDEL', user_key(op.release[1], 'idem'), op.release[2]) end
+    if op.idem then redis.call('HSET', user_key(op.owner, 'idem'), op.idem, id) end
+    if op.seq > top then top = op.seq end
+  elseif op.tag == 'I' then
+    hset_range(job_key(id, 'images'), op.first, op.count)
+  elseif op.tag == 'E' then
+    if op.write then redis.call('XADD', job_key(id, 'events'), op.n .. '-0', 'e', op.body) end
+  elseif op.tag == 'R' then
+    redis.call('HSET', job_key(id, 'remote'), op.index, op.body)
+  else
+    redis.call('DEL', job_key(id, 'record'), job_key(id, 'images'), job_key(id, 'remote'),
+               job_key(id, 'events'))
+    redis.call('ZREM', P .. 'jobs', id)
+    if op.owner then redis.call('ZREM', user_key(op.owner, 'jobs'), id) end
+    if op.release then redis.call('HDEL', user_key(op.release[1], 'idem'), op.release[2]) end
+  end
+end
+if top > tonumber(redis.call('GET', P .. 'seq') or '0') then
+  redis.call('SET', P .. 'seq', top)
+end
+return #ops
+"""
+
+#: KEYS[1] the owner key; ARGV: the token, the TTL (ms). Keeps the key ours for another TTL:
+#: ``{1, token}`` when it was ours, ``{2, token}`` when it was gone and is taken again,
+#: ``{0, holder}`` when another process holds it.
+RENEW_OWNER = r"""#!lua
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, held}
+elseif held == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, ARGV[1]}
+end
+return {0, held}
+"""
+
+#: KEYS[1] the owner key; ARGV[1] the token. Lets go of the key if it is still ours.
+RELEASE_OWNER = r"""#!lua
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
