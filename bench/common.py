@@ -141,6 +141,11 @@ def rss_kb(pid: int) -> int:
     raise BenchError(f"no VmRSS for process {pid}")
 
 
+def open_fds(pid: int) -> int:
+    """How many file descriptors process ``pid`` has open (sockets, files, pipes)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def cpu_s(pid: int) -> float:
     """User plus system CPU seconds of process ``pid`` (all its threads)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -354,20 +359,26 @@ class HttpClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stream.aclose()
 
-    async def request(self, method: str, target: str, body: object = None) -> tuple[int, bytes]:
-        """Send one request (``body`` as JSON) and read the whole answer."""
+    async def request(
+        self,
+        method: str,
+        target: str,
+        body: object = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, bytes]:
+        """Send one request (``body`` as JSON, ``headers`` added) and read the whole answer."""
         if time.monotonic() - self._used > IDLE_S:  # the server may have closed it by now
             await self._reconnect()
         self._used = time.monotonic()
-        headers = [("Host", self._host)]
+        fields = [("Host", self._host), *headers]
         if self.token is not None:
-            headers.append(("Authorization", f"Bearer {self.token}"))
+            fields.append(("Authorization", f"Bearer {self.token}"))
         payload = b""
         if body is not None:
             payload = json.dumps(body).encode()
-            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+            fields += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
         conn = self._conn
-        data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+        data = conn.send(h11.Request(method=method, target=target, headers=fields)) or b""
         if payload:
             data += conn.send(h11.Data(data=payload)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
@@ -398,8 +409,14 @@ class HttpClient:
         self._conn = h11.Connection(h11.CLIENT)
         self.reconnects += 1
 
-    async def json(self, method: str, target: str, body: object = None) -> tuple[int, Any]:
-        status, raw = await self.request(method, target, body)
+    async def json(
+        self,
+        method: str,
+        target: str,
+        body: object = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, Any]:
+        status, raw = await self.request(method, target, body, headers)
         return status, json.loads(raw) if raw else None
 
     async def login(self) -> str:
