@@ -89,6 +89,11 @@ class TrustedProxies:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if scope["type"] != "lifespan" and not scope["path"]:
+            # A target with no path ("GET ?a"): h11 takes it, Hypercorn hands on an empty path,
+            # and Quart indexes path[0] (a 500). This is the outermost layer: refuse it here.
+            await _refuse_empty_path(scope, send)
+            return
         if scope["type"] == "lifespan" or not _trusted(scope["client"], self.networks):
             await self.app(scope, receive, send)
             return
@@ -104,3 +109,22 @@ class TrustedProxies:
                 ]
                 fixed["scheme"] = "wss" if proto.lower() == "https" else "ws"
         await self._fixed(cast(Scope, fixed), receive, send)
+
+
+async def _refuse_empty_path(scope: Scope, send: ASGISendCallable) -> None:
+    if scope["type"] == "websocket":
+        # Closing before the accept is answered 403 by Hypercorn.
+        await send({"type": "websocket.close", "code": 1008, "reason": "No path"})
+        return
+    body = b'{"detail": "The request target has no path"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -236,10 +236,6 @@ async def test_unusual_http_is_answered(service: LiveService, name: str) -> None
     assert await first_status(service.port, data, wait_s=STEP_S) in allowed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quart's _create_request_from_scope reads path[0] of an empty path: IndexError, 500",
-)
 @pytest.mark.parametrize(
     "data",
     [request(target="?a"), request(target="?"), upgrade_request("?token=x")],
