@@ -89,7 +89,7 @@ class TrustedProxies:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        if scope["type"] != "lifespan" and not scope["path"]:
+        if scope["type"] != "lifespan" and scope.get("path") == "":
             # A target with no path ("GET ?a"): h11 takes it, Hypercorn hands on an empty path,
             # and Quart indexes path[0] (a 500). This is the outermost layer: refuse it here.
             await _refuse_empty_path(scope, send)
