@@ -45,6 +45,7 @@ import json
 import math
 import random
 import re
+import shutil
 import socket
 import struct
 import sys
@@ -1009,11 +1010,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as work:
-        result = trio.run(run, args, Path(work))
+    work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    result = trio.run(run, args, work)
     report(result)
     common.emit(result, args.json)
-    sys.exit(0 if result["passed"] else 1)
+    if result["passed"]:
+        shutil.rmtree(work)
+        sys.exit(0)
+    sys.stdout.write(f"kept for a look: {work} (the service's log, database and images)\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":
