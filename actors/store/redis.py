@@ -462,7 +462,12 @@ class RedisStore:
                 lambda: client.set(key, self.holder, condition=coredis.PureToken.NX, px=ttl_ms),
             )
             if taken:
-                logger.info("store: redis %s, prefix %r, held by %s", self.url, key, self.holder)
+                logger.info(
+                    "store: redis %s, prefix %r, held by %s",
+                    self.url,
+                    self.keys.prefix,
+                    self.holder,
+                )
                 return
             holder = await self._call("reading the owner key", lambda: client.get(key))
             left = await self._call("reading the owner key", lambda: client.pttl(key))
