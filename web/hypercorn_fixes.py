@@ -77,6 +77,13 @@ HTTP/1.1 requests Hypercorn takes at their word:
     it, the connection failed after its 101 (contained by 4, but no answer). Such a request is
     now served in HTTP/1.1, the upgrade ignored (RFC 9110 section 7.8 lets a server ignore it;
     for HTTP/1.0 it must).
+12. A request with both ``Transfer-Encoding`` and ``Content-Length`` (request smuggling: a
+    proxy in front that frames it by the length sees a different next request than h11, which
+    frames it by the coding). Hypercorn answered it and went on reading the connection, so the
+    bytes a proxy took for the body were answered as a request of their own. Such a request is
+    still answered (framed by its Transfer-Encoding), then with ``Connection: close`` the
+    connection ends (RFC 9112 section 6.1: the server MUST close it), and nothing after it is
+    read. A WebSocket upgrade carrying both is refused: 400 with a ``detail``, and closed.
 
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
@@ -85,6 +92,8 @@ HTTP/1.1 requests Hypercorn takes at their word:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import re
 from collections import Counter
@@ -99,7 +108,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import h11 as hypercorn_h11
-from hypercorn.protocol.events import Body, Data, Event as StreamEvent, StreamClosed
+from hypercorn.protocol.events import Body, Data, Event as StreamEvent, Response, StreamClosed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, FrameTooLargeError, WSStream
 from hypercorn.trio import task_group, tcp_server, worker_context
 from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, Scope, TaskGroup
@@ -129,6 +138,8 @@ _original_ws_handle = WSStream.handle
 _original_ws_accept = WSStream._accept
 _original_read_data = tcp_server.TCPServer._read_data
 _original_check_protocol = hypercorn_h11.H11Protocol._check_protocol
+_original_create_stream = hypercorn_h11.H11Protocol._create_stream
+_original_stream_send = hypercorn_h11.H11Protocol.stream_send
 
 
 # --- 1, 2: shutdown --------------------------------------------------------------------------
@@ -315,14 +326,21 @@ def _header_values(request: h11.Request, name: bytes) -> list[bytes]:
     return [value for key, value in request.headers if key == name]
 
 
+def _tokens(request: h11.Request, name: bytes) -> set[bytes]:
+    return {
+        token.strip().lower()
+        for value in _header_values(request, name)
+        for token in value.split(b",")
+    }
+
+
 def _h2c_upgrade_acceptable(request: h11.Request) -> bool:
     """Whether Hypercorn may switch this ``Upgrade: h2c`` request to HTTP/2: HTTP/1.1, an
     ``upgrade`` connection option, and exactly one ``HTTP2-Settings`` that h2 accepts."""
-    connection = b",".join(_header_values(request, b"connection")).lower()
     settings = _header_values(request, b"http2-settings")
     if (
         request.http_version != b"1.1"
-        or b"upgrade" not in (token.strip() for token in connection.split(b","))
+        or b"upgrade" not in _tokens(request, b"connection")
         or len(settings) != 1
         or not _H2C_SETTINGS.fullmatch(settings[0])
     ):
@@ -340,6 +358,48 @@ async def _check_protocol(self: hypercorn_h11.H11Protocol, event: h11.Request) -
     if upgrade and upgrade[-1].strip().lower() == b"h2c" and not _h2c_upgrade_acceptable(event):
         return  # served in HTTP/1.1, the upgrade ignored (RFC 9110 section 7.8)
     await _original_check_protocol(self, event)
+
+
+# --- 12: a request with both Transfer-Encoding and Content-Length -----------------------------
+
+_SMUGGLING_DETAIL = json.dumps(
+    {"detail": "A request with both Transfer-Encoding and Content-Length cannot open a WebSocket"}
+).encode()
+
+
+async def _create_stream(self: hypercorn_h11.H11Protocol, request: h11.Request) -> None:
+    if not (
+        _header_values(request, b"transfer-encoding") and _header_values(request, b"content-length")
+    ):
+        await _original_create_stream(self, request)
+        return
+    # A front proxy may have framed this request by its Content-Length where h11 frames it by
+    # its Transfer-Encoding: the rest of the connection is not to be trusted.
+    self._close_after_response = True  # type: ignore[attr-defined]
+    if request.method == b"GET" and b"websocket" in _tokens(request, b"upgrade"):
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(_SMUGGLING_DETAIL)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=400, headers=headers))
+        await self._send_h11_event(h11.Data(data=_SMUGGLING_DETAIL))
+        await self._send_h11_event(h11.EndOfMessage())
+        await self.send(Closed())
+        return
+    await _original_create_stream(self, request)
+
+
+async def _stream_send(self: hypercorn_h11.H11Protocol, event: StreamEvent) -> None:
+    if (
+        isinstance(event, Response)
+        and event.status_code >= 200
+        and getattr(self, "_close_after_response", False)
+    ):
+        # h11 then ends the connection after this answer: what follows is never read.
+        event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
+    await _original_stream_send(self, event)
 
 
 # --- 7, 8: WebSocket early data and protocol errors ------------------------------------------
@@ -423,6 +483,8 @@ def install() -> None:
     tcp_server.TCPServer._close = _close_serialized  # type: ignore[method-assign]
     tcp_server.TCPServer._read_data = _read_data_then_release  # type: ignore[method-assign]
     hypercorn_h11.H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
+    hypercorn_h11.H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+    hypercorn_h11.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
     WSStream.handle = _ws_handle  # type: ignore[method-assign]
     WSStream._accept = _ws_accept  # type: ignore[method-assign]
     WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]

@@ -9,6 +9,8 @@ whole service under abuse is tests/e2e/test_abuse.py.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -523,6 +525,101 @@ async def test_a_valid_h2c_upgrade_still_switches(port: int) -> None:
             data = await read_until(stream, b"\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 101"), data
     assert b"upgrade: h2c" in data.lower()
+
+
+# --- 12: Transfer-Encoding and Content-Length --------------------------------------------------
+
+#: What a proxy that frames by Content-Length takes for the body, h11 (by the chunked coding)
+#: for an empty body and a second request.
+SMUGGLED = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def with_body(method: bytes, headers: list[bytes], body: bytes) -> bytes:
+    return (
+        method
+        + b" / HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+        + body
+    )
+
+
+CHUNKED = b"Transfer-Encoding: chunked"
+LENGTH = b"Content-Length: %d" % len(SMUGGLED)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        with_body(b"POST", [CHUNKED, LENGTH], SMUGGLED),
+        with_body(b"POST", [LENGTH, CHUNKED], SMUGGLED),
+        with_body(b"GET", [CHUNKED, LENGTH], SMUGGLED),
+        with_body(b"POST", [CHUNKED, b"Content-Length: 0"], SMUGGLED),
+        with_body(b"POST", [b"Transfer-Encoding: Chunked", LENGTH, LENGTH], SMUGGLED),
+        with_body(b"POST", [CHUNKED, LENGTH], b"3\r\nabc\r\n" + SMUGGLED),
+    ],
+    ids=["te-cl", "cl-te", "get", "cl-zero", "two-lengths", "body-then-smuggled"],
+)
+async def test_a_request_with_both_framings_is_answered_then_the_connection_ends(
+    port: int, request_bytes: bytes
+) -> None:
+    """Hypercorn answered the request, then the bytes a proxy took for its body as a second
+    request (RFC 9112 section 6.1: the server MUST close the connection after answering)."""
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request_bytes)
+            data = await read_all(stream)
+    assert data.count(b"HTTP/1.1 ") == 1, data
+    head = data.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200"), data
+    assert b"connection: close" in head, data
+    await still_serving(port)
+
+
+async def test_a_websocket_upgrade_with_both_framings_is_refused(port: int) -> None:
+    upgrade = UPGRADE.replace(b"/early", b"/ws").removesuffix(b"\r\n")
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(upgrade + CHUNKED + b"\r\n" + LENGTH + b"\r\n\r\n" + SMUGGLED)
+            data = await read_all(stream)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data
+    assert b"connection: close" in head.lower()
+    assert b"Transfer-Encoding" in json.loads(body)["detail"].encode()
+    await still_serving(port)
+
+
+async def test_an_answer_before_the_body_still_ends_the_connection(port: int) -> None:
+    """The race: the app answers before the body came; the connection ends with the answer,
+    so what the client sends after it is never read as a request."""
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(with_body(b"POST", [CHUNKED, LENGTH], b""))
+            data = await read_all(stream)
+            assert data.count(b"HTTP/1.1 ") == 1, data
+            assert b"connection: close" in data.lower(), data
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(SMUGGLED)
+            assert await read_all(stream) == b""
+    await still_serving(port)
+
+
+@pytest.mark.parametrize("framing", [CHUNKED, b"Content-Length: 5"])
+async def test_a_request_with_one_framing_keeps_its_connection(port: int, framing: bytes) -> None:
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            body = b"5\r\nhello\r\n0\r\n\r\n" if framing == CHUNKED else b"hello"
+            await stream.send_all(with_body(b"POST", [framing], body))
+            first = await read_until(stream, b"\r\n0\r\n\r\n")
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = await read_until(stream, b"\r\n0\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert b"connection: close" not in first.lower()
+    assert second.startswith(b"HTTP/1.1 200"), second
 
 
 # --- sends and closes on a scripted stream (virtual time) ------------------------------------
