@@ -66,7 +66,7 @@ A peer that is gone:
     after a reset it never saw: that no longer restarts it), and a WebSocket stream's close
     cancels the ping task's wait. An event stream ends through the reader too (its EOF or reset
     is the app's ``http.disconnect``); a client that vanished without either is found by the
-    next heartbeat's failed write, or by 6.
+    next heartbeat's failed write, or by 6. No upstream report of it was found.
 
 HTTP/1.1 requests Hypercorn takes at their word:
 
@@ -76,7 +76,7 @@ HTTP/1.1 requests Hypercorn takes at their word:
     section 3.2.1: a server MUST NOT upgrade without exactly one), and when h2 could not parse
     it, the connection failed after its 101 (contained by 4, but no answer). Such a request is
     now served in HTTP/1.1, the upgrade ignored (RFC 9110 section 7.8 lets a server ignore it;
-    for HTTP/1.0 it must).
+    for HTTP/1.0 it must). Upstream, h2c upgrades in 0.18 are Hypercorn #317 and #318.
 12. A request with both ``Transfer-Encoding`` and ``Content-Length`` (request smuggling: a
     proxy in front that frames it by the length sees a different next request than h11, which
     frames it by the coding). Hypercorn answered it and went on reading the connection, so the
@@ -84,6 +84,7 @@ HTTP/1.1 requests Hypercorn takes at their word:
     still answered (framed by its Transfer-Encoding), then with ``Connection: close`` the
     connection ends (RFC 9112 section 6.1: the server MUST close it), and nothing after it is
     read. A WebSocket upgrade carrying both is refused: 400 with a ``detail``, and closed.
+    Upstream: Hypercorn #279 and h11 #90, both open.
 
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
