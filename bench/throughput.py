@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from bench import common, profiling
+from bench.defaults import parse_env
 from bench.provider import prompt
 from tests.e2e.ports import free_port
 from tests.fake_replicate import TOKEN as FAKE_TOKEN
@@ -137,7 +138,9 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             stderr=subprocess.DEVNULL,
         )
         env = common.service_env(
-            REPLICATE_API_TOKEN=FAKE_TOKEN, REPLICATE_BASE_URL=f"http://127.0.0.1:{fake_port}"
+            REPLICATE_API_TOKEN=FAKE_TOKEN,
+            REPLICATE_BASE_URL=f"http://127.0.0.1:{fake_port}",
+            **parse_env(args.env),
         )
         try:
             command = [sys.executable, "-m", "web"]
@@ -153,7 +156,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 fake.kill()
         return result
     for kind in ("ours", "yardstick"):
-        env = common.service_env() if kind == "ours" else {}
+        env = common.service_env(**parse_env(args.env)) if kind == "ours" else {}
         async with common.spawn_server(kind, work_dir, env=env) as server:
             token = await common.login(server.port)
             result[kind] = median_round(await measure(server, token, args, args.rounds))
@@ -174,6 +177,9 @@ def main() -> None:
     parser.add_argument("--profile-rounds", type=int, default=0, help="py-spy over N more rounds")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--profile", type=Path, help="keep py-spy's raw samples here")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="our service's settings"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as work:
