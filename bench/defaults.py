@@ -66,24 +66,16 @@ async def one_job(
 ) -> dict[str, Any]:
     """One job on ``server``, followed over SSE: its deliveries, TTFI overhead and CPU."""
     job_prompt = f"defaults bench {uuid.uuid4().hex}"
-    ready = trio.Event()
-    reads: list[tuple[int, bytes]] = []
     cpu0 = server.cpu_s()
     async with await common.HttpClient.connect(server.port) as client:
         client.token = token
         sent_ns = time.monotonic_ns()
         job_id = await client.create(job_prompt, args.images)
 
-    async def follow() -> None:
-        reads.extend(
-            await common.record_sse(
-                server.port, f"/api/generate/{job_id}/stream", token, on_ready=ready.set
-            )
-        )
-
     with trio.fail_after(args.latency + 60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(follow)
+        reads = await common.record_sse(
+            server.port, f"/api/generate/{job_id}/stream", token, on_ready=lambda: None
+        )
     cpu = server.cpu_s() - cpu0
     events = common.parse_sse(reads)
     images = [e for e in events if e.type == "progress" and e.data.get("status") == "completed"]
