@@ -19,6 +19,8 @@ yardstick), follows it over SSE from right after the create, and measures:
   unique per job; the predictions of a job finish within a few ms of each other).
 - **TTFI overhead**: from sending the create to reading the first completed image, minus the
   provider's latency.
+- **store writes**: our store's commits (queued writes stored) and transactions (each one
+  fsync with SQLite ``synchronous=full``) per image, from ``/api/status``.
 - **server CPU per image**: the server process's CPU over every measured job (10 ms clock
   ticks), per image.
 
@@ -106,6 +108,16 @@ async def one_job(
     }
 
 
+async def store_statistics(server: common.Server, token: str) -> dict[str, Any]:
+    """Our store's counters (``/api/status``): writes committed, transactions."""
+    async with await common.HttpClient.connect(server.port) as client:
+        client.token = token
+        status, view = await client.json("GET", "/api/status")
+    if status != 200:
+        raise common.BenchError(f"/api/status answered {status}")
+    return dict(view["store"])
+
+
 def summary(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     delivery = [ms for job in jobs for ms in job["delivery_ms"]]
     ttfi = [job["ttfi_overhead_ms"] for job in jobs]
@@ -117,6 +129,7 @@ def summary(jobs: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_us_per_image": round(1e6 * cpu_s / images, 1),
         "paired_in_order": any(job["paired_in_order"] for job in jobs),
         "service_ttfi_ms": [job["service_ttfi_ms"] for job in jobs],
+        "delivery_ms_by_job": [[round(ms, 2) for ms in job["delivery_ms"]] for job in jobs],
     }
 
 
@@ -143,9 +156,17 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             for kind, server in servers.items():  # warm-up
                 await one_job(server, tokens[kind], fake, args)
             jobs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+            before = await store_statistics(ours, tokens["ours"])
             for _ in range(args.repeats):
                 for kind, server in servers.items():
                     jobs[kind].append(await one_job(server, tokens[kind], fake, args))
+            after = await store_statistics(ours, tokens["ours"])
+            images = args.repeats * args.images
+            result["ours_store_per_image"] = {
+                key: round((after[key] - before[key]) / images, 2)
+                for key in ("commits", "transactions")
+                if isinstance(after.get(key), int)
+            }
             result["ours_rss_kb"] = ours.rss_kb()
     for kind in KINDS:
         result[kind] = summary(jobs[kind])
@@ -187,6 +208,9 @@ def main() -> None:
         rows.append([f"TTFI overhead {figure} (ms)", target, a, b, common.ratio(a, b)])
     a, b = ours["cpu_us_per_image"], yard["cpu_us_per_image"]
     rows.append(["server CPU per image (us)", "", a, b, common.ratio(a, b)])
+    per_image = result["ours_store_per_image"]
+    for key, value in per_image.items():
+        rows.append([f"store {key} per image (ours)", "", value, None, None])
     common.print_table(["figure", "target", "ours", "yardstick", "ratio"], rows)
     sys.stdout.write(
         f"env {result['env'] or 'defaults'}: delivery target met: {met['delivery_p99_met']}; "
