@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 ALGORITHM = "HS256"
 TOKEN_TYPE = "access"  # noqa: S105 (a claim value, not a secret)
+#: How many verified tokens are remembered (a few hundred bytes each).
+VERIFIED_TOKENS = 4096
 # Argon2 verification costs tens of milliseconds of CPU: run it in threads, two at a time.
 _HASH_THREADS = trio.CapacityLimiter(2)
 # Login attempts are remembered for at most this many (client, email) pairs.
@@ -146,6 +148,8 @@ class Authenticator:
             settings.demo_email.lower(), self._hasher.hash(settings.demo_password)
         )
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
+        #: Tokens whose signature was checked: user and expiry (insertion-ordered, bounded).
+        self._verified: dict[str, tuple[str, float]] = {}
         self.throttle = LoginThrottle(
             max_failures=settings.login_max_failures, window_s=settings.login_window_s
         )
@@ -174,10 +178,30 @@ class Authenticator:
     def verify(self, token: str) -> str:
         """The user a token was issued to.
 
+        A token verified once is remembered (bounded, oldest first out) with its expiry, so a
+        client's every request costs a dict lookup, not a signature check; the expiry and the
+        user are still checked on every use.
+
         Raises:
             APIError: 401 (with ``WWW-Authenticate: Bearer``) for an expired, forged or
                 malformed token, another type, another algorithm, or an unknown user.
         """
+        known = self._verified.get(token)
+        if known is None:
+            known = self._verify_token(token)
+            if len(self._verified) >= VERIFIED_TOKENS:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = known
+        subject, expires = known
+        if expires <= time.time():
+            del self._verified[token]
+            raise unauthorized("Token has expired")
+        if not self.knows(subject):
+            raise unauthorized("Invalid token")
+        return subject
+
+    def _verify_token(self, token: str) -> tuple[str, float]:
+        """The token's user and expiry once its signature and claims are checked."""
         try:
             claims = jwt.decode(
                 token,
@@ -192,9 +216,7 @@ class Authenticator:
         subject = claims.get("sub")
         if claims.get("type") != TOKEN_TYPE or not isinstance(subject, str):
             raise unauthorized("Invalid token")
-        if not self.knows(subject):
-            raise unauthorized("Invalid token")
-        return subject
+        return subject, float(claims["exp"])
 
 
 def bearer_token(authorization: str | None) -> str | None:

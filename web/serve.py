@@ -25,14 +25,11 @@ from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError, kept_secret
-from web.logs import configure_logging
+from web.logs import ACCESS_LOG_FORMAT, AccessLogger, configure_logging
 from web.proxy import TrustedProxies
 from web.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("web")
-
-# The request line without its query string: tokens may travel in ``?token=``.
-ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus'
 
 
 def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
@@ -41,6 +38,7 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.bind = [bind or f"{settings.host}:{settings.port}"]
     config.accesslog = logging.getLogger("web.access")
     config.access_log_format = ACCESS_LOG_FORMAT
+    config.logger_class = AccessLogger
     config.errorlog = logging.getLogger("web.server")
     config.graceful_timeout = settings.graceful_timeout_s
     # Protocol-level pings keep idle WebSockets alive through proxies without extra frames.

@@ -26,6 +26,7 @@ from actors.providers.replicate import (
     ModelRef,
     ReplicateSettings,
 )
+from actors.providers.replicate_settings import MAX_CREATES_PER_MIN_LIMIT
 from actors.retry import MAX_ATTEMPTS, RetryPolicy
 from actors.settings import SupervisorSettings
 from actors.store.sqlite import SYNCHRONOUS
@@ -361,6 +362,11 @@ def _replicate(env: _Reader) -> ReplicateSettings | None:
         model_input=env.get("REPLICATE_INPUT", _json_object, {}),
         base_url=env.get("REPLICATE_BASE_URL", _http_url, DEFAULT_BASE_URL),
         wait_s=env.get("REPLICATE_WAIT_S", _int_in(1, 60), defaults.wait_s),
+        max_creates_per_min=env.get(
+            "REPLICATE_MAX_CREATES_PER_MIN",
+            _int_in(1, MAX_CREATES_PER_MIN_LIMIT),
+            defaults.max_creates_per_min,
+        ),
         poll_interval_s=env.get(
             "REPLICATE_POLL_INTERVAL_MS", _positive, defaults.poll_interval_s * 1000
         )

@@ -60,7 +60,7 @@ class CreatePacer:
         """Replicate answered 429: halve the rate and pause every create for ``retry_after_s``."""
         now = trio.current_time()
         self.throttles += 1
-        self.rate = max(MIN_CREATES_PER_S, self.rate / 2)
+        self.rate = max(min(MIN_CREATES_PER_S, self.max_rate), self.rate / 2)
         self._paused_until = max(self._paused_until, now + retry_after_s)
         # No burst after the pause: one create when it ends, then the (halved) rate.
         self._tokens = 1.0

@@ -20,9 +20,10 @@ is known, and a create is noted as pending *before* it is sent; the next start o
 resumes the first by polling and reconciles the second against the list, so neither a restart
 nor a ``kill -9`` in the middle of a create leads to a second prediction for an image.
 
-Rate: creates pass a process-wide pacer that stays under Replicate's documented 600 creates per
-minute, halves its rate and pauses for ``Retry-After`` when Replicate answers 429, and recovers
-additively with every accepted create (AIMD).
+Rate: creates pass a process-wide pacer that stays under ``REPLICATE_MAX_CREATES_PER_MIN``
+(Replicate's documented 600 creates per minute by default), halves its rate and pauses for
+``Retry-After`` when Replicate answers 429, and recovers additively with every accepted create
+(AIMD).
 
 Waiting: an attempt holds one of the service's capacity tokens (``MAX_CONCURRENCY``) and runs
 under the attempt timeout, so what it waits for decides what the token is spent on. Every wait
@@ -182,7 +183,7 @@ class ReplicateProvider:
         journal: RemoteJournal | None = None,
     ) -> None:
         self.settings = settings
-        self.pacer = CreatePacer()
+        self.pacer = CreatePacer(max_rate=settings.max_creates_per_min / 60)
         self._client = client
         self._journal: RemoteJournal = journal or NullJournal()
         self._work: dict[tuple[str, int], _Image] = {}
