@@ -36,7 +36,7 @@ from actors.messages import (
 from actors.providers.base import Commit, ImageProvider, RemoteWork, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import DeleteJob, JobStore, StoredJob
+from actors.store.base import DeleteJob, JobStore, SetCopy, StoredJob
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -241,6 +241,11 @@ class Supervisor:
             # Files of jobs the store does not hold (lost with a memory store, or never stored)
             # are unreachable; a job that failed to restore keeps its files with its records.
             self.files.forget_all_but({record.job.job_id for record in stored})
+            # Copies a stop cut short are finished; failed ones are journaled as they fail.
+            self.files.resume_copies(
+                (copy for record in stored for copy in record.copies),
+                journal=lambda copy: self.store.write(SetCopy(copy)),
+            )
         self._seq = itertools.count(max((job.job.seq for job in stored), default=0) + 1)
         if stored:
             logger.info(

@@ -11,7 +11,7 @@ import trio
 
 from actors.capacity import FairCapacity
 from actors.errors import NotStartedError, ProviderError
-from actors.files import ImageFiles
+from actors.files import ImageFiles, KeptImage
 from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
 from actors.providers.base import ImageProvider, ImageRequest, PacedProvider
 from actors.retry import RetryPolicy, Uniform, is_retryable
@@ -131,16 +131,19 @@ async def _make_image(
     while True:
         result = await _attempt(index, context, reports_send, progress)
         if isinstance(result, str):
+            kept = KeptImage(url=result)
             if context.files is not None:
-                result = await context.files.keep(context.job_id, index, result)
+                # Named at once, copied behind: the image is published without waiting for it.
+                kept = context.files.keep(context.job_id, index, result)
             return ImageOutcome(
                 index=index,
                 status=ImageStatus.COMPLETED,
-                url=result,
+                url=kept.url,
                 error=None,
                 attempts=progress.attempt,
                 finished_at=context.now(),
                 provider_s=progress.provider_s,
+                copy=kept.copy,
             )
         message = describe_failure(result, context.attempt_timeout_s)
         if not is_retryable(result):

@@ -10,6 +10,8 @@ deployments and test runs share one server)::
     P job:<id>:images           hash    image index -> JSON (ImageSnapshot)
     P job:<id>:remote           hash    image index -> JSON [prediction id, pending since]:
                                         the provider's journal (ids and creates in flight)
+    P job:<id>:copies           hash    image index -> JSON [file name, provider URL, failed]:
+                                        copies of outputs still to be made (or failed)
     P job:<id>:events           stream  the job's events; entry id ``<event id>-0``, field
                                         ``e`` the event's JSON, so ``Last-Event-ID: n`` is
                                         stream id ``n-0`` on any node (XRANGE/XREAD after it)
@@ -59,7 +61,7 @@ import trio
 from coredis.response.types import StreamEntry
 
 from actors.errors import StoreUnavailable
-from actors.messages import JobEvent, JobStatus
+from actors.messages import ImageCopy, JobEvent, JobStatus
 from actors.providers.base import Commit, RemoteWork
 from actors.store import redis_scripts
 from actors.store.base import (
@@ -69,6 +71,7 @@ from actors.store.base import (
     Operation,
     PutImages,
     PutJob,
+    SetCopy,
     SetRemote,
     StoredJob,
     StoreHealth,
@@ -174,6 +177,9 @@ def batch_arguments(operations: Sequence[Operation]) -> list[str]:
             case SetRemote(job_id, index, remote_id, pending_since):
                 body = json.dumps([remote_id, time_text(pending_since)])
                 args += ["R", job_id, str(index), body]
+            case SetCopy(copy):
+                body = json.dumps([copy.name, safe_text(copy.source), copy.failed])
+                args += ["C", copy.job_id, str(copy.index), body]
             case DeleteJob(job_id):
                 args += ["D", job_id]
     return args
@@ -211,13 +217,12 @@ def _event(entry: StreamEntry) -> JobEvent:
     return decode_event(event_id(str(entry.identifier)), str(entry.field_values["e"]))
 
 
-def _stored_job(
-    job_id: str,
-    record: dict[str, str],
-    images: dict[str, str],
-    remote: dict[str, str],
-    events: Sequence[StreamEntry],
-) -> StoredJob:
+#: One job as read: its record, images, remote work and copies (hashes), then its events.
+_Row = tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]
+
+
+def _stored_job(job_id: str, row: _Row) -> StoredJob:
+    record, images, remote, copies, events = row
     job = decode_record(job_id, record)
     work = []
     for index, body in sorted(remote.items(), key=lambda item: int(item[0])):
@@ -239,7 +244,16 @@ def _stored_job(
         ),
         events=tuple(_event(entry) for entry in events),
         remote=tuple(work),
+        copies=tuple(
+            _copy(job_id, int(index), body)
+            for index, body in sorted(copies.items(), key=lambda item: int(item[0]))
+        ),
     )
+
+
+def _copy(job_id: str, index: int, body: str) -> ImageCopy:
+    name, source, failed = json.loads(body)
+    return ImageCopy(job_id=job_id, index=index, name=name, source=source, failed=failed)
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -353,7 +367,7 @@ class RedisStore:
             rows = await self._call("reading the jobs", partial(self._read, chunk))
             try:
                 stored.extend(
-                    _stored_job(job_id, *row)
+                    _stored_job(job_id, row)
                     for job_id, row in zip(chunk, rows, strict=True)
                     # A job without its record is one deleted meanwhile.
                     if row[0]
@@ -365,9 +379,7 @@ class RedisStore:
                 ) from None
         return tuple(stored)
 
-    async def _read(
-        self, job_ids: Sequence[str]
-    ) -> list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]:
+    async def _read(self, job_ids: Sequence[str]) -> list[_Row]:
         keys = self.keys
         async with self._client.pipeline(transaction=False) as pipe:
             pending = [
@@ -375,14 +387,22 @@ class RedisStore:
                     pipe.hgetall(keys.job(job_id, "record")),
                     pipe.hgetall(keys.job(job_id, "images")),
                     pipe.hgetall(keys.job(job_id, "remote")),
+                    pipe.hgetall(keys.job(job_id, "copies")),
                     pipe.xrange(keys.job(job_id, "events"), "-", "+"),
                 )
                 for job_id in job_ids
             ]
-        rows: list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]
-        rows = []
-        for record, images, remote, events in pending:
-            rows.append((dict(await record), dict(await images), dict(await remote), await events))
+        rows: list[_Row] = []
+        for record, images, remote, copies, events in pending:
+            rows.append(
+                (
+                    dict(await record),
+                    dict(await images),
+                    dict(await remote),
+                    dict(await copies),
+                    await events,
+                )
+            )
         return rows
 
     def write(self, *operations: Operation) -> Commit:
