@@ -162,6 +162,7 @@ class ImageFiles:
         self._copiers = trio.lowlevel.ParkingLot()
         self._copies_changed = trio.Event()
         self._journal: CopyJournal | None = None
+        self._copying = 0  # copies being made now
         self._downloads = 0
         self._download_failures = 0
         self._skipped = 0
@@ -213,9 +214,10 @@ class ImageFiles:
                 self._queue_copy(copy)
 
     async def wait_copies(self) -> None:
-        """Wait until no copy is pending (each made or failed for good)."""
+        """Wait until no copy is pending or on its way (each made, failed for good, or dropped
+        with its job)."""
         await trio.lowlevel.checkpoint()
-        while self._pending_copies():
+        while self._pending_copies() or self._copying:
             await self._copies_changed.wait()
 
     def _pending_copies(self) -> int:
@@ -239,7 +241,12 @@ class ImageFiles:
             if copy is None:
                 await self._copiers.park()
             else:
-                await self._copy(copy)
+                self._copying += 1
+                try:
+                    await self._copy(copy)
+                finally:
+                    self._copying -= 1
+                    self._copy_settled()
 
     def _next_copy(self) -> ImageCopy | None:
         while self._copy_queue:
@@ -264,7 +271,6 @@ class ImageFiles:
         del self._copies[copy.name]
         self._account(copy.job_id, copy.name, len(data))
         self._downloads += 1
-        self._copy_settled()
 
     def _copy_failed(self, copy: ImageCopy, error: str) -> None:
         self._download_failures += 1
@@ -281,7 +287,6 @@ class ImageFiles:
         self._copies[copy.name] = failed
         if self._journal is not None:
             self._journal(failed)
-        self._copy_settled()
 
     async def _download(self, url: str) -> tuple[bytes, str]:
         """The image's bytes and extension, retrying transient failures with backoff."""
