@@ -66,7 +66,10 @@ A peer that is gone:
     after a reset it never saw: that no longer restarts it), and a WebSocket stream's close
     cancels the ping task's wait. An event stream ends through the reader too (its EOF or reset
     is the app's ``http.disconnect``); a client that vanished without either is found by the
-    next heartbeat's failed write, or by 6. No upstream report of it was found.
+    next heartbeat's failed write, or by 6. A reader paused by h11 (a request pipelined behind
+    an answer in progress) does not read the EOF: it waited for the end of that answer, which
+    never came once a failed write had closed the socket, and held the connection's task
+    forever; closing the socket now ends a paused reader. No upstream report of these was found.
 
 HTTP/1.1 requests Hypercorn takes at their word:
 
@@ -99,6 +102,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -139,6 +143,7 @@ _original_ws_handle = WSStream.handle
 _original_ws_accept = WSStream._accept
 _original_read_data = tcp_server.TCPServer._read_data
 _original_check_protocol = hypercorn_h11.H11Protocol._check_protocol
+_original_h11_init = hypercorn_h11.H11Protocol.__init__
 _original_create_stream = hypercorn_h11.H11Protocol._create_stream
 _original_stream_send = hypercorn_h11.H11Protocol.stream_send
 
@@ -276,6 +281,7 @@ async def _protocol_send(self: tcp_server.TCPServer, event: Event) -> None:
             # Closing is what a stalled write leaves possible: part of the data may be sent.
             with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await self.stream.aclose()
+            _stop_paused_reader(self)
             await self.protocol.handle(Closed())
 
 
@@ -303,15 +309,59 @@ async def _close_serialized(self: tcp_server.TCPServer) -> None:
     # Trio closes a stream even when its aclose is cancelled; the bound is for TLS's goodbye.
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         await self.stream.aclose()
+    _stop_paused_reader(self)
 
 
 # --- 10: a peer that is gone --------------------------------------------------------------------
 
 
+class _ReaderStopped(Exception):
+    """Ends a reader paused for an answer when the connection's socket is closed."""
+
+
+class _ReaderGate(worker_context.EventWrapper):
+    """``H11Protocol.can_read``: the reader waits on it while h11 holds a pipelined request
+    until the answer in progress ends. Closing the socket opens it for good: the reader ends
+    (:class:`_ReaderStopped`) instead of waiting for an answer that can no longer be sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = False
+        self._waiting: trio.CancelScope | None = None
+
+    async def wait(self) -> None:
+        if not self._closed:
+            with trio.CancelScope() as self._waiting:
+                await super().wait()
+            self._waiting = None
+        if self._closed:
+            raise _ReaderStopped
+
+    def close(self) -> None:
+        self._closed = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+
+def _h11_init(self: hypercorn_h11.H11Protocol, *args: Any, **kwargs: Any) -> None:
+    _original_h11_init(self, *args, **kwargs)
+    self.can_read = _ReaderGate()
+
+
+def _stop_paused_reader(server: tcp_server.TCPServer) -> None:
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    gate = getattr(protocol, "can_read", None)  # none on HTTP/2
+    if isinstance(gate, _ReaderGate):
+        gate.close()
+
+
 async def _read_data_then_release(self: tcp_server.TCPServer) -> None:
     """Hypercorn's reader; once it ends (EOF, reset, or the socket closed) the idle timer stops
     and is never started again, so the connection ends with its last task."""
-    await _original_read_data(self)
+    try:
+        await _original_read_data(self)
+    except _ReaderStopped:
+        await self.protocol.handle(Closed())  # as the reader's own end does (idempotent)
     self._peer_gone = True  # type: ignore[attr-defined]
     await self.idle_task.stop()
 
@@ -483,6 +533,7 @@ def install() -> None:
     tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
     tcp_server.TCPServer._close = _close_serialized  # type: ignore[method-assign]
     tcp_server.TCPServer._read_data = _read_data_then_release  # type: ignore[method-assign]
+    hypercorn_h11.H11Protocol.__init__ = _h11_init  # type: ignore[method-assign]
     hypercorn_h11.H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
     hypercorn_h11.H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
     hypercorn_h11.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]

@@ -34,6 +34,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from web import hypercorn_fixes
 
 WAIT_S = 10
+#: How often ``/stream`` writes a heartbeat (the writes that find a vanished client).
+HEARTBEAT_S = 0.05
 UPGRADE = (
     b"GET /early HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: bKdPyn3u98cTfZJSh4TNeQ==\r\n\r\n"
@@ -67,9 +69,12 @@ async def echo_app(early: Early, scope: dict[str, Any], receive: Any, send: Any)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         if scope["path"] == "/stream":
             await send({"type": "http.response.body", "body": b": hello\n\n", "more_body": True})
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            return
+            while True:
+                with trio.move_on_after(HEARTBEAT_S):
+                    if (await receive())["type"] == "http.disconnect":
+                        return
+                    continue
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"ok"})
         return
     message = await receive()
@@ -399,6 +404,43 @@ async def test_a_connection_whose_client_left_ends_at_once(
         await stream.aclose()
     await wait_for_open_connections(0)
     await still_serving(lingering_port)
+
+
+async def test_a_stream_whose_client_vanished_ends_with_its_reader_paused(
+    lingering_port: int,
+) -> None:
+    """A request pipelined behind an endless body pauses the reader (h11 holds the next
+    request until this answer ends), so the client's reset is not read: the next heartbeat's
+    write fails and closes the socket. The paused reader then waited forever for an answer that
+    would never end, and the connection's task with it."""
+    await wait_for_open_connections(0)
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", lingering_port)
+        await stream.send_all(
+            b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        await read_until(stream, b": hello")
+        await reset(stream)
+    await wait_for_open_connections(0)
+    await still_serving(lingering_port)
+
+
+async def test_a_request_pipelined_behind_a_slow_answer_is_answered_after_it(
+    lingering_port: int, early: Early
+) -> None:
+    """The paused reader's ordinary way on: the answer ends, the next request is read."""
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", lingering_port)
+        async with stream:
+            await stream.send_all(
+                b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            await early.slow_started.wait()
+            early.answer.set()
+            data = await read_all(stream)
+    assert data.count(b"HTTP/1.1 200") == 2, data
+    await wait_for_open_connections(0)
 
 
 async def test_a_websocket_the_app_closed_ends_while_its_client_stays(lingering_port: int) -> None:
