@@ -9,7 +9,7 @@ from datetime import datetime
 import attrs
 import trio
 
-from actors.capacity import FairCapacity
+from actors.capacity import Capacity
 from actors.errors import NotStartedError, ProviderError
 from actors.files import ImageFiles
 from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
@@ -30,7 +30,7 @@ class WorkerContext:
     job_id: str
     prompt: str
     provider: ImageProvider
-    capacity: FairCapacity
+    capacity: Capacity
     retry: RetryPolicy
     attempt_timeout_s: float
     provider_cancel_s: float

@@ -346,7 +346,7 @@ async def test_cancelled_worker_cancels_the_provider_call_and_reports_no_outcome
     assert [type(report) for report in reports] == [AttemptStarted]
     assert provider.cancelled == 1
     assert provider.in_flight == 0
-    assert context.capacity.limiter.statistics().borrowed_tokens == 0
+    assert context.capacity.statistics().in_use == 0
 
 
 async def test_backoff_is_taken_without_holding_a_token(
