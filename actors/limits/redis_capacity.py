@@ -116,30 +116,27 @@ class RedisCapacity:
                 await waiting.granted.wait()
             self._holding[slot_id] = tenant_key
         except BaseException:
-            await self._give_back(slot_id)
+            with trio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
+                await self._give_back(slot_id)
             raise
         finally:
             del self._waiting[slot_id]
         try:
             yield
         finally:
-            await self._give_back(slot_id)
+            with trio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
+                await self._give_back(slot_id)
 
     async def _give_back(self, slot_id: str) -> None:
-        """Release the slot (or the place in the queue), shielded and bounded; on failure the
-        renewal task sends it again (and the lease, no longer renewed, ends anyway)."""
+        """Release the slot (or the place in the queue). Callers shield it and bound it with
+        :data:`RELEASE_TIMEOUT_S`; unless it gets through, the renewal task sends it again
+        (and the lease, no longer renewed, ends anyway)."""
         self._holding.pop(slot_id, None)
-        args = [*self._base, slot_id]
-        with trio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
-            try:
-                await self._calls.once(
-                    "giving a slot back", lambda: self._release(keys=[], args=args)
-                )
-            except LimitsUnavailable:
-                pass
-            else:
-                return
         self._unreleased.add(slot_id)
+        args = [*self._base, slot_id]
+        with suppress(LimitsUnavailable):
+            await self._calls.once("giving a slot back", lambda: self._release(keys=[], args=args))
+            self._unreleased.discard(slot_id)
 
     def statistics(self) -> CapacityStatistics:
         """Cluster-wide figures as of the latest renewal (a third of a lease old at most)."""
