@@ -28,6 +28,7 @@ from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError, kept_secret
+from web.login_throttle import LoginLimiter, RedisLoginThrottle
 from web.logs import configure_logging
 from web.proxy import TrustedProxies
 from web.settings import Settings, SettingsError, load_settings
@@ -101,6 +102,8 @@ async def run_server(
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(settings))
         limits = await stack.enter_async_context(open_limits(settings, store))
+        if limits.login is not None:
+            auth.throttle = limits.login
         files = await stack.enter_async_context(open_image_files(settings.files))
         if provider is None:
             provider = await stack.enter_async_context(
@@ -160,6 +163,7 @@ class Limits:
     """The limits shared with other processes; ``None``: this process's own (the default)."""
 
     capacity: Capacity | None = None
+    login: LoginLimiter | None = None
 
 
 @asynccontextmanager
@@ -177,8 +181,14 @@ async def open_limits(settings: Settings, store: JobStore) -> AsyncIterator[Limi
         capacity=settings.supervisor.capacity,
         lease_s=store_settings.capacity_lease_s,
     ) as capacity:
+        login = RedisLoginThrottle(
+            store.client,
+            prefix=f"{prefix}login:",
+            max_failures=settings.login_max_failures,
+            window_s=settings.login_window_s,
+        )
         logger.info("limits: shared under %r", prefix)
-        yield Limits(capacity=capacity)
+        yield Limits(capacity=capacity, login=login)
 
 
 @asynccontextmanager

@@ -22,7 +22,7 @@ PROCESSES = 3
 CAPACITY = 3
 
 
-async def test_processes_sharing_limits_never_pass_max_concurrency_together(
+async def test_processes_sharing_limits_hold_them_together(
     tmp_path: Path,
     prefix: str,  # noqa: F811 (the fixture)
 ) -> None:
@@ -44,9 +44,17 @@ async def test_processes_sharing_limits_never_pass_max_concurrency_together(
                 "REPLICATE_WAIT_S": "5",
                 "REPLICATE_POLL_INTERVAL_MS": "50",
                 "STORE_IMAGES": "false",
+                "LOGIN_MAX_FAILURES": "3",
             }
             node = await stack.enter_async_context(service(workdir, environ, name=f"node{n}"))
             clients.append(await stack.enter_async_context(http(node)))
+
+        # Failed logins on two processes throttle the pair on the third.
+        wrong = {"email": "someone@example.com", "password": "guess"}
+        for client in (clients[0], clients[1], clients[0]):
+            assert (await client.post("/api/auth/login", json=wrong)).status_code == 401
+        throttled = await clients[2].post("/api/auth/login", json=wrong)
+        assert throttled.status_code == 429, throttled.text
 
         finished: list[str] = []
 
