@@ -683,7 +683,7 @@ class PacedFake(FakeProvider):
         self.turns: dict[int, float] = {}
         self.next_turn = 0.0
 
-    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+    async def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
         now = trio.current_time()
         turn = self.turns.get(index)
         if turn is None:
