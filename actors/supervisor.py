@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import attrs
 import trio
 
-from actors.capacity import FairCapacity
+from actors.capacity import Capacity, FairCapacity
 from actors.errors import (
     IdempotencyConflict,
     JobNotFound,
@@ -127,12 +127,16 @@ class Supervisor:
         files: The image directory: copies of the providers' outputs are kept there, and a
             forgotten job's files are deleted with it; while it is over its budget, the oldest
             finished jobs are forgotten.
+        capacity: The slots image attempts hold (``MAX_CONCURRENCY``): this process's own
+            :class:`FairCapacity` of ``settings.capacity`` unless one shared with other
+            processes is given (``actors.limits``).
 
     Concurrency: started once per process by :func:`open_supervisor` (``await
     nursery.start(supervisor.run)``). ``run`` opens the jobs nursery and keeps it on ``self``:
     the documented "spawning tasks without becoming a parent" case, because
     :meth:`submit_nowait` is called from request handlers that must not own the job. Owns the one
-    ``trio.CapacityLimiter`` (shared fairly through :class:`FairCapacity`) and the registry of jobs.
+    ``trio.CapacityLimiter`` (shared fairly through :class:`FairCapacity`), unless given a shared
+    :class:`~actors.capacity.Capacity`, and the registry of jobs.
     Stops when its nursery is cancelled; every job then finalises synchronously.
     """
 
@@ -145,12 +149,13 @@ class Supervisor:
         now: Callable[[], datetime] = _utcnow,
         uniform: Uniform = random.uniform,
         files: ImageFiles | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.provider = provider
         self.settings = settings
         self.store = store
         self.files = files
-        self.capacity = FairCapacity(trio.CapacityLimiter(settings.capacity))
+        self.capacity: Capacity = capacity or FairCapacity(trio.CapacityLimiter(settings.capacity))
         #: Set once the supervisor admits no more jobs (draining, then shutting down).
         self.draining = trio.Event()
         #: Set once every subscriber's wait is ended (after draining).
@@ -616,6 +621,7 @@ async def open_supervisor(
     now: Callable[[], datetime] = _utcnow,
     uniform: Uniform = random.uniform,
     files: ImageFiles | None = None,
+    capacity: Capacity | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a :class:`Supervisor` for the body of the ``async with``; stop it on exit.
 
@@ -623,7 +629,9 @@ async def open_supervisor(
     subscriber's wait ends, and every unfinished job is cancelled: left unfinished in a
     resumable store for the next start, else finalised (its subscribers get ``done``).
     """
-    supervisor = Supervisor(provider, settings, now=now, uniform=uniform, store=store, files=files)
+    supervisor = Supervisor(
+        provider, settings, now=now, uniform=uniform, store=store, files=files, capacity=capacity
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         try:

@@ -9,7 +9,7 @@ from datetime import datetime
 import attrs
 import trio
 
-from actors.capacity import FairCapacity
+from actors.capacity import Capacity
 from actors.errors import NotStartedError, ProviderError
 from actors.files import ImageFiles, KeptImage
 from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
@@ -30,7 +30,7 @@ class WorkerContext:
     job_id: str
     prompt: str
     provider: ImageProvider
-    capacity: FairCapacity
+    capacity: Capacity
     retry: RetryPolicy
     attempt_timeout_s: float
     provider_cancel_s: float
@@ -194,9 +194,9 @@ async def _attempt(
     while True:
         if paced is not None:
             # The provider's own pacing is waited for like capacity: without a token.
-            await trio.sleep(paced.turn_delay(context.job_id, index, book=False))
+            await trio.sleep(await paced.turn_delay(context.job_id, index, book=False))
         async with context.capacity.slot(context.job_id, priority=index):
-            if paced is not None and paced.turn_delay(context.job_id, index, book=True) > 0:
+            if paced is not None and await paced.turn_delay(context.job_id, index, book=True) > 0:
                 continue  # a turn is booked, not due yet: waited for without the token
             progress.attempt += 1
             started = trio.current_time()

@@ -138,6 +138,19 @@ class FakeReplicate:
             self._copies_held.set()
             self._copies_held = None
 
+    def max_in_flight(self) -> int:
+        """The most predictions that were running at once (from create to done), ever."""
+        edges = sorted(
+            edge
+            for prediction in self.predictions.values()
+            for edge in ((prediction.created, 1), (prediction.done_at, -1))
+        )  # at equal times an end (-1) comes before a start: back to back is not at once
+        running = peak = 0
+        for _, step in edges:
+            running += step
+            peak = max(peak, running)
+        return peak
+
     def statuses(self) -> list[str]:
         return [self._refresh(p).status for p in self.predictions.values()]
 

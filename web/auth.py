@@ -6,7 +6,6 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict, deque
 from pathlib import Path
 
 import jwt
@@ -15,6 +14,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from web.errors import unauthorized
+from web.login_throttle import LoginLimiter, LoginThrottle
 from web.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,8 +25,6 @@ TOKEN_TYPE = "access"  # noqa: S105 (a claim value, not a secret)
 VERIFIED_TOKENS = 4096
 # Argon2 verification costs tens of milliseconds of CPU: run it in threads, two at a time.
 _HASH_THREADS = trio.CapacityLimiter(2)
-# Login attempts are remembered for at most this many (client, email) pairs.
-_MAX_TRACKED_LOGINS = 10_000
 
 
 class UsersFileError(ValueError):
@@ -53,46 +51,6 @@ def load_users_file(path: Path) -> dict[str, str]:
             raise UsersFileError(f"USERS_FILE {path} line {number}: expected email:$argon2...")
         users[email.strip().lower()] = hashed.strip()
     return users
-
-
-class LoginThrottle:
-    """Counts failed logins per (client, email) in a sliding window.
-
-    Concurrency: sync; used from request handlers on the Trio thread. Memory is bounded by
-    ``_MAX_TRACKED_LOGINS`` keys of at most ``max_failures`` stamps each.
-    """
-
-    def __init__(self, *, max_failures: int, window_s: float) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
-
-    def retry_after_s(self, key: tuple[str, str]) -> int | None:
-        """Seconds until ``key`` may try again, or ``None`` if it may try now."""
-        stamps = self._recent(key)
-        if len(stamps) < self.max_failures:
-            return None
-        return max(1, int(stamps[0] + self.window_s - trio.current_time()) + 1)
-
-    def failed(self, key: tuple[str, str]) -> None:
-        stamps = self._recent(key)
-        stamps.append(trio.current_time())
-        while len(stamps) > self.max_failures:
-            stamps.popleft()
-        self._failures[key] = stamps
-        self._failures.move_to_end(key)
-        while len(self._failures) > _MAX_TRACKED_LOGINS:
-            self._failures.popitem(last=False)
-
-    def succeeded(self, key: tuple[str, str]) -> None:
-        self._failures.pop(key, None)
-
-    def _recent(self, key: tuple[str, str]) -> deque[float]:
-        stamps = self._failures.get(key, deque())
-        horizon = trio.current_time() - self.window_s
-        while stamps and stamps[0] <= horizon:
-            stamps.popleft()
-        return stamps
 
 
 def kept_secret(path: Path) -> str:
@@ -150,7 +108,8 @@ class Authenticator:
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
         #: Tokens whose signature was checked: user and expiry (insertion-ordered, bounded).
         self._verified: dict[str, tuple[str, float]] = {}
-        self.throttle = LoginThrottle(
+        #: Failed logins (this process's own; ``run_server`` swaps in one shared through Redis).
+        self.throttle: LoginLimiter = LoginThrottle(
             max_failures=settings.login_max_failures, window_s=settings.login_window_s
         )
 

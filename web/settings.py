@@ -56,6 +56,12 @@ class StoreSettings:
             waits for the disk (survives a power cut) or only for the OS (survives a crash).
         redis_url: The Redis server of ``STORE=redis`` (``REDIS_URL``).
         redis_prefix: The start of every key the service keeps there (``REDIS_PREFIX``).
+        redis_limits_prefix: With ``STORE=redis``, the start of the keys of the limits shared
+            by every process using it: ``MAX_CONCURRENCY``, the Replicate create pace, login
+            throttling (``REDIS_LIMITS_PREFIX``; ``None``: ``<REDIS_PREFIX>limits:``).
+        capacity_lease_s: How long a slot of ``MAX_CONCURRENCY`` outlives the last renewal by
+            the process holding it, so the slots of a process that died come free
+            (``CAPACITY_LEASE_S``).
     """
 
     backend: str = "sqlite"
@@ -63,6 +69,15 @@ class StoreSettings:
     synchronous: str = "full"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "imagegen:"
+    redis_limits_prefix: str | None = None
+    capacity_lease_s: float = 10.0
+
+    @property
+    def limits_prefix(self) -> str:
+        """Where the limits shared across processes are kept in Redis."""
+        if self.redis_limits_prefix is not None:
+            return self.redis_limits_prefix
+        return f"{self.redis_prefix}limits:"
 
 
 @attrs.frozen(kw_only=True)
@@ -305,6 +320,8 @@ def _build(env: _Reader) -> Settings:
         ),
         redis_url=env.get("REDIS_URL", _redis_url, defaults.store.redis_url),
         redis_prefix=env.get("REDIS_PREFIX", _redis_prefix, defaults.store.redis_prefix),
+        redis_limits_prefix=env.get("REDIS_LIMITS_PREFIX", _redis_prefix, None) or None,
+        capacity_lease_s=env.get("CAPACITY_LEASE_S", _positive, defaults.store.capacity_lease_s),
     )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(

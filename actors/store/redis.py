@@ -310,6 +310,11 @@ class RedisStore:
         self._batches = 0
         self._calls = 0
 
+    @property
+    def client(self) -> coredis.Redis[str]:
+        """The entered client (other users of this Redis share it: ``actors.limits``)."""
+        return self._client
+
     # -- calls ----------------------------------------------------------------------------
 
     async def _call(

@@ -82,7 +82,7 @@ async def test_the_providers_create_pace_follows_the_setting(
     async with httpx.AsyncClient() as client:
         provider = ReplicateProvider(settings, client)
         await trio.sleep(3600)  # a full bucket
-        delays = [provider.turn_delay("job", index, book=True) for index in range(13)]
+        delays = [await provider.turn_delay("job", index, book=True) for index in range(13)]
     burst = int(CREATE_BURST)
     assert delays[:burst] == [0.0] * burst
     assert delays[burst:] == pytest.approx([gap_s, 2 * gap_s, 3 * gap_s])
@@ -95,11 +95,11 @@ async def test_a_429_halves_a_raised_pace_and_recovery_stops_at_the_setting(
     settings = ReplicateSettings(api_token="r8_test", max_creates_per_min=6_000)
     async with httpx.AsyncClient() as client:
         provider = ReplicateProvider(settings, client)
-    provider.pacer.throttled(1.0)
-    assert provider.pacer.rate == 50.0
+    await provider.pace.throttled(1.0)
+    assert provider.pace.rate == 50.0
     for _ in range(200):
-        provider.pacer.accepted()
-    assert provider.pacer.rate == 100.0
+        await provider.pace.accepted()
+    assert provider.pace.rate == 100.0
 
 
 async def test_a_pace_below_the_floor_is_never_raised_by_a_429(

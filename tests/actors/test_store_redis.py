@@ -20,7 +20,7 @@ from actors.errors import StoreUnavailable
 from actors.store import AppendEvent, DeleteJob, PutImages, PutJob, SetRemote, commit
 from actors.store.redis import RedisStore, open_client, open_redis_store
 from tests.actors.test_store import PENDING, image, job_record, new_job, only_job, progress
-from tests.redis_support import REDIS_URL, RedisProxy, keys_under
+from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections, keys_under
 
 #: Short, so that waiting out a dead holder costs little; the same code path as 5 s.
 TTL_S = 0.6
@@ -229,14 +229,6 @@ async def test_an_owner_key_lost_with_redis_is_taken_again_by_the_next_write(
 
 
 # --- Redis down, hanging, and back -------------------------------------------------------------
-
-
-#: coredis 6.9.0 leaves a connection's anyio memory streams (coredis/connection/_base.py) to the
-#: garbage collector when Redis drops the connection; the warning says nothing about the store.
-dropped_connections = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*MemoryObject(Receive|Send)Stream"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 
 
 @pytest.fixture

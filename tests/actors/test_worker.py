@@ -346,7 +346,7 @@ async def test_cancelled_worker_cancels_the_provider_call_and_reports_no_outcome
     assert [type(report) for report in reports] == [AttemptStarted]
     assert provider.cancelled == 1
     assert provider.in_flight == 0
-    assert context.capacity.limiter.statistics().borrowed_tokens == 0
+    assert context.capacity.statistics().in_use == 0
 
 
 async def test_backoff_is_taken_without_holding_a_token(
@@ -683,7 +683,7 @@ class PacedFake(FakeProvider):
         self.turns: dict[int, float] = {}
         self.next_turn = 0.0
 
-    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+    async def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
         now = trio.current_time()
         turn = self.turns.get(index)
         if turn is None:
