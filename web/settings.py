@@ -55,6 +55,8 @@ class StoreSettings:
             waits for the disk (survives a power cut) or only for the OS (survives a crash).
         redis_url: The Redis server of ``STORE=redis`` (``REDIS_URL``).
         redis_prefix: The start of every key the service keeps there (``REDIS_PREFIX``).
+        job_lease_s: With Redis, how long a node's hold on a job outlives the node
+            (``JOB_LEASE_S``): a killed node's jobs are carried on by another after this.
     """
 
     backend: str = "sqlite"
@@ -62,6 +64,7 @@ class StoreSettings:
     synchronous: str = "full"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "imagegen:"
+    job_lease_s: float = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -304,6 +307,7 @@ def _build(env: _Reader) -> Settings:
         ),
         redis_url=env.get("REDIS_URL", _redis_url, defaults.store.redis_url),
         redis_prefix=env.get("REDIS_PREFIX", _redis_prefix, defaults.store.redis_prefix),
+        job_lease_s=env.get("JOB_LEASE_S", _positive, defaults.store.job_lease_s),
     )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(
