@@ -379,7 +379,16 @@ class RedisStore:
         key = self.keys.user(owner, "jobs")
         found = await self._call(
             "reading a list of jobs",
-            partial(self._client.zrevrangebyscore, key, top, 0, offset=0, count=limit + 1),
+            partial(
+                self._client.zrange,
+                key,
+                top,  # with REV, the range runs from the highest score down
+                0,
+                sortby=coredis.PureToken.BYSCORE,
+                rev=True,
+                offset=0,
+                count=limit + 1,
+            ),
         )
         job_ids = [str(member) for member in found]
         jobs = await self._load_chunk(job_ids[:limit])
