@@ -23,6 +23,7 @@ writes nothing more of that job and stops running it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -203,6 +204,10 @@ class ClusterNode:
                 )
             except _REDIS_ERRORS as exc:
                 logger.warning("cluster: cannot read the job queue: %s", exc)
+                if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
+                    # Redis lost the queue (restarted without persistence): make it again.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._create_group()
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue

@@ -19,7 +19,7 @@ ADMIT = r"""#!lua
 local P, node, ttl, id, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
 if status == false or status == 'completed' or status == 'failed' or status == 'canceled' then
-  redis.call('XACK', P .. 'queue', 'nodes', entry)
+  redis.pcall('XACK', P .. 'queue', 'nodes', entry)
   redis.call('XDEL', P .. 'queue', entry)
   return {'gone', 0}
 end
@@ -44,7 +44,8 @@ for i = 4, #ARGV, 2 do
   local held = redis.call('GET', lease)
   if held == node or held == false then
     redis.call('SET', lease, node, 'PX', ttl)
-    redis.call('XCLAIM', P .. 'queue', 'nodes', node, 0, entry, 'JUSTID')
+    -- pcall: a Redis that lost the queue (restarted without persistence) still renews leases.
+    redis.pcall('XCLAIM', P .. 'queue', 'nodes', node, 0, entry, 'JUSTID')
     if redis.call('EXISTS', P .. 'job:' .. id .. ':cancel') == 1 then
       cancelled[#cancelled + 1] = id
     end
@@ -67,7 +68,7 @@ if held == node then
 elseif held ~= false then
   return 0  -- another node runs the job now: its entry is that node's
 end
-redis.call('XACK', P .. 'queue', 'nodes', entry)
+redis.pcall('XACK', P .. 'queue', 'nodes', entry)
 redis.call('XDEL', P .. 'queue', entry)
 if requeue == '1' then redis.call('XADD', P .. 'queue', '*', 'job', id) end
 return 1

@@ -11,7 +11,7 @@ sockets; the token comes from a login on A only (every node checks it alike).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from tests.e2e.service_clients import (
 )
 from tests.e2e.test_server import open_ws
 from tests.fake_replicate import FakeReplicate, run_fake_replicate
-from tests.redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL, RedisProxy
 
 #: Bounds the whole of one test (three starts, a takeover, the job's end).
 TEST_S = 60
@@ -142,6 +142,25 @@ async def follow_ws(cluster: Cluster, node: Service, job_id: str, seen: list[Eve
         await trio.sleep(0.1)
 
 
+def start_followers(
+    nursery: trio.Nursery, cluster: Cluster, job_id: str, *, sse: Service, ws: Service
+) -> tuple[list[Event], list[Event]]:
+    """An SSE follower on ``sse`` and a WebSocket one on ``ws``: the events each will see."""
+    sse_seen: list[Event] = []
+    ws_seen: list[Event] = []
+    nursery.start_soon(follow_sse, cluster, sse, job_id, sse_seen)
+    nursery.start_soon(follow_ws, cluster, ws, job_id, ws_seen)
+    return sse_seen, ws_seen
+
+
+async def poll(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (it depends on other tasks' reads of other processes)."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.05)
+
+
 def check_once_each(events: list[Event]) -> None:
     assert [event.id for event in events] == list(range(1, NUM_IMAGES + 2)), events
     assert sorted(event.data["index"] for event in events[:-1]) == list(range(NUM_IMAGES))
@@ -160,12 +179,9 @@ async def run_takeover(
         async with http(a) as client_a:
             cluster = Cluster(nodes, token(client_a))
             job_id = await submit_job(client_a, NUM_IMAGES)
-        sse_seen: list[Event] = []
-        ws_seen: list[Event] = []
         with trio.fail_after(TEST_S):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(follow_sse, cluster, b, job_id, sse_seen)
-                nursery.start_soon(follow_ws, cluster, c, job_id, ws_seen)
+                sse_seen, ws_seen = start_followers(nursery, cluster, job_id, sse=b, ws=c)
                 runner = await cluster.runner(job_id)
                 await fake.wait_for_predictions(NUM_IMAGES)
                 await trio.sleep(0.3)  # the ids are journaled (else they are reconciled)
@@ -197,3 +213,61 @@ async def test_the_running_node_stops_and_a_survivor_completes_the_job_each_even
     assert job["status"] == "completed"
     # One prediction per image: the survivor resumed each by id, none was created again.
     assert (fake.create_requests, len(fake.predictions)) == (NUM_IMAGES, NUM_IMAGES)
+
+
+# --- Redis trouble ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery) -> RedisProxy:
+    proxy = RedisProxy()
+    await nursery.start(proxy.run)
+    return proxy
+
+
+async def test_while_redis_is_away_a_node_says_so_and_its_streams_wait_then_go_on(
+    tmp_path: Path, redis_prefix: str, proxy: RedisProxy
+) -> None:
+    environ = {
+        "STORE": "redis",
+        "REDIS_URL": proxy.url,
+        "REDIS_PREFIX": redis_prefix,
+        "JOB_LEASE_S": "1",
+        "HEARTBEAT_S": "0.5",
+        "MAX_CONCURRENCY": "1",
+        "LOCAL_LATENCY_MS": "700-700",
+    }
+    async with service(tmp_path, environ, name="a") as node, http(node) as client:
+        cluster = Cluster([node], token(client))
+        job_id = await submit_job(client, NUM_IMAGES)
+        with trio.fail_after(TEST_S):
+            async with trio.open_nursery() as nursery:
+                seen, ws_seen = start_followers(nursery, cluster, job_id, sse=node, ws=node)
+                await poll(lambda: bool(seen and ws_seen))
+                proxy.down()
+                health = await client.get("/health")
+                refused = await client.post(
+                    "/api/generate", json={"prompt": "a red fox", "num_images": NUM_IMAGES}
+                )
+                # A job this node does not follow yet cannot be read: the client is told to
+                # come back (the streams already open go on, waiting).
+                query = f"token={cluster.bearer}"
+                other = "00000000-0000-4000-8000-000000000000"
+                async with open_ws(node.ws_url(f"/api/generate/{other}?{query}")) as ws:
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await ws.get_message()
+                await trio.sleep(2)  # images end meanwhile: the job waits to store them
+                await proxy.up()
+            after = await client.get("/health")
+        stderr = node.stderr()
+
+    assert health.status_code == 503
+    assert "Redis" in health.json()["checks"]["store"]
+    assert refused.status_code == 503
+    assert refused.json()["detail"] == "The service cannot store jobs right now; try again shortly"
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1013
+    check_once_each(seen)
+    check_once_each(ws_seen)
+    assert after.status_code == 200
+    assert "Traceback" not in stderr
