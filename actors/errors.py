@@ -65,14 +65,17 @@ class StoreUnavailable(ActorError):
     """The job store failed to read or write; nothing the request asked for was changed.
 
     ``refused`` says the store works but will never take this write (it cannot be bound, or it
-    contradicts what is stored): trying it again is pointless.
+    contradicts what is stored): trying it again is pointless. ``fenced`` (refused too) says
+    another node of a cluster holds the job's lease now: this node must stop running the job
+    without writing anything more of it.
     """
 
     retry_after_s = 5
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, fenced: bool = False) -> None:
         super().__init__(message)
-        self.refused = refused
+        self.refused = refused or fenced
+        self.fenced = fenced
 
 
 class LimitsUnavailable(ActorError):

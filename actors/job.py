@@ -156,6 +156,9 @@ class JobActor:
         self._admission: Commit | None = None
         self._refused: StoreUnavailable | None = None
         self._finished = trio.Event()
+        self._suspended = False
+        #: Called (sync) with each event as it is published (a cluster node's event reader).
+        self.on_publish: Callable[[JobEvent], None] | None = None
 
     @classmethod
     def restore(
@@ -224,6 +227,20 @@ class JobActor:
         """Stop the job: unfinished images end ``canceled``. No effect on a finished job."""
         self._cancel_scope.cancel()
 
+    @property
+    def suspended(self) -> bool:
+        """Whether the job stopped here unfinished, to be carried on elsewhere (or later)."""
+        return self._suspended
+
+    def suspend(self) -> None:
+        """Stop running the job here without ending it: nothing more of it is written or
+        published, and its images' remote work goes on, for the node that carries it on (a
+        cluster handing it over, or another node that took its lease). No effect once finished.
+        """
+        if not self._status.finished:
+            self._suspended = True
+            self._cancel_scope.cancel()
+
     def snapshot(self) -> JobSnapshot:
         """The job as stored: while a write is pending, the state from before it."""
         if self._frozen is not None:
@@ -264,6 +281,8 @@ class JobActor:
                 self._crashed = True
                 if not self._stored.is_set():
                     self._refuse(StoreUnavailable("the job could not be stored"))
+            if self._suspended:
+                return  # handed over: the job is carried on elsewhere, from what is stored
             if self._refused is None:
                 self._conclude()
                 await self._flush()
@@ -323,6 +342,8 @@ class JobActor:
     def _keeps_remote_work(self) -> bool:
         """Whether a cancelled worker leaves its remote work running (for the next start): only
         when the process stops, not when the job is cancelled or has crashed."""
+        if self._suspended:
+            return True
         return self._store.resumable and not self._cancel_scope.cancel_called and not self._crashed
 
     def _end_now(self) -> None:
@@ -356,12 +377,7 @@ class JobActor:
         write does (logged and counted as a crash): the job never runs.
         """
         try:
-            self._admission = self._store.write(
-                PutJob(self._job_record()),
-                PutImages(
-                    self.job_id, tuple(self._image_snapshot(image) for image in self._images)
-                ),
-            )
+            self._admission = self._store.write(*self.first_write())
         except Exception:
             logger.exception("job %s: its first write crashed", self.job_id)
             self._counters.crashed += 1
@@ -370,6 +386,11 @@ class JobActor:
             )
         if self._admission.settled:
             self._settle_admission()
+
+    def first_write(self) -> tuple[Operation, ...]:
+        """The new job's first write: its record and its images (sync)."""
+        images = tuple(self._image_snapshot(image) for image in self._images)
+        return (PutJob(self._job_record()), PutImages(self.job_id, images))
 
     def _settle_admission(self) -> None:
         commit = self._admission
@@ -504,6 +525,12 @@ class JobActor:
                 await self._store.write(*operations).wait()
                 break
             except StoreUnavailable as exc:
+                if exc.fenced:
+                    # Another node took the job over: stop here, writing and publishing nothing.
+                    logger.warning("job %s: %s; stopping here", self.job_id, exc)
+                    self._suspended = True
+                    self._cancel_scope.cancel()
+                    return
                 if exc.refused:
                     # The store works but will never take this write (a bug): the job goes
                     # on unstored rather than stall, and says so.
@@ -526,6 +553,8 @@ class JobActor:
         self._frozen = None
         for event in self._unpublished:
             self.log.append(event)
+            if self.on_publish is not None:
+                self.on_publish(event)
         self._unpublished.clear()
         if self._status.finished and not self._finished.is_set():
             self.log.close()

@@ -15,6 +15,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from actors.capacity import Capacity
+from actors.cluster import ClusterNode, new_node_id
 from actors.errors import StoreUnavailable
 from actors.files import ImageFiles, open_image_files
 from actors.limits.redis_capacity import open_redis_capacity
@@ -23,7 +24,7 @@ from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
 from actors.store import JobStore, MemoryStore, open_sqlite_store
 from actors.store.journal import StoreJournal
-from actors.store.redis import RedisStore, open_redis_store
+from actors.store.redis import RedisStore, open_redis_store, redis_secret
 from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
@@ -102,6 +103,12 @@ async def run_server(
         limits = await stack.enter_async_context(open_limits(settings, store))
         if limits.login is not None:
             auth.throttle = limits.login
+        cluster = None
+        if isinstance(store, RedisStore):
+            # Redis is shared: this process is one node of a cluster on its prefix.
+            cluster = ClusterNode(
+                store, url=settings.store.redis_url, lease_s=settings.store.job_lease_s
+            )
         files = await stack.enter_async_context(open_image_files(settings.files))
         if provider is None:
             provider = await stack.enter_async_context(
@@ -109,7 +116,12 @@ async def run_server(
             )
         supervisor = await stack.enter_async_context(
             open_supervisor(
-                provider, settings.supervisor, store=store, files=files, capacity=limits.capacity
+                provider,
+                settings.supervisor,
+                store=store,
+                files=files,
+                capacity=limits.capacity,
+                cluster=cluster,
             )
         )
         app = TrustedProxies(create_app(supervisor, settings, auth), settings.forwarded_allow_ips)
@@ -146,7 +158,10 @@ async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
         return
     if store_settings.backend == "redis":
         async with open_redis_store(
-            store_settings.redis_url, store_settings.redis_prefix
+            store_settings.redis_url,
+            store_settings.redis_prefix,
+            node=new_node_id(),
+            lease_s=store_settings.job_lease_s,
         ) as redis_store:
             yield redis_store
         return
@@ -214,10 +229,14 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_format)
     try:
         secret = None
-        if settings.auth_secret is None and settings.store.backend != "memory":
+        if settings.auth_secret is None and settings.store.backend == "redis":
+            # Kept in Redis: a token signed by any node is valid on every node.
+            store_settings = settings.store
+            secret = trio.run(redis_secret, store_settings.redis_url, store_settings.redis_prefix)
+        elif settings.auth_secret is None and settings.store.backend != "memory":
             secret = kept_secret(settings.store.database_path.with_name("auth_secret"))
         auth = Authenticator(settings, secret=secret)
-    except (UsersFileError, OSError) as exc:
+    except (UsersFileError, OSError, StoreUnavailable) as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
     try:

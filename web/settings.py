@@ -62,6 +62,8 @@ class StoreSettings:
         capacity_lease_s: How long a slot of ``MAX_CONCURRENCY`` outlives the last renewal by
             the process holding it, so the slots of a process that died come free
             (``CAPACITY_LEASE_S``).
+        job_lease_s: With Redis, how long a node's hold on a job outlives the node
+            (``JOB_LEASE_S``): a killed node's jobs are carried on by another after this.
     """
 
     backend: str = "sqlite"
@@ -78,6 +80,8 @@ class StoreSettings:
         if self.redis_limits_prefix is not None:
             return self.redis_limits_prefix
         return f"{self.redis_prefix}limits:"
+
+    job_lease_s: float = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -322,6 +326,7 @@ def _build(env: _Reader) -> Settings:
         redis_prefix=env.get("REDIS_PREFIX", _redis_prefix, defaults.store.redis_prefix),
         redis_limits_prefix=env.get("REDIS_LIMITS_PREFIX", _redis_prefix, None) or None,
         capacity_lease_s=env.get("CAPACITY_LEASE_S", _positive, defaults.store.capacity_lease_s),
+        job_lease_s=env.get("JOB_LEASE_S", _positive, defaults.store.job_lease_s),
     )
     users_file = env.text("USERS_FILE", None)
     settings = Settings(
