@@ -72,7 +72,7 @@ class StoreSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "imagegen:"
     redis_limits_prefix: str | None = None
-    capacity_lease_s: float = 10.0
+    capacity_lease_s: float = 5.0
 
     @property
     def limits_prefix(self) -> str:

@@ -44,7 +44,7 @@ from actors.messages import CapacityStatistics
 logger = logging.getLogger("actors.limits")
 
 #: How long a slot outlives its holder's last renewal (``CAPACITY_LEASE_S``).
-CAPACITY_LEASE_S = 10.0
+CAPACITY_LEASE_S = 5.0
 #: How long giving a slot back may hold up the task leaving it (then the renewal task retries).
 RELEASE_TIMEOUT_S = 2.0
 
