@@ -1,8 +1,9 @@
 """Limits shared across ``python -m web`` processes (``STORE=redis``), end to end: real
 processes, the real Redis (tests/redis_support.py), the fake Replicate on a real socket.
 
-Each process has a ``REDIS_PREFIX`` of its own (one process per store prefix) and all share one
-``REDIS_LIMITS_PREFIX``, so ``MAX_CONCURRENCY`` holds for all of them together.
+Either the processes are the nodes of one cluster (one ``REDIS_PREFIX``: any node accepts, one
+runs each job) or separate deployments (a ``REDIS_PREFIX`` each) that share one
+``REDIS_LIMITS_PREFIX``: either way ``MAX_CONCURRENCY`` holds for all of them together.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.e2e.service_clients import http, read_sse, service, submit_job
@@ -22,9 +24,11 @@ PROCESSES = 3
 CAPACITY = 3
 
 
+@pytest.mark.parametrize("cluster", [True, False], ids=["one cluster", "deployments"])
 async def test_processes_sharing_limits_hold_them_together(
     tmp_path: Path,
     prefix: str,  # noqa: F811 (the fixture)
+    cluster: bool,
 ) -> None:
     fake = FakeReplicate(latency_s=0.3)
     async with run_fake_replicate(fake) as replicate_url, AsyncExitStack() as stack:
@@ -35,8 +39,8 @@ async def test_processes_sharing_limits_hold_them_together(
             environ = {
                 "STORE": "redis",
                 "REDIS_URL": REDIS_URL,
-                "REDIS_PREFIX": f"{prefix}node{n}:",
-                "REDIS_LIMITS_PREFIX": f"{prefix}limits:",
+                "REDIS_PREFIX": prefix if cluster else f"{prefix}node{n}:",
+                "REDIS_LIMITS_PREFIX": "" if cluster else f"{prefix}limits:",
                 "MAX_CONCURRENCY": str(CAPACITY),
                 "MAX_ACTIVE_JOBS_PER_USER": "10",
                 "REPLICATE_API_TOKEN": TOKEN,
