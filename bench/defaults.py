@@ -29,6 +29,9 @@ overhead (p99 over the repetitions) <= the yardstick's + 10 ms.
 
     .venv/bin/python -m bench.defaults --json bench/results/defaults.json
     .venv/bin/python -m bench.defaults --env STORE=memory --env STORE_IMAGES=false
+
+``--profile FILE`` then samples our server with py-spy over ``--repeats`` more jobs (a run of
+its own, not measured) and sums the samples by layer and function (``bench/profiling.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 
 import trio
 
-from bench import common
+from bench import common, profiling
 from tests.fake_replicate import TOKEN, FakeReplicate, run_fake_replicate
 
 KINDS = ("ours", "yardstick")
@@ -168,6 +171,12 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 if isinstance(after.get(key), int)
             }
             result["ours_rss_kb"] = ours.rss_kb()
+            if args.profile:
+                # A run of its own (py-spy pauses the server at every sample): not measured.
+                async with profiling.py_spy_record(ours.pid, args.profile, rate=args.rate):
+                    for _ in range(args.repeats):
+                        await one_job(ours, tokens["ours"], fake, args)
+                result["profile"] = profiling.analyse(args.profile)
     for kind in KINDS:
         result[kind] = summary(jobs[kind])
     result["targets"] = targets(result["ours"], result["yardstick"])
@@ -193,9 +202,14 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="our service's settings"
     )
+    parser.add_argument(
+        "--profile", type=Path, help="then py-spy (raw samples here) over --repeats more jobs"
+    )
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     result = common.run_in_work_dir(run, args, "bench-defaults-")
+    result["settings"]["profile"] = str(args.profile) if args.profile else None
     ours, yard, met = result["ours"], result["yardstick"], result["targets"]
     rows: list[list[object]] = []
     for figure in ("p50", "p95", "p99", "max"):
@@ -216,6 +230,8 @@ def main() -> None:
         f"env {result['env'] or 'defaults'}: delivery target met: {met['delivery_p99_met']}; "
         f"TTFI target met: {met['ttfi_overhead_met']}\n"
     )
+    if result.get("profile"):
+        profiling.print_analysis(result["profile"])
     common.emit(result, args.json)
 
 
