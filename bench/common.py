@@ -304,6 +304,44 @@ async def spawn_server(
                 await process.wait()
 
 
+@asynccontextmanager
+async def spawn_fake_replicate(latency_s: float) -> AsyncIterator[int]:
+    """Run ``python -m tests.fake_replicate`` (a process of its own, so that its work is not
+    the bench's) until the block ends; yields its port once it answers."""
+    port = free_port()
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "tests.fake_replicate",
+            "--port",
+            str(port),
+            "--latency",
+            str(latency_s),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(60):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        yield port
+    finally:
+        with trio.CancelScope(shield=True):
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
 async def _wait_healthy(server: Server) -> None:
     with trio.fail_after(60):
         for _ in range(6000):
