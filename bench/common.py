@@ -294,19 +294,19 @@ async def spawn_server(
         await _wait_healthy(server)
         yield server
     finally:
-        await _stop(process)
+        with trio.move_on_after(30, shield=True):
+            await _stop(process)
 
 
 async def _stop(process: trio.Process) -> None:
-    """SIGTERM, and SIGKILL after 10 s (shielded: this runs while the bench unwinds)."""
-    with trio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
+    """SIGTERM, and SIGKILL after 10 s (callers shield it: it runs while the bench unwinds)."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
             await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
 
 
 @asynccontextmanager
@@ -338,7 +338,8 @@ async def spawn_fake_replicate(latency_s: float) -> AsyncIterator[int]:
                     await trio.sleep(0.05)
         yield port
     finally:
-        await _stop(process)
+        with trio.move_on_after(30, shield=True):
+            await _stop(process)
 
 
 async def _wait_healthy(server: Server) -> None:
