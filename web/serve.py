@@ -203,7 +203,10 @@ async def open_limits(settings: Settings, store: JobStore) -> AsyncIterator[Limi
             window_s=settings.login_window_s,
         )
         # Replicate's rate limit is the account's: its creates are paced across processes.
-        pace = RedisPace(store.client, prefix=prefix) if settings.replicate is not None else None
+        pace = None
+        if settings.replicate is not None:
+            max_rate = settings.replicate.max_creates_per_min / 60
+            pace = RedisPace(store.client, prefix=prefix, max_rate=max_rate)
         logger.info("limits: shared under %r", prefix)
         yield Limits(capacity=capacity, pace=pace, login=login)
 

@@ -244,7 +244,7 @@ PACE_THROTTLED = (
     _PACE_PRELUDE
     + r"""
 throttles = throttles + 1
-rate = math.max(min_rate, rate / 2)
+rate = math.max(math.min(min_rate, max_rate), rate / 2)
 paused = math.max(paused, now + tonumber(ARGV[6]))
 tokens = 1
 stamp = paused

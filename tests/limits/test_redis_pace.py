@@ -65,6 +65,17 @@ async def test_a_429_on_one_process_pauses_and_slows_the_others(redis_prefix: st
         assert one.rate == MAX_CREATES_PER_S / 2 + 2 * RATE_STEP
 
 
+async def test_the_ceiling_is_the_max_rate_given(redis_prefix: str) -> None:
+    async with open_client(REDIS_URL) as client:
+        pace = RedisPace(client, prefix=redis_prefix, max_rate=2, burst=1)
+        assert await delays(pace, 3) == pytest.approx([0, 0.5, 1.0], abs=SLACK_S)
+        await pace.throttled(0)
+        await pace.throttled(0)
+        assert pace.rate == 0.5  # halved twice, as a pace of one process would be
+        await pace.accepted()
+        assert pace.rate == 1.5
+
+
 async def test_the_rate_grows_back_to_at_most_the_max(redis_prefix: str) -> None:
     async with paces(redis_prefix, 1) as (pace,):
         await pace.throttled(0)
