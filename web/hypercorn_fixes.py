@@ -55,6 +55,15 @@ reverted upstream; h11 and wsproto raise ``LocalProtocolError`` for what a peer 
    forever: its task and memory leaked, one connection at a time. The channel is now closed
    when the app returns, and what arrives later is dropped.
 
+Lean connections:
+
+13. The app is cancelled as soon as its client goes away. Hypercorn only puts ``http.disconnect``
+   (``websocket.disconnect``) in the app's channel; a framework that wants to stop then needs a
+   task of its own per request reading that channel (quart-trio has one, and the nursery that
+   holds it). The app now runs in a cancel scope that the disconnect cancels, and the scope
+   advertises it as the ASGI extension :data:`CANCEL_ON_DISCONNECT`, so an app (web/asgi.py) may
+   serve a request without that extra task.
+
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
 """
@@ -85,6 +94,9 @@ CLOSE_TIMEOUT_S = 1.0
 SEND_TIMEOUT_S = 30.0
 #: Bytes a WebSocket client may send before its handshake completes (more: the socket closes).
 EARLY_DATA_MAX_BYTES = 64 * 1024
+
+#: The ASGI scope extension of fix 13: the server cancels the app when the client disconnects.
+CANCEL_ON_DISCONNECT = "imagegen.cancel_on_disconnect"
 
 #: Connection errors contained since the process started, by exception type (process-wide, as
 #: the patched classes are).
@@ -320,6 +332,82 @@ async def _ws_handle_events(self: WSStream) -> None:
                 break
 
 
+# --- 13: the app is cancelled when its client goes away ---------------------------------------
+
+_DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
+
+
+class _CancellableApp:
+    """An app wrapper running the app in a cancel scope that a disconnect cancels.
+
+    A disconnect that comes while the app is sending (its last body message ends the stream,
+    or the socket broke under it) cancels once that send has returned: Hypercorn may still be
+    recycling the connection inside it.
+    """
+
+    __slots__ = ("app", "cancel_scope", "disconnected", "send", "sending")
+
+    def __init__(self, app: AppWrapper) -> None:
+        self.app = app
+        self.cancel_scope = trio.CancelScope()
+        self.disconnected = False
+        self.send: Callable[[ASGISendEvent], Awaitable[None]] | None = None
+        self.sending = 0
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: Callable[[], Awaitable[ASGIReceiveEvent]],
+        send: Callable[[ASGISendEvent], Awaitable[None]],
+        sync_spawn: Callable[..., object],
+        call_soon: Callable[..., object],
+    ) -> None:
+        self.send = send
+        with self.cancel_scope:
+            await self.app(scope, receive, self._send, sync_spawn, call_soon)
+
+    async def _send(self, message: ASGISendEvent) -> None:
+        assert self.send is not None
+        self.sending += 1
+        try:
+            await self.send(message)
+        finally:
+            self.sending -= 1
+        if self.disconnected:
+            self.cancel_scope.cancel()
+
+    def disconnect(self) -> None:
+        if self.sending:
+            self.disconnected = True  # see the class's docstring
+        else:
+            self.cancel_scope.cancel()
+
+
+def _spawn_app_cancelled_on_disconnect(
+    spawn_app: Callable[..., Awaitable[Callable[[ASGIReceiveEvent], Awaitable[None]]]],
+) -> Callable[..., Awaitable[Callable[[ASGIReceiveEvent], Awaitable[None]]]]:
+    async def spawn(
+        self: task_group.TaskGroup,
+        app: AppWrapper,
+        config: Config,
+        scope: Scope,
+        send: Callable[[ASGISendEvent | None], Awaitable[None]],
+    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        cancellable = _CancellableApp(app)
+        scope.setdefault("extensions", {})[CANCEL_ON_DISCONNECT] = {}  # type: ignore[typeddict-item]
+        put = await spawn_app(self, cancellable, config, scope, send)
+
+        async def put_or_cancel(message: ASGIReceiveEvent) -> None:
+            if message["type"] in _DISCONNECTS:
+                cancellable.disconnect()  # before a put that could wait on a full channel
+            await put(message)
+
+        return put_or_cancel
+
+    spawn.cancels_on_disconnect = True  # type: ignore[attr-defined]
+    return spawn
+
+
 def install() -> None:
     """Apply every fix (idempotent)."""
     worker_context.TrioSingleTask.restart = _restart_shielded  # type: ignore[method-assign]
@@ -331,3 +419,12 @@ def install() -> None:
     WSStream._accept = _ws_accept  # type: ignore[method-assign]
     WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
     task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
+    _install_cancel_on_disconnect()
+
+
+def _install_cancel_on_disconnect() -> None:
+    """Fix 13, around whatever ``spawn_app`` the fixes above installed (once)."""
+    current = task_group.TaskGroup.spawn_app
+    if not getattr(current, "cancels_on_disconnect", False):
+        fixed = _spawn_app_cancelled_on_disconnect(current)
+        task_group.TaskGroup.spawn_app = fixed  # type: ignore[method-assign,assignment]

@@ -1,0 +1,78 @@
+"""The Quart-Trio app class: a request without a body is served in the app's own task.
+
+quart-trio serves every HTTP request with a nursery of two tasks: one runs the handler and sends
+the response, the other reads the ASGI channel (the body, then ``http.disconnect``, which cancels
+the first). An open SSE stream kept both tasks, their nursery and their frames alive for as long
+as it lasted. When the server cancels the app on a disconnect by itself (Hypercorn with
+web/hypercorn_fixes.py fix 13, which advertises :data:`CANCEL_ON_DISCONNECT`), a request whose
+body is complete in its first message (a GET, a DELETE, ...) needs neither: the handler runs and
+the response is sent in the task Hypercorn started for the app. Anything else (a body still
+arriving, another server, Quart's test client) is served as quart-trio serves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable
+from quart.typing import ResponseTypes
+from quart.wrappers import Response
+from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
+
+from web.hypercorn_fixes import CANCEL_ON_DISCONNECT
+
+
+class InlineHTTPConnection(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection, without its two tasks where the server allows it."""
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if CANCEL_ON_DISCONNECT not in self.scope.get("extensions", {}):
+            await super().__call__(receive, send)
+            return
+        request = self._create_request_from_scope(send)
+        first = await receive()
+        if first["type"] == "http.request" and not first.get("more_body", False):
+            request.body.append(first.get("body", b""))
+            request.body.set_complete()
+            response = await self.app.handle_request(request)
+            del request  # a long response (an event stream) need not keep the request alive
+            await self._respond(response, send)
+            return
+        # A body follows (or the client left): quart-trio's way, the first message first.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.handle_messages, nursery, request, _replay(first, receive))
+            nursery.start_soon(self.handle_request, nursery, request, send)
+
+    async def _respond(self, response: ResponseTypes, send: ASGISendCallable) -> None:
+        """The rest of quart-trio's ``handle_request``, in this task (a disconnect cancels it:
+        fix 13)."""
+        timeout = self.app.config["RESPONSE_TIMEOUT"]
+        if isinstance(response, Response) and response.timeout is not Ellipsis:
+            timeout = response.timeout
+        if timeout is None:  # a stream (Quart's RESPONSE_TIMEOUT would cut it): no scope to keep
+            await self._send_response(send, response)
+            return
+        with trio.move_on_after(timeout):
+            await self._send_response(send, response)
+
+
+def _replay(
+    first: ASGIReceiveEvent, receive: ASGIReceiveCallable
+) -> Callable[[], Awaitable[ASGIReceiveEvent]]:
+    pending = [first]
+
+    async def replayed() -> ASGIReceiveEvent:
+        if pending:
+            await trio.lowlevel.checkpoint()
+            return pending.pop()
+        return await receive()
+
+    return replayed
+
+
+class App(QuartTrio):
+    """QuartTrio with :class:`InlineHTTPConnection`."""
+
+    asgi_http_class = InlineHTTPConnection
