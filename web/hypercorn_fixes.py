@@ -74,6 +74,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -383,19 +384,20 @@ class _CancellableApp:
             self.cancel_scope.cancel()
 
 
+_AppPut = Callable[[ASGIReceiveEvent], Awaitable[None]]
+
+
 def _spawn_app_cancelled_on_disconnect(
-    spawn_app: Callable[..., Awaitable[Callable[[ASGIReceiveEvent], Awaitable[None]]]],
-) -> Callable[..., Awaitable[Callable[[ASGIReceiveEvent], Awaitable[None]]]]:
+    spawn_app: Callable[..., Awaitable[_AppPut]],
+) -> Callable[..., Awaitable[_AppPut]]:
     async def spawn(
-        self: task_group.TaskGroup,
-        app: AppWrapper,
-        config: Config,
-        scope: Scope,
-        send: Callable[[ASGISendEvent | None], Awaitable[None]],
-    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        self: task_group.TaskGroup, app: AppWrapper, *config_scope_send: Any
+    ) -> _AppPut:
+        """``spawn_app(app, config, scope, send)`` with ``app`` in a :class:`_CancellableApp`."""
         cancellable = _CancellableApp(app)
-        scope.setdefault("extensions", {})[CANCEL_ON_DISCONNECT] = {}  # type: ignore[typeddict-item]
-        put = await spawn_app(self, cancellable, config, scope, send)
+        scope = config_scope_send[1]
+        scope.setdefault("extensions", {})[CANCEL_ON_DISCONNECT] = {}
+        put = await spawn_app(self, cancellable, *config_scope_send)
 
         async def put_or_cancel(message: ASGIReceiveEvent) -> None:
             if message["type"] in _DISCONNECTS:
