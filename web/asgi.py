@@ -3,11 +3,12 @@
 quart-trio serves every HTTP request with a nursery of two tasks: one runs the handler and sends
 the response, the other reads the ASGI channel (the body, then ``http.disconnect``, which cancels
 the first). An open SSE stream kept both tasks, their nursery and their frames alive for as long
-as it lasted. When the server cancels the app on a disconnect by itself (Hypercorn with
-web/hypercorn_fixes.py fix 13, which advertises :data:`CANCEL_ON_DISCONNECT`), a request whose
-body is complete in its first message (a GET, a DELETE, ...) needs neither: the handler runs and
-the response is sent in the task Hypercorn started for the app. Anything else (a body still
-arriving, another server, Quart's test client) is served as quart-trio serves it.
+as it lasted. When the server can cancel the app on a disconnect by itself (Hypercorn with
+web/hypercorn_fixes.py fix 13, which offers :data:`CANCEL_ON_DISCONNECT`), a request whose body
+is complete in its first message (a GET, a DELETE, ...) needs neither: the handler runs and the
+response is sent in the task Hypercorn started for the app, and a stream (a response without
+Quart's timeout) arms the cancellation before it starts. Anything else (a body still arriving,
+another server, Quart's test client) is served as quart-trio serves it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class InlineHTTPConnection(TrioASGIHTTPConnection):
         timeout = self.app.config["RESPONSE_TIMEOUT"]
         if isinstance(response, Response) and response.timeout is not Ellipsis:
             timeout = response.timeout
-        if timeout is None:  # a stream (Quart's RESPONSE_TIMEOUT would cut it): no scope to keep
+        if timeout is None:  # a stream (Quart's RESPONSE_TIMEOUT would cut it)
+            # It ends when the client goes away (at once if it has gone already).
+            self.scope["extensions"][CANCEL_ON_DISCONNECT]["arm"]()
             await self._send_response(send, response)
             return
         with trio.move_on_after(timeout):

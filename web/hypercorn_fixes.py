@@ -57,12 +57,13 @@ reverted upstream; h11 and wsproto raise ``LocalProtocolError`` for what a peer 
 
 Lean connections:
 
-13. The app is cancelled as soon as its client goes away. Hypercorn only puts ``http.disconnect``
-   (``websocket.disconnect``) in the app's channel; a framework that wants to stop then needs a
-   task of its own per request reading that channel (quart-trio has one, and the nursery that
-   holds it). The app now runs in a cancel scope that the disconnect cancels, and the scope
-   advertises it as the ASGI extension :data:`CANCEL_ON_DISCONNECT`, so an app (web/asgi.py) may
-   serve a request without that extra task.
+13. An app may be cancelled as soon as its client goes away. Hypercorn only puts
+   ``http.disconnect`` (``websocket.disconnect``) in the app's channel; a framework that wants
+   to stop then needs a task of its own per request reading that channel (quart-trio has one,
+   and the nursery that holds it, for as long as an event stream lasts). The app now runs in a
+   cancel scope, and the scope offers the ASGI extension :data:`CANCEL_ON_DISCONNECT`, whose
+   ``arm()`` makes the client's disconnect cancel it, so an app (web/asgi.py) may serve a stream
+   without that extra task.
 
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
@@ -339,17 +340,21 @@ _DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
 
 
 class _CancellableApp:
-    """An app wrapper running the app in a cancel scope that a disconnect cancels.
+    """An app wrapper running the app in a cancel scope that a disconnect cancels once armed.
 
-    A disconnect that comes while the app is sending (its last body message ends the stream,
-    or the socket broke under it) cancels once that send has returned: Hypercorn may still be
-    recycling the connection inside it.
+    Until the app arms it (``scope["extensions"][CANCEL_ON_DISCONNECT]["arm"]()``, for a
+    response that lasts: an event stream), a disconnect cancels nothing: a client that
+    half-closes its socket after its request still gets its answer. A disconnect that comes
+    while the app is sending (its last body message ends the stream, or the socket broke under
+    it) cancels once that send has returned: Hypercorn may still be recycling the connection
+    inside it.
     """
 
-    __slots__ = ("app", "cancel_scope", "disconnected", "send", "sending")
+    __slots__ = ("app", "armed", "cancel_scope", "disconnected", "send", "sending")
 
     def __init__(self, app: AppWrapper) -> None:
         self.app = app
+        self.armed = False
         self.cancel_scope = trio.CancelScope()
         self.disconnected = False
         self.send: Callable[[ASGISendEvent], Awaitable[None]] | None = None
@@ -374,14 +379,20 @@ class _CancellableApp:
             await self.send(message)
         finally:
             self.sending -= 1
-        if self.disconnected:
+        self._maybe_cancel()
+
+    def _maybe_cancel(self) -> None:
+        if self.armed and self.disconnected and not self.sending:
             self.cancel_scope.cancel()
 
+    def arm(self) -> None:
+        """From now on the client's disconnect cancels the app (at once if it has gone)."""
+        self.armed = True
+        self._maybe_cancel()
+
     def disconnect(self) -> None:
-        if self.sending:
-            self.disconnected = True  # see the class's docstring
-        else:
-            self.cancel_scope.cancel()
+        self.disconnected = True
+        self._maybe_cancel()
 
 
 _AppPut = Callable[[ASGIReceiveEvent], Awaitable[None]]
@@ -396,7 +407,7 @@ def _spawn_app_cancelled_on_disconnect(
         """``spawn_app(app, config, scope, send)`` with ``app`` in a :class:`_CancellableApp`."""
         cancellable = _CancellableApp(app)
         scope = config_scope_send[1]
-        scope.setdefault("extensions", {})[CANCEL_ON_DISCONNECT] = {}
+        scope.setdefault("extensions", {})[CANCEL_ON_DISCONNECT] = {"arm": cancellable.arm}
         put = await spawn_app(self, cancellable, *config_scope_send)
 
         async def put_or_cancel(message: ASGIReceiveEvent) -> None:
