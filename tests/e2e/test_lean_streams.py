@@ -3,27 +3,50 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import httpx
 import pytest
 import trio
 
-from tests.e2e.test_server import (  # noqa: F401 (fixtures)
+from tests.e2e.test_server import (
     DEFAULT_HEARTBEAT_S,
+    DEMO_EMAIL,
+    DEMO_PASSWORD,
+    GRACEFUL_TIMEOUT_S,
     WAIT_S,
-    Server,
     bearer,
-    client,
-    graceful_timeout_s,
-    heartbeat_s,
-    latency_ms,
-    max_streams_per_user,
-    server,
-    settings,
+    login,
+    running_server,
+    server_settings,
     submit,
-    token,
 )
 
 STREAMS = 20
+#: Images that take a minute: the job stays running throughout a test.
+SLOW = (60_000, 60_000)
+
+
+@pytest.fixture
+def streams_per_user() -> int:
+    return 1
+
+
+@pytest.fixture
+async def service(
+    nursery: trio.Nursery, tmp_path: Path, streams_per_user: int
+) -> AsyncIterator[tuple[int, httpx.AsyncClient, str]]:
+    """The port, a client and the demo user's token; 15 s heartbeats."""
+    settings = server_settings(
+        tmp_path, SLOW, DEFAULT_HEARTBEAT_S, GRACEFUL_TIMEOUT_S, streams_per_user
+    )
+    async with (
+        running_server(nursery, settings) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=WAIT_S) as client,
+    ):
+        token = await login(client, DEMO_EMAIL, DEMO_PASSWORD)
+        yield int(server.url.rsplit(":", 1)[1]), client, token
 
 
 def _all_tasks() -> list[trio.lowlevel.Task]:
@@ -53,15 +76,17 @@ async def _open_stream(port: int, job_id: str, token: str) -> trio.SocketStream:
     return stream
 
 
-@pytest.mark.parametrize("latency_ms", [(60_000, 60_000)])  # the job stays running throughout
+@pytest.mark.parametrize("streams_per_user", [STREAMS])
 async def test_an_open_stream_costs_two_tasks(
-    server: Server, client: httpx.AsyncClient, token: str
+    service: tuple[int, httpx.AsyncClient, str],
 ) -> None:
+    port, client, token = service
     job_id = await submit(client, token)
-    port = int(server.url.rsplit(":", 1)[1])
     before = len(_all_tasks())
+    streams: list[trio.SocketStream] = []
     with trio.fail_after(WAIT_S):
-        streams = [await _open_stream(port, job_id, token) for _ in range(STREAMS)]
+        for _ in range(STREAMS):
+            streams.append(await _open_stream(port, job_id, token))
     try:
         opened = len(_all_tasks()) - before
         # Hypercorn's connection task and the app's: quart-trio's two request tasks are gone.
@@ -71,19 +96,16 @@ async def test_an_open_stream_costs_two_tasks(
             await stream.aclose()
 
 
-@pytest.mark.parametrize("heartbeat_s", [DEFAULT_HEARTBEAT_S])  # no write finds the gone client
-@pytest.mark.parametrize("max_streams_per_user", [1])
-@pytest.mark.parametrize("latency_ms", [(60_000, 60_000)])
 async def test_a_stream_ends_when_its_client_goes_away(
-    server: Server, client: httpx.AsyncClient, token: str
+    service: tuple[int, httpx.AsyncClient, str],
 ) -> None:
     """The user's one stream is free again at once, not at the next heartbeat's failed write."""
+    port, client, token = service
     job_id = await submit(client, token)
-    port = int(server.url.rsplit(":", 1)[1])
     for _ in range(3):
         with trio.fail_after(WAIT_S):
             stream = await _open_stream(port, job_id, token)
-        await stream.aclose()
+            await stream.aclose()
         with trio.fail_after(WAIT_S / 2):  # well under the 15 s heartbeat
             while True:
                 target = f"/api/generate/{job_id}/stream"
