@@ -86,7 +86,7 @@ async def test_an_open_stream_costs_two_tasks(
     streams: list[trio.SocketStream] = []
     with trio.fail_after(WAIT_S):
         for _ in range(STREAMS):
-            streams.append(await _open_stream(port, job_id, token))
+            streams.append(await _open_stream(port, job_id, token))  # noqa: PERF401 (awaits)
     try:
         opened = len(_all_tasks()) - before
         # Hypercorn's connection task and the app's: quart-trio's two request tasks are gone.
