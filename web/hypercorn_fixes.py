@@ -64,6 +64,11 @@ Lean connections:
    cancel scope, and the scope offers the ASGI extension :data:`CANCEL_ON_DISCONNECT`, whose
    ``arm()`` makes the client's disconnect cancel it, so an app (web/asgi.py) may serve a stream
    without that extra task.
+14. No timer per read. ``TCPServer._read_data`` wraps every read in ``trio.fail_after(
+   read_timeout or inf)``: with no ``read_timeout`` (the default) a cancel scope that never
+   fires, and the generator and context manager of ``fail_after``, about 1.4 KiB for every
+   connection waiting for its client's next bytes (every open event stream). Without a
+   ``read_timeout`` the read is now made without them.
 
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
@@ -111,6 +116,7 @@ _original_run = tcp_server.TCPServer.run
 _original_protocol_send = tcp_server.TCPServer.protocol_send
 _original_ws_handle = WSStream.handle
 _original_ws_accept = WSStream._accept
+_original_read_data = tcp_server.TCPServer._read_data
 
 
 # --- 1, 2: shutdown --------------------------------------------------------------------------
@@ -421,6 +427,26 @@ def _spawn_app_cancelled_on_disconnect(
     return spawn
 
 
+# --- 14: no timer per read ------------------------------------------------------------------
+
+
+async def _read_data_untimed(self: tcp_server.TCPServer) -> None:
+    """Hypercorn's ``TCPServer._read_data`` without its never-firing timer (its own with a
+    ``read_timeout``)."""
+    if self.config.read_timeout:
+        await _original_read_data(self)
+        return
+    while True:
+        try:
+            data = await self.stream.receive_some(tcp_server.MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            break
+        await self.protocol.handle(RawData(bytes(data)))
+        if data == b"":
+            break
+    await self.protocol.handle(Closed())
+
+
 def install() -> None:
     """Apply every fix (idempotent)."""
     worker_context.TrioSingleTask.restart = _restart_shielded  # type: ignore[method-assign]
@@ -433,6 +459,7 @@ def install() -> None:
     WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
     task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     _install_cancel_on_disconnect()
+    tcp_server.TCPServer._read_data = _read_data_untimed  # type: ignore[method-assign]
 
 
 def _install_cancel_on_disconnect() -> None:
