@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable
 from quart.typing import ResponseTypes
+from quart.utils import encode_headers
 from quart.wrappers import Response
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
@@ -37,9 +38,10 @@ class InlineHTTPConnection(TrioASGIHTTPConnection):
         if first["type"] == "http.request" and not first.get("more_body", False):
             request.body.append(first.get("body", b""))
             request.body.set_complete()
-            response = await self.app.handle_request(request)
-            del request  # a long response (an event stream) need not keep the request alive
-            await self._respond(response, send)
+            # A long response (an event stream) keeps neither the request nor (_respond) itself.
+            handled = self.app.handle_request(request)
+            del request
+            await self._respond(await handled, send)
             return
         # A body follows (or the client left): quart-trio's way, the first message first.
         async with trio.open_nursery() as nursery:
@@ -52,10 +54,24 @@ class InlineHTTPConnection(TrioASGIHTTPConnection):
         timeout = self.app.config["RESPONSE_TIMEOUT"]
         if isinstance(response, Response) and response.timeout is not Ellipsis:
             timeout = response.timeout
-        if timeout is None:  # a stream (Quart's RESPONSE_TIMEOUT would cut it)
-            # It ends when the client goes away (at once if it has gone already).
+        if timeout is None and isinstance(response, Response):
+            # A stream (Quart's RESPONSE_TIMEOUT would cut it): it ends when the client goes
+            # away (at once if it has gone already), and keeps only its body while it lasts.
             self.scope["extensions"][CANCEL_ON_DISCONNECT]["arm"]()
-            await self._send_response(send, response)
+            body = response.response
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": encode_headers(response.headers),
+                }
+            )
+            del response
+            async with body as chunks:
+                async for data in chunks:
+                    chunk = data.encode() if isinstance(data, str) else data
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         with trio.move_on_after(timeout):
             await self._send_response(send, response)
