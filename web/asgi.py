@@ -1,4 +1,5 @@
-"""The Quart-Trio app class: a request without a body is served in the app's own task.
+"""The Quart-Trio app class: an event stream (and any request without a body, and a WebSocket)
+is served in the app's own task.
 
 quart-trio serves every HTTP request with a nursery of two tasks: one runs the handler and sends
 the response, the other reads the ASGI channel (the body, then ``http.disconnect``, which cancels
@@ -16,12 +17,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    WebsocketScope,
+)
+from quart.asgi import ASGIWebsocketConnection
+from quart.signals import websocket_received
 from quart.typing import ResponseTypes
 from quart.utils import encode_headers
 from quart.wrappers import Response
 from quart_trio import QuartTrio
-from quart_trio.asgi import TrioASGIHTTPConnection
+from quart_trio.asgi import TrioASGIHTTPConnection, TrioASGIWebsocketConnection
 
 from web.hypercorn_fixes import CANCEL_ON_DISCONNECT
 
@@ -91,7 +99,51 @@ def _replay(
     return replayed
 
 
+class _Messages:
+    """A WebSocket's incoming messages read from the ASGI channel itself, no task in between."""
+
+    __slots__ = ("asgi_receive",)
+
+    def __init__(self, asgi_receive: ASGIReceiveCallable) -> None:
+        self.asgi_receive = asgi_receive
+
+    async def receive(self) -> bytes | str:
+        while True:
+            event = await self.asgi_receive()
+            if event["type"] == "websocket.receive":
+                message = event.get("bytes") or event.get("text") or ""
+                await websocket_received.send_async(message)
+                return message
+            if event["type"] == "websocket.disconnect":
+                await trio.sleep_forever()  # armed: the disconnect cancels this handler
+
+
+class InlineWebsocketConnection(TrioASGIWebsocketConnection):
+    """quart-trio's WebSocket connection, without its two tasks where the server allows it: the
+    handler runs in the app's task, reads messages from the ASGI channel when it asks for one,
+    and is cancelled by the client's disconnect (fix 13)."""
+
+    def __init__(self, app: QuartTrio, scope: WebsocketScope) -> None:
+        self.app = app
+        self.scope = scope
+        self._accepted = False
+        self._closed = False
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        extension = self.scope.get("extensions", {}).get(CANCEL_ON_DISCONNECT)
+        if extension is None:
+            # quart-trio's own way, with the channel its reader task feeds
+            super().__init__(self.app, self.scope)  # type: ignore[arg-type]
+            await super().__call__(receive, send)
+            return
+        extension["arm"]()
+        self.receive_channel = _Messages(receive)  # type: ignore[assignment]
+        websocket = self._create_websocket_from_scope(send)
+        await ASGIWebsocketConnection.handle_websocket(self, websocket, send)
+
+
 class App(QuartTrio):
-    """QuartTrio with :class:`InlineHTTPConnection`."""
+    """QuartTrio with :class:`InlineHTTPConnection` and :class:`InlineWebsocketConnection`."""
 
     asgi_http_class = InlineHTTPConnection
+    asgi_websocket_class = InlineWebsocketConnection

@@ -1,15 +1,17 @@
-"""An open SSE stream under Hypercorn costs two tasks, and still ends when its client goes away
-(web/asgi.py, web/hypercorn_fixes.py fix 13), on a real socket and the real clock."""
+"""An open SSE stream under Hypercorn costs two tasks and a WebSocket three, and both still end
+when their client goes away (web/asgi.py, web/hypercorn_fixes.py fix 13), on a real socket and
+the real clock."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from tests.e2e.raw_socket import open_websocket
 from tests.e2e.test_server import (
     DEFAULT_HEARTBEAT_S,
     DEMO_EMAIL,
@@ -76,9 +78,38 @@ async def _open_stream(port: int, job_id: str, token: str) -> trio.SocketStream:
     return stream
 
 
+async def _wait_for_room(client: httpx.AsyncClient, job_id: str, token: str) -> None:
+    """Until the user may open a stream again (not 429), well within the 15 s heartbeat."""
+    target = f"/api/generate/{job_id}/stream"
+    with trio.fail_after(WAIT_S / 2):
+        while True:
+            async with client.stream("GET", target, headers=bearer(token)) as answer:
+                if answer.status_code != 429:
+                    assert answer.status_code == 200
+                    return
+            await trio.sleep(0.05)
+
+
+async def _open_websocket(port: int, job_id: str, token: str) -> trio.SocketStream:
+    websocket, head = await open_websocket(port, f"/api/generate/{job_id}?token={token}")
+    assert websocket is not None, head
+    return websocket.stream
+
+
 @pytest.mark.parametrize("streams_per_user", [STREAMS])
-async def test_an_open_stream_costs_two_tasks(
+@pytest.mark.parametrize(
+    ("opener", "tasks"),
+    [
+        # Hypercorn's connection task and the app's: quart-trio's two request tasks are gone.
+        (_open_stream, 2),
+        # The same, and Hypercorn's ping task.
+        (_open_websocket, 3),
+    ],
+)
+async def test_an_open_stream_costs_two_tasks_a_websocket_three(
     service: tuple[int, httpx.AsyncClient, str],
+    opener: Callable[[int, str, str], Awaitable[trio.SocketStream]],
+    tasks: int,
 ) -> None:
     port, client, token = service
     job_id = await submit(client, token)
@@ -86,32 +117,26 @@ async def test_an_open_stream_costs_two_tasks(
     streams: list[trio.SocketStream] = []
     with trio.fail_after(WAIT_S):
         for _ in range(STREAMS):
-            streams.append(await _open_stream(port, job_id, token))  # noqa: PERF401 (awaits)
+            streams.append(await opener(port, job_id, token))  # noqa: PERF401 (awaits)
     try:
         opened = len(_all_tasks()) - before
-        # Hypercorn's connection task and the app's: quart-trio's two request tasks are gone.
-        assert opened <= 2 * STREAMS, opened
+        assert opened <= tasks * STREAMS, opened
     finally:
         for stream in streams:
             await stream.aclose()
 
 
+@pytest.mark.parametrize("opener", [_open_stream, _open_websocket])
 async def test_a_stream_ends_when_its_client_goes_away(
     service: tuple[int, httpx.AsyncClient, str],
+    opener: Callable[[int, str, str], Awaitable[trio.SocketStream]],
 ) -> None:
-    """The user's one stream is free again at once, not at the next heartbeat's failed write."""
+    """The user's one stream is free again at once after its socket closed without a goodbye,
+    not at the next heartbeat's failed write."""
     port, client, token = service
     job_id = await submit(client, token)
     for _ in range(3):
         with trio.fail_after(WAIT_S):
-            stream = await _open_stream(port, job_id, token)
+            stream = await opener(port, job_id, token)
             await stream.aclose()
-        with trio.fail_after(WAIT_S / 2):  # well under the 15 s heartbeat
-            while True:
-                target = f"/api/generate/{job_id}/stream"
-                async with client.stream("GET", target, headers=bearer(token)) as answer:
-                    status = answer.status_code
-                if status != 429:
-                    break
-                await trio.sleep(0.05)
-        assert status == 200
+        await _wait_for_room(client, job_id, token)
