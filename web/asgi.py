@@ -57,8 +57,7 @@ class InlineHTTPConnection(TrioASGIHTTPConnection):
             nursery.start_soon(self.handle_request, nursery, request, send)
 
     async def _respond(self, response: ResponseTypes, send: ASGISendCallable) -> None:
-        """The rest of quart-trio's ``handle_request``, in this task (a disconnect cancels it:
-        fix 13)."""
+        """The rest of quart-trio's ``handle_request``, in this task; a stream arms fix 13."""
         timeout = self.app.config["RESPONSE_TIMEOUT"]
         if isinstance(response, Response) and response.timeout is not Ellipsis:
             timeout = response.timeout
