@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser nginx run test lint bench clean
+.PHONY: setup browser nginx run run-cluster test lint bench clean
 
 # A virtualenv with every dependency pinned by constraints.txt (re-done when either file changes).
 $(STAMP): pyproject.toml constraints.txt
@@ -17,6 +17,18 @@ setup: $(STAMP)
 # Serve on http://127.0.0.1:8080 with the built-in local provider (settings: .env.example).
 run: $(STAMP)
 	$(BIN)/python -m web
+
+# WORKERS=N make run-cluster: N nodes of one service on ports 8080, 8081, ... against the Redis at
+# REDIS_URL (default redis://127.0.0.1:6379/0), sharing IMAGES_DIR (default var/images) and
+# the signing key kept in Redis. Any node accepts any request (put a load balancer in front);
+# Ctrl-C stops them all, each handing its running jobs over (README: "Running several nodes").
+WORKERS ?= 2
+run-cluster: $(STAMP)
+	@trap 'kill $$(jobs -p) 2>/dev/null; wait' INT TERM EXIT; \
+	for i in $$(seq 0 $$(($(WORKERS) - 1))); do \
+	  STORE=redis PORT=$$((8080 + i)) $(BIN)/python -m web & \
+	done; \
+	wait
 
 # $(call debian_package,PROGRAM,PACKAGE,TESTS): install Debian's PACKAGE when PROGRAM is
 # missing, only as root (as in CI); elsewhere TESTS skip (under CI=true they fail instead).

@@ -8,7 +8,8 @@ Hierarchy::
     ├── Overloaded           the service-wide queue is full (retry after ``retry_after_s``)
     ├── IdempotencyConflict  an Idempotency-Key reused for a different request
     ├── ShuttingDown         the supervisor no longer admits work
-    └── StoreUnavailable     the job store cannot write now (disk full, file unreadable, ...)
+    ├── StoreUnavailable     the job store cannot write now (disk full, file unreadable, ...)
+    └── LimitsUnavailable    the Redis holding limits shared across processes does not answer
 
     ProviderError            raised by an ``ImageProvider``
     ├── TransientProviderError   worth another attempt (5xx, 429, transport errors, timeouts)
@@ -64,14 +65,24 @@ class StoreUnavailable(ActorError):
     """The job store failed to read or write; nothing the request asked for was changed.
 
     ``refused`` says the store works but will never take this write (it cannot be bound, or it
-    contradicts what is stored): trying it again is pointless.
+    contradicts what is stored): trying it again is pointless. ``fenced`` (refused too) says
+    another node of a cluster holds the job's lease now: this node must stop running the job
+    without writing anything more of it.
     """
 
     retry_after_s = 5
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, fenced: bool = False) -> None:
         super().__init__(message)
-        self.refused = refused
+        self.refused = refused or fenced
+        self.fenced = fenced
+
+
+class LimitsUnavailable(ActorError):
+    """The Redis holding the limits shared by several processes did not answer (a request that
+    needs them gets 503; waits for a slot go on waiting)."""
+
+    retry_after_s = 5
 
 
 class ProviderError(Exception):

@@ -33,6 +33,7 @@ from actors.store.base import (
     Operation,
     PutImages,
     PutJob,
+    SetCopy,
     StoredJob,
 )
 from actors.worker import WorkerContext, run_image_worker
@@ -146,6 +147,8 @@ class JobActor:
         self._images = [_Image(index) for index in range(num_images)]
         self._dirty: set[int] = set()
         self._unpublished: list[JobEvent] = []
+        #: Copies of completed images' outputs, stored with the images that name them.
+        self._copies: list[SetCopy] = []
         self._frozen: JobSnapshot | None = None
         self._cancel_scope = trio.CancelScope()
         self._crashed = False
@@ -153,6 +156,9 @@ class JobActor:
         self._admission: Commit | None = None
         self._refused: StoreUnavailable | None = None
         self._finished = trio.Event()
+        self._suspended = False
+        #: Called (sync) with each event as it is published (a cluster node's event reader).
+        self.on_publish: Callable[[JobEvent], None] | None = None
 
     @classmethod
     def restore(
@@ -221,6 +227,20 @@ class JobActor:
         """Stop the job: unfinished images end ``canceled``. No effect on a finished job."""
         self._cancel_scope.cancel()
 
+    @property
+    def suspended(self) -> bool:
+        """Whether the job stopped here unfinished, to be carried on elsewhere (or later)."""
+        return self._suspended
+
+    def suspend(self) -> None:
+        """Stop running the job here without ending it: nothing more of it is written or
+        published, and its images' remote work goes on, for the node that carries it on (a
+        cluster handing it over, or another node that took its lease). No effect once finished.
+        """
+        if not self._status.finished:
+            self._suspended = True
+            self._cancel_scope.cancel()
+
     def snapshot(self) -> JobSnapshot:
         """The job as stored: while a write is pending, the state from before it."""
         if self._frozen is not None:
@@ -261,6 +281,8 @@ class JobActor:
                 self._crashed = True
                 if not self._stored.is_set():
                     self._refuse(StoreUnavailable("the job could not be stored"))
+            if self._suspended:
+                return  # handed over: the job is carried on elsewhere, from what is stored
             if self._refused is None:
                 self._conclude()
                 await self._flush()
@@ -320,6 +342,8 @@ class JobActor:
     def _keeps_remote_work(self) -> bool:
         """Whether a cancelled worker leaves its remote work running (for the next start): only
         when the process stops, not when the job is cancelled or has crashed."""
+        if self._suspended:
+            return True
         return self._store.resumable and not self._cancel_scope.cancel_called and not self._crashed
 
     def _end_now(self) -> None:
@@ -353,12 +377,7 @@ class JobActor:
         write does (logged and counted as a crash): the job never runs.
         """
         try:
-            self._admission = self._store.write(
-                PutJob(self._job_record()),
-                PutImages(
-                    self.job_id, tuple(self._image_snapshot(image) for image in self._images)
-                ),
-            )
+            self._admission = self._store.write(*self.first_write())
         except Exception:
             logger.exception("job %s: its first write crashed", self.job_id)
             self._counters.crashed += 1
@@ -367,6 +386,11 @@ class JobActor:
             )
         if self._admission.settled:
             self._settle_admission()
+
+    def first_write(self) -> tuple[Operation, ...]:
+        """The new job's first write: its record and its images (sync)."""
+        images = tuple(self._image_snapshot(image) for image in self._images)
+        return (PutJob(self._job_record()), PutImages(self.job_id, images))
 
     def _settle_admission(self) -> None:
         commit = self._admission
@@ -464,6 +488,8 @@ class JobActor:
         image.finished_at = outcome.finished_at
         image.provider_s = outcome.provider_s
         self._dirty.add(image.index)
+        if outcome.copy is not None:
+            self._copies.append(SetCopy(outcome.copy))
         self._unpublished.append(self._progress_event(image, outcome.finished_at))
 
     def _progress_event(self, image: _Image, finished_at: datetime) -> ProgressEvent:
@@ -486,6 +512,7 @@ class JobActor:
         """Everything changed since the last write (upserts: writing twice is harmless)."""
         images = tuple(self._image_snapshot(self._images[index]) for index in sorted(self._dirty))
         operations: list[Operation] = [PutJob(self._job_record()), PutImages(self.job_id, images)]
+        operations.extend(self._copies)
         operations.extend(AppendEvent(self.job_id, event) for event in self._unpublished)
         return operations
 
@@ -498,6 +525,12 @@ class JobActor:
                 await self._store.write(*operations).wait()
                 break
             except StoreUnavailable as exc:
+                if exc.fenced:
+                    # Another node took the job over: stop here, writing and publishing nothing.
+                    logger.warning("job %s: %s; stopping here", self.job_id, exc)
+                    self._suspended = True
+                    self._cancel_scope.cancel()
+                    return
                 if exc.refused:
                     # The store works but will never take this write (a bug): the job goes
                     # on unstored rather than stall, and says so.
@@ -513,12 +546,15 @@ class JobActor:
             await trio.sleep(delay)
             delay = min(delay * 2, STORE_RETRY_S[1])
         self._dirty.clear()
+        self._copies.clear()
         self._publish()
 
     def _publish(self) -> None:
         self._frozen = None
         for event in self._unpublished:
             self.log.append(event)
+            if self.on_publish is not None:
+                self.on_publish(event)
         self._unpublished.clear()
         if self._status.finished and not self._finished.is_set():
             self.log.close()

@@ -7,14 +7,16 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 
 import attrs
 import trio
 
-from actors.capacity import FairCapacity
+from actors.capacity import Capacity, FairCapacity
+from actors.cluster.node import ClusterNode
 from actors.errors import (
     IdempotencyConflict,
     JobNotFound,
@@ -23,9 +25,11 @@ from actors.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from actors.eventlog import EventLog
 from actors.files import ImageFiles
 from actors.job import STORE_RETRY_S, JobActor, JobCounters
 from actors.messages import (
+    ImageCopy,
     ImageStatus,
     JobEvent,
     JobSnapshot,
@@ -36,10 +40,15 @@ from actors.messages import (
 from actors.providers.base import Commit, ImageProvider, RemoteWork, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import DeleteJob, JobStore, StoredJob
+from actors.store.base import DeleteJob, JobStore, SetCopy, StoredJob, commit
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
+
+#: How long a stopping cluster node may take to hand one job over (store flush and release).
+CLUSTER_RELEASE_S = 5.0
+#: How often a cluster node looks for finished jobs to forget (any node's).
+CLUSTER_EXPIRE_S = 5.0
 
 
 def _utcnow() -> datetime:
@@ -68,16 +77,28 @@ class Subscription:
     waits are cut short by the supervisor's shutdown.
     """
 
-    def __init__(self, supervisor: Supervisor, job: JobActor, transport: Transport) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        log: EventLog,
+        *,
+        owner: str,
+        transport: Transport,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self._supervisor = supervisor
-        self.job = job
+        self.log = log
+        self.owner = owner
         self.transport = transport
+        self._on_close = on_close
         self._closed = False
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._supervisor._unsubscribe(self)
+            if self._on_close is not None:
+                self._on_close()
 
     def __enter__(self) -> Subscription:
         return self
@@ -88,7 +109,7 @@ class Subscription:
     async def wait_events_after(self, cursor: int, *, timeout_s: float) -> Batch:
         """Wait up to ``timeout_s`` for events with ``id > cursor``; see :class:`Batch`."""
         stopping = self._supervisor.shutting_down
-        log = self.job.log
+        log = self.log
         if stopping.is_set():
             # Events already published still go out (a job that ended as the service stopped
             # has its ``done`` delivered); then the stream is told to stop.
@@ -127,12 +148,19 @@ class Supervisor:
         files: The image directory: copies of the providers' outputs are kept there, and a
             forgotten job's files are deleted with it; while it is over its budget, the oldest
             finished jobs are forgotten.
+        capacity: The slots image attempts hold (``MAX_CONCURRENCY``): this process's own
+            :class:`FairCapacity` of ``settings.capacity`` unless one shared with other
+            processes is given (``actors.limits``).
+        cluster: This process's node of a cluster sharing the store (Redis): jobs are then
+            accepted into the cluster's queue and run by whichever node takes them, reads of
+            any job come from the store, and retention is cluster-wide.
 
     Concurrency: started once per process by :func:`open_supervisor` (``await
     nursery.start(supervisor.run)``). ``run`` opens the jobs nursery and keeps it on ``self``:
     the documented "spawning tasks without becoming a parent" case, because
     :meth:`submit_nowait` is called from request handlers that must not own the job. Owns the one
-    ``trio.CapacityLimiter`` (shared fairly through :class:`FairCapacity`) and the registry of jobs.
+    ``trio.CapacityLimiter`` (shared fairly through :class:`FairCapacity`), unless given a shared
+    :class:`~actors.capacity.Capacity`, and the registry of jobs.
     Stops when its nursery is cancelled; every job then finalises synchronously.
     """
 
@@ -145,12 +173,15 @@ class Supervisor:
         now: Callable[[], datetime] = _utcnow,
         uniform: Uniform = random.uniform,
         files: ImageFiles | None = None,
+        capacity: Capacity | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.provider = provider
+        self.cluster = cluster
         self.settings = settings
         self.store = store
         self.files = files
-        self.capacity = FairCapacity(trio.CapacityLimiter(settings.capacity))
+        self.capacity: Capacity = capacity or FairCapacity(trio.CapacityLimiter(settings.capacity))
         #: Set once the supervisor admits no more jobs (draining, then shutting down).
         self.draining = trio.Event()
         #: Set once every subscriber's wait is ended (after draining).
@@ -186,6 +217,9 @@ class Supervisor:
             StoreUnavailable: The store cannot be read (before ``started``).
         """
         self._started_at = trio.current_time()
+        if self.cluster is not None:
+            await self._run_cluster(self.cluster, started=task_status.started)
+            return
         stored = await self.store.load()
         try:
             async with trio.open_nursery() as nursery:
@@ -241,12 +275,38 @@ class Supervisor:
             # Files of jobs the store does not hold (lost with a memory store, or never stored)
             # are unreachable; a job that failed to restore keeps its files with its records.
             self.files.forget_all_but({record.job.job_id for record in stored})
+        self._resume_copies(copy for record in stored for copy in record.copies)
         self._seq = itertools.count(max((job.job.seq for job in stored), default=0) + 1)
         if stored:
             logger.info(
                 "supervisor: restored %d jobs (%d carried on)", len(stored), len(self._active)
             )
         self._expire()
+
+    def _resume_copies(self, copies: Iterable[ImageCopy]) -> None:
+        """Finish the copies a stop (or a dead node) cut short; failed ones are journaled as
+        they fail."""
+        if self.files is not None:
+            self.files.resume_copies(copies, journal=lambda copy: self.store.write(SetCopy(copy)))
+
+    async def locate_copy(self, name: str) -> ImageCopy | None:
+        """The copy ``/files/{name}`` waits for (pending, or failed for good), or None: the file
+        is on disk if it is anywhere. On a cluster, a copy another node makes (or made, or one a
+        dead node left unmade) is found in the store.
+
+        Raises:
+            StoreUnavailable: On a cluster, the store cannot be read.
+        """
+        if self.files is None:
+            return None
+        copy = self.files.locate(name)
+        if copy is not None or self.cluster is None or await self.files.on_disk(name):
+            return copy
+        job_id = self.files.job_of(name)
+        stored = await self.cluster.store.load_job(job_id) if job_id is not None else None
+        if stored is None:
+            return None
+        return next((copy for copy in stored.copies if copy.name == name), None)
 
     # --- admission --------------------------------------------------------------------------
 
@@ -264,6 +324,10 @@ class Supervisor:
         """
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, not {num_images}")
+        if self.cluster is not None:
+            raise RuntimeError(
+                "a cluster node admits jobs with submit(), which waits for the store"
+            )
         self._expire()
         if self.draining.is_set() or self._nursery is None:
             raise ShuttingDown("The service is shutting down")
@@ -272,18 +336,8 @@ class Supervisor:
             if existing is not None:
                 return existing, False
         self._admit(owner, num_images)
-        job_id = str(uuid.uuid4())
-        job = JobActor(
-            job_id=job_id,
-            owner=owner,
-            prompt=prompt,
-            num_images=num_images,
-            context=self._context(job_id, prompt),
-            counters=self._counters,
-            store=self.store,
-            seq=next(self._seq),
-            idempotency_key=idempotency_key,
-        )
+        job = self._new_job(owner, prompt, num_images, idempotency_key, seq=next(self._seq))
+        job_id = job.job_id
         self._register(job)
         self._active[job_id] = job
         job.admit()
@@ -300,12 +354,36 @@ class Supervisor:
             StoreUnavailable: The store refused the job; it does not exist.
             (and everything :meth:`submit_nowait` raises)
         """
+        if self.cluster is not None:
+            return await self._submit_cluster(
+                self.cluster,
+                owner=owner,
+                prompt=prompt,
+                num_images=num_images,
+                idempotency_key=idempotency_key,
+            )
         snapshot, created = self.submit_nowait(
             owner=owner, prompt=prompt, num_images=num_images, idempotency_key=idempotency_key
         )
         job = self._jobs[snapshot.job_id]
         await job.wait_stored()
         return job.snapshot(), created
+
+    def _new_job(
+        self, owner: str, prompt: str, num_images: int, idempotency_key: str | None, *, seq: int
+    ) -> JobActor:
+        job_id = str(uuid.uuid4())
+        return JobActor(
+            job_id=job_id,
+            owner=owner,
+            prompt=prompt,
+            num_images=num_images,
+            context=self._context(job_id, prompt),
+            counters=self._counters,
+            store=self.store,
+            seq=seq,
+            idempotency_key=idempotency_key,
+        )
 
     def _register(self, job: JobActor) -> None:
         job_id = job.job_id
@@ -341,13 +419,16 @@ class Supervisor:
                 "The service is busy; try again shortly", retry_after_s=settings.retry_after_s
             )
 
+    def _ended(self, job: JobActor) -> None:
+        del self._active[job.job_id]
+        self._job_ended.set()
+        self._job_ended = trio.Event()
+
     async def _run_job(self, job: JobActor) -> None:
         try:
             await job.run()
         finally:
-            del self._active[job.job_id]
-            self._job_ended.set()
-            self._job_ended = trio.Event()
+            self._ended(job)
             if job.refused:
                 # Deleted in the store too: a write that timed out may still land before this.
                 self._forget(job.job_id)
@@ -423,7 +504,7 @@ class Supervisor:
         self.check_subscriber(owner=owner, transport=transport)
         self._subscribers[transport] += 1
         self._streams_by_owner[owner] = self._streams_by_owner.get(owner, 0) + 1
-        return Subscription(self, job, transport)
+        return Subscription(self, job.log, owner=owner, transport=transport)
 
     def check_subscriber(self, *, owner: str, transport: Transport) -> None:
         """Whether ``owner`` may open one more stream now (sync; :meth:`subscribe` asks too).
@@ -441,7 +522,7 @@ class Supervisor:
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers[subscription.transport] -= 1
-        owner = subscription.job.owner
+        owner = subscription.owner
         left = self._streams_by_owner[owner] - 1
         if left:
             self._streams_by_owner[owner] = left
@@ -486,6 +567,12 @@ class Supervisor:
         store they stay unfinished there, and the next start carries them on.
         """
         self.stop_admitting()
+        if self.cluster is not None:
+            # Hand every job over at once (their tasks release and requeue them as they end):
+            # another node carries each on, so nothing waits for them to finish here.
+            self.cluster.stop_taking()
+            for job in list(self._active.values()):
+                job.suspend()
         with trio.move_on_after(grace_s) as grace:
             self._grace = grace
             if self.shutting_down.is_set():
@@ -583,6 +670,267 @@ class Supervisor:
         if key is not None:
             del self._idempotency[key]
 
+    # --- reads and writes that work on a cluster too (the web layer's) ----------------------
+
+    async def find(self, job_id: str, *, owner: str) -> JobSnapshot:
+        """The job ``job_id`` now, if ``owner`` may see it: from this process, or from the
+        shared store when another node runs it (or none does).
+
+        Raises:
+            JobNotFound: Unknown, forgotten, or someone else's.
+            StoreUnavailable: The shared store cannot be read.
+        """
+        cluster = self.cluster
+        job = self._active.get(job_id) if cluster is not None else None
+        if cluster is None or (job is not None and job.owner == owner and job.stored):
+            await trio.lowlevel.checkpoint()
+            return (job or self.get(job_id, owner=owner)).snapshot()
+        stored = await cluster.store.load_job(job_id)
+        if stored is None or stored.job.owner != owner:
+            raise JobNotFound(job_id)
+        return self._snapshot_of(stored)
+
+    async def find_page(
+        self, *, owner: str, limit: int, before: int | None = None
+    ) -> tuple[tuple[JobSnapshot, ...], int | None]:
+        """:meth:`list_jobs`, from the shared store on a cluster.
+
+        Raises:
+            StoreUnavailable: The shared store cannot be read.
+        """
+        if self.cluster is None:
+            await trio.lowlevel.checkpoint()
+            return self.list_jobs(owner=owner, limit=limit, before=before)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        stored, cursor = await self.cluster.store.load_page(owner, limit=limit, before=before)
+        return tuple(self._snapshot_of(job) for job in stored), cursor
+
+    async def cancel_and_wait(self, job_id: str, *, owner: str, timeout_s: float) -> JobSnapshot:
+        """Cancel ``job_id`` wherever it runs and wait up to ``timeout_s`` for its end.
+
+        Raises:
+            JobNotFound: Unknown, forgotten, or someone else's.
+            StoreUnavailable: The shared store cannot be reached.
+        """
+        cluster = self.cluster
+        job = self._active.get(job_id) if cluster is not None else None
+        if cluster is None or job is not None:
+            if job is None:
+                job = self.get(job_id, owner=owner)
+            elif job.owner != owner:
+                raise JobNotFound(job_id)
+            job.cancel()
+            with trio.move_on_after(timeout_s):
+                await job.wait_finished()
+            return job.snapshot()
+        snapshot = await self.find(job_id, owner=owner)
+        if snapshot.status.finished:
+            return snapshot
+        await cluster.cancel(job_id)
+        follower = cluster.follower
+        assert follower is not None
+        with trio.move_on_after(timeout_s):
+            log = await follower.acquire(job_id)
+            if log is not None:
+                try:
+                    cursor = 0
+                    while events := await log.wait_events_after(cursor):
+                        cursor = events[-1].id
+                finally:
+                    follower.release(job_id)
+        return await self.find(job_id, owner=owner)
+
+    async def subscribe_job(self, job_id: str, *, owner: str, transport: Transport) -> Subscription:
+        """:meth:`subscribe`, for a job running on any node of a cluster too (its events come
+        through this node's one reader of the shared store).
+
+        Raises:
+            JobNotFound: Unknown, forgotten, or someone else's.
+            LimitExceeded: ``owner`` has as many streams open as a user may (counted).
+            StoreUnavailable: The shared store cannot be read.
+        """
+        if self.cluster is None:
+            await trio.lowlevel.checkpoint()
+            return self.subscribe(job_id, owner=owner, transport=transport)
+        await self.find(job_id, owner=owner)
+        self.check_subscriber(owner=owner, transport=transport)
+        follower = self.cluster.follower
+        assert follower is not None
+        log = await follower.acquire(job_id)
+        if log is None:
+            raise JobNotFound(job_id)
+        self._subscribers[transport] += 1
+        self._streams_by_owner[owner] = self._streams_by_owner.get(owner, 0) + 1
+        return Subscription(
+            self,
+            log,
+            owner=owner,
+            transport=transport,
+            on_close=partial(follower.release, job_id),
+        )
+
+    # --- a cluster node ---------------------------------------------------------------------
+
+    async def _run_cluster(self, cluster: ClusterNode, *, started: Callable[[], None]) -> None:
+        """The jobs nursery of a cluster node: jobs come from the cluster's queue, not from
+        loading the store (any node may run any of them)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._resume_copies(())  # this node's failed copies are journaled
+                await nursery.start(
+                    partial(
+                        cluster.run,
+                        start_job=self._start_taken,
+                        on_lost=self._lost,
+                        on_cancel=self._cancel_here,
+                    )
+                )
+                nursery.start_soon(self._expire_cluster, cluster, name="cluster retention")
+                nursery.start_soon(self._see_deletes_stored, name="supervisor deletes")
+                started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def _submit_cluster(
+        self,
+        cluster: ClusterNode,
+        *,
+        owner: str,
+        prompt: str,
+        num_images: int,
+        idempotency_key: str | None,
+    ) -> tuple[JobSnapshot, bool]:
+        """Accept a job into the cluster's queue (stored with its queue entry in one batch)."""
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, not {num_images}")
+        if self.draining.is_set() or self._nursery is None:
+            raise ShuttingDown("The service is shutting down")
+        seq, active, holder = await cluster.admission(owner, idempotency_key)
+        if holder is not None:
+            existing = await self._replay_stored(holder, prompt, num_images)
+            if existing is not None:
+                return existing, False
+        limit = self.settings.max_active_jobs_per_user
+        if active >= limit:
+            raise LimitExceeded(
+                f"Too many active jobs: at most {limit} per user",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        job = self._new_job(owner, prompt, num_images, idempotency_key, seq=seq)
+        refused: StoreUnavailable | None = None
+        try:
+            await commit(self.store, *job.first_write())
+        except StoreUnavailable as exc:
+            if not exc.refused or idempotency_key is None:
+                raise
+            refused = exc
+        if refused is not None:
+            # Another node took the key with the same request meanwhile: that job is the one.
+            _, _, holder = await cluster.admission(owner, idempotency_key)
+            existing = None
+            if holder is not None:
+                existing = await self._replay_stored(holder, prompt, num_images)
+            if existing is None:
+                raise refused
+            return existing, False
+        logger.info("job %s accepted: %d images for %s", job.job_id, num_images, owner)
+        return job.snapshot(), True
+
+    async def _replay_stored(self, job_id: str, prompt: str, num_images: int) -> JobSnapshot | None:
+        assert self.cluster is not None
+        stored = await self.cluster.store.load_job(job_id)
+        if stored is None:
+            return None
+        if (stored.job.prompt, stored.job.num_images) != (prompt, num_images):
+            raise IdempotencyConflict("Idempotency-Key was already used for a different request")
+        return self._snapshot_of(stored)
+
+    def _snapshot_of(self, stored: StoredJob) -> JobSnapshot:
+        record = stored.job
+        return JobActor.restore(
+            stored, context=self._context(record.job_id, record.prompt), store=self.store
+        ).snapshot()
+
+    async def _start_taken(self, job_id: str, cancelled: bool) -> bool:
+        """Run a job this node took from the queue (its lease is ours): False if it cannot."""
+        cluster = self.cluster
+        assert cluster is not None
+        if self.draining.is_set() or self._nursery is None:
+            await cluster.release(job_id, requeue=True)
+            return True
+        try:
+            stored = await cluster.store.load_job(job_id)
+        except StoreUnavailable as exc:
+            logger.warning("job %s cannot be read to run it: %s", job_id, exc)
+            return False
+        if stored is None:
+            return False
+        if isinstance(self.provider, ResumesRemoteWork):
+            self.provider.resume_remote_work(*_remote_work([stored]))
+        self._resume_copies(stored.copies)
+        try:
+            job = JobActor.restore(
+                stored,
+                context=self._context(job_id, stored.job.prompt),
+                counters=self._counters,
+                store=self.store,
+            )
+        except Exception:
+            logger.exception("job %s cannot be restored; left in the store", job_id)
+            return False
+        if cluster.follower is not None:
+            job.on_publish = partial(cluster.follower.offer, job_id)
+        self._active[job_id] = job
+        if cancelled:
+            job.cancel()
+        self._nursery.start_soon(self._run_cluster_job, cluster, job, name=f"job {job_id}")
+        logger.info("job %s runs on node %s", job_id, cluster.node_id)
+        return True
+
+    async def _run_cluster_job(self, cluster: ClusterNode, job: JobActor) -> None:
+        try:
+            await job.run()
+        finally:
+            self._ended(job)
+            ended = job.status.finished and not job.suspended
+            if ended:
+                self._tell_listeners(job.snapshot())
+            # Shielded and bounded: a node that stops hands its jobs over on its way out.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLUSTER_RELEASE_S):
+                if job.job_id in cluster.held and not ended:
+                    await cluster.store.flush()  # its last writes land before another takes it
+                await cluster.release(job.job_id, requeue=not ended)
+
+    def _lost(self, job_id: str) -> None:
+        job = self._active.get(job_id)
+        if job is not None:
+            job.suspend()
+
+    def _cancel_here(self, job_id: str) -> None:
+        job = self._active.get(job_id)
+        if job is not None:
+            job.cancel()
+
+    async def _expire_cluster(self, cluster: ClusterNode) -> None:
+        """Forget finished jobs cluster-wide (any node may; deleting twice is harmless)."""
+        settings = self.settings
+        while True:
+            await trio.sleep(CLUSTER_EXPIRE_S)
+            try:
+                job_ids = await cluster.expired(
+                    retention_s=settings.job_retention_s, keep=settings.max_retained_jobs
+                )
+            except StoreUnavailable:
+                continue  # the next pass
+            for job_id in job_ids:
+                self._deleting[job_id] = self._queue_delete(job_id)
+                self._deletes_queued.set()
+                if self.files is not None:
+                    self.files.forget(job_id)
+
 
 def _remote_work(stored: Sequence[StoredJob]) -> tuple[list[RemoteWork], list[str]]:
     """The remote work of images still to be made, and the remote ids of all the others."""
@@ -611,6 +959,8 @@ async def open_supervisor(
     now: Callable[[], datetime] = _utcnow,
     uniform: Uniform = random.uniform,
     files: ImageFiles | None = None,
+    capacity: Capacity | None = None,
+    cluster: ClusterNode | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a :class:`Supervisor` for the body of the ``async with``; stop it on exit.
 
@@ -618,7 +968,16 @@ async def open_supervisor(
     subscriber's wait ends, and every unfinished job is cancelled: left unfinished in a
     resumable store for the next start, else finalised (its subscribers get ``done``).
     """
-    supervisor = Supervisor(provider, settings, now=now, uniform=uniform, store=store, files=files)
+    supervisor = Supervisor(
+        provider,
+        settings,
+        now=now,
+        uniform=uniform,
+        store=store,
+        files=files,
+        capacity=capacity,
+        cluster=cluster,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         try:

@@ -70,6 +70,9 @@ async def status() -> dict[str, object]:
     provider = app_state.supervisor.provider
     view["provider"] = {"name": provider.name, **provider.statistics()}
     view["store"] = dict(app_state.supervisor.store.statistics())
+    cluster = app_state.supervisor.cluster
+    if cluster is not None:
+        view["cluster"] = cluster.statistics()
     files = app_state.supervisor.files
     if files is not None:
         view["files"] = files.statistics()

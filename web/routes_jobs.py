@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import trio
 from quart import Blueprint, request
 
 from web.body import read_json_body
@@ -66,16 +65,16 @@ async def create_job() -> tuple[dict[str, object], int]:
 async def get_job(job_id: str) -> dict[str, object]:
     """The job now: status, per-image results, progress counts."""
     user = current_user()
-    job = state().supervisor.get(job_id, owner=user)
-    return dump(job_view(job.snapshot(), url_maker(request.scheme, request.host)))
+    snapshot = await state().supervisor.find(job_id, owner=user)
+    return dump(job_view(snapshot, url_maker(request.scheme, request.host)))
 
 
 @blueprint.get("/api/generate/<job_id>/metrics")
 async def get_metrics(job_id: str) -> dict[str, object]:
     """Time to first image, total time, counts, and where each image spent its time."""
     user = current_user()
-    job = state().supervisor.get(job_id, owner=user)
-    return dump(metrics_view(job.snapshot()))
+    snapshot = await state().supervisor.find(job_id, owner=user)
+    return dump(metrics_view(snapshot))
 
 
 @blueprint.delete("/api/generate/<job_id>")
@@ -83,10 +82,12 @@ async def cancel_job(job_id: str) -> dict[str, object]:
     """Cancel the job and answer with its settled state (a finished job is left as it is)."""
     user = current_user()
     supervisor = state().supervisor
-    job = supervisor.cancel(job_id, owner=user)
-    with trio.move_on_after(supervisor.settings.provider_cancel_s + CANCEL_SETTLE_MARGIN_S):
-        await job.wait_finished()
-    return dump(job_view(job.snapshot(), url_maker(request.scheme, request.host)))
+    snapshot = await supervisor.cancel_and_wait(
+        job_id,
+        owner=user,
+        timeout_s=supervisor.settings.provider_cancel_s + CANCEL_SETTLE_MARGIN_S,
+    )
+    return dump(job_view(snapshot, url_maker(request.scheme, request.host)))
 
 
 def _query_int(name: str, default: int | None, low: int, high: int) -> int | None:
@@ -110,7 +111,7 @@ async def list_jobs() -> dict[str, object]:
     limit = _query_int("limit", 20, 1, MAX_PAGE)
     before = _query_int("cursor", None, 1, 2**62)
     assert limit is not None
-    page, next_cursor = state().supervisor.list_jobs(owner=user, limit=limit, before=before)
+    page, next_cursor = await state().supervisor.find_page(owner=user, limit=limit, before=before)
     view = JobListView(
         results=tuple(summary_view(job) for job in page),
         next_cursor=None if next_cursor is None else str(next_cursor),

@@ -12,7 +12,7 @@ import trio
 from quart import Blueprint, Response, request, websocket
 from quart_cors import cors_exempt
 
-from actors.errors import JobNotFound, LimitExceeded
+from actors.errors import JobNotFound, LimitExceeded, StoreUnavailable
 from actors.messages import DoneEvent, JobEvent, Transport
 from actors.supervisor import Batch, Subscription
 from web.auth import authenticate
@@ -28,6 +28,7 @@ blueprint = Blueprint("stream", __name__)
 WS_NORMAL = 1000
 WS_POLICY_VIOLATION = 1008
 WS_SERVICE_RESTART = 1012
+WS_TRY_AGAIN_LATER = 1013
 WS_NOT_FOUND = 4404
 
 
@@ -84,9 +85,10 @@ async def stream_sse(job_id: str) -> Response:
     app_state = state()
     user = current_user(allow_query_token=True)
     supervisor = app_state.supervisor
-    job = supervisor.get(job_id, owner=user)
+    job = await supervisor.find(job_id, owner=user)
     cursor = _resume_cursor(request.headers.get("Last-Event-ID"), request.args.get("last_event_id"))
-    if job.log.closed and cursor >= job.log.last_id:
+    # A finished job's log holds one event per image and ``done``: nothing after that id.
+    if job.status.finished and cursor >= job.num_images + 1:
         return Response("", status=204)
     # Over the user's stream cap: 429 now. The stream itself is counted only once its body runs
     # (whose ``finally`` is then sure to release it), so that a response never sent leaks none.
@@ -98,10 +100,13 @@ async def stream_sse(job_id: str) -> Response:
         # The one sanctioned async generator: no nursery, cancel scope or ``with`` around a
         # yield, sync clean-up in ``finally``; Quart aclose()s it when the client goes away.
         try:
-            subscription = supervisor.subscribe(job_id, owner=user, transport=Transport.SSE)
-        except (JobNotFound, LimitExceeded):
-            # Forgotten, or the user's other streams took the room, between the checks above
-            # and now: the stream just ends (a browser reconnecting then gets the 404 or 429).
+            subscription = await supervisor.subscribe_job(
+                job_id, owner=user, transport=Transport.SSE
+            )
+        except (JobNotFound, LimitExceeded, StoreUnavailable):
+            # Forgotten, or the user's other streams took the room, or the store failed, between
+            # the checks above and now: the stream just ends (a browser reconnecting then gets
+            # the 404, 429 or 503).
             return
         try:
             yield encode_retry(settings.sse_retry_ms)
@@ -146,7 +151,7 @@ async def stream_ws(job_id: str) -> None:
     """The job's events as WebSocket text frames; closes 1000 after ``done``.
 
     Close codes: 1008 bad or missing token, or too many open streams (the reason says which);
-    4404 unknown job; 1012 server stopping.
+    4404 unknown job; 1012 server stopping; 1013 the job store cannot be read now.
     """
     app_state = state()
     supervisor = app_state.supervisor
@@ -161,7 +166,7 @@ async def stream_ws(job_id: str) -> None:
     cursor = parse_last_event_id(websocket.args.get("last_event_id"))
     absolute = url_maker(websocket.scheme, websocket.host)
     try:
-        with supervisor.subscribe(
+        with await supervisor.subscribe_job(
             job_id, owner=user, transport=Transport.WEBSOCKET
         ) as subscription:
             follower = Follower(subscription, cursor, app_state.settings.heartbeat_s)
@@ -179,5 +184,9 @@ async def stream_ws(job_id: str) -> None:
         return
     except LimitExceeded as exc:
         await _close(WS_POLICY_VIOLATION, str(exc))
+        return
+    except StoreUnavailable:
+        # The job's events cannot be read now (its store is down): the client tries again.
+        await _close(WS_TRY_AGAIN_LATER, "The job store is unavailable; try again")
         return
     await _close(WS_NORMAL, "Job finished")

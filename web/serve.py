@@ -10,30 +10,32 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
+import attrs
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from actors.capacity import Capacity
+from actors.cluster import ClusterNode, new_node_id
 from actors.errors import StoreUnavailable
 from actors.files import ImageFiles, open_image_files
+from actors.limits.redis_capacity import open_redis_capacity
 from actors.providers.base import ImageProvider, RemoteJournal
 from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
 from actors.store import JobStore, MemoryStore, open_sqlite_store
 from actors.store.journal import StoreJournal
-from actors.store.redis import open_redis_store
+from actors.store.redis import RedisStore, open_redis_store, redis_secret
 from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError, kept_secret
-from web.logs import configure_logging
+from web.login_throttle import LoginLimiter, RedisLoginThrottle
+from web.logs import ACCESS_LOG_FORMAT, AccessLogger, configure_logging
 from web.proxy import TrustedProxies
 from web.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("web")
-
-# The request line without its query string: tokens may travel in ``?token=``.
-ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus'
 
 # The collector's thresholds (CPython's: 700, 10, 10). Every open stream holds a few hundred
 # long-lived objects, so with thousands of them a collection of the oldest generation took 200-465
@@ -62,6 +64,7 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.bind = [bind or f"{settings.host}:{settings.port}"]
     config.accesslog = logging.getLogger("web.access")
     config.access_log_format = ACCESS_LOG_FORMAT
+    config.logger_class = AccessLogger
     config.errorlog = logging.getLogger("web.server")
     config.graceful_timeout = settings.graceful_timeout_s
     # Protocol-level pings keep idle WebSockets alive through proxies without extra frames.
@@ -101,7 +104,8 @@ async def run_server(
     """Serve until ``shutdown`` is set (or SIGINT/SIGTERM); ``task_status`` gets the bound URLs.
 
     Start order: the store (unfinished jobs of an earlier run are restored and carried on), the
-    image directory, the provider, the supervisor, hypercorn.
+    limits (shared with other processes with ``STORE=redis``), the image directory, the
+    provider, the supervisor, hypercorn.
 
     Shutdown order: the supervisor stops admitting (503, ``/health`` 503) and running jobs get
     ``SHUTDOWN_GRACE_S`` to finish while their streams go on; then every stream's wait ends
@@ -124,13 +128,29 @@ async def run_server(
         shutdown = trio.Event()
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(settings))
+        limits = await stack.enter_async_context(open_limits(settings, store))
+        if limits.login is not None:
+            auth.throttle = limits.login
+        cluster = None
+        if isinstance(store, RedisStore):
+            # Redis is shared: this process is one node of a cluster on its prefix.
+            cluster = ClusterNode(
+                store, url=settings.store.redis_url, lease_s=settings.store.job_lease_s
+            )
         files = await stack.enter_async_context(open_image_files(settings.files))
         if provider is None:
             provider = await stack.enter_async_context(
                 open_provider(settings, journal=StoreJournal(store), files=files)
             )
         supervisor = await stack.enter_async_context(
-            open_supervisor(provider, settings.supervisor, store=store, files=files)
+            open_supervisor(
+                provider,
+                settings.supervisor,
+                store=store,
+                files=files,
+                capacity=limits.capacity,
+                cluster=cluster,
+            )
         )
         app = TrustedProxies(create_app(supervisor, settings, auth), settings.forwarded_allow_ips)
         config = hypercorn_config(settings, bind=bind)
@@ -168,7 +188,10 @@ async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
         return
     if store_settings.backend == "redis":
         async with open_redis_store(
-            store_settings.redis_url, store_settings.redis_prefix
+            store_settings.redis_url,
+            store_settings.redis_prefix,
+            node=new_node_id(),
+            lease_s=store_settings.job_lease_s,
         ) as redis_store:
             yield redis_store
         return
@@ -176,6 +199,39 @@ async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
         store_settings.database_path, synchronous=store_settings.synchronous
     ) as store:
         yield store
+
+
+@attrs.frozen
+class Limits:
+    """The limits shared with other processes; ``None``: this process's own (the default)."""
+
+    capacity: Capacity | None = None
+    login: LoginLimiter | None = None
+
+
+@asynccontextmanager
+async def open_limits(settings: Settings, store: JobStore) -> AsyncIterator[Limits]:
+    """With ``STORE=redis``, the limits every process on that Redis shares, kept under
+    ``REDIS_LIMITS_PREFIX`` on the store's client; with another store, this process's own."""
+    if not isinstance(store, RedisStore):
+        yield Limits()
+        return
+    store_settings = settings.store
+    prefix = store_settings.limits_prefix
+    async with open_redis_capacity(
+        store.client,
+        prefix=f"{prefix}capacity:",
+        capacity=settings.supervisor.capacity,
+        lease_s=store_settings.capacity_lease_s,
+    ) as capacity:
+        login = RedisLoginThrottle(
+            store.client,
+            prefix=f"{prefix}login:",
+            max_failures=settings.login_max_failures,
+            window_s=settings.login_window_s,
+        )
+        logger.info("limits: shared under %r", prefix)
+        yield Limits(capacity=capacity, login=login)
 
 
 @asynccontextmanager
@@ -203,10 +259,14 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_format)
     try:
         secret = None
-        if settings.auth_secret is None and settings.store.backend != "memory":
+        if settings.auth_secret is None and settings.store.backend == "redis":
+            # Kept in Redis: a token signed by any node is valid on every node.
+            store_settings = settings.store
+            secret = trio.run(redis_secret, store_settings.redis_url, store_settings.redis_prefix)
+        elif settings.auth_secret is None and settings.store.backend != "memory":
             secret = kept_secret(settings.store.database_path.with_name("auth_secret"))
         auth = Authenticator(settings, secret=secret)
-    except (UsersFileError, OSError) as exc:
+    except (UsersFileError, OSError, StoreUnavailable) as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(2) from None
     try:

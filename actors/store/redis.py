@@ -3,34 +3,35 @@
 Key layout (``P`` is the prefix, e.g. ``imagegen:``; every key of a deployment is under it, so
 deployments and test runs share one server)::
 
-    P owner                     string  the process that writes under P (token, PX ~5 s)
     P seq                       string  the highest job seq stored (a later INCR allocates)
     P jobs                      zset    every job id, scored by seq (load order)
     P job:<id>:record           hash    the job's fields (JobRecord; a None field is absent)
     P job:<id>:images           hash    image index -> JSON (ImageSnapshot)
     P job:<id>:remote           hash    image index -> JSON [prediction id, pending since]:
                                         the provider's journal (ids and creates in flight)
+    P job:<id>:copies           hash    image index -> JSON [file name, provider URL, failed]:
+                                        copies of outputs still to be made (or failed)
     P job:<id>:events           stream  the job's events; entry id ``<event id>-0``, field
                                         ``e`` the event's JSON, so ``Last-Event-ID: n`` is
                                         stream id ``n-0`` on any node (XRANGE/XREAD after it)
     P user:<owner>:jobs         zset    the user's job ids by seq (list order and cursors)
     P user:<owner>:idem         hash    idempotency key -> job id
+    P user:<owner>:active       set     the user's unfinished jobs (the per-user limit)
+    P finished                  zset    finished job ids by end time, ms (retention)
     P health                    string  what ``check()`` writes to learn that writes work again
+
+A cluster (``actors/cluster/``) adds the job queue, the leases and the nodes' wake streams.
 
 Every name ends with a fixed part (``:record``, ``:jobs``, ...), so no id or owner can make one
 key's name another's. It is laid out for several nodes sharing the prefix: a job's whole state
 and its event stream are reachable from any node, a user's list and idempotency keys are global,
-and seq can be allocated with INCR; until jobs hold leases, one process writes under a prefix.
+and seq is allocated with INCR.
 
 Writes: every operation queued while a batch was being written goes into the next batch, which
 is one run of a Lua script (:data:`~actors.store.redis_scripts.BATCH`), atomic: it checks the
-whole batch, then writes it, or writes nothing. Deleting a job removes every key of it. The
-script also fences: it writes only while ``P owner`` holds this process's token.
-
-One process per prefix: on opening, the store takes ``P owner`` with ``SET NX PX`` and a task
-renews it every third of its TTL; another process finding it held by a live holder (one that
-renews it) is refused, naming the holder; a holder killed with ``kill -9`` lets go when the key
-expires, seconds later, and the next process waits that long at most.
+whole batch, then writes it, or writes nothing. Deleting a job removes every key of it. With a
+node id (a cluster node's store) the script also fences: a job that exists is written only by
+the node holding its lease, and a new job goes into the cluster's job queue with its first write.
 
 Redis down, restarting or failing over: every call is bounded (:data:`CALL_TIMEOUT_S`); writes
 fail with ``StoreUnavailable`` (a job waits and tries again, a new job gets 503), ``check()``
@@ -42,9 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -59,7 +58,7 @@ import trio
 from coredis.response.types import StreamEntry
 
 from actors.errors import StoreUnavailable
-from actors.messages import JobEvent, JobStatus
+from actors.messages import ImageCopy, JobEvent, JobStatus
 from actors.providers.base import Commit, RemoteWork
 from actors.store import redis_scripts
 from actors.store.base import (
@@ -69,6 +68,7 @@ from actors.store.base import (
     Operation,
     PutImages,
     PutJob,
+    SetCopy,
     SetRemote,
     StoredJob,
     StoreHealth,
@@ -95,8 +95,8 @@ CALL_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 #: How long ``check()`` waits for Redis.
 HEALTH_TIMEOUT_S = 2.0
-#: How long the owner key lives without a renewal (renewed every third of it).
-OWNER_TTL_S = 5.0
+#: How long a job's lease lives without a renewal (``JOB_LEASE_S``; renewed every third of it).
+JOB_LEASE_S = 5.0
 #: How long closing the store may take to write what is still queued.
 CLOSE_FLUSH_S = 10.0
 #: Jobs read per pipelined round trip by ``load()``.
@@ -111,7 +111,6 @@ class RedisKeys:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.owner = f"{prefix}owner"
         self.seq = f"{prefix}seq"
         self.jobs = f"{prefix}jobs"
         self.health = f"{prefix}health"
@@ -121,6 +120,9 @@ class RedisKeys:
 
     def user(self, owner: str, part: str) -> str:
         return f"{self.prefix}user:{owner}:{part}"
+
+    def lease(self, job_id: str) -> str:
+        return f"{self.prefix}lease:{job_id}"
 
 
 def redacted(url: str) -> str:
@@ -164,6 +166,8 @@ def batch_arguments(operations: Sequence[Operation]) -> list[str]:
                 idem = safe_text(record.idempotency_key)
                 args += ["J", record.job_id, str(record.seq), safe_text(record.owner) or ""]
                 args += ["0", ""] if idem is None else ["1", idem]
+                finished = record.finished_at if record.status.finished else None
+                args += ["" if finished is None else str(round(finished.timestamp() * 1000))]
                 args += [str(len(fields) // 2), *fields]
             case PutImages(job_id, images):
                 args += ["I", job_id, str(len(images))]
@@ -174,6 +178,9 @@ def batch_arguments(operations: Sequence[Operation]) -> list[str]:
             case SetRemote(job_id, index, remote_id, pending_since):
                 body = json.dumps([remote_id, time_text(pending_since)])
                 args += ["R", job_id, str(index), body]
+            case SetCopy(copy):
+                body = json.dumps([copy.name, safe_text(copy.source), copy.failed])
+                args += ["C", copy.job_id, str(copy.index), body]
             case DeleteJob(job_id):
                 args += ["D", job_id]
     return args
@@ -211,13 +218,12 @@ def _event(entry: StreamEntry) -> JobEvent:
     return decode_event(event_id(str(entry.identifier)), str(entry.field_values["e"]))
 
 
-def _stored_job(
-    job_id: str,
-    record: dict[str, str],
-    images: dict[str, str],
-    remote: dict[str, str],
-    events: Sequence[StreamEntry],
-) -> StoredJob:
+#: One job as read: its record, images, remote work and copies (hashes), then its events.
+_Row = tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]
+
+
+def _stored_job(job_id: str, row: _Row) -> StoredJob:
+    record, images, remote, copies, events = row
     job = decode_record(job_id, record)
     work = []
     for index, body in sorted(remote.items(), key=lambda item: int(item[0])):
@@ -239,31 +245,38 @@ def _stored_job(
         ),
         events=tuple(_event(entry) for entry in events),
         remote=tuple(work),
+        copies=tuple(
+            _copy(job_id, int(index), body)
+            for index, body in sorted(copies.items(), key=lambda item: int(item[0]))
+        ),
     )
+
+
+def _copy(job_id: str, index: int, body: str) -> ImageCopy:
+    name, source, failed = json.loads(body)
+    return ImageCopy(job_id=job_id, index=index, name=name, source=source, failed=failed)
 
 
 # --- the store ---------------------------------------------------------------------------------
 
 
-def _holder_token() -> str:
-    """Who holds the prefix, in words an operator can act on, unique per process start."""
-    since = datetime.now(UTC).isoformat(timespec="seconds")
-    return f"{socket.gethostname()} pid {os.getpid()} since {since} ({secrets.token_hex(4)})"
-
-
 class RedisStore:
-    """Jobs in Redis, written by one task in atomic batches, under a prefix this process holds.
+    """Jobs in Redis, written by one task in atomic batches.
 
     Args:
         client: An entered ``coredis.Redis`` with ``decode_responses=True``.
         url: Where Redis is (for messages; never shown with its password).
         prefix: The start of every key of this deployment.
-        owner_ttl_s: How long the owner key outlives its last renewal.
+        node: The id of the cluster node this store writes for: its writes of a job are fenced
+            by the job's lease, and new jobs go into the job queue. ``None``: a store used
+            alone (tests, tools), nothing fenced or queued.
+        lease_s: How long a job's lease outlives its last renewal (a lapsed lease is taken
+            again by the node's next write of the job).
 
-    Concurrency: opened with :func:`open_redis_store`, which takes the owner key and runs
-    :meth:`run` (the writer and the owner key's renewal). :meth:`write` is sync and only
-    queues; the writer runs everything queued as one script call, then settles each
-    :class:`Commit`. A refused batch is tried write by write; a failing Redis fails the whole
+    Concurrency: opened with :func:`open_redis_store`, which runs :meth:`run` (the writer).
+    :meth:`write` is sync and only queues; the writer runs everything queued as one script
+    call, then settles each :class:`Commit`. A refused batch is tried write by write (so a job
+    whose lease another node holds fails alone, ``fenced``); a failing Redis fails the whole
     batch at once. Every call is bounded by :data:`CALL_TIMEOUT_S`.
     """
 
@@ -276,25 +289,27 @@ class RedisStore:
         *,
         url: str,
         prefix: str,
-        owner_ttl_s: float = OWNER_TTL_S,
+        node: str | None = None,
+        lease_s: float = JOB_LEASE_S,
     ) -> None:
         self.url = redacted(url)
         self.keys = RedisKeys(prefix)
-        self.holder = _holder_token()
+        self.node = node
         self._client = client
-        self._owner_ttl_ms = max(1, round(owner_ttl_s * 1000))
+        self._lease_ms = max(1, round(lease_s * 1000))
         self._batch = client.register_script(redis_scripts.BATCH)
-        self._renew = client.register_script(redis_scripts.RENEW_OWNER)
-        self._release = client.register_script(redis_scripts.RELEASE_OWNER)
         self._writer = BatchWriter(self._transaction)
         #: Bounds of one call and of ``check()``'s wait (attributes, so tests can shorten them).
         self.call_timeout_s = CALL_TIMEOUT_S
         self.health_timeout_s = HEALTH_TIMEOUT_S
         self._last_error: str | None = None
-        #: The holder that took the prefix over while this process could not renew it.
-        self.lost_to: str | None = None
         self._batches = 0
         self._calls = 0
+
+    @property
+    def client(self) -> coredis.Redis[str]:
+        """The entered client (shared with the cluster's calls and ``actors.limits``)."""
+        return self._client
 
     # -- calls ----------------------------------------------------------------------------
 
@@ -322,23 +337,14 @@ class RedisStore:
             if text.startswith("REFUSED "):
                 raise StoreUnavailable(text.removeprefix("REFUSED "), refused=True) from None
             if text.startswith("FENCED "):
-                self._lose(text.removeprefix("FENCED "))
-                raise StoreUnavailable(self._lost_detail()) from None
+                job_id = text.removeprefix("FENCED ")
+                raise StoreUnavailable(
+                    f"job {job_id} is run by another node now", fenced=True
+                ) from None
             raise StoreUnavailable(f"Redis at {self.url} answered {what}: {text}") from None
         except _REDIS_ERRORS as exc:
             detail = str(exc) or type(exc).__name__
             raise StoreUnavailable(f"Redis at {self.url} failed {what}: {detail}") from None
-
-    def _lose(self, holder: str) -> None:
-        if self.lost_to is None:
-            logger.error("store: another process took %s over: %s", self.keys.prefix, holder)
-        self.lost_to = holder
-
-    def _lost_detail(self) -> str:
-        return (
-            f"Redis at {self.url}: another process ({self.lost_to}) took REDIS_PREFIX "
-            f"{self.keys.prefix!r} over while this one could not renew it; restart this process"
-        )
 
     # -- the protocol ------------------------------------------------------------------------
 
@@ -353,7 +359,7 @@ class RedisStore:
             rows = await self._call("reading the jobs", partial(self._read, chunk))
             try:
                 stored.extend(
-                    _stored_job(job_id, *row)
+                    _stored_job(job_id, row)
                     for job_id, row in zip(chunk, rows, strict=True)
                     # A job without its record is one deleted meanwhile.
                     if row[0]
@@ -365,9 +371,58 @@ class RedisStore:
                 ) from None
         return tuple(stored)
 
-    async def _read(
-        self, job_ids: Sequence[str]
-    ) -> list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]:
+    async def load_job(self, job_id: str) -> StoredJob | None:
+        """One job as stored now (any node's), or ``None`` if there is no such job.
+
+        Raises:
+            StoreUnavailable: Redis cannot be read.
+        """
+        jobs = await self._load_chunk([job_id])
+        return jobs[0] if jobs else None
+
+    async def load_page(
+        self, owner: str, *, limit: int, before: int | None = None
+    ) -> tuple[tuple[StoredJob, ...], int | None]:
+        """``owner``'s jobs, newest first: up to ``limit`` with a seq below ``before``, and the
+        cursor of the next page (``None`` on the last one).
+
+        Raises:
+            StoreUnavailable: Redis cannot be read.
+        """
+        top = 2**62 if before is None else before - 1  # seqs are integers
+        key = self.keys.user(owner, "jobs")
+        found = await self._call(
+            "reading a list of jobs",
+            partial(
+                self._client.zrange,
+                key,
+                top,  # with REV, the range runs from the highest score down
+                0,
+                sortby=coredis.PureToken.BYSCORE,
+                rev=True,
+                offset=0,
+                count=limit + 1,
+            ),
+        )
+        job_ids = [str(member) for member in found]
+        jobs = await self._load_chunk(job_ids[:limit])
+        more = len(job_ids) > limit and len(jobs) == limit
+        return jobs, jobs[-1].job.seq if more else None
+
+    async def _load_chunk(self, job_ids: Sequence[str]) -> tuple[StoredJob, ...]:
+        if not job_ids:
+            return ()
+        rows = await self._call("reading jobs", partial(self._read, job_ids))
+        try:
+            return tuple(
+                _stored_job(job_id, row)
+                for job_id, row in zip(job_ids, rows, strict=True)
+                if row[0]
+            )
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise StoreUnavailable(f"Redis at {self.url}: cannot read a job: {exc!r}") from None
+
+    async def _read(self, job_ids: Sequence[str]) -> list[_Row]:
         keys = self.keys
         async with self._client.pipeline(transaction=False) as pipe:
             pending = [
@@ -375,29 +430,40 @@ class RedisStore:
                     pipe.hgetall(keys.job(job_id, "record")),
                     pipe.hgetall(keys.job(job_id, "images")),
                     pipe.hgetall(keys.job(job_id, "remote")),
+                    pipe.hgetall(keys.job(job_id, "copies")),
                     pipe.xrange(keys.job(job_id, "events"), "-", "+"),
                 )
                 for job_id in job_ids
             ]
-        rows: list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]
-        rows = []
-        for record, images, remote, events in pending:
-            rows.append((dict(await record), dict(await images), dict(await remote), await events))
+        rows: list[_Row] = []
+        for record, images, remote, copies, events in pending:
+            rows.append(
+                (
+                    dict(await record),
+                    dict(await images),
+                    dict(await remote),
+                    dict(await copies),
+                    await events,
+                )
+            )
         return rows
 
     def write(self, *operations: Operation) -> Commit:
-        if self.lost_to is not None:
-            commit = Commit()
-            commit.settle(StoreUnavailable(self._lost_detail()))
-            return commit
         return self._writer.write(*operations)
 
+    async def flush(self) -> None:
+        """Write everything queued now (a node hands its jobs over after this)."""
+        await self._writer.flush()
+
     async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
-        args = [self.keys.prefix, self.holder, str(self._owner_ttl_ms)]
+        args = [self.keys.prefix, self.node or "", str(self._lease_ms)]
         args += batch_arguments(operations)
         try:
             await self._call("a write", lambda: self._batch(keys=[], args=args))
         except StoreUnavailable as exc:
+            if exc.fenced:
+                logger.info("store: write fenced: %s", exc)
+                return exc
             if exc.refused:
                 logger.warning("store: write refused: %s", exc)
                 return exc
@@ -412,8 +478,6 @@ class RedisStore:
         return None
 
     async def check(self) -> StoreHealth:
-        if self.lost_to is not None:
-            return StoreHealth(ok=False, detail=self._lost_detail())
         try:
             await self._call("PING", self._client.ping, self.health_timeout_s)
             if self._last_error is not None:
@@ -439,89 +503,12 @@ class RedisStore:
             **self._writer.statistics(),
             "transactions": self._batches,
             "redis_calls": self._calls,
-            "error": self._lost_detail() if self.lost_to is not None else self._last_error,
+            "error": self._last_error,
         }
 
-    # -- the owner key -----------------------------------------------------------------------
-
-    async def acquire(self, *, poll_s: float = 0.1) -> None:
-        """Take the owner key, waiting for a dead holder's key to expire.
-
-        A live holder renews its key every third of its TTL: seeing that (the key's TTL grows,
-        or the holder changes), or the key outliving a whole TTL, means another process runs.
-
-        Raises:
-            StoreUnavailable: Another live process holds the prefix, or Redis cannot be reached.
-        """
-        client, key, ttl_ms = self._client, self.keys.owner, self._owner_ttl_ms
-        deadline = trio.current_time() + 1.5 * ttl_ms / 1000
-        seen: tuple[str, int] | None = None
-        while True:
-            taken = await self._call(
-                "taking the owner key",
-                lambda: client.set(key, self.holder, condition=coredis.PureToken.NX, px=ttl_ms),
-            )
-            if taken:
-                logger.info(
-                    "store: redis %s, prefix %r, held by %s",
-                    self.url,
-                    self.keys.prefix,
-                    self.holder,
-                )
-                return
-            holder = await self._call("reading the owner key", lambda: client.get(key))
-            left = await self._call("reading the owner key", lambda: client.pttl(key))
-            if holder is None:
-                continue  # expired just now
-            renewed = seen is not None and (holder != seen[0] or left > seen[1])
-            if renewed or trio.current_time() >= deadline:
-                raise StoreUnavailable(
-                    f"REDIS_PREFIX {self.keys.prefix!r} on Redis at {self.url} is in use by "
-                    f"another process ({holder}); one service process per REDIS_PREFIX"
-                )
-            seen = (holder, left)
-            await trio.sleep(poll_s)
-
-    async def _keep_owner(self) -> None:
-        """Renew the owner key every third of its TTL until cancelled (or another takes it)."""
-        period = self._owner_ttl_ms / 3000
-        failing = False
-        while self.lost_to is None:
-            await trio.sleep(period)
-            try:
-                answer: list[int | str] = await self._call(
-                    "renewing the owner key",
-                    lambda: self._renew(
-                        keys=[self.keys.owner], args=[self.holder, str(self._owner_ttl_ms)]
-                    ),
-                    timeout_s=period,
-                )
-            except StoreUnavailable as exc:
-                if not failing:
-                    logger.warning("store: %s", exc)
-                failing = True
-                continue
-            failing = False
-            state, holder = answer
-            if state == 0:
-                self._lose(str(holder))
-            elif state == 2:
-                logger.warning("store: the owner key had expired; taken again")
-
-    async def release(self) -> None:
-        """Let go of the owner key if it is still ours (a clean stop frees the prefix at once)."""
-        try:
-            await self._call(
-                "releasing the owner key",
-                lambda: self._release(keys=[self.keys.owner], args=[self.holder]),
-            )
-        except StoreUnavailable as exc:
-            logger.warning("store: %s", exc)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches and renew the owner key until cancelled."""
+        """Write batches until cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_owner, name="redis store owner key")
             await nursery.start(self._writer.run)
             task_status.started()
 
@@ -542,29 +529,53 @@ def open_client(url: str) -> coredis.Redis[str]:
     )
 
 
+async def redis_secret(url: str, prefix: str) -> str:
+    """The signing key of access tokens kept under ``prefix`` (``P auth_secret``), made by the
+    first node that asks: every node of a cluster then signs and checks tokens alike.
+
+    Raises:
+        StoreUnavailable: Redis cannot be reached.
+    """
+    key = f"{prefix}auth_secret"
+    async with open_client(url) as client:
+        store = RedisStore(client, url=url, prefix=prefix)
+        made = secrets.token_urlsafe(48)
+        await store._call(
+            "keeping the signing key",
+            partial(client.set, key, made, condition=coredis.PureToken.NX),
+            CONNECT_TIMEOUT_S + CALL_TIMEOUT_S,
+        )
+        kept = await store._call("reading the signing key", partial(client.get, key))
+    if kept is None:
+        raise StoreUnavailable(f"Redis at {redacted(url)} lost the signing key as it was made")
+    return str(kept)
+
+
 @asynccontextmanager
 async def open_redis_store(
-    url: str, prefix: str, *, owner_ttl_s: float = OWNER_TTL_S
+    url: str, prefix: str, *, node: str | None = None, lease_s: float = JOB_LEASE_S
 ) -> AsyncIterator[RedisStore]:
     """The store under ``prefix`` on the Redis at ``url``, its writer running.
 
     Args:
         url: ``redis://[user:password@]host:port/db`` (or ``rediss://``, ``unix://``).
         prefix: The start of every key (``REDIS_PREFIX``).
-        owner_ttl_s: How long a killed process keeps the prefix from the next one.
+        node: The cluster node the store writes for (see :class:`RedisStore`).
+        lease_s: How long a job's lease outlives its last renewal (``JOB_LEASE_S``).
 
     Raises:
-        StoreUnavailable: Redis cannot be reached, or another process holds the prefix.
+        StoreUnavailable: Redis cannot be reached.
     """
-    refused: StoreUnavailable | None = None
+    unreachable: StoreUnavailable | None = None
     async with open_client(url) as client:
-        store = RedisStore(client, url=url, prefix=prefix, owner_ttl_s=owner_ttl_s)
+        store = RedisStore(client, url=url, prefix=prefix, node=node, lease_s=lease_s)
         try:
-            await store.acquire()
+            await store._call("PING", client.ping, CONNECT_TIMEOUT_S + CALL_TIMEOUT_S)
         except StoreUnavailable as exc:
             # Raised outside the client's task group, which would wrap it in a group.
-            refused = exc
+            unreachable = exc
         else:
+            logger.info("store: redis %s, prefix %r", store.url, prefix)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(store.run)
@@ -576,7 +587,5 @@ async def open_redis_store(
                 with trio.move_on_after(CLOSE_FLUSH_S, shield=True):
                     await store._writer.flush()
                 store._writer.fail_queued()
-                with trio.move_on_after(CALL_TIMEOUT_S, shield=True):
-                    await store.release()
-    if refused is not None:
-        raise refused
+    if unreachable is not None:
+        raise unreachable

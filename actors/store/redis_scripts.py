@@ -8,26 +8,19 @@ of at a write half-way (https://redis.io/docs/latest/develop/programmability/lua
 
 Key names are built from the prefix inside the scripts (one Redis primary, not Cluster: a batch
 spans many jobs). Errors a caller tells apart start with ``REFUSED`` (the store works but will
-never take this batch) or ``FENCED`` (another process holds the prefix).
+never take this batch) or ``FENCED <job id>`` (another node holds that job's lease: the batch
+wrote nothing, and the writes of that job are never to be written by this node).
 """
 
 from __future__ import annotations
 
-#: ARGV: prefix, owner token, owner TTL (ms), then the operations, each as a tag and its fields:
-#: ``J id seq owner has_idem idem n field value ...`` (put job), ``I id n index json ...`` (put
-#: images), ``E id event_id json`` (append event), ``R id index json`` (remote work),
-#: ``D id`` (delete job). Returns the number of operations.
+#: ARGV: prefix, node id (empty: a store used alone, no fence), lease (ms), then the
+#: operations, each as a tag and its fields: ``J id seq owner has_idem idem finished_ms n field
+#: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
+#: images), ``E id event_id json`` (append event), ``R id index json`` (remote work), ``C id
+#: index json`` (copy of an output), ``D id`` (delete job). Returns the number of operations.
 BATCH = r"""#!lua
-local P, token, ttl = ARGV[1], ARGV[2], ARGV[3]
-
--- The fence: only the process holding the prefix writes. A key gone (it expired while Redis
--- was unreachable, or Redis lost it) is taken again: nobody else holds it now.
-local held = redis.call('GET', P .. 'owner')
-if held == false then
-  redis.call('SET', P .. 'owner', token, 'PX', ttl)
-elseif held ~= token then
-  return redis.error_reply('FENCED ' .. held)
-end
+local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
 
 local function job_key(id, part) return P .. 'job:' .. id .. ':' .. part end
 local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part end
@@ -38,12 +31,12 @@ local i = 4
 while i <= #ARGV do
   local tag, id = ARGV[i], ARGV[i + 1]
   if tag == 'J' then
-    local n = tonumber(ARGV[i + 6])
+    local n = tonumber(ARGV[i + 7])
     local idem = false
     if ARGV[i + 4] == '1' then idem = ARGV[i + 5] end
     ops[#ops + 1] = {tag = tag, id = id, seq = tonumber(ARGV[i + 2]), owner = ARGV[i + 3],
-                     idem = idem, first = i + 7, count = 2 * n}
-    i = i + 7 + 2 * n
+                     idem = idem, finished = ARGV[i + 6], first = i + 8, count = 2 * n}
+    i = i + 8 + 2 * n
   elseif tag == 'I' then
     local n = tonumber(ARGV[i + 2])
     ops[#ops + 1] = {tag = tag, id = id, first = i + 3, count = 2 * n}
@@ -51,7 +44,7 @@ while i <= #ARGV do
   elseif tag == 'E' then
     ops[#ops + 1] = {tag = tag, id = id, n = tonumber(ARGV[i + 2]), body = ARGV[i + 3]}
     i = i + 4
-  elseif tag == 'R' then
+  elseif tag == 'R' or tag == 'C' then
     ops[#ops + 1] = {tag = tag, id = id, index = ARGV[i + 2], body = ARGV[i + 3]}
     i = i + 4
   elseif tag == 'D' then
@@ -64,6 +57,22 @@ end
 
 -- Check the batch against what is stored, as it would be after each operation in turn.
 local types, idents, holders, lasts, added = {}, {}, {}, {}, {}
+-- The fence (with a node id): a job that exists is written only by the node holding its lease.
+-- A lease that lapsed (Redis was unreachable for longer) is taken again: nobody else holds it.
+-- A job created in this batch is fresh: it has no lease yet, and goes into the job queue.
+local fresh, leased = {}, {}
+local function fenced(id)
+  if node == '' or fresh[id] or leased[id] then return nil end
+  local lease = P .. 'lease:' .. id
+  local held = redis.call('GET', lease)
+  if held == false then
+    redis.call('SET', lease, node, 'PX', ttl)
+  elseif held ~= node then
+    return id
+  end
+  leased[id] = true
+  return nil
+end
 local function foreign(key, want)
   local t = types[key]
   if t == nil then
@@ -110,6 +119,11 @@ for _, op in ipairs(ops) do
   problem = foreign(job_key(id, 'record'), 'hash')
   if problem then break end
   local ident = identity(id)
+  if op.tag == 'J' and not ident.owner and fresh[id] == nil then fresh[id] = true end
+  if op.tag ~= 'D' and ident.owner then
+    local lost = fenced(id)
+    if lost then return redis.error_reply('FENCED ' .. lost) end
+  end
   if op.tag == 'J' then
     problem = foreign(user_key(op.owner, 'jobs'), 'zset')
       or (ident.owner and foreign(user_key(ident.owner, 'jobs'), 'zset'))
@@ -143,7 +157,8 @@ for _, op in ipairs(ops) do
       end
     end
     idents[id] = {owner = false, idem = false}
-    for _, part in ipairs({'record', 'images', 'remote', 'events'}) do
+    fresh[id] = false
+    for _, part in ipairs({'record', 'images', 'remote', 'copies', 'events'}) do
       types[job_key(id, part)] = 'none'
     end
     lasts[id] = 0
@@ -154,6 +169,8 @@ for _, op in ipairs(ops) do
     problem = foreign(job_key(id, 'images'), 'hash')
   elseif op.tag == 'R' then
     problem = foreign(job_key(id, 'remote'), 'hash')
+  elseif op.tag == 'C' then
+    problem = foreign(job_key(id, 'copies'), 'hash')
   else
     problem = foreign(job_key(id, 'events'), 'stream')
     if problem then break end
@@ -197,17 +214,38 @@ for _, op in ipairs(ops) do
     if op.release then redis.call('HDEL', user_key(op.release[1], 'idem'), op.release[2]) end
     if op.idem then redis.call('HSET', user_key(op.owner, 'idem'), op.idem, id) end
     if op.seq > top then top = op.seq end
+    if op.old_owner and op.old_owner ~= op.owner then
+      redis.call('SREM', user_key(op.old_owner, 'active'), id)
+    end
+    if op.finished == '' then
+      redis.call('SADD', user_key(op.owner, 'active'), id)
+    else
+      redis.call('SREM', user_key(op.owner, 'active'), id)
+      redis.call('ZADD', P .. 'finished', op.finished, id)
+      redis.call('DEL', job_key(id, 'cancel'))
+    end
+    if node ~= '' and fresh[id] then
+      fresh[id] = false
+      redis.call('XADD', P .. 'queue', '*', 'job', id)
+    end
   elseif op.tag == 'I' then
     hset_range(job_key(id, 'images'), op.first, op.count)
   elseif op.tag == 'E' then
     if op.write then redis.call('XADD', job_key(id, 'events'), op.n .. '-0', 'e', op.body) end
   elseif op.tag == 'R' then
     redis.call('HSET', job_key(id, 'remote'), op.index, op.body)
+  elseif op.tag == 'C' then
+    redis.call('HSET', job_key(id, 'copies'), op.index, op.body)
   else
     redis.call('DEL', job_key(id, 'record'), job_key(id, 'images'), job_key(id, 'remote'),
-               job_key(id, 'events'))
+               job_key(id, 'copies'), job_key(id, 'events'), job_key(id, 'cancel'),
+               P .. 'lease:' .. id)
     redis.call('ZREM', P .. 'jobs', id)
-    if op.owner then redis.call('ZREM', user_key(op.owner, 'jobs'), id) end
+    redis.call('ZREM', P .. 'finished', id)
+    if op.owner then
+      redis.call('ZREM', user_key(op.owner, 'jobs'), id)
+      redis.call('SREM', user_key(op.owner, 'active'), id)
+    end
     if op.release then redis.call('HDEL', user_key(op.release[1], 'idem'), op.release[2]) end
   end
 end
@@ -215,25 +253,4 @@ if top > tonumber(redis.call('GET', P .. 'seq') or '0') then
   redis.call('SET', P .. 'seq', top)
 end
 return #ops
-"""
-
-#: KEYS[1] the owner key; ARGV: the token, the TTL (ms). Keeps the key ours for another TTL:
-#: ``{1, token}`` when it was ours, ``{2, token}`` when it was gone and is taken again,
-#: ``{0, holder}`` when another process holds it.
-RENEW_OWNER = r"""#!lua
-local held = redis.call('GET', KEYS[1])
-if held == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, held}
-elseif held == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {2, ARGV[1]}
-end
-return {0, held}
-"""
-
-#: KEYS[1] the owner key; ARGV[1] the token. Lets go of the key if it is still ours.
-RELEASE_OWNER = r"""#!lua
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """

@@ -8,8 +8,6 @@ with a proxy of its own, never by stopping the shared server.
 from __future__ import annotations
 
 import gc
-import os
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -20,10 +18,7 @@ from actors.errors import StoreUnavailable
 from actors.store import AppendEvent, DeleteJob, PutImages, PutJob, SetRemote, commit
 from actors.store.redis import RedisStore, open_client, open_redis_store
 from tests.actors.test_store import PENDING, image, job_record, new_job, only_job, progress
-from tests.redis_support import REDIS_URL, RedisProxy, keys_under
-
-#: Short, so that waiting out a dead holder costs little; the same code path as 5 s.
-TTL_S = 0.6
+from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections, keys_under
 
 
 @pytest.fixture
@@ -33,7 +28,7 @@ def prefix(redis_prefix: str) -> str:
 
 @pytest.fixture
 async def store(prefix: str) -> AsyncIterator[RedisStore]:
-    async with open_redis_store(REDIS_URL, prefix, owner_ttl_s=TTL_S) as opened:
+    async with open_redis_store(REDIS_URL, prefix) as opened:
         yield opened
 
 
@@ -58,7 +53,6 @@ async def test_keys_follow_the_documented_layout(store: RedisStore, prefix: str)
     assert await keys_under(prefix) == {
         f"{prefix}{name}"
         for name in (
-            "owner",
             "seq",
             "jobs",
             "job:job-1:record",
@@ -67,6 +61,7 @@ async def test_keys_follow_the_documented_layout(store: RedisStore, prefix: str)
             "job:job-1:events",
             "user:alice:jobs",
             "user:alice:idem",
+            "user:alice:active",
         )
     }
     async with open_client(REDIS_URL) as client:
@@ -77,9 +72,7 @@ async def test_keys_follow_the_documented_layout(store: RedisStore, prefix: str)
         assert await client.get(f"{prefix}seq") == "1"
 
 
-async def test_deleting_every_job_leaves_only_the_owner_key_and_seq(
-    store: RedisStore, prefix: str
-) -> None:
+async def test_deleting_every_job_leaves_only_seq(store: RedisStore, prefix: str) -> None:
     for job_id, seq in (("job-1", 1), ("job-2", 2)):
         await commit(
             store,
@@ -90,7 +83,7 @@ async def test_deleting_every_job_leaves_only_the_owner_key_and_seq(
 
     await commit(store, DeleteJob("job-1"), DeleteJob("job-2"))
 
-    assert await keys_under(prefix) == {f"{prefix}owner", f"{prefix}seq"}
+    assert await keys_under(prefix) == {f"{prefix}seq"}
     assert await redis_get(f"{prefix}seq") == "2"  # never goes back: a seq is not reused
 
 
@@ -161,82 +154,56 @@ async def test_an_event_older_than_the_last_one_stored_is_refused(store: RedisSt
     assert [event.id for event in (await only_job(store)).events] == [2]
 
 
-# --- one process per prefix ---------------------------------------------------------------------
+# --- a cluster node's store: writes fenced by the job's lease -----------------------------------
 
 
-async def test_a_second_store_on_a_live_prefix_is_refused_naming_the_holder(
-    store: RedisStore, prefix: str
+@pytest.fixture
+async def node_store(prefix: str) -> AsyncIterator[RedisStore]:
+    async with open_redis_store(REDIS_URL, prefix, node="node-a") as opened:
+        yield opened
+
+
+async def test_a_new_job_goes_into_the_job_queue_with_its_first_write(
+    node_store: RedisStore, prefix: str
 ) -> None:
-    with trio.fail_after(10):  # one TTL and a half at most
-        with pytest.raises(StoreUnavailable) as refused:
-            async with open_redis_store(REDIS_URL, prefix, owner_ttl_s=TTL_S):
-                pytest.fail("two stores on one prefix")
+    await commit(node_store, *new_job())
+    await commit(node_store, AppendEvent("job-1", progress(1, 0)))  # not a new job: not queued
 
-    message = str(refused.value)
-    assert f"REDIS_PREFIX {prefix!r}" in message
-    assert f"in use by another process ({socket.gethostname()} pid {os.getpid()} " in message
-    assert await redis_get(f"{prefix}owner") == store.holder  # the first one's, still renewed
-
-
-async def test_a_dead_holders_key_expires_and_the_next_store_takes_the_prefix(
-    prefix: str,
-) -> None:
-    # What a process killed with SIGKILL leaves: its key, never renewed again.
-    await redis_set(f"{prefix}owner", "elsewhere pid 1 since then (dead)", px=round(TTL_S * 1000))
-
-    with trio.fail_after(10):
-        async with open_redis_store(REDIS_URL, prefix, owner_ttl_s=TTL_S) as store:
-            await commit(store, *new_job())
-            assert await redis_get(f"{prefix}owner") == store.holder
-
-
-async def test_closing_the_store_lets_the_prefix_go_at_once(prefix: str) -> None:
-    async with open_redis_store(REDIS_URL, prefix, owner_ttl_s=60) as store:
-        await commit(store, *new_job())
-
-    assert await redis_get(f"{prefix}owner") is None
-    async with open_redis_store(REDIS_URL, prefix, owner_ttl_s=60) as reopened:
-        assert len(await reopened.load()) == 1
-
-
-async def test_a_store_whose_prefix_was_taken_over_writes_no_more(
-    store: RedisStore, prefix: str
-) -> None:
-    await commit(store, *new_job())
-    # Another process took the prefix (this one's key had expired while it could not renew).
-    await redis_set(f"{prefix}owner", "elsewhere pid 2 since now (taker)", px=60_000)
-
-    with pytest.raises(StoreUnavailable, match=r"another process \(elsewhere pid 2"):
-        await commit(store, AppendEvent("job-1", progress(1, 0)))
-    health = await store.check()
-    with pytest.raises(StoreUnavailable, match="restart this process"):
-        await commit(store, AppendEvent("job-1", progress(1, 0)))
-
-    assert not health.ok
-    assert "took REDIS_PREFIX" in health.detail
-    assert (await only_job(store)).events == ()
-
-
-async def test_an_owner_key_lost_with_redis_is_taken_again_by_the_next_write(
-    store: RedisStore, prefix: str
-) -> None:
     async with open_client(REDIS_URL) as client:
-        await client.delete([f"{prefix}owner"])  # as a Redis restarted without persistence
+        entries = await client.xrange(f"{prefix}queue")
+    assert [dict(entry.field_values) for entry in entries] == [{"job": "job-1"}]
+    assert await redis_get(f"{prefix}lease:job-1") == "node-a"  # a free lease is taken
 
+
+async def test_a_job_another_node_holds_is_fenced_and_fails_alone(
+    node_store: RedisStore, prefix: str
+) -> None:
+    await commit(node_store, *new_job("job-1", 1), *new_job("job-2", 2))
+    await redis_set(f"{prefix}lease:job-1", "node-b", px=60_000)
+
+    fenced = node_store.write(AppendEvent("job-1", progress(1, 0)))
+    other = node_store.write(AppendEvent("job-2", progress(1, 0)))
+    await other.wait()
+    with pytest.raises(StoreUnavailable, match="job job-1 is run by another node") as caught:
+        await fenced.wait()
+
+    assert caught.value.fenced
+    assert caught.value.refused
+    events = {stored.job.job_id: stored.events for stored in await node_store.load()}
+    assert events == {"job-1": (), "job-2": (progress(1, 0),)}
+
+
+async def test_a_store_used_alone_fences_nothing(store: RedisStore, prefix: str) -> None:
     await commit(store, *new_job())
+    await redis_set(f"{prefix}lease:job-1", "node-b", px=60_000)
 
-    assert await redis_get(f"{prefix}owner") == store.holder
+    await commit(store, AppendEvent("job-1", progress(1, 0)))
+
+    assert (await only_job(store)).events == (progress(1, 0),)
+    assert f"{prefix}queue" not in await keys_under(prefix)
 
 
 # --- Redis down, hanging, and back -------------------------------------------------------------
-
-
-#: coredis 6.9.0 leaves a connection's anyio memory streams (coredis/connection/_base.py) to the
-#: garbage collector when Redis drops the connection; the warning says nothing about the store.
-dropped_connections = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*MemoryObject(Receive|Send)Stream"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 
 
 @pytest.fixture
@@ -252,7 +219,7 @@ async def proxy(nursery: trio.Nursery) -> AsyncIterator[RedisProxy]:
 async def test_redis_down_fails_writes_and_checks_then_the_store_recovers_by_itself(
     proxy: RedisProxy, prefix: str
 ) -> None:
-    async with open_redis_store(proxy.url, prefix, owner_ttl_s=TTL_S) as store:
+    async with open_redis_store(proxy.url, prefix) as store:
         await commit(store, *new_job())
 
         proxy.down()
@@ -280,7 +247,7 @@ async def test_redis_down_fails_writes_and_checks_then_the_store_recovers_by_its
 async def test_a_redis_that_hangs_fails_each_call_within_its_bound(
     proxy: RedisProxy, prefix: str
 ) -> None:
-    async with open_redis_store(proxy.url, prefix, owner_ttl_s=TTL_S) as store:
+    async with open_redis_store(proxy.url, prefix) as store:
         store.call_timeout_s = store.health_timeout_s = 0.3
         await commit(store, *new_job())
 
@@ -306,7 +273,7 @@ async def test_a_redis_that_hangs_fails_each_call_within_its_bound(
 async def test_connections_that_went_silent_are_dropped_and_new_ones_work(
     proxy: RedisProxy, prefix: str
 ) -> None:
-    async with open_redis_store(proxy.url, prefix, owner_ttl_s=60) as store:
+    async with open_redis_store(proxy.url, prefix) as store:
         store.call_timeout_s = store.health_timeout_s = 0.3
         await commit(store, *new_job())
 
@@ -328,7 +295,7 @@ async def test_an_unreachable_redis_refuses_to_open_the_store(
 ) -> None:
     proxy.down()
 
-    with pytest.raises(StoreUnavailable, match=rf"Redis at {proxy.url} failed taking the owner"):
+    with pytest.raises(StoreUnavailable, match=rf"Redis at {proxy.url} failed PING"):
         async with open_redis_store(proxy.url, prefix):
             pytest.fail("opened without Redis")
 

@@ -1,0 +1,373 @@
+"""ClusterNode: one process of a cluster sharing a Redis prefix; any node accepts, one node runs.
+
+Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
+
+    P queue                 stream  the job queue: an entry ``job=<id>`` per job to run (added
+                                    with the job's first write, or when a node hands it over);
+                                    consumer group ``nodes``, each node a consumer. An entry
+                                    stays pending while its job runs, and is removed at its end
+    P lease:<id>            string  the node running the job (PX JOB_LEASE_S, renewed)
+    P job:<id>:cancel       string  set when the job is to be cancelled (until it ends)
+    P node:<node>:wake      stream  entries that end the node's blocking event read: a job
+                                    newly followed there, or one to cancel
+
+How a job moves: the node that accepts it writes it (and its queue entry) in one batch; a node
+with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and
+runs it. Each node renews the leases of all its jobs in one script call every third of the lease,
+which also keeps their queue entries fresh. A node that dies stops renewing: once its entries
+have been idle for a lease, another node claims them (``XAUTOCLAIM``) and, its lease taken, goes
+on with the job from what is stored (each image's remote work resumed by id). Every write of a
+job is fenced by its lease (the store's batch script), so a node that lost a lease while cut off
+writes nothing more of that job and stops running it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import coredis
+import coredis.exceptions
+import trio
+
+from actors.cluster import scripts
+from actors.cluster.follower import WAKE_TTL_MS, StreamFollower
+from actors.errors import StoreUnavailable
+from actors.store.redis import RedisStore, open_client
+
+logger = logging.getLogger(__name__)
+
+#: Jobs one node runs at once at most (the rest wait in the queue for any node with room).
+MAX_JOBS_PER_NODE = 200
+#: How long one blocking XREADGROUP waits (under the client's stream timeout).
+TAKE_BLOCK_MS = 2000
+#: Entries claimed from dead nodes per XAUTOCLAIM.
+CLAIM_COUNT = 20
+#: Finished jobs forgotten per retention pass at most.
+EXPIRE_BATCH = 200
+
+#: Starts running a job this node took: ``(job id, cancelled)``; False if it could not.
+StartJob = Callable[[str, bool], Awaitable[bool]]
+
+_REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.BrokenResourceError, EOFError)
+
+
+def _ignore(job_id: str) -> None:
+    pass
+
+
+def new_node_id() -> str:
+    """An id unique to this process start, that an operator can trace to a host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ClusterNode:
+    """This process's membership of the cluster: the queue it takes jobs from, the leases of
+    the jobs it runs, and the one reader of the events its subscribers follow.
+
+    Args:
+        store: The Redis store (written with this node's id, so its writes are fenced).
+        url: Redis's URL (the event reader has a connection of its own).
+        lease_s: How long a lease outlives its node's last renewal (``JOB_LEASE_S``).
+        max_jobs: Jobs this node runs at once at most.
+
+    Concurrency: :meth:`run` (started by the supervisor with the callbacks that start, stop
+    and cancel its jobs) owns the tasks that take jobs, claim dead nodes' jobs, renew leases
+    and read events. The other methods are called from request handlers and jobs.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        url: str,
+        lease_s: float,
+        max_jobs: int = MAX_JOBS_PER_NODE,
+    ) -> None:
+        assert store.node is not None, "a cluster node's store writes with the node's id"
+        self.store = store
+        self.node_id = store.node
+        self.keys = store.keys
+        self.lease_s = lease_s
+        self.max_jobs = max_jobs
+        self._url = url
+        self._lease_ms = max(1, round(lease_s * 1000))
+        client = store.client
+        self._admit = client.register_script(scripts.ADMIT)
+        self._renew = client.register_script(scripts.RENEW)
+        self._release = client.register_script(scripts.RELEASE)
+        self._cancel = client.register_script(scripts.CANCEL)
+        self._expired = client.register_script(scripts.EXPIRED)
+        self.queue_key = f"{self.keys.prefix}queue"
+        self.wake_key = f"{self.keys.prefix}node:{self.node_id}:wake"
+        #: job id -> its queue entry id, for every job this node runs.
+        self.held: dict[str, str] = {}
+        self._room = trio.Event()
+        self._room.set()
+        self._draining = trio.Event()
+        self._start_job: StartJob | None = None
+        self._on_lost: Callable[[str], None] = _ignore
+        self._on_cancel: Callable[[str], None] = _ignore
+        self.follower: StreamFollower | None = None
+        self.taken = 0
+        self.claimed = 0
+        self.renewals = 0
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        start_job: StartJob,
+        on_lost: Callable[[str], None],
+        on_cancel: Callable[[str], None],
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Take, claim, renew and follow until cancelled."""
+        self._start_job, self._on_lost, self._on_cancel = start_job, on_lost, on_cancel
+        await self._create_group()
+        async with open_client(self._url) as reader:
+            self.follower = StreamFollower(
+                reader,
+                calls=self.store.client,
+                keys=self.keys,
+                wake=self.wake_key,
+                load_events=self._load_events,
+                on_cancel=on_cancel,
+            )
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.follower.run)
+                nursery.start_soon(self._keep_leases, name="cluster leases")
+                nursery.start_soon(self._take_jobs, name="cluster queue")
+                nursery.start_soon(self._claim_jobs, name="cluster takeover")
+                logger.info(
+                    "cluster: node %s on prefix %r (lease %g s)",
+                    self.node_id,
+                    self.keys.prefix,
+                    self.lease_s,
+                )
+                task_status.started()
+
+    async def _create_group(self) -> None:
+        try:
+            await self.store._call(
+                "creating the job queue",
+                partial(
+                    self.store.client.xgroup_create,
+                    self.queue_key,
+                    scripts.GROUP,
+                    "0",
+                    mkstream=True,
+                ),
+            )
+        except StoreUnavailable as exc:
+            # coredis answers BUSYGROUP (the group exists: another node made it) in its words.
+            if "BUSYGROUP" not in str(exc) and "already exists" not in str(exc):
+                raise
+
+    async def _load_events(self, job_id: str) -> Any:
+        stored = await self.store.load_job(job_id)
+        return None if stored is None else stored.events
+
+    def stop_taking(self) -> None:
+        """Take no more jobs (draining): the queue is left to the other nodes."""
+        self._draining.set()
+        self._room.set()
+
+    def _update_room(self) -> None:
+        if len(self.held) < self.max_jobs:
+            self._room.set()
+        elif self._room.is_set():
+            self._room = trio.Event()
+
+    async def _take_jobs(self) -> None:
+        """Take new (and handed-over) jobs from the queue while this node has room."""
+        delay = 0.1
+        while not self._draining.is_set():
+            await self._room.wait()
+            if self._draining.is_set():
+                return
+            try:
+                answer: Any = await self.store.client.xreadgroup(
+                    scripts.GROUP,
+                    self.node_id,
+                    streams={self.queue_key: ">"},
+                    count=1,
+                    block=TAKE_BLOCK_MS,
+                )
+            except _REDIS_ERRORS as exc:
+                logger.warning("cluster: cannot read the job queue: %s", exc)
+                if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
+                    # Redis lost the queue (restarted without persistence): make it again.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._create_group()
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            for entries in (answer or {}).values():
+                for entry in entries:
+                    await self._admit_entry(str(entry.identifier), entry.field_values)
+
+    async def _claim_jobs(self) -> None:
+        """Claim the entries of jobs whose node stopped renewing (dead, or cut off for a lease)."""
+        while not self._draining.is_set():
+            await trio.sleep(self.lease_s / 2)
+            if self._draining.is_set() or len(self.held) >= self.max_jobs:
+                continue
+            try:
+                answer: Any = await self.store.client.xautoclaim(
+                    self.queue_key,
+                    scripts.GROUP,
+                    self.node_id,
+                    min_idle_time=self._lease_ms,
+                    start="0-0",
+                    count=CLAIM_COUNT,
+                )
+            except _REDIS_ERRORS as exc:
+                logger.debug("cluster: cannot claim: %s", exc)
+                continue
+            for entry in answer[1]:
+                if entry is None or not entry.field_values:
+                    continue  # deleted meanwhile
+                self.claimed += 1
+                await self._admit_entry(str(entry.identifier), entry.field_values)
+
+    async def _admit_entry(self, entry_id: str, fields: Any) -> None:
+        job_id = str(fields.get("job", ""))
+        if not job_id or job_id in self.held:
+            return
+        try:
+            answer: Any = await self.store._call(
+                "taking a job",
+                lambda: self._admit(
+                    keys=[],
+                    args=[self.keys.prefix, self.node_id, str(self._lease_ms), job_id, entry_id],
+                ),
+            )
+        except StoreUnavailable as exc:
+            logger.warning("cluster: cannot take job %s: %s", job_id, exc)
+            return  # its entry stays pending: claimed again once idle for a lease
+        outcome, cancelled = str(answer[0]), bool(int(answer[1]))
+        if outcome != "ok":
+            return
+        assert self._start_job is not None
+        self.held[job_id] = entry_id
+        self._update_room()
+        self.taken += 1
+        if not await self._start_job(job_id, cancelled):
+            # Not startable now (the store failed to read it): the lease lapses, and the job is
+            # claimed again.
+            self.held.pop(job_id, None)
+            self._update_room()
+
+    async def _keep_leases(self) -> None:
+        """Renew every lease this node holds, in one call, every third of the lease."""
+        period = self.lease_s / 3
+        while True:
+            await trio.sleep(period)
+            if not self.held:
+                continue
+            args = [self.keys.prefix, self.node_id, str(self._lease_ms)]
+            for job_id, entry_id in self.held.items():
+                args += [job_id, entry_id]
+            try:
+                answer: Any = await self.store._call(
+                    "renewing leases", partial(self._renew, keys=[], args=args), timeout_s=period
+                )
+            except StoreUnavailable as exc:
+                logger.warning("cluster: %s", exc)
+                continue
+            self.renewals += 1
+            lost, cancelled = answer
+            for job_id in lost:
+                logger.warning("cluster: job %s is run by another node now", job_id)
+                self.held.pop(str(job_id), None)
+                self._on_lost(str(job_id))
+            for job_id in cancelled:
+                self._on_cancel(str(job_id))
+            self._update_room()
+
+    # --- calls of the supervisor ----------------------------------------------------------
+
+    async def release(self, job_id: str, *, requeue: bool) -> None:
+        """Let go of a job this node ran: ended (``requeue`` False) or handed over."""
+        entry_id = self.held.pop(job_id, None)
+        self._update_room()
+        if entry_id is None:
+            await trio.lowlevel.checkpoint()
+            return
+        args = [self.keys.prefix, self.node_id, job_id, entry_id, "1" if requeue else "0"]
+        try:
+            await self.store._call("releasing a job", lambda: self._release(keys=[], args=args))
+        except StoreUnavailable as exc:
+            # The lease lapses and the entry is claimed: the job is found ended (or carried on).
+            logger.warning("cluster: releasing job %s: %s", job_id, exc)
+
+    async def cancel(self, job_id: str) -> int:
+        """Ask whichever node runs ``job_id`` to cancel it: 0 no such job, 1 finished, 2 asked.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached.
+        """
+        answer: Any = await self.store._call(
+            "cancelling a job",
+            lambda: self._cancel(keys=[], args=[self.keys.prefix, job_id, str(WAKE_TTL_MS)]),
+        )
+        return int(answer)
+
+    async def admission(
+        self, owner: str, idempotency_key: str | None
+    ) -> tuple[int, int, str | None]:
+        """For a new job: a fresh seq, the owner's unfinished jobs, and the job already holding
+        ``idempotency_key`` (one round trip).
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached.
+        """
+        keys = self.keys
+
+        async def read() -> tuple[int, int, str | None]:
+            async with self.store.client.pipeline(transaction=False) as pipe:
+                seq = pipe.incr(keys.seq)
+                active = pipe.scard(keys.user(owner, "active"))
+                holder = pipe.hget(keys.user(owner, "idem"), idempotency_key or "")
+            found = await holder
+            return int(await seq), int(await active), None if found is None else str(found)
+
+        return await self.store._call("admitting a job", read)
+
+    async def expired(self, *, retention_s: float, keep: int) -> list[str]:
+        """Finished jobs (any node's) to forget now: older than ``retention_s``, or over ``keep``.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached.
+        """
+        horizon = round((datetime.now(UTC).timestamp() - retention_s) * 1000)
+        args = [self.keys.prefix, str(horizon), str(keep), str(EXPIRE_BATCH)]
+        answer: Any = await self.store._call(
+            "finding expired jobs", lambda: self._expired(keys=[], args=args)
+        )
+        return [str(job_id) for job_id in answer]
+
+    def statistics(self) -> dict[str, object]:
+        follower = self.follower
+        return {
+            "node_id": self.node_id,
+            "jobs_held": sorted(self.held),
+            "lease_s": self.lease_s,
+            "taking": not self._draining.is_set(),
+            "taken_total": self.taken,
+            "claimed_total": self.claimed,
+            "renewals_total": self.renewals,
+            "jobs_followed": 0 if follower is None else follower.followed,
+            "event_reads_total": 0 if follower is None else follower.reads,
+            "events_error": None if follower is None else follower.failing,
+        }

@@ -1,0 +1,111 @@
+"""The Lua scripts of the cluster (``actors/cluster/node.py`` documents the keys they use).
+
+Each runs atomically on the one Redis primary. A job is run by the node holding its lease
+(``P lease:<id>``, a node id with a TTL); its entry in the job queue (``P queue``, a stream read
+by the consumer group ``nodes``) stays pending until the job ends or is handed over, so that a
+dead node's jobs are found by ``XAUTOCLAIM`` once their entries have been idle for a lease.
+"""
+
+from __future__ import annotations
+
+#: The consumer group of the job queue: every node is a consumer of it.
+GROUP = "nodes"
+
+#: ARGV: prefix, node id, lease (ms), job id, queue entry id. Takes the job's lease for this node.
+#: Returns ``{"ok", cancel}`` (the lease is ours; ``cancel`` is 1 when the job was cancelled
+#: while queued), ``{"gone", 0}`` (finished or deleted: the entry is acknowledged and removed)
+#: or ``{"held", 0}`` (another live node holds it).
+ADMIT = r"""#!lua
+local P, node, ttl, id, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
+if status == false or status == 'completed' or status == 'failed' or status == 'canceled' then
+  redis.pcall('XACK', P .. 'queue', 'nodes', entry)
+  redis.call('XDEL', P .. 'queue', entry)
+  return {'gone', 0}
+end
+local lease = P .. 'lease:' .. id
+local held = redis.call('GET', lease)
+if held ~= false and held ~= node then return {'held', 0} end
+redis.call('SET', lease, node, 'PX', ttl)
+local cancel = redis.call('EXISTS', P .. 'job:' .. id .. ':cancel')
+return {'ok', cancel}
+"""
+
+#: ARGV: prefix, node id, lease (ms), then ``job id, entry id`` pairs of the jobs this node runs.
+#: Renews each lease (taking a lapsed one again, as nobody else holds it), and resets the idle
+#: time of each job's queue entry so that no other node claims it. Returns ``{lost, cancelled}``:
+#: the ids of jobs another node holds now, and of jobs someone asked to cancel.
+RENEW = r"""#!lua
+local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
+local lost, cancelled = {}, {}
+for i = 4, #ARGV, 2 do
+  local id, entry = ARGV[i], ARGV[i + 1]
+  local lease = P .. 'lease:' .. id
+  local held = redis.call('GET', lease)
+  if held == node or held == false then
+    redis.call('SET', lease, node, 'PX', ttl)
+    -- pcall: a Redis that lost the queue (restarted without persistence) still renews leases.
+    redis.pcall('XCLAIM', P .. 'queue', 'nodes', node, 0, entry, 'JUSTID')
+    if redis.call('EXISTS', P .. 'job:' .. id .. ':cancel') == 1 then
+      cancelled[#cancelled + 1] = id
+    end
+  else
+    lost[#lost + 1] = id
+  end
+end
+return {lost, cancelled}
+"""
+
+#: ARGV: prefix, node id, job id, entry id, requeue (``1`` hands the job over: a new queue entry
+#: for any node to take). Lets go of the job's lease if it is ours and removes its entry;
+#: returns 0 and changes nothing if another node holds the lease now.
+RELEASE = r"""#!lua
+local P, node, id, entry, requeue = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local lease = P .. 'lease:' .. id
+local held = redis.call('GET', lease)
+if held == node then
+  redis.call('DEL', lease)
+elseif held ~= false then
+  return 0  -- another node runs the job now: its entry is that node's
+end
+redis.pcall('XACK', P .. 'queue', 'nodes', entry)
+redis.call('XDEL', P .. 'queue', entry)
+if requeue == '1' then redis.call('XADD', P .. 'queue', '*', 'job', id) end
+return 1
+"""
+
+#: ARGV: prefix, job id, wake stream TTL (ms). Marks the job cancelled (a node taking it later
+#: sees the mark) and tells the node holding it, through that node's wake stream. Returns 0 for
+#: no such job, 1 for a finished one (nothing to do), 2 when the mark is set.
+CANCEL = r"""#!lua
+local P, id, ttl = ARGV[1], ARGV[2], ARGV[3]
+local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
+if status == false then return 0 end
+if status == 'completed' or status == 'failed' or status == 'canceled' then return 1 end
+redis.call('SET', P .. 'job:' .. id .. ':cancel', '1')
+local held = redis.call('GET', P .. 'lease:' .. id)
+if held then
+  local wake = P .. 'node:' .. held .. ':wake'
+  redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'cancel', id)
+  redis.call('PEXPIRE', wake, ttl)
+end
+return 2
+"""
+
+#: ARGV: prefix, horizon (ms since the epoch), most finished jobs kept, most ids answered.
+#: The finished jobs to forget, cluster-wide: every one that finished before the horizon, and
+#: the oldest ones over the count (their deletion is written through the store's batch).
+EXPIRED = r"""#!lua
+local P, horizon, keep, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local key = P .. 'finished'
+local ids = redis.call('ZRANGEBYSCORE', key, '-inf', horizon, 'LIMIT', 0, limit)
+local seen = {}
+for _, id in ipairs(ids) do seen[id] = true end
+local over = redis.call('ZCARD', key) - keep
+if over > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', key, 0, math.min(over, limit) - 1)) do
+    if not seen[id] then ids[#ids + 1] = id end
+  end
+end
+return ids
+"""

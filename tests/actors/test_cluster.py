@@ -1,0 +1,273 @@
+"""Cluster nodes (actors/cluster/) in one process on the real Redis, a fresh prefix per test.
+
+Each node is a Supervisor with a ClusterNode on a store of its own (its own connections and node
+id), as in a process of its own; tests/e2e/test_cluster.py runs real processes and kills them.
+Real clock and sockets (a mock clock would fire the client's timeouts at once).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+import actors.supervisor as supervisor_module
+from actors.cluster import ClusterNode, new_node_id
+from actors.errors import JobNotFound, LimitExceeded
+from actors.messages import DoneEvent, JobEvent, JobStatus, Transport
+from actors.settings import SupervisorSettings
+from actors.store.redis import open_client, open_redis_store
+from actors.supervisor import Subscription, Supervisor, open_supervisor
+from tests.fakes import FakeProvider, Script
+from tests.redis_support import REDIS_URL
+
+#: coredis 6.9.0 leaves the anyio memory streams of a connection it drops (a blocking read
+#: cancelled as its node stops, or Redis going away) to the garbage collector; the warning says
+#: nothing about the cluster. Collected at each node's end (below), so it stays in its test.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*MemoryObject(Receive|Send)Stream"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    yield
+    gc.collect()  # the nodes' dropped connections, within this test's filter
+
+
+LEASE_S = 0.6
+SETTINGS = SupervisorSettings(max_streams_per_user=2000)
+#: Bounds each wait of a test.
+WAIT_S = 10
+
+
+@asynccontextmanager
+async def node(
+    prefix: str,
+    provider: FakeProvider,
+    *,
+    url: str = REDIS_URL,
+    settings: SupervisorSettings = SETTINGS,
+) -> AsyncIterator[Supervisor]:
+    async with open_redis_store(url, prefix, node=new_node_id(), lease_s=LEASE_S) as store:
+        cluster = ClusterNode(store, url=url, lease_s=LEASE_S)
+        async with open_supervisor(provider, settings, store=store, cluster=cluster) as supervisor:
+            yield supervisor
+    gc.collect()
+
+
+def cluster_of(supervisor: Supervisor) -> ClusterNode:
+    assert supervisor.cluster is not None
+    return supervisor.cluster
+
+
+async def poll(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Until ``condition()`` holds (Redis and other nodes have no event to wait on)."""
+    with trio.fail_after(WAIT_S):
+        while True:
+            if await condition():
+                return
+            await trio.sleep(0.01)
+
+
+async def held_by(supervisor: Supervisor, job_id: str) -> None:
+    async def held() -> bool:
+        await trio.lowlevel.checkpoint()
+        return job_id in cluster_of(supervisor).held
+
+    await poll(held)
+
+
+async def read_to_done(subscription: Subscription) -> list[JobEvent]:
+    events: list[JobEvent] = []
+    with trio.fail_after(WAIT_S):
+        while not events or not isinstance(events[-1], DoneEvent):
+            batch = await subscription.wait_events_after(
+                events[-1].id if events else 0, timeout_s=1
+            )
+            events.extend(batch.events)
+            assert not batch.ended or events, "ended without events"
+    return events
+
+
+def fast() -> FakeProvider:
+    return FakeProvider(default=Script(latency_s=0.02))
+
+
+def blocked() -> FakeProvider:
+    return FakeProvider(default=Script(block=trio.Event()))
+
+
+async def submit(supervisor: Supervisor, num_images: int = 3, **kwargs: str) -> str:
+    snapshot, created = await supervisor.submit(
+        owner="alice", prompt="a red fox", num_images=num_images, **kwargs
+    )
+    assert created
+    return snapshot.job_id
+
+
+# --- any node accepts, one node runs, every node streams ----------------------------------------
+
+
+async def test_a_job_accepted_on_one_node_runs_once_and_streams_on_every_node(
+    redis_prefix: str,
+) -> None:
+    providers = [fast(), fast()]
+    async with node(redis_prefix, providers[0]) as a, node(redis_prefix, providers[1]) as b:
+        job_id = await submit(a, 3)
+        with (
+            await a.subscribe_job(job_id, owner="alice", transport=Transport.SSE) as on_a,
+            await b.subscribe_job(job_id, owner="alice", transport=Transport.WEBSOCKET) as on_b,
+        ):
+            events_a = await read_to_done(on_a)
+            events_b = await read_to_done(on_b)
+        found = [await a.find(job_id, owner="alice"), await b.find(job_id, owner="alice")]
+
+    assert [event.id for event in events_b] == [1, 2, 3, 4]
+    assert events_a == events_b
+    assert [snapshot.status for snapshot in found] == [JobStatus.COMPLETED] * 2
+    # Exactly one node ran it: one provider call per image in all.
+    assert sorted(len(provider.calls) for provider in providers) == [0, 3]
+
+
+async def test_a_job_s_list_idempotency_key_and_user_limit_are_cluster_wide(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_active_jobs_per_user=2)
+    async with (
+        node(redis_prefix, blocked(), settings=settings) as a,
+        node(redis_prefix, blocked(), settings=settings) as b,
+    ):
+        first = await submit(a, idempotency_key="k1")
+        again, created = await b.submit(
+            owner="alice", prompt="a red fox", num_images=3, idempotency_key="k1"
+        )
+        second = await submit(b)
+        with pytest.raises(LimitExceeded):
+            await submit(a)
+        page, cursor = await b.find_page(owner="alice", limit=1)
+        rest, end = await a.find_page(owner="alice", limit=5, before=cursor)
+        with pytest.raises(JobNotFound):
+            await b.find(first, owner="bob")
+
+    assert (again.job_id, created) == (first, False)
+    assert [snapshot.job_id for snapshot in page + rest] == [second, first]
+    assert end is None
+
+
+async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix: str) -> None:
+    runner_provider = blocked()
+    async with node(redis_prefix, runner_provider) as runner:
+        job_id = await submit(runner)
+        await held_by(runner, job_id)
+        async with node(redis_prefix, fast()) as other:
+            with trio.fail_after(WAIT_S):
+                snapshot = await other.cancel_and_wait(job_id, owner="alice", timeout_s=WAIT_S)
+
+    assert snapshot.status is JobStatus.CANCELED
+    assert sorted(runner_provider.remote_cancels) == [(job_id, index) for index in range(3)]
+
+
+# --- takeover, fencing, draining ------------------------------------------------------------------
+
+
+async def test_a_node_that_lost_its_lease_stops_the_job_without_writing(redis_prefix: str) -> None:
+    provider = FakeProvider(default=Script(block=trio.Event(), latency_s=0))
+    async with node(redis_prefix, provider) as a:
+        job_id = await submit(a)
+        await held_by(a, job_id)
+        # Another node took the job while this one could not renew (cut off from Redis).
+        async with open_client(REDIS_URL) as client:
+            await client.set(f"{redis_prefix}lease:{job_id}", "elsewhere", px=60_000)
+        assert provider.default.block is not None
+        provider.default.block.set()  # the images finish; their write is fenced
+
+        async def stopped() -> bool:
+            await trio.lowlevel.checkpoint()
+            return job_id not in a._active
+
+        await poll(stopped)
+        stored = await cluster_of(a).store.load_job(job_id)
+
+    assert stored is not None
+    assert not stored.job.status.finished
+    assert stored.events == ()
+    assert provider.remote_cancels == []  # the predictions are the new holder's to resume
+
+
+async def test_a_draining_node_hands_its_jobs_over_at_once(redis_prefix: str) -> None:
+    draining_provider = blocked()
+    survivor_provider = fast()
+    async with node(redis_prefix, draining_provider) as draining:
+        job_id = await submit(draining)
+        await held_by(draining, job_id)
+        async with node(redis_prefix, survivor_provider) as survivor:
+            with trio.fail_after(2):  # not the job's time: it never ends on this node
+                await draining.drain(grace_s=60)
+
+            async def completed() -> bool:
+                snapshot = await survivor.find(job_id, owner="alice")
+                return snapshot.status is JobStatus.COMPLETED
+
+            await poll(completed)
+
+    assert draining_provider.remote_cancels == []
+    assert len(survivor_provider.calls) == 3
+
+
+async def test_finished_jobs_are_forgotten_cluster_wide(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor_module, "CLUSTER_EXPIRE_S", 0.05)
+    settings = SupervisorSettings(job_retention_s=0.2)
+    async with node(redis_prefix, fast(), settings=settings) as a:
+        job_id = await submit(a)
+        async with node(redis_prefix, fast(), settings=settings) as b:
+            with trio.fail_after(WAIT_S):
+                while True:
+                    try:
+                        await b.find(job_id, owner="alice")
+                    except JobNotFound:
+                        break
+                    await trio.sleep(0.05)
+
+
+# --- one reader per node -------------------------------------------------------------------------
+
+
+async def test_a_thousand_subscribers_on_a_node_cost_it_one_reader(redis_prefix: str) -> None:
+    provider = FakeProvider(default=Script(block=trio.Event(), latency_s=0))
+    async with node(redis_prefix, provider) as runner:
+        job_id = await submit(runner, 5)
+        await held_by(runner, job_id)
+        async with node(redis_prefix, fast()) as other:
+            follower = cluster_of(other).follower
+            assert follower is not None
+            subscriptions = [
+                await other.subscribe_job(job_id, owner="alice", transport=Transport.SSE)
+                for _ in range(1000)
+            ]
+            reads = follower.reads
+            assert provider.default.block is not None
+            provider.default.block.set()
+            seen: list[list[JobEvent]] = []
+            async with trio.open_nursery() as nursery:
+                for subscription in subscriptions:
+                    nursery.start_soon(_collect, subscription, seen)
+            reads = follower.reads - reads
+            for subscription in subscriptions:
+                subscription.close()
+            followed = follower.followed
+
+    assert len(seen) == 1000
+    assert all([event.id for event in events] == [1, 2, 3, 4, 5, 6] for events in seen)
+    assert reads <= 6 + 2  # a read per event at most (and the wake-ups), not per subscriber
+    assert followed == 0
+
+
+async def _collect(subscription: Subscription, seen: list[list[JobEvent]]) -> None:
+    seen.append(await read_to_done(subscription))
