@@ -242,6 +242,7 @@ def service_env(**overrides: object) -> dict[str, str]:
         "MAX_ACTIVE_JOBS_PER_USER": "100000",
         "MAX_QUEUED_IMAGES": "1000000",
         "MAX_RETAINED_JOBS": "100000",
+        "MAX_STREAMS_PER_USER": "1000000",
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env

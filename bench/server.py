@@ -7,7 +7,10 @@
 :class:`bench.provider.BenchProvider` passed to ``run_server(provider=...)``. ``SIGUSR1`` opens
 the provider's gate; ``SIGTERM`` or ``SIGINT`` stops the server. ``--gc-log`` logs every full
 collection over 5 ms; ``--tracemalloc`` makes ``SIGUSR2`` log memory allocated since the first
-``SIGUSR2``, by owner; the other ``--gc-*`` options, ``--switch-interval`` and
+``SIGUSR2``, by owner (``--tracemalloc-lines N``: also the N source lines that allocated
+most); ``--python-gc`` runs ours with CPython's collector settings instead of those of
+``python -m web`` (``web.serve.tune_gc``, the start-up objects frozen); the other ``--gc-*``
+options (with ``--python-gc`` for ours), ``--switch-interval`` and
 ``--sqlite-inline`` are experiments (the last patches the SQLite store in this process only:
 :func:`patch_sqlite_inline`). ``--replicate-url`` gives the yardstick
 :class:`bench.provider.ReplicateCallProvider` against that (fake) Replicate server instead.
@@ -62,8 +65,9 @@ class MemoryWatch:
     allocated since, by owner (``memory: <owner>\t<KiB>\t<blocks>`` lines, then ``memory: end``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lines: int = 0) -> None:
         self.baseline: tracemalloc.Snapshot | None = None
+        self.lines = lines
         self.logger = logging.getLogger("bench.memory")
 
     def snapshot(self) -> None:
@@ -80,6 +84,15 @@ class MemoryWatch:
             sizes[1] += diff.count_diff
         for owner, (size, count) in sorted(by_owner.items(), key=lambda item: -item[1][0]):
             self.logger.warning("memory: %s\t%.1f\t%d", owner, size / 1024, count)
+        for diff in snapshot.compare_to(self.baseline, "lineno")[: self.lines]:
+            frame = diff.traceback[0]
+            self.logger.warning(
+                "memory line: %s:%d\t%.1f\t%d",
+                frame.filename.rsplit("site-packages/", 1)[-1],
+                frame.lineno,
+                diff.size_diff / 1024,
+                diff.count_diff,
+            )
         self.logger.warning("memory: end")
 
 
@@ -139,7 +152,7 @@ async def _watch_signals(
 async def _run(args: argparse.Namespace) -> None:
     provider = BenchProvider(seed=args.seed)
     shutdown = trio.Event()
-    memory = MemoryWatch() if args.tracemalloc else None
+    memory = MemoryWatch(args.tracemalloc_lines) if args.tracemalloc else None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, provider, shutdown, memory)
         if args.kind == "ours":
@@ -160,6 +173,7 @@ async def _run(args: argparse.Namespace) -> None:
                     bind=f"127.0.0.1:{args.port}",
                     shutdown=shutdown,
                     handle_signals=False,
+                    server_gc=not args.python_gc,
                 )
             )
             if args.gc_freeze:
@@ -196,7 +210,18 @@ def main() -> None:
         "--gc-threshold", type=int, help="gc.set_threshold(N, 10, 10) (an experiment)"
     )
     parser.add_argument(
+        "--python-gc",
+        action="store_true",
+        help="ours: keep CPython's collector settings (no web.serve.tune_gc, no freeze)",
+    )
+    parser.add_argument(
         "--tracemalloc", action="store_true", help="SIGUSR2: memory allocated since a baseline"
+    )
+    parser.add_argument(
+        "--tracemalloc-lines",
+        type=int,
+        default=0,
+        help="with --tracemalloc, also log the N source lines that allocated most",
     )
     parser.add_argument(
         "--switch-interval",

@@ -22,6 +22,7 @@ from web import (
     routes_stream,
     routes_webhooks,
 )
+from web.asgi import App
 from web.auth import Authenticator
 from web.context import EXTENSION, AppState
 from web.errors import APIError, register_error_handlers
@@ -51,7 +52,7 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
         settings: The service's settings.
         auth: Users and tokens.
     """
-    app = QuartTrio(__name__, static_folder=None)  # /static/ is served below, with its headers
+    app = App(__name__, static_folder=None)  # /static/ is served below, with its headers
     # A path with "//" (or an encoded "/") is not ours: 404, never a redirect to a merged path.
     app.url_map.merge_slashes = False
     # The largest body any route takes; each route enforces its own (web/body.py).

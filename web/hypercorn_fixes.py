@@ -89,6 +89,21 @@ HTTP/1.1 requests Hypercorn takes at their word:
     read. A WebSocket upgrade carrying both is refused: 400 with a ``detail``, and closed.
     Upstream: Hypercorn #279 and h11 #90, both open.
 
+Lean connections:
+
+13. An app may be cancelled as soon as its client goes away. Hypercorn only puts
+    ``http.disconnect`` (``websocket.disconnect``) in the app's channel; a framework that wants
+    to stop then needs a task of its own per request reading that channel (quart-trio has one,
+    and the nursery that holds it, for as long as an event stream lasts). The app now runs in a
+    cancel scope, and the scope offers the ASGI extension :data:`CANCEL_ON_DISCONNECT`, whose
+    ``arm()`` makes the client's disconnect cancel it, so an app (web/asgi.py) may serve a
+    stream without that extra task.
+14. No timer per read. ``TCPServer._read_data`` wraps every read in ``trio.fail_after(
+    read_timeout or inf)``: with no ``read_timeout`` (the default) a cancel scope that never
+    fires, and the generator and context manager of ``fail_after``, about 1 KiB for every
+    connection waiting for its client's next bytes (every open event stream). Without a
+    ``read_timeout`` the read (the one 10 wraps) is now made without them.
+
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
 """
@@ -129,6 +144,9 @@ CLOSE_TIMEOUT_S = 1.0
 SEND_TIMEOUT_S = 30.0
 #: Bytes a WebSocket client may send before its handshake completes (more: the socket closes).
 EARLY_DATA_MAX_BYTES = 64 * 1024
+
+#: The ASGI scope extension of fix 13: the server cancels the app when the client disconnects.
+CANCEL_ON_DISCONNECT = "imagegen.cancel_on_disconnect"
 
 #: Connection errors contained since the process started, by exception type (process-wide, as
 #: the patched classes are).
@@ -359,7 +377,7 @@ async def _read_data_then_release(self: tcp_server.TCPServer) -> None:
     """Hypercorn's reader; once it ends (EOF, reset, or the socket closed) the idle timer stops
     and is never started again, so the connection ends with its last task."""
     try:
-        await _original_read_data(self)
+        await _read_data_untimed(self)  # 14
     except _ReaderStopped:
         await self.protocol.handle(Closed())  # as the reader's own end does (idempotent)
     self._peer_gone = True  # type: ignore[attr-defined]
@@ -525,6 +543,113 @@ async def _ws_handle_events(self: WSStream) -> None:
                 break
 
 
+# --- 13: the app is cancelled when its client goes away ---------------------------------------
+
+_DISCONNECTS = frozenset({"http.disconnect", "websocket.disconnect"})
+
+
+class _CancellableApp:
+    """An app wrapper running the app in a cancel scope that a disconnect cancels once armed.
+
+    Until the app arms it (``scope["extensions"][CANCEL_ON_DISCONNECT]["arm"]()``, for a
+    response that lasts: an event stream), a disconnect cancels nothing: a client that
+    half-closes its socket after its request still gets its answer. A disconnect that comes
+    while the app is sending (its last body message ends the stream, or the socket broke under
+    it) cancels once that send has returned: Hypercorn may still be recycling the connection
+    inside it.
+    """
+
+    __slots__ = ("app", "armed", "cancel_scope", "disconnected", "send", "sending")
+
+    def __init__(self, app: AppWrapper) -> None:
+        self.app = app
+        self.armed = False
+        self.cancel_scope = trio.CancelScope()
+        self.disconnected = False
+        self.send: Callable[[ASGISendEvent], Awaitable[None]] | None = None
+        self.sending = 0
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: Callable[[], Awaitable[ASGIReceiveEvent]],
+        send: Callable[[ASGISendEvent], Awaitable[None]],
+        sync_spawn: Callable[..., object],
+        call_soon: Callable[..., object],
+    ) -> None:
+        self.send = send
+        with self.cancel_scope:
+            await self.app(scope, receive, self._send, sync_spawn, call_soon)
+
+    async def _send(self, message: ASGISendEvent) -> None:
+        assert self.send is not None
+        self.sending += 1
+        try:
+            await self.send(message)
+        finally:
+            self.sending -= 1
+        self._maybe_cancel()
+
+    def _maybe_cancel(self) -> None:
+        if self.armed and self.disconnected and not self.sending:
+            self.cancel_scope.cancel()
+
+    def arm(self) -> None:
+        """From now on the client's disconnect cancels the app (at once if it has gone)."""
+        self.armed = True
+        self._maybe_cancel()
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+        self._maybe_cancel()
+
+
+_AppPut = Callable[[ASGIReceiveEvent], Awaitable[None]]
+
+
+def _spawn_app_cancelled_on_disconnect(
+    spawn_app: Callable[..., Awaitable[_AppPut]],
+) -> Callable[..., Awaitable[_AppPut]]:
+    async def spawn(
+        self: task_group.TaskGroup, app: AppWrapper, *config_scope_send: Any
+    ) -> _AppPut:
+        """``spawn_app(app, config, scope, send)`` with ``app`` in a :class:`_CancellableApp`."""
+        cancellable = _CancellableApp(app)
+        scope = config_scope_send[1]
+        scope.setdefault("extensions", {})[CANCEL_ON_DISCONNECT] = {"arm": cancellable.arm}
+        put = await spawn_app(self, cancellable, *config_scope_send)
+
+        async def put_or_cancel(message: ASGIReceiveEvent) -> None:
+            if message["type"] in _DISCONNECTS:
+                cancellable.disconnect()  # before a put that could wait on a full channel
+            await put(message)
+
+        return put_or_cancel
+
+    spawn.cancels_on_disconnect = True  # type: ignore[attr-defined]
+    return spawn
+
+
+# --- 14: no timer per read ------------------------------------------------------------------
+
+
+async def _read_data_untimed(self: tcp_server.TCPServer) -> None:
+    """Hypercorn's ``TCPServer._read_data`` without its never-firing timer (its own with a
+    ``read_timeout``)."""
+    if self.config.read_timeout:
+        await _original_read_data(self)
+        return
+    while True:
+        try:
+            data = await self.stream.receive_some(tcp_server.MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            break
+        await self.protocol.handle(RawData(bytes(data)))
+        if data == b"":
+            break
+    await self.protocol.handle(Closed())
+
+
 def install() -> None:
     """Apply every fix (idempotent)."""
     worker_context.TrioSingleTask.restart = _restart_shielded  # type: ignore[method-assign]
@@ -541,3 +666,12 @@ def install() -> None:
     WSStream._accept = _ws_accept  # type: ignore[method-assign]
     WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]
     task_group.TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
+    _install_cancel_on_disconnect()
+
+
+def _install_cancel_on_disconnect() -> None:
+    """Fix 13, around whatever ``spawn_app`` the fixes above installed (once)."""
+    current = task_group.TaskGroup.spawn_app
+    if not getattr(current, "cancels_on_disconnect", False):
+        fixed = _spawn_app_cancelled_on_disconnect(current)
+        task_group.TaskGroup.spawn_app = fixed  # type: ignore[method-assign,assignment]
