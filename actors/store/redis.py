@@ -357,13 +357,14 @@ class RedisStore:
                 ) from None
         return tuple(stored)
 
-    async def load_job(self, job_id: str) -> StoredJob | None:
-        """One job as stored now (any node's), or ``None`` if there is no such job.
+    async def load_job(self, job_id: str, *, events: bool = True) -> StoredJob | None:
+        """One job as stored now (any node's), or ``None`` if there is no such job; without
+        ``events``, its events are not read (``events`` is empty).
 
         Raises:
             StoreUnavailable: Redis cannot be read.
         """
-        jobs = await self._load_chunk([job_id])
+        jobs = await self._load_chunk([job_id], events=events)
         return jobs[0] if jobs else None
 
     async def load_page(
@@ -391,14 +392,16 @@ class RedisStore:
             ),
         )
         job_ids = [str(member) for member in found]
-        jobs = await self._load_chunk(job_ids[:limit])
+        jobs = await self._load_chunk(job_ids[:limit], events=False)
         more = len(job_ids) > limit and len(jobs) == limit
         return jobs, jobs[-1].job.seq if more else None
 
-    async def _load_chunk(self, job_ids: Sequence[str]) -> tuple[StoredJob, ...]:
+    async def _load_chunk(
+        self, job_ids: Sequence[str], *, events: bool = True
+    ) -> tuple[StoredJob, ...]:
         if not job_ids:
             return ()
-        rows = await self._call("reading jobs", partial(self._read, job_ids))
+        rows = await self._call("reading jobs", partial(self._read, job_ids, events=events))
         try:
             return tuple(
                 _stored_job(job_id, *row)
@@ -409,7 +412,7 @@ class RedisStore:
             raise StoreUnavailable(f"Redis at {self.url}: cannot read a job: {exc!r}") from None
 
     async def _read(
-        self, job_ids: Sequence[str]
+        self, job_ids: Sequence[str], *, events: bool = True
     ) -> list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]:
         keys = self.keys
         async with self._client.pipeline(transaction=False) as pipe:
@@ -418,14 +421,15 @@ class RedisStore:
                     pipe.hgetall(keys.job(job_id, "record")),
                     pipe.hgetall(keys.job(job_id, "images")),
                     pipe.hgetall(keys.job(job_id, "remote")),
-                    pipe.xrange(keys.job(job_id, "events"), "-", "+"),
+                    pipe.xrange(keys.job(job_id, "events"), "-", "+") if events else None,
                 )
                 for job_id in job_ids
             ]
         rows: list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]
         rows = []
-        for record, images, remote, events in pending:
-            rows.append((dict(await record), dict(await images), dict(await remote), await events))
+        for record, images, remote, stream in pending:
+            entries = () if stream is None else await stream
+            rows.append((dict(await record), dict(await images), dict(await remote), entries))
         return rows
 
     def write(self, *operations: Operation) -> Commit:
