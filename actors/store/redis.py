@@ -39,6 +39,7 @@ restart. What a Redis crash loses depends on its persistence settings (README).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -436,8 +437,11 @@ class RedisStore:
         return self._writer.write(*operations)
 
     async def flush(self) -> None:
-        """Write everything queued now (a node hands its jobs over after this)."""
-        await self._writer.flush()
+        """Return once everything queued before now was written, or failed (a node hands its
+        jobs over after this). The writer task writes it: an empty write queued last settles
+        once every batch before it is over."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._writer.write().wait()
 
     async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
         args = [self.keys.prefix, self.node or "", str(self._lease_ms)]
