@@ -1,16 +1,35 @@
-"""Fair sharing of the one capacity limiter across jobs."""
+"""Fair sharing of the capacity (``MAX_CONCURRENCY``) across jobs: the port and the local one."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
 
 import attrs
 import trio
 
 from actors.messages import CapacityStatistics
+
+
+class Capacity(Protocol):
+    """What image workers take a slot of: at most ``MAX_CONCURRENCY`` attempts hold one at
+    once, handed out max-min fairly across jobs (see :class:`FairCapacity`).
+
+    :class:`FairCapacity` holds the slots of one process; ``actors.limits.redis_capacity``
+    holds them in Redis, across every process sharing its prefix, with the same fairness.
+    Leaving the block (cancelled or not) always gives the slot back, and a wait cancelled
+    before its grant leaves no slot held.
+    """
+
+    def slot(self, tenant_key: str, *, priority: int = 0) -> AbstractAsyncContextManager[None]:
+        """Hold one slot, taken in ``tenant_key``'s fair turn, for the body of the block;
+        within a tenant, the lowest ``priority`` goes first, then the one that asked first."""
+        ...
+
+    def statistics(self) -> CapacityStatistics: ...
 
 
 @attrs.define(eq=False, order=False)

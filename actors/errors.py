@@ -8,7 +8,8 @@ Hierarchy::
     ├── Overloaded           the service-wide queue is full (retry after ``retry_after_s``)
     ├── IdempotencyConflict  an Idempotency-Key reused for a different request
     ├── ShuttingDown         the supervisor no longer admits work
-    └── StoreUnavailable     the job store cannot write now (disk full, file unreadable, ...)
+    ├── StoreUnavailable     the job store cannot write now (disk full, file unreadable, ...)
+    └── LimitsUnavailable    the Redis holding limits shared across processes does not answer
 
     ProviderError            raised by an ``ImageProvider``
     ├── TransientProviderError   worth another attempt (5xx, 429, transport errors, timeouts)
@@ -75,6 +76,13 @@ class StoreUnavailable(ActorError):
         super().__init__(message)
         self.refused = refused or fenced
         self.fenced = fenced
+
+
+class LimitsUnavailable(ActorError):
+    """The Redis holding the limits shared by several processes did not answer (a request that
+    needs them gets 503; waits for a slot go on waiting)."""
+
+    retry_after_s = 5
 
 
 class ProviderError(Exception):

@@ -1,13 +1,20 @@
 """Generated images kept on our own disk and served under ``/files/<name>``.
 
 Replicate deletes a prediction's output files an hour after it finishes, so a job's image URLs
-would break while the job is still listed. Each remote output is therefore downloaded once, checked
+would break while the job is still listed. Each remote output is therefore copied once, checked
 (size, ``Content-Type`` and the bytes' own signature) and stored as ``{job_id}-{index}.{ext}`` in
 ``IMAGES_DIR``, which the web layer serves with long cache headers. The built-in local provider
 renders its PNGs into the same directory (see :mod:`actors.providers.local`).
 
-A download that fails in the end is not an image failure: the image still exists at the provider
-for an hour and has been paid for, so :meth:`ImageFiles.keep` then returns the provider's URL.
+Publish first, copy behind: :meth:`ImageFiles.keep` names the file at once (the extension from
+the provider's URL, see :func:`file_extension`), so the image's event goes out with its final
+``/files/...`` URL without waiting for the download; the copy is made in the background (a few
+at a time). Until it exists, :meth:`ImageFiles.locate` gives the provider's URL, which
+``/files/<name>`` redirects to. The pending copy (:class:`~actors.messages.ImageCopy`) is stored
+with the image that hands its name out, so the next start finishes it
+(:meth:`ImageFiles.resume_copies`). A copy that fails in the end is not an image failure: the
+image still exists at the provider for an hour and has been paid for, so ``/files/<name>``
+keeps redirecting there (and a warning is logged).
 
 The directory's size is accounted per job so that the owner of retention can evict old jobs when
 :attr:`ImageFiles.over_budget`; :meth:`ImageFiles.forget` deletes a job's files in the background.
@@ -18,7 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,12 +35,18 @@ import attrs
 import httpx
 import trio
 
+from actors.messages import ImageCopy
+
 logger = logging.getLogger(__name__)
 
 #: ``Content-Type`` values accepted for a download (parameters such as ``; charset`` ignored).
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
 #: A job id becomes part of a file name: no separators, no leading dot.
 _JOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+#: File extensions taken from a provider's URL as they are (``jpeg`` becomes ``jpg``).
+URL_EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp", "gif": "gif"}
+#: The extension of a copy whose URL names no image type: served with the type of its bytes.
+UNKNOWN_EXTENSION = "img"
 
 
 def _positive(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -57,6 +71,7 @@ class ImageFilesSettings:
     download_attempts: Attempts per image when the failure is transient.
     backoff_base_s: The wait after the first failed attempt; it doubles after each one.
     backoff_max_s: Cap of every wait, a server's ``Retry-After`` included.
+    copy_concurrency: Copies downloaded at once; the others wait their turn.
     """
 
     directory: Path
@@ -67,6 +82,7 @@ class ImageFilesSettings:
     download_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     backoff_base_s: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
     backoff_max_s: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    copy_concurrency: int = attrs.field(default=8, validator=attrs.validators.ge(1))
 
     def backoff_s(self, attempt: int, retry_after_s: float | None = None) -> float:
         """The wait after failed attempt ``attempt`` (1-based): 0.5 s, 1 s, 2 s ... capped, or
@@ -103,16 +119,31 @@ class _JobUsage:
         return len(self.sizes)
 
 
+@attrs.frozen(kw_only=True)
+class KeptImage:
+    """What :meth:`ImageFiles.keep` hands out: the image's URL, and the copy it waits for."""
+
+    url: str
+    #: The copy being made (to be stored with the image, so a restart finishes it), if any.
+    copy: ImageCopy | None = None
+
+
+#: How a failed copy is journaled (a queued store write, not waited for).
+CopyJournal = Callable[[ImageCopy], object]
+
+
 class ImageFiles:
-    """The image directory: downloads into it, its size per job, and deletion of old jobs' files.
+    """The image directory: copies into it, its size per job, and deletion of old jobs' files.
 
     Concurrency: opened once per process with :func:`open_image_files`, which starts
-    :meth:`run` in its own nursery. Any number of workers call :meth:`keep` at once; each
-    download is one task's own (the ``httpx.AsyncClient`` is shared), and files are written
-    and deleted in worker threads. The accounting is touched only on the Trio thread:
-    :meth:`added`, :meth:`forget` and the properties are sync. :meth:`run` owns the deletion
-    queue (a deduplicated set plus a wake-up Event, so :meth:`forget` never blocks); it stops
-    when cancelled, after deleting whatever was already queued.
+    :meth:`run` in its own nursery. :meth:`keep` is sync: it names the file and queues its copy
+    (a deque plus a parking lot, so it never blocks); :meth:`run` owns ``copy_concurrency``
+    copier tasks that download (the ``httpx.AsyncClient`` is shared) and write the files in
+    worker threads, and the deletion queue (a deduplicated set plus a wake-up Event, so
+    :meth:`forget` never blocks). The accounting and the copies are touched only on the Trio
+    thread: :meth:`keep`, :meth:`locate`, :meth:`added`, :meth:`forget` and the properties are
+    sync. :meth:`run` stops when cancelled (a copy cut short is finished by the next start),
+    after deleting whatever was already queued.
     """
 
     def __init__(self, settings: ImageFilesSettings, client: httpx.AsyncClient) -> None:
@@ -125,55 +156,137 @@ class ImageFiles:
         self._queued = 0  # forget() calls so far
         self._deleted = 0  # forget() calls whose files are gone
         self._deleted_changed = trio.Event()
+        #: Copies not made: pending (queued or downloading) or failed, by file name.
+        self._copies: dict[str, ImageCopy] = {}
+        self._copy_queue: deque[str] = deque()
+        self._copiers = trio.lowlevel.ParkingLot()
+        self._copies_changed = trio.Event()
+        self._journal: CopyJournal | None = None
+        self._copying = 0  # copies being made now
         self._downloads = 0
         self._download_failures = 0
         self._skipped = 0
 
-    # --- downloads --------------------------------------------------------------------------
+    # --- copies -----------------------------------------------------------------------------
 
-    async def keep(self, job_id: str, index: int, url: str) -> str:
-        """Store the image at ``url`` as ``{job_id}-{index}.{ext}``; the URL to hand out.
+    def keep(self, job_id: str, index: int, url: str) -> KeptImage:
+        """The URL to hand out for image ``index`` of ``job_id`` at ``url``; copies it behind.
 
         Returns:
-            ``/files/{name}`` once stored; ``url`` itself when it is not an absolute http(s)
-            URL, when storing is off, or when the download failed in the end (logged as a
-            warning: the provider still serves the image for a while).
+            ``/files/{job_id}-{index}.{ext}`` at once, its copy queued (``copy``) unless one was
+            stored before (a restart cut the job short); ``url`` itself when it is not an
+            absolute http(s) URL, or when storing is off.
 
         Raises:
             ValueError: ``job_id`` cannot be part of a file name, or ``index`` is negative.
         """
         if not _is_remote(url):
-            await trio.lowlevel.checkpoint()
-            return url
+            return KeptImage(url=url)
         if not self.settings.store_remote:
             self._skipped += 1
-            await trio.lowlevel.checkpoint()
-            return url
+            return KeptImage(url=url)
         if not _JOB_ID.fullmatch(job_id) or index < 0:
             raise ValueError(f"not a job id and image index: {job_id!r}, {index!r}")
         kept = self._kept(job_id, index)
         if kept is not None:
             # Stored before a restart cut the job short: the provider's URL may be gone by now.
-            await trio.lowlevel.checkpoint()
-            return f"/files/{kept}"
+            return KeptImage(url=f"/files/{kept}")
+        name = f"{job_id}-{index}.{file_extension(url)}"
+        copy = ImageCopy(job_id=job_id, index=index, name=name, source=url)
+        self._queue_copy(copy)
+        return KeptImage(url=f"/files/{name}", copy=copy)
+
+    def locate(self, name: str) -> ImageCopy | None:
+        """The copy ``/files/{name}`` waits for (pending, or ``failed`` for good), or None: the
+        file is on disk if it is anywhere."""
+        return self._copies.get(name)
+
+    def resume_copies(self, copies: Iterable[ImageCopy], *, journal: CopyJournal) -> None:
+        """Carry on the copies a previous process journaled (those not on disk by now), and
+        journal this process's failed copies with ``journal``."""
+        self._journal = journal
+        for copy in copies:
+            if self._kept(copy.job_id, copy.index) is not None:
+                continue  # made before the restart
+            if copy.failed:
+                self._copies[copy.name] = copy  # the provider's URL keeps being handed out
+            else:
+                self._queue_copy(copy)
+
+    async def wait_copies(self) -> None:
+        """Wait until no copy is pending or on its way (each made, failed for good, or dropped
+        with its job)."""
+        await trio.lowlevel.checkpoint()
+        while self._pending_copies() or self._copying:
+            await self._copies_changed.wait()
+
+    def _pending_copies(self) -> int:
+        return sum(1 for copy in self._copies.values() if not copy.failed)
+
+    def _queue_copy(self, copy: ImageCopy) -> None:
+        if copy.name in self._copies and not self._copies[copy.name].failed:
+            return  # already on its way
+        self._copies[copy.name] = copy
+        self._copy_queue.append(copy.name)
+        self._copiers.unpark()
+
+    def _copy_settled(self) -> None:
+        self._copies_changed.set()
+        self._copies_changed = trio.Event()
+
+    async def _copier(self) -> None:
+        """Make queued copies, one at a time, until cancelled."""
+        while True:
+            copy = self._next_copy()
+            if copy is None:
+                await self._copiers.park()
+            else:
+                self._copying += 1
+                try:
+                    await self._copy(copy)
+                finally:
+                    self._copying -= 1
+                    self._copy_settled()
+
+    def _next_copy(self) -> ImageCopy | None:
+        while self._copy_queue:
+            copy = self._copies.get(self._copy_queue.popleft())
+            if copy is not None and not copy.failed:  # else forgotten meanwhile
+                return copy
+        return None
+
+    async def _copy(self, copy: ImageCopy) -> None:
         try:
-            data, ext = await self._download(url)
-            name = f"{job_id}-{index}.{ext}"
-            await trio.to_thread.run_sync(_write_atomically, self.settings.directory, name, data)
-        except (_DownloadFailed, OSError) as exc:
-            self._download_failures += 1
-            error = str(exc) or type(exc).__name__
-            logger.warning(
-                "image %d of job %s not stored (%s); handing out the provider's URL",
-                index,
-                job_id,
-                error,
-                extra={"job_id": job_id, "index": index, "error": error},
+            data, _ = await self._download(copy.source)
+            await trio.to_thread.run_sync(
+                _write_atomically, self.settings.directory, copy.name, data
             )
-            return url
-        self._account(job_id, name, len(data))
+        except (_DownloadFailed, OSError) as exc:
+            self._copy_failed(copy, str(exc) or type(exc).__name__)
+            return
+        if self._copies.get(copy.name) is not copy:
+            # Its job was forgotten while the copy was made: the file is garbage already.
+            await trio.to_thread.run_sync(_unlink, self.settings.directory / copy.name)
+            return
+        del self._copies[copy.name]
+        self._account(copy.job_id, copy.name, len(data))
         self._downloads += 1
-        return f"/files/{name}"
+
+    def _copy_failed(self, copy: ImageCopy, error: str) -> None:
+        self._download_failures += 1
+        if self._copies.get(copy.name) is not copy:
+            return  # forgotten meanwhile
+        logger.warning(
+            "image %d of job %s not stored (%s); its /files/ URL redirects to the provider's",
+            copy.index,
+            copy.job_id,
+            error,
+            extra={"job_id": copy.job_id, "index": copy.index, "error": error},
+        )
+        failed = attrs.evolve(copy, failed=True)
+        self._copies[copy.name] = failed
+        if self._journal is not None:
+            self._journal(failed)
 
     async def _download(self, url: str) -> tuple[bytes, str]:
         """The image's bytes and extension, retrying transient failures with backoff."""
@@ -240,6 +353,9 @@ class ImageFiles:
         usage = self._jobs.pop(job_id, None)
         if usage is not None:
             self._total_bytes -= usage.nbytes
+        for name in [name for name in self._copies if _job_of(name) == job_id]:
+            del self._copies[name]  # a copy on its way is dropped when it arrives
+        self._copy_settled()
         self._to_delete.add(job_id)
         self._queued += 1
         self._wake.set()
@@ -269,13 +385,17 @@ class ImageFiles:
         return self._total_bytes > self.settings.max_total_bytes
 
     def statistics(self) -> dict[str, int]:
-        """Files and bytes accounted, downloads stored, downloads failed, downloads skipped."""
+        """Files and bytes accounted, copies stored, attempts failed in the end and skipped,
+        copies pending and copies failed for good (their ``/files/`` URLs redirect)."""
+        pending = self._pending_copies()
         return {
             "files": sum(usage.nfiles for usage in self._jobs.values()),
             "bytes": self._total_bytes,
             "downloads": self._downloads,
             "download_failures": self._download_failures,
             "skipped": self._skipped,
+            "copies_pending": pending,
+            "copies_failed": len(self._copies) - pending,
         }
 
     def _kept(self, job_id: str, index: int) -> str | None:
@@ -293,7 +413,8 @@ class ImageFiles:
     # --- the actor ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Account the files already there, then delete forgotten jobs' files as they come.
+        """Account the files already there, then make copies and delete forgotten jobs' files as
+        they come.
 
         Stray temporary files (``.*.tmp``) of an earlier process are removed first.
         """
@@ -302,11 +423,14 @@ class ImageFiles:
             self._account(job_id, name, nbytes)
         if found:
             logger.info("images: %d files, %d bytes found", len(found), self._total_bytes)
-        task_status.started()
         try:
-            while True:
-                await self._wake.wait()
-                await self._delete_queued()
+            async with trio.open_nursery() as nursery:
+                for number in range(self.settings.copy_concurrency):
+                    nursery.start_soon(self._copier, name=f"image copier {number}")
+                task_status.started()
+                while True:
+                    await self._wake.wait()
+                    await self._delete_queued()
         finally:
             # Jobs forgotten just before shutdown would otherwise leave orphan files behind
             # (bounded: a hung file system must not hold the stop up).
@@ -375,6 +499,22 @@ def sniff_image(data: bytes | bytearray) -> str | None:
     return None
 
 
+#: The ``Content-Type`` of each extension :func:`sniff_image` gives.
+MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "gif": "image/gif", "webp": "image/webp"}
+
+
+def image_type(path: Path) -> str | None:
+    """The media type of the image file at ``path`` by its signature; None if it is none of ours
+    or cannot be read (blocking)."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(12)
+    except OSError:
+        return None
+    ext = sniff_image(head)
+    return None if ext is None else MEDIA_TYPES[ext]
+
+
 def _is_remote(url: str) -> bool:
     parts = urlsplit(url)
     return parts.scheme.lower() in {"http", "https"} and bool(parts.netloc)
@@ -415,6 +555,14 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def file_extension(url: str) -> str:
+    """The extension of the copy of ``url``: its path's when that names an image type (Replicate's
+    outputs do: ``.../out-0.webp``), else :data:`UNKNOWN_EXTENSION`. Decided before the download,
+    so that the name handed out never changes; ``/files/`` serves the bytes' own type."""
+    ext = urlsplit(url).path.rpartition("/")[2].rpartition(".")[2].lower()
+    return URL_EXTENSIONS.get(ext, UNKNOWN_EXTENSION)
 
 
 def _job_of(name: str) -> str | None:

@@ -33,6 +33,7 @@ from actors.store.base import (
     Operation,
     PutImages,
     PutJob,
+    SetCopy,
     StoredJob,
 )
 from actors.worker import WorkerContext, run_image_worker
@@ -146,6 +147,8 @@ class JobActor:
         self._images = [_Image(index) for index in range(num_images)]
         self._dirty: set[int] = set()
         self._unpublished: list[JobEvent] = []
+        #: Copies of completed images' outputs, stored with the images that name them.
+        self._copies: list[SetCopy] = []
         self._frozen: JobSnapshot | None = None
         self._cancel_scope = trio.CancelScope()
         self._crashed = False
@@ -485,6 +488,8 @@ class JobActor:
         image.finished_at = outcome.finished_at
         image.provider_s = outcome.provider_s
         self._dirty.add(image.index)
+        if outcome.copy is not None:
+            self._copies.append(SetCopy(outcome.copy))
         self._unpublished.append(self._progress_event(image, outcome.finished_at))
 
     def _progress_event(self, image: _Image, finished_at: datetime) -> ProgressEvent:
@@ -507,6 +512,7 @@ class JobActor:
         """Everything changed since the last write (upserts: writing twice is harmless)."""
         images = tuple(self._image_snapshot(self._images[index]) for index in sorted(self._dirty))
         operations: list[Operation] = [PutJob(self._job_record()), PutImages(self.job_id, images)]
+        operations.extend(self._copies)
         operations.extend(AppendEvent(self.job_id, event) for event in self._unpublished)
         return operations
 
@@ -540,6 +546,7 @@ class JobActor:
             await trio.sleep(delay)
             delay = min(delay * 2, STORE_RETRY_S[1])
         self._dirty.clear()
+        self._copies.clear()
         self._publish()
 
     def _publish(self) -> None:

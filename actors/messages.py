@@ -55,6 +55,24 @@ class AttemptStarted:
 
 
 @attrs.frozen(kw_only=True)
+class ImageCopy:
+    """The copy of an image's provider output into the image directory (``/files/{name}``).
+
+    Journaled with the image that hands out ``/files/{name}``, so that a restart finishes a copy
+    that was pending; until the copy exists, ``/files/{name}`` redirects to ``source``.
+    """
+
+    job_id: str
+    index: int
+    #: The file's name, ``{job_id}-{index}.{ext}``: fixed before the copy is made.
+    name: str
+    #: The provider's URL of the image.
+    source: str
+    #: Every attempt failed: ``/files/{name}`` keeps redirecting to ``source``.
+    failed: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class ImageOutcome:
     """A worker's final word on its image."""
 
@@ -65,6 +83,8 @@ class ImageOutcome:
     attempts: int
     finished_at: datetime
     provider_s: float
+    #: The copy that ``url`` (``/files/...``) waits for, stored with the image.
+    copy: ImageCopy | None = None
 
 
 WorkerReport = AttemptStarted | ImageOutcome

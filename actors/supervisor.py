@@ -15,7 +15,7 @@ from functools import partial
 import attrs
 import trio
 
-from actors.capacity import FairCapacity
+from actors.capacity import Capacity, FairCapacity
 from actors.cluster.node import ClusterNode
 from actors.errors import (
     IdempotencyConflict,
@@ -39,7 +39,7 @@ from actors.messages import (
 from actors.providers.base import Commit, ImageProvider, RemoteWork, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import DeleteJob, JobStore, StoredJob, commit
+from actors.store.base import DeleteJob, JobStore, SetCopy, StoredJob, commit
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,9 @@ class Supervisor:
         files: The image directory: copies of the providers' outputs are kept there, and a
             forgotten job's files are deleted with it; while it is over its budget, the oldest
             finished jobs are forgotten.
+        capacity: The slots image attempts hold (``MAX_CONCURRENCY``): this process's own
+            :class:`FairCapacity` of ``settings.capacity`` unless one shared with other
+            processes is given (``actors.limits``).
         cluster: This process's node of a cluster sharing the store (Redis): jobs are then
             accepted into the cluster's queue and run by whichever node takes them, reads of
             any job come from the store, and retention is cluster-wide.
@@ -162,7 +165,8 @@ class Supervisor:
     nursery.start(supervisor.run)``). ``run`` opens the jobs nursery and keeps it on ``self``:
     the documented "spawning tasks without becoming a parent" case, because
     :meth:`submit_nowait` is called from request handlers that must not own the job. Owns the one
-    ``trio.CapacityLimiter`` (shared fairly through :class:`FairCapacity`) and the registry of jobs.
+    ``trio.CapacityLimiter`` (shared fairly through :class:`FairCapacity`), unless given a shared
+    :class:`~actors.capacity.Capacity`, and the registry of jobs.
     Stops when its nursery is cancelled; every job then finalises synchronously.
     """
 
@@ -175,6 +179,7 @@ class Supervisor:
         now: Callable[[], datetime] = _utcnow,
         uniform: Uniform = random.uniform,
         files: ImageFiles | None = None,
+        capacity: Capacity | None = None,
         cluster: ClusterNode | None = None,
     ) -> None:
         self.provider = provider
@@ -182,7 +187,7 @@ class Supervisor:
         self.settings = settings
         self.store = store
         self.files = files
-        self.capacity = FairCapacity(trio.CapacityLimiter(settings.capacity))
+        self.capacity: Capacity = capacity or FairCapacity(trio.CapacityLimiter(settings.capacity))
         #: Set once the supervisor admits no more jobs (draining, then shutting down).
         self.draining = trio.Event()
         #: Set once every subscriber's wait is ended (after draining).
@@ -278,6 +283,11 @@ class Supervisor:
             # Files of jobs the store does not hold (lost with a memory store, or never stored)
             # are unreachable; a job that failed to restore keeps its files with its records.
             self.files.forget_all_but({record.job.job_id for record in stored})
+            # Copies a stop cut short are finished; failed ones are journaled as they fail.
+            self.files.resume_copies(
+                (copy for record in stored for copy in record.copies),
+                journal=lambda copy: self.store.write(SetCopy(copy)),
+            )
         self._seq = itertools.count(max((job.job.seq for job in stored), default=0) + 1)
         if stored:
             logger.info(
@@ -955,6 +965,7 @@ async def open_supervisor(
     now: Callable[[], datetime] = _utcnow,
     uniform: Uniform = random.uniform,
     files: ImageFiles | None = None,
+    capacity: Capacity | None = None,
     cluster: ClusterNode | None = None,
 ) -> AsyncIterator[Supervisor]:
     """Run a :class:`Supervisor` for the body of the ``async with``; stop it on exit.
@@ -964,7 +975,14 @@ async def open_supervisor(
     resumable store for the next start, else finalised (its subscribers get ``done``).
     """
     supervisor = Supervisor(
-        provider, settings, now=now, uniform=uniform, store=store, files=files, cluster=cluster
+        provider,
+        settings,
+        now=now,
+        uniform=uniform,
+        store=store,
+        files=files,
+        capacity=capacity,
+        cluster=cluster,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)

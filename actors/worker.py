@@ -9,9 +9,9 @@ from datetime import datetime
 import attrs
 import trio
 
-from actors.capacity import FairCapacity
+from actors.capacity import Capacity
 from actors.errors import NotStartedError, ProviderError
-from actors.files import ImageFiles
+from actors.files import ImageFiles, KeptImage
 from actors.messages import AttemptStarted, ImageOutcome, ImageStatus, WorkerReport
 from actors.providers.base import ImageProvider, ImageRequest, PacedProvider
 from actors.retry import RetryPolicy, Uniform, is_retryable
@@ -30,7 +30,7 @@ class WorkerContext:
     job_id: str
     prompt: str
     provider: ImageProvider
-    capacity: FairCapacity
+    capacity: Capacity
     retry: RetryPolicy
     attempt_timeout_s: float
     provider_cancel_s: float
@@ -131,16 +131,19 @@ async def _make_image(
     while True:
         result = await _attempt(index, context, reports_send, progress)
         if isinstance(result, str):
+            kept = KeptImage(url=result)
             if context.files is not None:
-                result = await context.files.keep(context.job_id, index, result)
+                # Named at once, copied behind: the image is published without waiting for it.
+                kept = context.files.keep(context.job_id, index, result)
             return ImageOutcome(
                 index=index,
                 status=ImageStatus.COMPLETED,
-                url=result,
+                url=kept.url,
                 error=None,
                 attempts=progress.attempt,
                 finished_at=context.now(),
                 provider_s=progress.provider_s,
+                copy=kept.copy,
             )
         message = describe_failure(result, context.attempt_timeout_s)
         if not is_retryable(result):
@@ -191,9 +194,9 @@ async def _attempt(
     while True:
         if paced is not None:
             # The provider's own pacing is waited for like capacity: without a token.
-            await trio.sleep(paced.turn_delay(context.job_id, index, book=False))
+            await trio.sleep(await paced.turn_delay(context.job_id, index, book=False))
         async with context.capacity.slot(context.job_id, priority=index):
-            if paced is not None and paced.turn_delay(context.job_id, index, book=True) > 0:
+            if paced is not None and await paced.turn_delay(context.job_id, index, book=True) > 0:
                 continue  # a turn is booked, not due yet: waited for without the token
             progress.attempt += 1
             started = trio.current_time()

@@ -25,9 +25,10 @@ import re
 import time
 
 import attrs
+import httpx
 import trio
 
-from actors.errors import NotStartedError, TransientProviderError
+from actors.errors import NotStartedError, PermanentProviderError, TransientProviderError
 from actors.providers.base import ImageRequest, ProviderStatistics
 
 _STAMP = re.compile(r"-(\d+)\.png$")
@@ -138,3 +139,44 @@ class BenchProvider:
             "rate_limited": self.rate_limited,
             "gates_opened": self._gates_opened,
         }
+
+
+class ReplicateCallProvider:
+    """The yardstick's Replicate provider: one create held open with ``Prefer: wait``, polled
+    past its window, nothing else (no pacing, no journal, no reconciling, no retries).
+
+    The same HTTP client library as the service's provider (httpx, one pool), so that a
+    comparison measures what the service adds around the call, not the call itself.
+    """
+
+    name = "replicate-call"
+
+    def __init__(
+        self, client: httpx.AsyncClient, *, token: str, model: str, wait_s: int = 60
+    ) -> None:
+        self._client = client
+        self._headers = {"Authorization": f"Bearer {token}", "Prefer": f"wait={wait_s}"}
+        self._path = f"/v1/models/{model}/predictions"
+        self.images = 0
+
+    async def generate(self, request: ImageRequest) -> str:
+        body = {"input": {"prompt": request.prompt}}
+        response = await self._client.post(self._path, json=body, headers=self._headers)
+        if response.status_code != httpx.codes.CREATED:
+            raise TransientProviderError(f"create answered {response.status_code}")
+        prediction = response.json()
+        while prediction["status"] not in {"succeeded", "failed", "canceled"}:
+            await trio.sleep(0.25)
+            answer = await self._client.get(f"/v1/predictions/{prediction['id']}")
+            prediction = answer.json()
+        if prediction["status"] != "succeeded":
+            raise PermanentProviderError(f"prediction {prediction['status']}")
+        output = prediction["output"]
+        self.images += 1
+        return str(output[0] if isinstance(output, list) else output)
+
+    async def cancel(self, job_id: str, index: int) -> None:  # noqa: ARG002 (the protocol's)
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> ProviderStatistics:
+        return {"images": self.images}

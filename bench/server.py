@@ -9,7 +9,8 @@ the provider's gate; ``SIGTERM`` or ``SIGINT`` stops the server. ``--gc-log`` lo
 collection over 5 ms; ``--tracemalloc`` makes ``SIGUSR2`` log memory allocated since the first
 ``SIGUSR2``, by owner; the other ``--gc-*`` options, ``--switch-interval`` and
 ``--sqlite-inline`` are experiments (the last patches the SQLite store in this process only:
-:func:`patch_sqlite_inline`).
+:func:`patch_sqlite_inline`). ``--replicate-url`` gives the yardstick
+:class:`bench.provider.ReplicateCallProvider` against that (fake) Replicate server instead.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import trio
 
-from bench.provider import BenchProvider
+from actors.providers.replicate_settings import DEFAULT_MODEL as REPLICATE_MODEL
+from bench.provider import BenchProvider, ReplicateCallProvider
 from bench.yardstick import Yardstick
 
 T = TypeVar("T")
@@ -162,13 +165,21 @@ async def _run(args: argparse.Namespace) -> None:
             if args.gc_freeze:
                 gc.freeze()
         else:
-            base_url = f"http://127.0.0.1:{args.port}"
-            yardstick = Yardstick(provider, capacity=args.capacity, base_url=base_url)
-            await nursery.start(yardstick.serve, args.port)
-            if args.gc_freeze:
-                gc.freeze()
-            await shutdown.wait()
-            nursery.cancel_scope.cancel()
+            async with httpx.AsyncClient(
+                base_url=args.replicate_url or "http://127.0.0.1", timeout=120
+            ) as client:
+                calls = (
+                    ReplicateCallProvider(client, token=args.replicate_token, model=REPLICATE_MODEL)
+                    if args.replicate_url
+                    else None
+                )
+                base_url = f"http://127.0.0.1:{args.port}"
+                yardstick = Yardstick(calls or provider, capacity=args.capacity, base_url=base_url)
+                await nursery.start(yardstick.serve, args.port)
+                if args.gc_freeze:
+                    gc.freeze()
+                await shutdown.wait()
+                nursery.cancel_scope.cancel()
 
 
 def main() -> None:
@@ -197,6 +208,11 @@ def main() -> None:
         action="store_true",
         help="SQLite transactions on the Trio thread, not a worker thread (an experiment)",
     )
+    parser.add_argument(
+        "--replicate-url",
+        help="the yardstick's images from this (fake) Replicate server, not the bench provider",
+    )
+    parser.add_argument("--replicate-token", default="", help="with --replicate-url")
     args = parser.parse_args()
     if args.gc_threshold:
         gc.set_threshold(args.gc_threshold, 10, 10)

@@ -10,7 +10,9 @@ last final poll; server CPU is read from ``/proc/<pid>/stat`` around it. After a
 
 ``--provider replicate`` runs our service as ``python -m web`` with the Replicate provider
 against the fake Replicate server (``python -m tests.fake_replicate --latency 0``, a third
-process) instead: the real provider path, HTTP calls included (no yardstick for that one).
+process) instead: the real provider path, HTTP calls included; the yardstick then calls the
+same fake with :class:`bench.provider.ReplicateCallProvider`. Our create pace is Replicate's
+600 a minute unless ``--env REPLICATE_MAX_CREATES_PER_MIN=60000`` lifts it.
 
 ``--profile-rounds N`` then samples the server with py-spy (``--rate`` Hz, CPU only) for N more
 rounds and sums the samples by layer and by function.
@@ -33,6 +35,7 @@ from typing import Any
 import trio
 
 from bench import common, profiling
+from bench.defaults import parse_env
 from bench.provider import prompt
 from tests.e2e.ports import free_port
 from tests.fake_replicate import TOKEN as FAKE_TOKEN
@@ -130,6 +133,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"settings": vars(args) | {"json": None, "profile": None}}
     if args.provider == "replicate":
         fake_port = free_port()
+        fake_url = f"http://127.0.0.1:{fake_port}"
         fake = await trio.lowlevel.open_process(
             [sys.executable, "-m", "tests.fake_replicate", "--port", str(fake_port), *FAKE_ARGS],
             cwd=common.ROOT,
@@ -137,14 +141,17 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             stderr=subprocess.DEVNULL,
         )
         env = common.service_env(
-            REPLICATE_API_TOKEN=FAKE_TOKEN, REPLICATE_BASE_URL=f"http://127.0.0.1:{fake_port}"
+            REPLICATE_API_TOKEN=FAKE_TOKEN, REPLICATE_BASE_URL=fake_url, **parse_env(args.env)
         )
+        yard_args = ["--replicate-url", fake_url, "--replicate-token", FAKE_TOKEN]
         try:
-            command = [sys.executable, "-m", "web"]
-            async with common.spawn_server("ours", work_dir, env=env, command=command) as server:
-                token = await common.login(server.port)
-                result["ours"] = median_round(await measure(server, token, args, args.rounds))
-                result["ours"]["rss_kb"] = server.rss_kb()
+            await measure_kinds(
+                result,
+                args,
+                work_dir,
+                ours={"env": env, "command": [sys.executable, "-m", "web"]},
+                yardstick={"extra_args": yard_args},
+            )
         finally:
             fake.send_signal(signal.SIGTERM)
             with trio.move_on_after(10, shield=True):
@@ -152,15 +159,27 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             if fake.returncode is None:
                 fake.kill()
         return result
-    for kind in ("ours", "yardstick"):
-        env = common.service_env() if kind == "ours" else {}
-        async with common.spawn_server(kind, work_dir, env=env) as server:
+    ours = {"env": common.service_env(**parse_env(args.env))}
+    await measure_kinds(result, args, work_dir, ours=ours, yardstick={})
+    return result
+
+
+async def measure_kinds(
+    result: dict[str, Any],
+    args: argparse.Namespace,
+    work_dir: Path,
+    **spawn_kwargs: dict[str, Any],
+) -> None:
+    """Measure each server (``ours``, ``yardstick``: :func:`common.spawn_server` keywords)
+    into ``result``, then profile ours if asked."""
+    for kind, kwargs in spawn_kwargs.items():
+        async with common.spawn_server(kind, work_dir, **kwargs) as server:
             token = await common.login(server.port)
             result[kind] = median_round(await measure(server, token, args, args.rounds))
+            result[kind]["rss_kb"] = server.rss_kb()
             if kind == "ours" and args.profile_rounds:
                 raw = args.profile or work_dir / "raw"
                 result["profile"] = await profile(server, token, args, raw)
-    return result
 
 
 def main() -> None:
@@ -174,6 +193,9 @@ def main() -> None:
     parser.add_argument("--profile-rounds", type=int, default=0, help="py-spy over N more rounds")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--profile", type=Path, help="keep py-spy's raw samples here")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="our service's settings"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as work:

@@ -34,6 +34,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 TOKEN = "r8_fake_token"
+#: The User-Agent of the service's downloads of outputs (actors/files.py).
+SERVICE_AGENT = "imagegen-trio"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"fake-replicate-webhook-signing-key").decode()
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="
@@ -105,6 +107,10 @@ class FakeReplicate:
         self._nursery: trio.Nursery | None = None
         self._client: httpx.AsyncClient | None = None  # one pool for every webhook
         self._created = trio.Event()
+        #: While set, the service's downloads of outputs (its copies) wait for its release.
+        self._copies_held: trio.Event | None = None
+        #: Output downloads answered, by who asked: "service" (its copies) or "other".
+        self.file_requests: dict[str, int] = {"service": 0, "other": 0}
         self.app = self._make_app()
 
     # --- what tests read ----------------------------------------------------------------
@@ -120,6 +126,30 @@ class FakeReplicate:
         """Until at least ``count`` predictions exist."""
         while len(self.predictions) < count:
             await self._created.wait()
+
+    def hold_copies(self) -> None:
+        """Hold the service's downloads of outputs (anyone else's are answered) until
+        :meth:`release_copies`."""
+        if self._copies_held is None:
+            self._copies_held = trio.Event()
+
+    def release_copies(self) -> None:
+        if self._copies_held is not None:
+            self._copies_held.set()
+            self._copies_held = None
+
+    def max_in_flight(self) -> int:
+        """The most predictions that were running at once (from create to done), ever."""
+        edges = sorted(
+            edge
+            for prediction in self.predictions.values()
+            for edge in ((prediction.created, 1), (prediction.done_at, -1))
+        )  # at equal times an end (-1) comes before a start: back to back is not at once
+        running = peak = 0
+        for _, step in edges:
+            running += step
+            peak = max(peak, running)
+        return peak
 
     def statuses(self) -> list[str]:
         return [self._refresh(p).status for p in self.predictions.values()]
@@ -311,9 +341,24 @@ class FakeReplicate:
 
         @app.get("/files/<prediction_id>/<name>")
         async def files(prediction_id: str, name: str) -> Response:
+            service = request.headers.get("User-Agent", "").startswith(SERVICE_AGENT)
+            if service and self._copies_held is not None:
+                await self._copies_held.wait()
             if prediction_id not in self.predictions:
                 return problem(404, "Not found")
+            self.file_requests["service" if service else "other"] += 1
             return Response(PNG, 200, {"Content-Type": "image/webp"})
+
+        # Test hooks (not Replicate's): hold and release the service's copies of outputs.
+        @app.post("/_fake/copies/hold")
+        async def hold() -> Response:
+            self.hold_copies()
+            return Response("", 204)
+
+        @app.post("/_fake/copies/release")
+        async def release() -> Response:
+            self.release_copies()
+            return Response("", 204)
 
         return app
 

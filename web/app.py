@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import trio
 from quart import Response, send_from_directory
 from quart_cors import cors
 from quart_trio import QuartTrio
 
+from actors.files import image_type
 from actors.supervisor import Supervisor
 from web import (
     observability,
@@ -66,10 +68,17 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
 
     @app.get("/files/<path:name>")
     async def files(name: str) -> Response:
-        """Images the service stores itself."""
+        """Images the service stores itself; while a copy is pending (or failed for good), a
+        redirect to the provider's URL."""
         if FILE_NAME.fullmatch(name) is None or ".." in name:
             raise APIError(404, "File not found")
-        response = await send_from_directory(images_dir, name)
+        copy = supervisor.files.locate(name) if supervisor.files is not None else None
+        if copy is not None:
+            # Not cached: the copy will replace the redirect (unless it failed for good).
+            return Response("", 307, {"Location": copy.source, "Cache-Control": "no-store"})
+        # The bytes' own type: a copy's name was given before its bytes were seen.
+        mimetype = await trio.to_thread.run_sync(image_type, images_dir / name)
+        response = await send_from_directory(images_dir, name, mimetype=mimetype)
         response.headers["Cache-Control"] = FILE_CACHE_CONTROL
         return response
 

@@ -6,7 +6,6 @@ import logging
 import os
 import secrets
 import time
-from collections import OrderedDict, deque
 from pathlib import Path
 
 import jwt
@@ -15,16 +14,17 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from web.errors import unauthorized
+from web.login_throttle import LoginLimiter, LoginThrottle
 from web.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 ALGORITHM = "HS256"
 TOKEN_TYPE = "access"  # noqa: S105 (a claim value, not a secret)
+#: How many verified tokens are remembered (a few hundred bytes each).
+VERIFIED_TOKENS = 4096
 # Argon2 verification costs tens of milliseconds of CPU: run it in threads, two at a time.
 _HASH_THREADS = trio.CapacityLimiter(2)
-# Login attempts are remembered for at most this many (client, email) pairs.
-_MAX_TRACKED_LOGINS = 10_000
 
 
 class UsersFileError(ValueError):
@@ -51,46 +51,6 @@ def load_users_file(path: Path) -> dict[str, str]:
             raise UsersFileError(f"USERS_FILE {path} line {number}: expected email:$argon2...")
         users[email.strip().lower()] = hashed.strip()
     return users
-
-
-class LoginThrottle:
-    """Counts failed logins per (client, email) in a sliding window.
-
-    Concurrency: sync; used from request handlers on the Trio thread. Memory is bounded by
-    ``_MAX_TRACKED_LOGINS`` keys of at most ``max_failures`` stamps each.
-    """
-
-    def __init__(self, *, max_failures: int, window_s: float) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
-
-    def retry_after_s(self, key: tuple[str, str]) -> int | None:
-        """Seconds until ``key`` may try again, or ``None`` if it may try now."""
-        stamps = self._recent(key)
-        if len(stamps) < self.max_failures:
-            return None
-        return max(1, int(stamps[0] + self.window_s - trio.current_time()) + 1)
-
-    def failed(self, key: tuple[str, str]) -> None:
-        stamps = self._recent(key)
-        stamps.append(trio.current_time())
-        while len(stamps) > self.max_failures:
-            stamps.popleft()
-        self._failures[key] = stamps
-        self._failures.move_to_end(key)
-        while len(self._failures) > _MAX_TRACKED_LOGINS:
-            self._failures.popitem(last=False)
-
-    def succeeded(self, key: tuple[str, str]) -> None:
-        self._failures.pop(key, None)
-
-    def _recent(self, key: tuple[str, str]) -> deque[float]:
-        stamps = self._failures.get(key, deque())
-        horizon = trio.current_time() - self.window_s
-        while stamps and stamps[0] <= horizon:
-            stamps.popleft()
-        return stamps
 
 
 def kept_secret(path: Path) -> str:
@@ -146,7 +106,10 @@ class Authenticator:
             settings.demo_email.lower(), self._hasher.hash(settings.demo_password)
         )
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
-        self.throttle = LoginThrottle(
+        #: Tokens whose signature was checked: user and expiry (insertion-ordered, bounded).
+        self._verified: dict[str, tuple[str, float]] = {}
+        #: Failed logins (this process's own; ``run_server`` swaps in one shared through Redis).
+        self.throttle: LoginLimiter = LoginThrottle(
             max_failures=settings.login_max_failures, window_s=settings.login_window_s
         )
 
@@ -174,10 +137,30 @@ class Authenticator:
     def verify(self, token: str) -> str:
         """The user a token was issued to.
 
+        A token verified once is remembered (bounded, oldest first out) with its expiry, so a
+        client's every request costs a dict lookup, not a signature check; the expiry and the
+        user are still checked on every use.
+
         Raises:
             APIError: 401 (with ``WWW-Authenticate: Bearer``) for an expired, forged or
                 malformed token, another type, another algorithm, or an unknown user.
         """
+        known = self._verified.get(token)
+        if known is None:
+            known = self._verify_token(token)
+            if len(self._verified) >= VERIFIED_TOKENS:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = known
+        subject, expires = known
+        if expires <= time.time():
+            del self._verified[token]
+            raise unauthorized("Token has expired")
+        if not self.knows(subject):
+            raise unauthorized("Invalid token")
+        return subject
+
+    def _verify_token(self, token: str) -> tuple[str, float]:
+        """The token's user and expiry once its signature and claims are checked."""
         try:
             claims = jwt.decode(
                 token,
@@ -192,9 +175,7 @@ class Authenticator:
         subject = claims.get("sub")
         if claims.get("type") != TOKEN_TYPE or not isinstance(subject, str):
             raise unauthorized("Invalid token")
-        if not self.knows(subject):
-            raise unauthorized("Invalid token")
-        return subject
+        return subject, float(claims["exp"])
 
 
 def bearer_token(authorization: str | None) -> str | None:

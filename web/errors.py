@@ -13,6 +13,7 @@ from actors.errors import (
     IdempotencyConflict,
     JobNotFound,
     LimitExceeded,
+    LimitsUnavailable,
     Overloaded,
     ShuttingDown,
     StoreUnavailable,
@@ -60,10 +61,12 @@ def _from_actor_error(exc: ActorError) -> APIError:
         return APIError(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, Overloaded):
         return APIError(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, StoreUnavailable | ShuttingDown):
+    if isinstance(exc, StoreUnavailable | LimitsUnavailable | ShuttingDown):
         detail = str(exc)
         if isinstance(exc, StoreUnavailable):
             detail = "The service cannot store jobs right now; try again shortly"
+        elif isinstance(exc, LimitsUnavailable):
+            detail = "The service cannot check its limits right now; try again shortly"
         return APIError(503, detail, headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, IdempotencyConflict):
         item = {

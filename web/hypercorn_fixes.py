@@ -55,6 +55,40 @@ reverted upstream; h11 and wsproto raise ``LocalProtocolError`` for what a peer 
    forever: its task and memory leaked, one connection at a time. The channel is now closed
    when the app returns, and what arrives later is dropped.
 
+A peer that is gone:
+
+10. A connection outlived its client. When the client closed or reset its socket, Hypercorn's
+    reader ended but the connection's task group still waited for the keep-alive timer
+    (``keep_alive_timeout``) or for the WebSocket ping task's next ping (``HEARTBEAT_S``): the
+    socket sat in CLOSE_WAIT, holding its descriptor, its memory and its place in the user's
+    stream cap. Under clients that drop and come back this piled up to hundreds of sockets. Now
+    the reader's end stops the idle timer for good (h11 may still start a next keep-alive cycle
+    after a reset it never saw: that no longer restarts it), and a WebSocket stream's close
+    cancels the ping task's wait. An event stream ends through the reader too (its EOF or reset
+    is the app's ``http.disconnect``); a client that vanished without either is found by the
+    next heartbeat's failed write, or by 6. A reader paused by h11 (a request pipelined behind
+    an answer in progress) does not read the EOF: it waited for the end of that answer, which
+    never came once a failed write had closed the socket, and held the connection's task
+    forever; closing the socket now ends a paused reader. No upstream report of these was found.
+
+HTTP/1.1 requests Hypercorn takes at their word:
+
+11. An ``Upgrade: h2c`` whose ``HTTP2-Settings`` is missing, repeated, not base64url or not a
+    valid SETTINGS payload (or an HTTP/1.0 one, or one without an ``upgrade`` connection
+    option). Hypercorn answered 101 and switched to HTTP/2 whatever the header held (RFC 7540
+    section 3.2.1: a server MUST NOT upgrade without exactly one), and when h2 could not parse
+    it, the connection failed after its 101 (contained by 4, but no answer). Such a request is
+    now served in HTTP/1.1, the upgrade ignored (RFC 9110 section 7.8 lets a server ignore it;
+    for HTTP/1.0 it must). Upstream, h2c upgrades in 0.18 are Hypercorn #317 and #318.
+12. A request with both ``Transfer-Encoding`` and ``Content-Length`` (request smuggling: a
+    proxy in front that frames it by the length sees a different next request than h11, which
+    frames it by the coding). Hypercorn answered it and went on reading the connection, so the
+    bytes a proxy took for the body were answered as a request of their own. Such a request is
+    still answered (framed by its Transfer-Encoding), then with ``Connection: close`` the
+    connection ends (RFC 9112 section 6.1: the server MUST close it), and nothing after it is
+    read. A WebSocket upgrade carrying both is refused: 400 with a ``detail``, and closed.
+    Upstream: Hypercorn #279 and h11 #90, both open.
+
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
 """
@@ -62,14 +96,24 @@ reverted upstream; h11 and wsproto raise ``LocalProtocolError`` for what a peer 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import h2.config
+import h2.connection
+import h2.exceptions
+import h11
+import hyperframe.exceptions
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Body, Data, Event as StreamEvent, StreamClosed
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol import h11 as hypercorn_h11
+from hypercorn.protocol.events import Body, Data, Event as StreamEvent, Response, StreamClosed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, FrameTooLargeError, WSStream
 from hypercorn.trio import task_group, tcp_server, worker_context
 from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, Scope, TaskGroup
@@ -97,6 +141,11 @@ _original_run = tcp_server.TCPServer.run
 _original_protocol_send = tcp_server.TCPServer.protocol_send
 _original_ws_handle = WSStream.handle
 _original_ws_accept = WSStream._accept
+_original_read_data = tcp_server.TCPServer._read_data
+_original_check_protocol = hypercorn_h11.H11Protocol._check_protocol
+_original_h11_init = hypercorn_h11.H11Protocol.__init__
+_original_create_stream = hypercorn_h11.H11Protocol._create_stream
+_original_stream_send = hypercorn_h11.H11Protocol.stream_send
 
 
 # --- 1, 2: shutdown --------------------------------------------------------------------------
@@ -114,10 +163,19 @@ async def _restart_shielded(
 async def _send_pings_until_stopped(self: WSStream) -> None:
     while not self.closed:
         await self._send_wsproto_event(Ping())
-        with trio.move_on_after(self.config.websocket_ping_interval or 0):
-            await self.context.terminated.wait()
+        with trio.move_on_after(self.config.websocket_ping_interval or 0) as wait:
+            # 10: the stream's close cancels this wait (``_stop_pinging``).
+            self._ping_wait = wait  # type: ignore[attr-defined]
+            if not self.closed:
+                await self.context.terminated.wait()
         if self.context.terminated.is_set():
             return
+
+
+def _stop_pinging(stream: WSStream) -> None:
+    wait: trio.CancelScope | None = getattr(stream, "_ping_wait", None)
+    if wait is not None:
+        wait.cancel()
 
 
 # --- 4: containment --------------------------------------------------------------------------
@@ -205,6 +263,8 @@ async def _spawn_app(
 
 
 async def _protocol_send(self: tcp_server.TCPServer, event: Event) -> None:
+    if isinstance(event, Updated) and event.idle and getattr(self, "_peer_gone", False):
+        return  # 10: no idle timer for a connection whose peer is gone
     if not isinstance(event, RawData):
         await _original_protocol_send(self, event)
         return
@@ -221,6 +281,7 @@ async def _protocol_send(self: tcp_server.TCPServer, event: Event) -> None:
             # Closing is what a stalled write leaves possible: part of the data may be sent.
             with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await self.stream.aclose()
+            _stop_paused_reader(self)
             await self.protocol.handle(Closed())
 
 
@@ -248,6 +309,148 @@ async def _close_serialized(self: tcp_server.TCPServer) -> None:
     # Trio closes a stream even when its aclose is cancelled; the bound is for TLS's goodbye.
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         await self.stream.aclose()
+    _stop_paused_reader(self)
+
+
+# --- 10: a peer that is gone --------------------------------------------------------------------
+
+
+class _ReaderStopped(Exception):
+    """Ends a reader paused for an answer when the connection's socket is closed."""
+
+
+class _ReaderGate(worker_context.EventWrapper):
+    """``H11Protocol.can_read``: the reader waits on it while h11 holds a pipelined request
+    until the answer in progress ends. Closing the socket opens it for good: the reader ends
+    (:class:`_ReaderStopped`) instead of waiting for an answer that can no longer be sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = False
+        self._waiting: trio.CancelScope | None = None
+
+    async def wait(self) -> None:
+        if not self._closed:
+            with trio.CancelScope() as self._waiting:
+                await super().wait()
+            self._waiting = None
+        if self._closed:
+            raise _ReaderStopped
+
+    def close(self) -> None:
+        self._closed = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+
+def _h11_init(self: hypercorn_h11.H11Protocol, *args: Any, **kwargs: Any) -> None:
+    _original_h11_init(self, *args, **kwargs)
+    self.can_read = _ReaderGate()
+
+
+def _stop_paused_reader(server: tcp_server.TCPServer) -> None:
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    gate = getattr(protocol, "can_read", None)  # none on HTTP/2
+    if isinstance(gate, _ReaderGate):
+        gate.close()
+
+
+async def _read_data_then_release(self: tcp_server.TCPServer) -> None:
+    """Hypercorn's reader; once it ends (EOF, reset, or the socket closed) the idle timer stops
+    and is never started again, so the connection ends with its last task."""
+    try:
+        await _original_read_data(self)
+    except _ReaderStopped:
+        await self.protocol.handle(Closed())  # as the reader's own end does (idempotent)
+    self._peer_gone = True  # type: ignore[attr-defined]
+    await self.idle_task.stop()
+
+
+# --- 11: an h2c upgrade that cannot be taken --------------------------------------------------
+
+#: ``token68`` in base64url with its padding left out (RFC 7540 section 3.2.1); a settings
+#: payload is 6 bytes a setting, so a valid one never needs padding.
+_H2C_SETTINGS = re.compile(rb"[A-Za-z0-9_-]+")
+
+
+def _header_values(request: h11.Request, name: bytes) -> list[bytes]:
+    return [value for key, value in request.headers if key == name]
+
+
+def _tokens(request: h11.Request, name: bytes) -> set[bytes]:
+    return {
+        token.strip().lower()
+        for value in _header_values(request, name)
+        for token in value.split(b",")
+    }
+
+
+def _h2c_upgrade_acceptable(request: h11.Request) -> bool:
+    """Whether Hypercorn may switch this ``Upgrade: h2c`` request to HTTP/2: HTTP/1.1, an
+    ``upgrade`` connection option, and exactly one ``HTTP2-Settings`` that h2 accepts."""
+    settings = _header_values(request, b"http2-settings")
+    if (
+        request.http_version != b"1.1"
+        or b"upgrade" not in _tokens(request, b"connection")
+        or len(settings) != 1
+        or not _H2C_SETTINGS.fullmatch(settings[0])
+    ):
+        return False
+    try:  # what Hypercorn will do with it, on a connection of its own
+        probe = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        probe.initiate_upgrade_connection(settings[0])
+    except (ValueError, h2.exceptions.H2Error, hyperframe.exceptions.HyperframeError):
+        return False
+    return True
+
+
+async def _check_protocol(self: hypercorn_h11.H11Protocol, event: h11.Request) -> None:
+    upgrade = _header_values(event, b"upgrade")
+    if upgrade and upgrade[-1].strip().lower() == b"h2c" and not _h2c_upgrade_acceptable(event):
+        return  # served in HTTP/1.1, the upgrade ignored (RFC 9110 section 7.8)
+    await _original_check_protocol(self, event)
+
+
+# --- 12: a request with both Transfer-Encoding and Content-Length -----------------------------
+
+_SMUGGLING_DETAIL = json.dumps(
+    {"detail": "A request with both Transfer-Encoding and Content-Length cannot open a WebSocket"}
+).encode()
+
+
+async def _create_stream(self: hypercorn_h11.H11Protocol, request: h11.Request) -> None:
+    if not (
+        _header_values(request, b"transfer-encoding") and _header_values(request, b"content-length")
+    ):
+        await _original_create_stream(self, request)
+        return
+    # A front proxy may have framed this request by its Content-Length where h11 frames it by
+    # its Transfer-Encoding: the rest of the connection is not to be trusted.
+    self._close_after_response = True  # type: ignore[attr-defined]
+    if request.method == b"GET" and b"websocket" in _tokens(request, b"upgrade"):
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(_SMUGGLING_DETAIL)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=400, headers=headers))
+        await self._send_h11_event(h11.Data(data=_SMUGGLING_DETAIL))
+        await self._send_h11_event(h11.EndOfMessage())
+        await self.send(Closed())
+        return
+    await _original_create_stream(self, request)
+
+
+async def _stream_send(self: hypercorn_h11.H11Protocol, event: StreamEvent) -> None:
+    if (
+        isinstance(event, Response)
+        and event.status_code >= 200
+        and getattr(self, "_close_after_response", False)
+    ):
+        # h11 then ends the connection after this answer: what follows is never read.
+        event = dataclasses.replace(event, headers=[*event.headers, (b"connection", b"close")])
+    await _original_stream_send(self, event)
 
 
 # --- 7, 8: WebSocket early data and protocol errors ------------------------------------------
@@ -271,6 +474,8 @@ def _events_lock(stream: WSStream) -> trio.Lock:
 async def _ws_handle(self: WSStream, event: StreamEvent) -> None:
     if self.closed or not isinstance(event, Body | Data) or self.handshake.accepted:
         await _original_ws_handle(self, event)
+        if isinstance(event, StreamClosed):
+            _stop_pinging(self)
         return
     if self.state is not ASGIWebsocketState.HANDSHAKE:
         return  # the app rejected the upgrade: its HTTP answer ends the connection
@@ -327,6 +532,11 @@ def install() -> None:
     tcp_server.TCPServer.run = _run_contained  # type: ignore[method-assign]
     tcp_server.TCPServer.protocol_send = _protocol_send  # type: ignore[method-assign]
     tcp_server.TCPServer._close = _close_serialized  # type: ignore[method-assign]
+    tcp_server.TCPServer._read_data = _read_data_then_release  # type: ignore[method-assign]
+    hypercorn_h11.H11Protocol.__init__ = _h11_init  # type: ignore[method-assign]
+    hypercorn_h11.H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
+    hypercorn_h11.H11Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+    hypercorn_h11.H11Protocol.stream_send = _stream_send  # type: ignore[method-assign]
     WSStream.handle = _ws_handle  # type: ignore[method-assign]
     WSStream._accept = _ws_accept  # type: ignore[method-assign]
     WSStream._handle_events = _ws_handle_events  # type: ignore[method-assign]

@@ -333,8 +333,17 @@ def _handwritten() -> dict[str, Schema]:
                     "additionalProperties": {"type": ["string", "number", "null"]},
                 },
                 "files": _counts(
-                    ("files", "bytes", "downloads", "download_failures", "skipped"),
-                    "The image directory: files and bytes kept, provider outputs downloaded.",
+                    (
+                        "files",
+                        "bytes",
+                        "downloads",
+                        "download_failures",
+                        "skipped",
+                        "copies_pending",
+                        "copies_failed",
+                    ),
+                    "The image directory: files and bytes kept, provider outputs copied, copies "
+                    "pending and failed for good.",
                 ),
             },
         },
@@ -865,6 +874,14 @@ def build_document(settings: Settings) -> Schema:
                         {"image/*": {"schema": {"type": "string", "format": "binary"}}},
                         **{"Cache-Control": {"schema": {"type": "string"}}},
                     ),
+                    "307": {
+                        "description": "The copy of a provider's output is not made yet (or "
+                        "failed for good): the provider's URL, not to be cached.",
+                        "headers": {
+                            "Location": {"schema": {"type": "string"}},
+                            "Cache-Control": {"schema": {"type": "string"}},
+                        },
+                    },
                     "404": {
                         "description": "No such file.",
                         "headers": {"X-Request-ID": _header("X-Request-ID")},

@@ -20,7 +20,7 @@ async def login() -> dict[str, object]:
     body = await read_json_body(app_state.settings.max_body_bytes)
     credentials = structure_request(body, LoginRequest)
     key = (request.remote_addr or "-", credentials.email.strip().lower())
-    retry_after = auth.throttle.retry_after_s(key)
+    retry_after = await auth.throttle.retry_after_s(key)
     if retry_after is not None:
         raise APIError(
             429,
@@ -29,9 +29,9 @@ async def login() -> dict[str, object]:
         )
     user = await auth.check_password(credentials.email, credentials.password)
     if user is None:
-        auth.throttle.failed(key)
+        await auth.throttle.failed(key)
         raise APIError(401, "Invalid email or password")
-    auth.throttle.succeeded(key)
+    await auth.throttle.succeeded(key)
     return dump(
         TokenView(
             access_token=auth.issue(user),

@@ -9,13 +9,16 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 
+import attrs
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from actors.capacity import Capacity
 from actors.cluster import ClusterNode, new_node_id
 from actors.errors import StoreUnavailable
 from actors.files import ImageFiles, open_image_files
+from actors.limits.redis_capacity import open_redis_capacity
 from actors.providers.base import ImageProvider, RemoteJournal
 from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
@@ -26,14 +29,12 @@ from actors.supervisor import Supervisor, open_supervisor
 from web import hypercorn_fixes
 from web.app import create_app
 from web.auth import Authenticator, UsersFileError, kept_secret
-from web.logs import configure_logging
+from web.login_throttle import LoginLimiter, RedisLoginThrottle
+from web.logs import ACCESS_LOG_FORMAT, AccessLogger, configure_logging
 from web.proxy import TrustedProxies
 from web.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("web")
-
-# The request line without its query string: tokens may travel in ``?token=``.
-ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus'
 
 
 def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
@@ -42,6 +43,7 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.bind = [bind or f"{settings.host}:{settings.port}"]
     config.accesslog = logging.getLogger("web.access")
     config.access_log_format = ACCESS_LOG_FORMAT
+    config.logger_class = AccessLogger
     config.errorlog = logging.getLogger("web.server")
     config.graceful_timeout = settings.graceful_timeout_s
     # Protocol-level pings keep idle WebSockets alive through proxies without extra frames.
@@ -80,7 +82,8 @@ async def run_server(
     """Serve until ``shutdown`` is set (or SIGINT/SIGTERM); ``task_status`` gets the bound URLs.
 
     Start order: the store (unfinished jobs of an earlier run are restored and carried on), the
-    image directory, the provider, the supervisor, hypercorn.
+    limits (shared with other processes with ``STORE=redis``), the image directory, the
+    provider, the supervisor, hypercorn.
 
     Shutdown order: the supervisor stops admitting (503, ``/health`` 503) and running jobs get
     ``SHUTDOWN_GRACE_S`` to finish while their streams go on; then every stream's wait ends
@@ -97,6 +100,9 @@ async def run_server(
         shutdown = trio.Event()
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(settings))
+        limits = await stack.enter_async_context(open_limits(settings, store))
+        if limits.login is not None:
+            auth.throttle = limits.login
         cluster = None
         if isinstance(store, RedisStore):
             # Redis is shared: this process is one node of a cluster on its prefix.
@@ -110,7 +116,12 @@ async def run_server(
             )
         supervisor = await stack.enter_async_context(
             open_supervisor(
-                provider, settings.supervisor, store=store, files=files, cluster=cluster
+                provider,
+                settings.supervisor,
+                store=store,
+                files=files,
+                capacity=limits.capacity,
+                cluster=cluster,
             )
         )
         app = TrustedProxies(create_app(supervisor, settings, auth), settings.forwarded_allow_ips)
@@ -158,6 +169,39 @@ async def open_store(settings: Settings) -> AsyncIterator[JobStore]:
         store_settings.database_path, synchronous=store_settings.synchronous
     ) as store:
         yield store
+
+
+@attrs.frozen
+class Limits:
+    """The limits shared with other processes; ``None``: this process's own (the default)."""
+
+    capacity: Capacity | None = None
+    login: LoginLimiter | None = None
+
+
+@asynccontextmanager
+async def open_limits(settings: Settings, store: JobStore) -> AsyncIterator[Limits]:
+    """With ``STORE=redis``, the limits every process on that Redis shares, kept under
+    ``REDIS_LIMITS_PREFIX`` on the store's client; with another store, this process's own."""
+    if not isinstance(store, RedisStore):
+        yield Limits()
+        return
+    store_settings = settings.store
+    prefix = store_settings.limits_prefix
+    async with open_redis_capacity(
+        store.client,
+        prefix=f"{prefix}capacity:",
+        capacity=settings.supervisor.capacity,
+        lease_s=store_settings.capacity_lease_s,
+    ) as capacity:
+        login = RedisLoginThrottle(
+            store.client,
+            prefix=f"{prefix}login:",
+            max_failures=settings.login_max_failures,
+            window_s=settings.login_window_s,
+        )
+        logger.info("limits: shared under %r", prefix)
+        yield Limits(capacity=capacity, login=login)
 
 
 @asynccontextmanager

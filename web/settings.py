@@ -26,6 +26,7 @@ from actors.providers.replicate import (
     ModelRef,
     ReplicateSettings,
 )
+from actors.providers.replicate_settings import MAX_CREATES_PER_MIN_LIMIT
 from actors.retry import MAX_ATTEMPTS, RetryPolicy
 from actors.settings import SupervisorSettings
 from actors.store.sqlite import SYNCHRONOUS
@@ -55,6 +56,12 @@ class StoreSettings:
             waits for the disk (survives a power cut) or only for the OS (survives a crash).
         redis_url: The Redis server of ``STORE=redis`` (``REDIS_URL``).
         redis_prefix: The start of every key the service keeps there (``REDIS_PREFIX``).
+        redis_limits_prefix: With ``STORE=redis``, the start of the keys of the limits shared
+            by every process using it: ``MAX_CONCURRENCY``, the Replicate create pace, login
+            throttling (``REDIS_LIMITS_PREFIX``; ``None``: ``<REDIS_PREFIX>limits:``).
+        capacity_lease_s: How long a slot of ``MAX_CONCURRENCY`` outlives the last renewal by
+            the process holding it, so the slots of a process that died come free
+            (``CAPACITY_LEASE_S``).
         job_lease_s: With Redis, how long a node's hold on a job outlives the node
             (``JOB_LEASE_S``): a killed node's jobs are carried on by another after this.
     """
@@ -64,6 +71,16 @@ class StoreSettings:
     synchronous: str = "full"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "imagegen:"
+    redis_limits_prefix: str | None = None
+    capacity_lease_s: float = 5.0
+
+    @property
+    def limits_prefix(self) -> str:
+        """Where the limits shared across processes are kept in Redis."""
+        if self.redis_limits_prefix is not None:
+            return self.redis_limits_prefix
+        return f"{self.redis_prefix}limits:"
+
     job_lease_s: float = 5.0
 
 
@@ -307,6 +324,8 @@ def _build(env: _Reader) -> Settings:
         ),
         redis_url=env.get("REDIS_URL", _redis_url, defaults.store.redis_url),
         redis_prefix=env.get("REDIS_PREFIX", _redis_prefix, defaults.store.redis_prefix),
+        redis_limits_prefix=env.get("REDIS_LIMITS_PREFIX", _redis_prefix, None) or None,
+        capacity_lease_s=env.get("CAPACITY_LEASE_S", _positive, defaults.store.capacity_lease_s),
         job_lease_s=env.get("JOB_LEASE_S", _positive, defaults.store.job_lease_s),
     )
     users_file = env.text("USERS_FILE", None)
@@ -365,6 +384,11 @@ def _replicate(env: _Reader) -> ReplicateSettings | None:
         model_input=env.get("REPLICATE_INPUT", _json_object, {}),
         base_url=env.get("REPLICATE_BASE_URL", _http_url, DEFAULT_BASE_URL),
         wait_s=env.get("REPLICATE_WAIT_S", _int_in(1, 60), defaults.wait_s),
+        max_creates_per_min=env.get(
+            "REPLICATE_MAX_CREATES_PER_MIN",
+            _int_in(1, MAX_CREATES_PER_MIN_LIMIT),
+            defaults.max_creates_per_min,
+        ),
         poll_interval_s=env.get(
             "REPLICATE_POLL_INTERVAL_MS", _positive, defaults.poll_interval_s * 1000
         )

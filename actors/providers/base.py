@@ -175,13 +175,55 @@ class NullJournal:
         return Commit.settled_with()
 
 
+class CreatePace(Protocol):
+    """When the provider's creates may go: a token bucket whose rate halves on a 429 (and every
+    create pauses for its ``Retry-After``) and grows back with accepted creates (AIMD), up to
+    ``max_rate`` per second.
+
+    ``actors.providers.pacing.LocalPace`` paces one process; ``actors.limits.redis_pace`` every
+    process sharing a Redis prefix (one Replicate account's rate is shared by all of them).
+    Creates are booked, not waited for: :meth:`book` hands out a time and takes its token, so
+    the caller waits elsewhere. A 429 voids every booking made before it; :attr:`throttles`
+    (the count of 429s, as of the latest answer) tells them apart. No method raises: a pace
+    kept elsewhere that cannot be reached is waited for (:meth:`book`) or skipped (the rest).
+    """
+
+    max_rate: float
+
+    @property
+    def throttles(self) -> int:
+        """The 429s counted so far (as of this process's latest call)."""
+        ...
+
+    @property
+    def rate(self) -> float:
+        """Creates per second now (as of this process's latest call)."""
+        ...
+
+    async def book(self) -> tuple[float, int]:
+        """Book one create: the (Trio clock) time it may be sent, and :attr:`throttles` then."""
+        ...
+
+    async def paused_until(self) -> float:
+        """When the pause of the latest 429 ends (Trio clock; in the past when none runs)."""
+        ...
+
+    async def throttled(self, retry_after_s: float) -> None:
+        """The provider answered 429: halve the rate, pause every create ``retry_after_s``."""
+        ...
+
+    async def accepted(self) -> None:
+        """A create was accepted: the rate grows back a step."""
+        ...
+
+
 @runtime_checkable
 class PacedProvider(Protocol):
     """A provider that paces its calls (Replicate's rate of creates). A worker waits for its
     image's turn before it takes capacity and again once it holds a token, so that the wait
     spends neither a capacity token nor the attempt's time limit nor an attempt."""
 
-    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+    async def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
         """Seconds until the image's next call may start (0: now). With ``book``, an image
         that needs a turn and has none gets one, booked in the order asked; without, only a
         turn already booked (or a pause every call is under) is waited for."""

@@ -60,7 +60,7 @@ class CreatePacer:
         """Replicate answered 429: halve the rate and pause every create for ``retry_after_s``."""
         now = trio.current_time()
         self.throttles += 1
-        self.rate = max(MIN_CREATES_PER_S, self.rate / 2)
+        self.rate = max(min(MIN_CREATES_PER_S, self.max_rate), self.rate / 2)
         self._paused_until = max(self._paused_until, now + retry_after_s)
         # No burst after the pause: one create when it ends, then the (halved) rate.
         self._tokens = 1.0
@@ -73,3 +73,34 @@ class CreatePacer:
         if now > self._stamp:
             self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
+
+
+class LocalPace:
+    """The :class:`~actors.providers.base.CreatePace` of one process: a :class:`CreatePacer`.
+
+    Concurrency: as the pacer's; no method waits (the port is async for paces kept elsewhere).
+    """
+
+    def __init__(self, *, max_rate: float = MAX_CREATES_PER_S, burst: float = CREATE_BURST) -> None:
+        self.pacer = CreatePacer(max_rate=max_rate, burst=burst)
+        self.max_rate = max_rate
+
+    @property
+    def throttles(self) -> int:
+        return self.pacer.throttles
+
+    @property
+    def rate(self) -> float:
+        return self.pacer.rate
+
+    async def book(self) -> tuple[float, int]:
+        return self.pacer.book(), self.pacer.throttles
+
+    async def paused_until(self) -> float:
+        return self.pacer.paused_until
+
+    async def throttled(self, retry_after_s: float) -> None:
+        self.pacer.throttled(retry_after_s)
+
+    async def accepted(self) -> None:
+        self.pacer.accepted()

@@ -20,9 +20,11 @@ is known, and a create is noted as pending *before* it is sent; the next start o
 resumes the first by polling and reconciles the second against the list, so neither a restart
 nor a ``kill -9`` in the middle of a create leads to a second prediction for an image.
 
-Rate: creates pass a process-wide pacer that stays under Replicate's documented 600 creates per
-minute, halves its rate and pauses for ``Retry-After`` when Replicate answers 429, and recovers
-additively with every accepted create (AIMD).
+Rate: creates pass a pace (:class:`~actors.providers.base.CreatePace`: the process's own, or one
+shared by every process on a Redis) that stays under ``REPLICATE_MAX_CREATES_PER_MIN``
+(Replicate's documented 600 creates per minute by default), halves its rate and pauses for
+``Retry-After`` when Replicate answers 429, and recovers additively with every accepted create
+(AIMD).
 
 Waiting: an attempt holds one of the service's capacity tokens (``MAX_CONCURRENCY``) and runs
 under the attempt timeout, so what it waits for decides what the token is spent on. Every wait
@@ -46,7 +48,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import httpx
@@ -62,13 +64,14 @@ from actors.errors import (
 )
 from actors.providers.base import (
     Commit,
+    CreatePace,
     ImageRequest,
     NullJournal,
     ProviderStatistics,
     RemoteJournal,
     RemoteWork,
 )
-from actors.providers.pacing import CreatePacer
+from actors.providers.pacing import CreatePacer, LocalPace
 from actors.providers.replicate_api import (
     TERMINAL,
     Answer,
@@ -180,9 +183,10 @@ class ReplicateProvider:
         client: httpx.AsyncClient,
         *,
         journal: RemoteJournal | None = None,
+        pace: CreatePace | None = None,
     ) -> None:
         self.settings = settings
-        self.pacer = CreatePacer()
+        self.pace: CreatePace = pace or LocalPace(max_rate=settings.max_creates_per_min / 60)
         self._client = client
         self._journal: RemoteJournal = journal or NullJournal()
         self._work: dict[tuple[str, int], _Image] = {}
@@ -245,7 +249,7 @@ class ReplicateProvider:
         except (Answer, httpx.TransportError) as exc:
             logger.warning("replicate: cancel of %s failed: %s", prediction_id, exc)
 
-    def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
+    async def turn_delay(self, job_id: str, index: int, *, book: bool) -> float:
         """Seconds until the image's next call may start: none if it will not create (it has a
         prediction, or an unsure create to look up first and no turn yet), else until its
         create turn (or, without ``book`` and without a turn, until a 429's pause ends)."""
@@ -258,11 +262,11 @@ class ReplicateProvider:
             if image is not None and image.unsure is not None:
                 return 0.0  # the list first: it may show the prediction, and no create is due
             if not book:
-                return max(0.0, self.pacer.paused_until - now)
+                return max(0.0, await self.pace.paused_until() - now)
             if image is None:
                 # Released by generate or by the worker's cancel, as any other entry.
                 image = self._work[key] = _Image()
-        wait = self._book_turn(image) - now
+        wait = await self._book_turn(image) - now
         return wait if wait > _DUE_EPSILON_S else 0.0
 
     def _forget(self, key: tuple[str, int]) -> _Image | None:
@@ -284,8 +288,8 @@ class ReplicateProvider:
             "webhooks_received": counters.webhooks,
             "failed_predictions": counters.failed_predictions,
             "cancels": counters.cancels,
-            "throttled": self.pacer.throttles,
-            "create_rate_per_s": round(self.pacer.rate, 3),
+            "throttled": self.pace.throttles,
+            "create_rate_per_s": round(self.pace.rate, 3),
             "in_flight": sum(image.prediction_id is not None for image in self._work.values()),
             "tracked": len(self._work),
         }
@@ -380,7 +384,7 @@ class ReplicateProvider:
             if adopted is not None:
                 return self._adopt(key, image, adopted), False
         while True:
-            self._take_turn(image)
+            await self._take_turn(image)
             since = datetime.now(UTC)
             # Until Replicate answers, this image may or may not have a prediction: an attempt
             # timeout, a cancel or a restart in the middle of the create must not lead to a
@@ -394,7 +398,7 @@ class ReplicateProvider:
             prediction, answered = await self._try_create(key, image, body, since)
             if not answered:
                 return prediction, False
-            self.pacer.accepted()
+            await self.pace.accepted()
             if prediction.get("id") not in self._claimed:
                 return self._adopt(key, image, prediction), True
             # While this create was held open (Prefer: wait), another image reconciling an
@@ -411,20 +415,20 @@ class ReplicateProvider:
 
     def _has_turn(self, image: _Image) -> bool:
         """Whether the image holds a create turn that no 429 has voided since it was booked."""
-        return image.turn is not None and image.turn[1] == self.pacer.throttles
+        return image.turn is not None and image.turn[1] == self.pace.throttles
 
-    def _book_turn(self, image: _Image) -> float:
-        """The image's create turn: booked with the pacer unless it has a valid one."""
+    async def _book_turn(self, image: _Image) -> float:
+        """The image's create turn: booked with the pace unless it has a valid one."""
         if image.turn is None or not self._has_turn(image):
-            image.turn = (self.pacer.book(), self.pacer.throttles)
+            image.turn = await self.pace.book()
         return image.turn[0]
 
-    def _take_turn(self, image: _Image) -> None:
+    async def _take_turn(self, image: _Image) -> None:
         """Go ahead if the image's create turn has come; else raise ``NotStartedError`` with
         the time left, so that the wait happens outside the attempt. The worker has waited for
         the turn before the attempt (:meth:`turn_delay`), so this raises only when the turn
         was not due then (after a create the list showed nothing for, say)."""
-        wait = self._book_turn(image) - trio.current_time()
+        wait = await self._book_turn(image) - trio.current_time()
         if wait > _DUE_EPSILON_S:
             raise NotStartedError(
                 "waiting for a turn to create a prediction (Replicate's rate limit)",
@@ -455,10 +459,7 @@ class ReplicateProvider:
                     raise permanent(exc) from None
                 # Backpressure, not a failure of the image: slow every create, then try again.
                 pause = min(exc.retry_after_s or 1.0, MAX_RETRY_AFTER_S)
-                self.pacer.throttled(pause)
-                raise NotStartedError(
-                    "Replicate is throttling creates (429)", retry_after_s=pause
-                ) from None
+                await self._throttled(pause)
             unsure = exc
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self._settle_nothing(key, image)  # the request never left
@@ -469,6 +470,11 @@ class ReplicateProvider:
             image.unsure = None
             return prediction, True
         return await self._after_unsure_create(key, image, body, since, unsure), False
+
+    async def _throttled(self, pause_s: float) -> NoReturn:
+        """A 429 answered a create: every create pauses, and this one was not started."""
+        await self.pace.throttled(pause_s)
+        raise NotStartedError("Replicate is throttling creates (429)", retry_after_s=pause_s)
 
     def _create_body(self, prompt: str) -> dict[str, object]:
         settings = self.settings
@@ -541,7 +547,7 @@ class ReplicateProvider:
         if adopted is not None:
             image.unsure = None
             return self._adopt(key, image, adopted)
-        self._book_turn(image)  # the create to come waits for its turn before the attempt
+        await self._book_turn(image)  # the create to come waits for its turn before the attempt
         if isinstance(exc, Answer):
             raise NotStartedError(
                 f"Replicate failed to create the prediction: {exc.detail}",
@@ -714,8 +720,10 @@ async def open_replicate_provider(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     journal: RemoteJournal | None = None,
+    pace: CreatePace | None = None,
 ) -> AsyncIterator[ReplicateProvider]:
-    """A :class:`ReplicateProvider` with its connection pool, closed on exit."""
+    """A :class:`ReplicateProvider` with its connection pool, closed on exit; its creates paced
+    by ``pace`` (shared with other processes), else by a pace of its own."""
     headers = {
         "Authorization": f"Bearer {settings.api_token}",
         "User-Agent": "imagegen-trio",
@@ -724,7 +732,7 @@ async def open_replicate_provider(
     async with httpx.AsyncClient(
         base_url=settings.base_url, headers=headers, limits=limits, transport=transport
     ) as client:
-        provider = ReplicateProvider(settings, client, journal=journal)
+        provider = ReplicateProvider(settings, client, journal=journal, pace=pace)
         logger.info(
             "replicate: model %s via POST %s%s (webhooks %s)",
             settings.model,

@@ -9,6 +9,10 @@ import attrs
 
 DEFAULT_MODEL = "black-forest-labs/flux-schnell"
 DEFAULT_BASE_URL = "https://api.replicate.com"
+#: Replicate's documented limit on prediction creates.
+DEFAULT_MAX_CREATES_PER_MIN = 600
+#: The highest ``REPLICATE_MAX_CREATES_PER_MIN`` accepted (1,000 creates per second).
+MAX_CREATES_PER_MIN_LIMIT = 60_000
 
 _VERSION = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -64,6 +68,8 @@ class ReplicateSettings:
     model_input: ``REPLICATE_INPUT``, merged into every prediction's input (the prompt wins).
     base_url: ``REPLICATE_BASE_URL``, without ``/v1`` (as the ``replicate`` package reads it).
     wait_s: ``Prefer: wait=N`` on creates (1-60).
+    max_creates_per_min: The create pacer's ceiling (Replicate's documented limit is 600; an
+        account with a higher limit raises it). A 429 still halves the pace below it.
     poll_interval_s: Between polls once the wait window has passed.
     request_timeout_s: Connect/read/write timeout of every other call.
     webhook_url: With ``webhook_secret``: receive ``completed`` webhooks there.
@@ -78,6 +84,10 @@ class ReplicateSettings:
     base_url: str = DEFAULT_BASE_URL
     wait_s: int = attrs.field(
         default=60, validator=[attrs.validators.ge(1), attrs.validators.le(60)]
+    )
+    max_creates_per_min: int = attrs.field(
+        default=DEFAULT_MAX_CREATES_PER_MIN,
+        validator=[attrs.validators.ge(1), attrs.validators.le(MAX_CREATES_PER_MIN_LIMIT)],
     )
     poll_interval_s: float = attrs.field(default=0.25, validator=attrs.validators.gt(0))
     request_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))

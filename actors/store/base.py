@@ -13,7 +13,7 @@ from typing import Protocol
 
 import attrs
 
-from actors.messages import ImageSnapshot, JobEvent, JobStatus
+from actors.messages import ImageCopy, ImageSnapshot, JobEvent, JobStatus
 from actors.providers.base import Commit, RemoteWork
 
 # --- records -----------------------------------------------------------------------------------
@@ -44,6 +44,8 @@ class StoredJob:
     images: tuple[ImageSnapshot, ...]
     events: tuple[JobEvent, ...]
     remote: tuple[RemoteWork, ...] = ()
+    #: Copies of provider outputs not (known to be) made yet: pending, or failed for good.
+    copies: tuple[ImageCopy, ...] = ()
 
 
 # --- operations --------------------------------------------------------------------------------
@@ -83,13 +85,24 @@ class SetRemote:
 
 
 @attrs.frozen
+class SetCopy:
+    """Journal the copy of an image's output (replacing the image's earlier one)."""
+
+    copy: ImageCopy
+
+    @property
+    def job_id(self) -> str:
+        return self.copy.job_id
+
+
+@attrs.frozen
 class DeleteJob:
     """Forget the job, its images and its events."""
 
     job_id: str
 
 
-Operation = PutJob | PutImages | AppendEvent | SetRemote | DeleteJob
+Operation = PutJob | PutImages | AppendEvent | SetRemote | SetCopy | DeleteJob
 
 
 @attrs.frozen(kw_only=True)

@@ -8,7 +8,7 @@ import attrs
 import trio
 
 from actors.errors import StoreUnavailable
-from actors.messages import ImageSnapshot, JobEvent
+from actors.messages import ImageCopy, ImageSnapshot, JobEvent
 from actors.providers.base import Commit, RemoteWork
 from actors.store.base import (
     AppendEvent,
@@ -17,6 +17,7 @@ from actors.store.base import (
     Operation,
     PutImages,
     PutJob,
+    SetCopy,
     SetRemote,
     StoredJob,
     StoreHealth,
@@ -30,6 +31,7 @@ class _Job:
     images: dict[int, ImageSnapshot] = attrs.Factory(dict)
     events: dict[int, JobEvent] = attrs.Factory(dict)
     remote: dict[int, tuple[str | None, datetime | None]] = attrs.Factory(dict)
+    copies: dict[int, ImageCopy] = attrs.Factory(dict)
 
 
 class MemoryStore:
@@ -122,6 +124,8 @@ class MemoryStore:
                 self._jobs[job_id].events[event.id] = event
             case SetRemote(job_id, index, remote_id, pending_since):
                 self._jobs[job_id].remote[index] = (remote_id, pending_since)
+            case SetCopy(copy):
+                self._jobs[copy.job_id].copies[copy.index] = copy
             case DeleteJob(job_id):
                 self._jobs.pop(job_id, None)
 
@@ -142,4 +146,5 @@ class MemoryStore:
             images=tuple(image for _, image in sorted(job.images.items())),
             events=tuple(event for _, event in sorted(job.events.items())),
             remote=remote,
+            copies=tuple(copy for _, copy in sorted(job.copies.items())),
         )

@@ -9,6 +9,8 @@ deployments and test runs share one server)::
     P job:<id>:images           hash    image index -> JSON (ImageSnapshot)
     P job:<id>:remote           hash    image index -> JSON [prediction id, pending since]:
                                         the provider's journal (ids and creates in flight)
+    P job:<id>:copies           hash    image index -> JSON [file name, provider URL, failed]:
+                                        copies of outputs still to be made (or failed)
     P job:<id>:events           stream  the job's events; entry id ``<event id>-0``, field
                                         ``e`` the event's JSON, so ``Last-Event-ID: n`` is
                                         stream id ``n-0`` on any node (XRANGE/XREAD after it)
@@ -57,7 +59,7 @@ import trio
 from coredis.response.types import StreamEntry
 
 from actors.errors import StoreUnavailable
-from actors.messages import JobEvent, JobStatus
+from actors.messages import ImageCopy, JobEvent, JobStatus
 from actors.providers.base import Commit, RemoteWork
 from actors.store import redis_scripts
 from actors.store.base import (
@@ -67,6 +69,7 @@ from actors.store.base import (
     Operation,
     PutImages,
     PutJob,
+    SetCopy,
     SetRemote,
     StoredJob,
     StoreHealth,
@@ -176,6 +179,9 @@ def batch_arguments(operations: Sequence[Operation]) -> list[str]:
             case SetRemote(job_id, index, remote_id, pending_since):
                 body = json.dumps([remote_id, time_text(pending_since)])
                 args += ["R", job_id, str(index), body]
+            case SetCopy(copy):
+                body = json.dumps([copy.name, safe_text(copy.source), copy.failed])
+                args += ["C", copy.job_id, str(copy.index), body]
             case DeleteJob(job_id):
                 args += ["D", job_id]
     return args
@@ -213,13 +219,12 @@ def _event(entry: StreamEntry) -> JobEvent:
     return decode_event(event_id(str(entry.identifier)), str(entry.field_values["e"]))
 
 
-def _stored_job(
-    job_id: str,
-    record: dict[str, str],
-    images: dict[str, str],
-    remote: dict[str, str],
-    events: Sequence[StreamEntry],
-) -> StoredJob:
+#: One job as read: its record, images, remote work and copies (hashes), then its events.
+_Row = tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]
+
+
+def _stored_job(job_id: str, row: _Row) -> StoredJob:
+    record, images, remote, copies, events = row
     job = decode_record(job_id, record)
     work = []
     for index, body in sorted(remote.items(), key=lambda item: int(item[0])):
@@ -241,7 +246,16 @@ def _stored_job(
         ),
         events=tuple(_event(entry) for entry in events),
         remote=tuple(work),
+        copies=tuple(
+            _copy(job_id, int(index), body)
+            for index, body in sorted(copies.items(), key=lambda item: int(item[0]))
+        ),
     )
+
+
+def _copy(job_id: str, index: int, body: str) -> ImageCopy:
+    name, source, failed = json.loads(body)
+    return ImageCopy(job_id=job_id, index=index, name=name, source=source, failed=failed)
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -295,7 +309,7 @@ class RedisStore:
 
     @property
     def client(self) -> coredis.Redis[str]:
-        """The entered client this store uses (shared with the cluster's calls)."""
+        """The entered client (shared with the cluster's calls and ``actors.limits``)."""
         return self._client
 
     # -- calls ----------------------------------------------------------------------------
@@ -346,7 +360,7 @@ class RedisStore:
             rows = await self._call("reading the jobs", partial(self._read, chunk))
             try:
                 stored.extend(
-                    _stored_job(job_id, *row)
+                    _stored_job(job_id, row)
                     for job_id, row in zip(chunk, rows, strict=True)
                     # A job without its record is one deleted meanwhile.
                     if row[0]
@@ -405,16 +419,14 @@ class RedisStore:
         rows = await self._call("reading jobs", partial(self._read, job_ids, events=events))
         try:
             return tuple(
-                _stored_job(job_id, *row)
+                _stored_job(job_id, row)
                 for job_id, row in zip(job_ids, rows, strict=True)
                 if row[0]
             )
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise StoreUnavailable(f"Redis at {self.url}: cannot read a job: {exc!r}") from None
 
-    async def _read(
-        self, job_ids: Sequence[str], *, events: bool = True
-    ) -> list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]:
+    async def _read(self, job_ids: Sequence[str], *, events: bool = True) -> list[_Row]:
         keys = self.keys
         async with self._client.pipeline(transaction=False) as pipe:
             pending = [
@@ -422,15 +434,22 @@ class RedisStore:
                     pipe.hgetall(keys.job(job_id, "record")),
                     pipe.hgetall(keys.job(job_id, "images")),
                     pipe.hgetall(keys.job(job_id, "remote")),
+                    pipe.hgetall(keys.job(job_id, "copies")),
                     pipe.xrange(keys.job(job_id, "events"), "-", "+") if events else None,
                 )
                 for job_id in job_ids
             ]
-        rows: list[tuple[dict[str, str], dict[str, str], dict[str, str], Sequence[StreamEntry]]]
-        rows = []
-        for record, images, remote, stream in pending:
-            entries = () if stream is None else await stream
-            rows.append((dict(await record), dict(await images), dict(await remote), entries))
+        rows: list[_Row] = []
+        for record, images, remote, copies, stream in pending:
+            rows.append(
+                (
+                    dict(await record),
+                    dict(await images),
+                    dict(await remote),
+                    dict(await copies),
+                    () if stream is None else await stream,
+                )
+            )
         return rows
 
     def write(self, *operations: Operation) -> Commit:

@@ -17,8 +17,8 @@ from __future__ import annotations
 #: ARGV: prefix, node id (empty: a store used alone, no fence), lease (ms), then the
 #: operations, each as a tag and its fields: ``J id seq owner has_idem idem finished_ms n field
 #: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
-#: images), ``E id event_id json`` (append event), ``R id index json`` (remote work), ``D id``
-#: (delete job). Returns the number of operations.
+#: images), ``E id event_id json`` (append event), ``R id index json`` (remote work), ``C id
+#: index json`` (copy of an output), ``D id`` (delete job). Returns the number of operations.
 BATCH = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
 
@@ -44,7 +44,7 @@ while i <= #ARGV do
   elseif tag == 'E' then
     ops[#ops + 1] = {tag = tag, id = id, n = tonumber(ARGV[i + 2]), body = ARGV[i + 3]}
     i = i + 4
-  elseif tag == 'R' then
+  elseif tag == 'R' or tag == 'C' then
     ops[#ops + 1] = {tag = tag, id = id, index = ARGV[i + 2], body = ARGV[i + 3]}
     i = i + 4
   elseif tag == 'D' then
@@ -158,7 +158,7 @@ for _, op in ipairs(ops) do
     end
     idents[id] = {owner = false, idem = false}
     fresh[id] = false
-    for _, part in ipairs({'record', 'images', 'remote', 'events'}) do
+    for _, part in ipairs({'record', 'images', 'remote', 'copies', 'events'}) do
       types[job_key(id, part)] = 'none'
     end
     lasts[id] = 0
@@ -169,6 +169,8 @@ for _, op in ipairs(ops) do
     problem = foreign(job_key(id, 'images'), 'hash')
   elseif op.tag == 'R' then
     problem = foreign(job_key(id, 'remote'), 'hash')
+  elseif op.tag == 'C' then
+    problem = foreign(job_key(id, 'copies'), 'hash')
   else
     problem = foreign(job_key(id, 'events'), 'stream')
     if problem then break end
@@ -232,9 +234,12 @@ for _, op in ipairs(ops) do
     if op.write then redis.call('XADD', job_key(id, 'events'), op.n .. '-0', 'e', op.body) end
   elseif op.tag == 'R' then
     redis.call('HSET', job_key(id, 'remote'), op.index, op.body)
+  elseif op.tag == 'C' then
+    redis.call('HSET', job_key(id, 'copies'), op.index, op.body)
   else
     redis.call('DEL', job_key(id, 'record'), job_key(id, 'images'), job_key(id, 'remote'),
-               job_key(id, 'events'), job_key(id, 'cancel'), P .. 'lease:' .. id)
+               job_key(id, 'copies'), job_key(id, 'events'), job_key(id, 'cancel'),
+               P .. 'lease:' .. id)
     redis.call('ZREM', P .. 'jobs', id)
     redis.call('ZREM', P .. 'finished', id)
     if op.owner then

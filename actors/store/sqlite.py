@@ -23,7 +23,7 @@ from typing import TypeVar
 import trio
 
 from actors.errors import StoreUnavailable
-from actors.messages import ImageSnapshot, ImageStatus, JobEvent, JobStatus
+from actors.messages import ImageCopy, ImageSnapshot, ImageStatus, JobEvent, JobStatus
 from actors.providers.base import Commit, RemoteWork
 from actors.store.base import (
     AppendEvent,
@@ -32,6 +32,7 @@ from actors.store.base import (
     Operation,
     PutImages,
     PutJob,
+    SetCopy,
     SetRemote,
     StoredJob,
     StoreHealth,
@@ -96,6 +97,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: a row /health rewrites to learn whether the store can write again after a failure.
     ("CREATE TABLE health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at TEXT NOT NULL)",),
+    # 3: copies of provider outputs still to be made (or failed), so a restart finishes them.
+    (
+        """CREATE TABLE copies (
+            job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            source TEXT NOT NULL,
+            failed INTEGER NOT NULL,
+            PRIMARY KEY (job_id, idx)
+        ) WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -244,6 +256,7 @@ class _Rows:
         self.jobs: dict[str, Row] = {}
         self.images: dict[tuple[str, int], Row] = {}
         self.remote: dict[tuple[str, int], Row] = {}
+        self.copies: dict[tuple[str, int], Row] = {}
         self.events: dict[tuple[str, int], Row] = {}
 
     def write(self, connection: sqlite3.Connection) -> None:
@@ -260,9 +273,14 @@ class _Rows:
             [*self.remote.values()],
         )
         _insert(
+            connection,
+            "INSERT OR REPLACE INTO copies (job_id, idx, name, source, failed)",
+            [*self.copies.values()],
+        )
+        _insert(
             connection, "INSERT OR REPLACE INTO events (job_id, id, body)", [*self.events.values()]
         )
-        for table in (self.jobs, self.images, self.remote, self.events):
+        for table in (self.jobs, self.images, self.remote, self.copies, self.events):
             table.clear()
 
 
@@ -289,6 +307,14 @@ def write_transaction(connection: sqlite3.Connection, operations: Iterable[Opera
                 case SetRemote(job_id, index, remote_id, pending_since):
                     row = (job_id, index, _text(remote_id), _time(pending_since))
                     rows.remote[job_id, index] = row
+                case SetCopy(copy):
+                    rows.copies[copy.job_id, copy.index] = (
+                        copy.job_id,
+                        copy.index,
+                        copy.name,
+                        _text(copy.source),
+                        copy.failed,
+                    )
                 case DeleteJob(job_id):
                     rows.write(connection)
                     connection.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
@@ -332,6 +358,13 @@ def read_all(connection: sqlite3.Connection) -> tuple[StoredJob, ...]:
         "SELECT job_id, idx, remote_id, pending_since FROM remote_work ORDER BY job_id, idx"
     ):
         remote.setdefault(job_id, []).append((index, remote_id, pending))
+    copies: dict[str, list[ImageCopy]] = {}
+    for job_id, index, name, source, failed in connection.execute(
+        "SELECT job_id, idx, name, source, failed FROM copies ORDER BY job_id, idx"
+    ):
+        copies.setdefault(job_id, []).append(
+            ImageCopy(job_id=job_id, index=index, name=name, source=source, failed=bool(failed))
+        )
     jobs = []
     for row in connection.execute(
         "SELECT job_id, seq, owner, prompt, num_images, idempotency_key, status, created_at, "
@@ -368,6 +401,7 @@ def read_all(connection: sqlite3.Connection) -> tuple[StoredJob, ...]:
                 images=tuple(images.get(record.job_id, ())),
                 events=tuple(events.get(record.job_id, ())),
                 remote=work,
+                copies=tuple(copies.get(record.job_id, ())),
             )
         )
     return tuple(jobs)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from actors.providers.pacing import CREATE_BURST, MAX_CREATES_PER_S, RATE_STEP, CreatePacer
+from actors.providers.replicate import ReplicateProvider, ReplicateSettings
 
 
 def bookings(pacer: CreatePacer, count: int) -> list[float]:
@@ -70,3 +72,41 @@ async def test_accepted_creates_recover_the_rate_up_to_the_limit(
         pacer.accepted()
     assert pacer.rate == MAX_CREATES_PER_S
     assert pacer.throttles == 2
+
+
+@pytest.mark.parametrize(("per_min", "gap_s"), [(60, 1.0), (600, 0.1), (6_000, 0.01)])
+async def test_the_providers_create_pace_follows_the_setting(
+    autojump_clock: trio.testing.MockClock, per_min: int, gap_s: float
+) -> None:
+    settings = ReplicateSettings(api_token="r8_test", max_creates_per_min=per_min)
+    async with httpx.AsyncClient() as client:
+        provider = ReplicateProvider(settings, client)
+        await trio.sleep(3600)  # a full bucket
+        delays = [await provider.turn_delay("job", index, book=True) for index in range(13)]
+    burst = int(CREATE_BURST)
+    assert delays[:burst] == [0.0] * burst
+    assert delays[burst:] == pytest.approx([gap_s, 2 * gap_s, 3 * gap_s])
+    assert provider.statistics()["create_rate_per_s"] == pytest.approx(per_min / 60, abs=1e-3)
+
+
+async def test_a_429_halves_a_raised_pace_and_recovery_stops_at_the_setting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = ReplicateSettings(api_token="r8_test", max_creates_per_min=6_000)
+    async with httpx.AsyncClient() as client:
+        provider = ReplicateProvider(settings, client)
+    await provider.pace.throttled(1.0)
+    assert provider.pace.rate == 50.0
+    for _ in range(200):
+        await provider.pace.accepted()
+    assert provider.pace.rate == 100.0
+
+
+async def test_a_pace_below_the_floor_is_never_raised_by_a_429(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pacer = CreatePacer(max_rate=1 / 60)  # one create a minute
+    pacer.throttled(0)
+    assert pacer.rate <= 1 / 60
+    pacer.accepted()
+    assert pacer.rate == 1 / 60

@@ -25,7 +25,14 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from actors.files import ImageFiles, ImageFilesSettings, open_image_files, sniff_image
+from actors.files import (
+    ImageFiles,
+    ImageFilesSettings,
+    file_extension,
+    image_type,
+    open_image_files,
+    sniff_image,
+)
 from tests.fake_replicate import PNG
 
 JOB = "0b7e4d2a-5c1f-4e8a-9d3b-2f6a1c8e7b90"
@@ -59,6 +66,7 @@ def origin_app(requests: Counter[str]) -> QuartTrio:
         requests[request.path] += 1
 
     @app.get("/png-as-webp")
+    @app.get("/out-0.webp")
     async def png_as_webp() -> Response:
         return Response(PNG, 200, {"Content-Type": "image/webp"})
 
@@ -176,6 +184,17 @@ def write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+async def served(files: ImageFiles, job_id: str, index: int, url: str) -> str:
+    """Keep the image, wait for its copy, and say where its URL leads: ``/files/...`` once the
+    copy is stored, the provider's URL while ``/files/...`` redirects there."""
+    kept = files.keep(job_id, index, url)
+    with trio.fail_after(WAIT_S):
+        await files.wait_copies()
+    if kept.copy is not None and files.locate(kept.copy.name) is not None:
+        return kept.copy.source
+    return kept.url
+
+
 def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     """The ``extra`` fields of every warning ``actors.files`` logged."""
     return [
@@ -188,32 +207,60 @@ def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 # --- downloads -----------------------------------------------------------------------------------
 
 
-async def test_png_bytes_served_as_webp_are_stored_as_png(origin: Origin, tmp_path: Path) -> None:
+async def test_the_name_takes_the_urls_image_extension_whatever_the_bytes(
+    origin: Origin, tmp_path: Path
+) -> None:
     images = tmp_path / "images"  # created on the first download
     async with opened(images) as files:
-        url = await files.keep(JOB, 2, origin.at("/png-as-webp"))
+        url = await served(files, JOB, 2, origin.at("/out-0.webp"))  # PNG bytes, in fact
 
-        assert url == f"/files/{JOB}-2.png"
-        assert names_in(images) == [f"{JOB}-2.png"]
-        assert read(images / f"{JOB}-2.png") == PNG
+        assert url == f"/files/{JOB}-2.webp"
+        assert names_in(images) == [f"{JOB}-2.webp"]
+        assert read(images / f"{JOB}-2.webp") == PNG
         assert files.statistics() == {
             "files": 1,
             "bytes": len(PNG),
             "downloads": 1,
             "download_failures": 0,
             "skipped": 0,
+            "copies_pending": 0,
+            "copies_failed": 0,
         }
+
+
+async def test_a_url_without_an_image_extension_gets_a_neutral_one_served_by_signature(
+    origin: Origin, tmp_path: Path
+) -> None:
+    async with opened(tmp_path) as files:
+        url = await served(files, JOB, 2, origin.at("/png-as-webp"))
+
+    assert url == f"/files/{JOB}-2.img"
+    assert image_type(tmp_path / f"{JOB}-2.img") == "image/png"
+
+
+@pytest.mark.parametrize(
+    ("url", "ext"),
+    [
+        ("https://replicate.delivery/x/out-0.webp", "webp"),
+        ("https://cdn.test/a/b.JPEG?sig=1#top", "jpg"),
+        ("https://cdn.test/a.b/image", "img"),
+        ("https://cdn.test/a/image.exe", "img"),
+        ("https://cdn.test/", "img"),
+    ],
+)
+def test_the_extension_comes_from_the_urls_path(url: str, ext: str) -> None:
+    assert file_extension(url) == ext
 
 
 @pytest.mark.parametrize(
     "url",
-    [f"/files/{JOB}-0.png", "data:image/png;base64,iVBORw0KGgo=", "ftp://example.com/a.png"],
+    [f"/files/{JOB}-0.img", "data:image/png;base64,iVBORw0KGgo=", "ftp://example.com/a.png"],
 )
 async def test_a_url_that_is_not_absolute_http_is_returned_unchanged(
     tmp_path: Path, url: str
 ) -> None:
     async with opened(tmp_path) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
         assert names_in(tmp_path) == []
         assert files.statistics()["downloads"] == files.statistics()["skipped"] == 0
@@ -224,7 +271,7 @@ async def test_with_storing_off_the_url_is_handed_out_and_counted_as_skipped(
 ) -> None:
     url = origin.at("/png-as-webp")
     async with opened(tmp_path, store_remote=False) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
         assert origin.requests["/png-as-webp"] == 0
         assert names_in(tmp_path) == []
@@ -236,7 +283,7 @@ async def test_an_html_answer_is_refused_once_with_a_warning(
 ) -> None:
     url = origin.at("/html")
     async with opened(tmp_path) as files:
-        assert await files.keep(JOB, 1, url) == url
+        assert await served(files, JOB, 1, url) == url
 
         assert names_in(tmp_path) == []
         assert origin.requests["/html"] == 1  # permanent: not retried
@@ -252,7 +299,7 @@ async def test_bytes_that_are_not_an_image_are_refused_despite_an_image_type(
 ) -> None:
     url = origin.at("/text-as-png")
     async with opened(tmp_path) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
         assert names_in(tmp_path) == []
         assert origin.requests["/text-as-png"] == 1
@@ -265,7 +312,7 @@ async def test_a_body_over_the_cap_is_refused_by_its_content_length(
 ) -> None:
     url = origin.at("/big")
     async with opened(tmp_path) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
         assert names_in(tmp_path) == []  # no image, no temporary file
         assert origin.requests["/big"] == 1
@@ -278,7 +325,7 @@ async def test_a_streamed_body_is_cut_off_once_past_the_cap(
 ) -> None:
     url = origin.at("/endless")  # chunked, no Content-Length, never ends by itself
     async with opened(tmp_path, download_timeout_s=WAIT_S) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
         assert names_in(tmp_path) == []
         assert origin.requests["/endless"] == 1
@@ -290,11 +337,11 @@ async def test_two_server_errors_then_an_image_is_stored_on_the_third_attempt(
     origin: Origin, tmp_path: Path
 ) -> None:
     async with opened(tmp_path, download_attempts=3) as files:
-        url = await files.keep(JOB, 0, origin.at("/flaky"))
+        url = await served(files, JOB, 0, origin.at("/flaky"))
 
-        assert url == f"/files/{JOB}-0.png"
+        assert url == f"/files/{JOB}-0.img"
         assert origin.requests["/flaky"] == 3
-        assert read(tmp_path / f"{JOB}-0.png") == PNG
+        assert read(tmp_path / f"{JOB}-0.img") == PNG
 
 
 async def test_server_errors_past_the_last_attempt_hand_out_the_url(
@@ -302,7 +349,7 @@ async def test_server_errors_past_the_last_attempt_hand_out_the_url(
 ) -> None:
     url = origin.at("/flaky")
     async with opened(tmp_path, download_attempts=2) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
         assert origin.requests["/flaky"] == 2
         assert names_in(tmp_path) == []
@@ -313,10 +360,10 @@ async def test_a_429_waits_for_retry_after_up_to_the_cap(origin: Origin, tmp_pat
     # Retry-After: 1 is capped at backoff_max_s, which is well above the 10 ms base backoff.
     async with opened(tmp_path, backoff_max_s=0.3) as files:
         start = trio.current_time()
-        url = await files.keep(JOB, 0, origin.at("/busy"))
+        url = await served(files, JOB, 0, origin.at("/busy"))
         elapsed = trio.current_time() - start
 
-    assert url == f"/files/{JOB}-0.png"
+    assert url == f"/files/{JOB}-0.img"
     assert origin.requests["/busy"] == 2
     assert 0.3 <= elapsed < 0.9
 
@@ -324,7 +371,7 @@ async def test_a_429_waits_for_retry_after_up_to_the_cap(origin: Origin, tmp_pat
 async def test_a_404_is_not_retried(origin: Origin, tmp_path: Path) -> None:
     url = origin.at("/missing")
     async with opened(tmp_path, download_attempts=3) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
         assert origin.requests["/missing"] == 1
         assert files.statistics()["download_failures"] == 1
@@ -337,7 +384,7 @@ async def test_a_server_that_never_answers_times_out_each_attempt(
     url = origin.at("/hang")
     async with opened(tmp_path, download_timeout_s=0.3, download_attempts=attempts) as files:
         start = trio.current_time()
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
         elapsed = trio.current_time() - start
 
     assert origin.requests["/hang"] == attempts
@@ -348,26 +395,26 @@ async def test_a_server_that_never_answers_times_out_each_attempt(
 
 async def test_its_own_client_follows_redirects(origin: Origin, tmp_path: Path) -> None:
     async with opened(tmp_path) as files:
-        url = await files.keep(JOB, 0, origin.at("/redirect"))
+        url = await served(files, JOB, 0, origin.at("/redirect"))
 
-    assert url == f"/files/{JOB}-0.png"
+    assert url == f"/files/{JOB}-0.img"
     assert origin.requests["/png-as-webp"] == 1
 
 
 async def test_a_failed_write_leaves_no_temporary_file(
     origin: Origin, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    write(tmp_path / f"{JOB}-0.png" / "in-the-way", b"")  # a directory where the image goes
+    write(tmp_path / f"{JOB}-0.img" / "in-the-way", b"")  # a directory where the image goes
     url = origin.at("/png-as-webp")
     async with opened(tmp_path) as files:
-        assert await files.keep(JOB, 0, url) == url
+        assert await served(files, JOB, 0, url) == url
 
-        assert names_in(tmp_path) == [f"{JOB}-0.png"]  # still the directory, nothing else
+        assert names_in(tmp_path) == [f"{JOB}-0.img"]  # still the directory, nothing else
         assert files.statistics()["download_failures"] == 1
     assert len(warnings_logged(caplog)) == 1
 
 
-async def test_cancelling_keep_mid_download_propagates_and_leaves_no_file(
+async def test_stopping_mid_copy_leaves_no_file_and_the_copy_pending(
     origin: Origin, tmp_path: Path
 ) -> None:
     headers_arrived = trio.Event()
@@ -375,32 +422,25 @@ async def test_cancelling_keep_mid_download_propagates_and_leaves_no_file(
     async def on_response(response: httpx.Response) -> None:
         headers_arrived.set()
 
-    returned: list[str] = []
-    cancel_scope = trio.CancelScope()
-
-    async def keep(files: ImageFiles) -> None:
-        with cancel_scope:
-            returned.append(await files.keep(JOB, 0, origin.at("/stalled-body")))
-
     async with (
         httpx.AsyncClient(event_hooks={"response": [on_response]}) as client,
         opened(tmp_path, client=client, download_timeout_s=WAIT_S) as files,
     ):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep, files)
-            await headers_arrived.wait()  # the body is on its way, and stalls
-            cancel_scope.cancel()
+        kept = files.keep(JOB, 0, origin.at("/stalled-body"))
+        await headers_arrived.wait()  # the body is on its way, and stalls
 
-        assert cancel_scope.cancelled_caught
-        assert returned == []
-        assert names_in(tmp_path) == []
-        assert files.statistics()["downloads"] == files.statistics()["download_failures"] == 0
+        assert kept.copy is not None
+        assert files.locate(kept.copy.name) == kept.copy
+        assert files.statistics()["copies_pending"] == 1
+
+    assert names_in(tmp_path) == []
+    assert files.statistics()["downloads"] == files.statistics()["download_failures"] == 0
 
 
 async def test_a_job_id_that_is_not_a_file_name_is_refused(origin: Origin, tmp_path: Path) -> None:
     async with opened(tmp_path) as files:
         with pytest.raises(ValueError, match="not a job id"):
-            await files.keep("../escape", 0, origin.at("/png-as-webp"))
+            files.keep("../escape", 0, origin.at("/png-as-webp"))
 
     assert origin.requests["/png-as-webp"] == 0
 
@@ -439,9 +479,9 @@ async def test_keep_and_added_count_bytes_per_job_and_forget_drops_them_at_once(
 ) -> None:
     local_png = bytes(100)
     async with opened(tmp_path) as files:
-        await files.keep(JOB, 0, origin.at("/png-as-webp"))
-        await files.keep(JOB, 0, origin.at("/png-as-webp"))  # the same file again: counted once
-        await files.keep(OTHER_JOB, 0, origin.at("/png-as-webp"))
+        await served(files, JOB, 0, origin.at("/png-as-webp"))
+        await served(files, JOB, 0, origin.at("/png-as-webp"))  # the same file again: counted once
+        await served(files, OTHER_JOB, 0, origin.at("/png-as-webp"))
         write(tmp_path / f"{JOB}-1.png", local_png)  # as the local provider would
         files.added(JOB, f"{JOB}-1.png", len(local_png))
         files.added(JOB, f"{JOB}-1.png", len(local_png))  # rendered again: counted once
@@ -454,19 +494,19 @@ async def test_keep_and_added_count_bytes_per_job_and_forget_drops_them_at_once(
         assert files.total_bytes == len(PNG)  # before the files are gone
         assert files.statistics()["files"] == 1
         await files.wait_forgotten()
-        assert names_in(tmp_path) == [f"{OTHER_JOB}-0.png"]
+        assert names_in(tmp_path) == [f"{OTHER_JOB}-0.img"]
 
 
 async def test_an_image_kept_before_a_restart_is_not_fetched_again(
     origin: Origin, tmp_path: Path
 ) -> None:
     async with opened(tmp_path) as files:
-        first = await files.keep(JOB, 0, origin.at("/png-as-webp"))
+        first = await served(files, JOB, 0, origin.at("/png-as-webp"))
     async with opened(tmp_path) as files:  # the next start finds the file
         # The provider's URL has expired meanwhile: the copy on disk is what counts.
-        again = await files.keep(JOB, 0, origin.at("/missing"))
+        again = await served(files, JOB, 0, origin.at("/missing"))
 
-    assert again == first == f"/files/{JOB}-0.png"
+    assert again == first == f"/files/{JOB}-0.img"
     assert files.statistics()["download_failures"] == 0
 
 
@@ -474,21 +514,21 @@ async def test_forget_all_but_deletes_the_files_of_unknown_jobs(
     origin: Origin, tmp_path: Path
 ) -> None:
     async with opened(tmp_path) as files:
-        await files.keep(JOB, 0, origin.at("/png-as-webp"))
-        await files.keep(OTHER_JOB, 0, origin.at("/png-as-webp"))
+        await served(files, JOB, 0, origin.at("/png-as-webp"))
+        await served(files, OTHER_JOB, 0, origin.at("/png-as-webp"))
 
         files.forget_all_but({OTHER_JOB})
 
         assert files.total_bytes == len(PNG)
         await files.wait_forgotten()
-        assert names_in(tmp_path) == [f"{OTHER_JOB}-0.png"]
+        assert names_in(tmp_path) == [f"{OTHER_JOB}-0.img"]
 
 
 async def test_over_budget_until_a_job_is_forgotten(origin: Origin, tmp_path: Path) -> None:
     async with opened(tmp_path, max_total_bytes=len(PNG) + 1) as files:
-        await files.keep(JOB, 0, origin.at("/png-as-webp"))
+        await served(files, JOB, 0, origin.at("/png-as-webp"))
         one_image = files.over_budget
-        await files.keep(OTHER_JOB, 0, origin.at("/png-as-webp"))
+        await served(files, OTHER_JOB, 0, origin.at("/png-as-webp"))
         two_images = files.over_budget
         files.forget(JOB)
         one_forgotten = files.over_budget

@@ -19,7 +19,14 @@ import trio
 
 import actors.store.sqlite as sqlite_backend
 from actors.errors import StoreUnavailable
-from actors.messages import DoneEvent, ImageSnapshot, ImageStatus, JobStatus, ProgressEvent
+from actors.messages import (
+    DoneEvent,
+    ImageCopy,
+    ImageSnapshot,
+    ImageStatus,
+    JobStatus,
+    ProgressEvent,
+)
 from actors.store import (
     AppendEvent,
     DeleteJob,
@@ -29,6 +36,7 @@ from actors.store import (
     PutImages,
     PutJob,
     RemoteWork,
+    SetCopy,
     SetRemote,
     SQLiteStore,
     StoredJob,
@@ -206,6 +214,33 @@ async def test_remote_work_is_journaled_per_image_and_kept_when_images_change(
     )
 
 
+def image_copy(job_id: str = "job-1", index: int = 0, **changes: Any) -> ImageCopy:
+    copy = ImageCopy(
+        job_id=job_id,
+        index=index,
+        name=f"{job_id}-{index}.webp",
+        source=f"https://replicate.delivery/{job_id}/out-{index}.webp",
+    )
+    return attrs.evolve(copy, **changes)
+
+
+async def test_copies_are_journaled_per_image_the_last_write_of_one_winning(
+    store: JobStore,
+) -> None:
+    await commit(store, *new_job(), SetCopy(image_copy(index=1)))
+    await commit(
+        store,
+        SetCopy(image_copy(index=0)),
+        SetCopy(image_copy(index=1, failed=True)),
+        PutImages("job-1", (image(index=1, attempts=2),)),
+    )
+
+    assert (await only_job(store)).copies == (
+        image_copy(index=0),
+        image_copy(index=1, failed=True),
+    )
+
+
 async def test_deleting_a_job_removes_its_images_events_and_remote_work(store: JobStore) -> None:
     for job_id, seq in (("job-1", 1), ("job-2", 2)):
         await commit(
@@ -213,6 +248,7 @@ async def test_deleting_a_job_removes_its_images_events_and_remote_work(store: J
             *new_job(job_id, seq),
             AppendEvent(job_id, progress(1, 0)),
             SetRemote(job_id, 0, "pred", None),
+            SetCopy(image_copy(job_id)),
         )
 
     await commit(store, DeleteJob("job-1"))
@@ -221,7 +257,7 @@ async def test_deleting_a_job_removes_its_images_events_and_remote_work(store: J
     # Nothing of the deleted job lingers to be picked up by a job of the same id.
     await commit(store, PutJob(job_record("job-1", 3)))
     reborn = next(s for s in await store.load() if s.job.job_id == "job-1")
-    assert (reborn.images, reborn.events, reborn.remote) == ((), (), ())
+    assert (reborn.images, reborn.events, reborn.remote, reborn.copies) == ((), (), (), ())
 
 
 async def test_jobs_load_oldest_first_by_seq_whatever_the_write_order(store: JobStore) -> None:
@@ -237,6 +273,7 @@ async def test_writing_the_same_operations_again_stores_them_once(store: JobStor
         AppendEvent("job-1", progress(1, 0)),
         AppendEvent("job-1", progress(2, 1)),
         SetRemote("job-1", 0, "pred-0", None),
+        SetCopy(image_copy()),
     )
     await commit(store, *operations)
     once = await store.load()
@@ -452,6 +489,7 @@ async def test_everything_stored_is_there_after_reopening(db_path: Path) -> None
             AppendEvent("job-1", progress(1, 1)),
             SetRemote("job-1", 0, None, PENDING),
             SetRemote("job-1", 1, "pred-1", None),
+            SetCopy(image_copy(index=1, failed=True)),
         )
         await commit(
             store,
@@ -532,7 +570,24 @@ async def test_a_version_1_database_is_migrated_with_its_jobs(db_path: Path) -> 
 
     assert (stored.job.job_id, stored.job.status) == ("old", JobStatus.COMPLETED)
     assert run_sql(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
+
+
+async def test_a_version_2_database_is_migrated_and_takes_copies(db_path: Path) -> None:
+    run_sql(db_path, *sqlite_backend.MIGRATIONS[0], *sqlite_backend.MIGRATIONS[1])
+    run_sql(db_path, "PRAGMA user_version = 2")
+    run_sql(
+        db_path,
+        "INSERT INTO jobs (job_id, seq, owner, prompt, num_images, status, created_at) "
+        "VALUES ('job-1', 1, 'alice', 'a fox', 2, 'running', '2026-01-01T00:00:00+00:00')",
+    )
+
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, SetCopy(image_copy()))
+        (stored,) = await store.load()
+
+    assert stored.copies == (image_copy(),)
+    assert run_sql(db_path, "PRAGMA user_version") == [(3,)]
 
 
 async def test_text_with_lone_surrogates_is_stored_not_fatal(store: JobStore) -> None:

@@ -18,7 +18,7 @@ from actors.errors import StoreUnavailable
 from actors.store import AppendEvent, DeleteJob, PutImages, PutJob, SetRemote, commit
 from actors.store.redis import RedisStore, open_client, open_redis_store
 from tests.actors.test_store import PENDING, image, job_record, new_job, only_job, progress
-from tests.redis_support import REDIS_URL, RedisProxy, keys_under
+from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections, keys_under
 
 
 @pytest.fixture
@@ -204,14 +204,6 @@ async def test_a_store_used_alone_fences_nothing(store: RedisStore, prefix: str)
 
 
 # --- Redis down, hanging, and back -------------------------------------------------------------
-
-
-#: coredis 6.9.0 leaves a connection's anyio memory streams (coredis/connection/_base.py) to the
-#: garbage collector when Redis drops the connection; the warning says nothing about the store.
-dropped_connections = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*MemoryObject(Receive|Send)Stream"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
 
 
 @pytest.fixture

@@ -271,9 +271,21 @@ def check_continuation(before: list[Event], after: list[Event], num_images: int)
     )
 
 
+async def wait_for_copies(client: httpx.AsyncClient) -> dict[str, Any]:
+    """Until no copy of a provider's output is pending (they are made behind the events); the
+    image directory's figures then."""
+    with trio.fail_after(WAIT_S):
+        while True:
+            files: dict[str, Any] = (await get_json(client, "/api/status"))["files"]
+            if not files["copies_pending"]:
+                return files
+            await trio.sleep(0.02)
+
+
 async def check_images(client: httpx.AsyncClient, job: dict[str, Any], origin: str) -> list[bytes]:
     """Every image of the finished ``job`` is the service's own file, and loads: the bytes."""
     assert job["status"] == "completed", job
+    await wait_for_copies(client)
     images = []
     for result in job["results"]:
         url = result["url"]

@@ -1,5 +1,5 @@
-"""The Hypercorn fixes that keep one connection from ending the process (web/hypercorn_fixes.py,
-4 to 9), each against the failure it fixes and the race it could cause.
+"""The Hypercorn fixes that keep one connection from ending the process or outliving its peer
+(web/hypercorn_fixes.py, 4 to 12), each against the failure it fixes and the race it could cause.
 
 Byte-level cases run a small ASGI app under the real ``hypercorn.trio.serve`` on 127.0.0.1 with
 the fixes installed, on the real clock (every wait bounded by ``trio.fail_after``); the send and
@@ -9,8 +9,11 @@ whole service under abuse is tests/e2e/test_abuse.py.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from functools import partial
@@ -21,7 +24,7 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import h11 as hypercorn_h11
 from hypercorn.protocol.events import Data
 from hypercorn.protocol.ws_stream import WSStream
@@ -31,6 +34,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from web import hypercorn_fixes
 
 WAIT_S = 10
+#: How often ``/stream`` writes a heartbeat (the writes that find a vanished client).
+HEARTBEAT_S = 0.05
 UPGRADE = (
     b"GET /early HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: bKdPyn3u98cTfZJSh4TNeQ==\r\n\r\n"
@@ -39,22 +44,37 @@ UPGRADE = (
 
 @attrs.define
 class Early:
-    """Holds the app's WebSocket accept until the test has seen its early bytes arrive."""
+    """Holds the app's WebSocket accept until the test has seen its early bytes arrive, and
+    ``/slow``'s answer until the test lets it go."""
 
     data_seen: trio.Event = attrs.Factory(trio.Event)
     accept: trio.Event = attrs.Factory(trio.Event)
+    slow_started: trio.Event = attrs.Factory(trio.Event)
+    answer: trio.Event = attrs.Factory(trio.Event)
 
 
 async def echo_app(early: Early, scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Accepts every WebSocket (``/early`` once ``early.accept`` is set) and echoes text;
-    answers HTTP with ``ok``."""
+    answers HTTP with ``ok`` (``/slow`` once ``early.answer`` is set; ``/stream``: a body that
+    goes on until the client disconnects, like an event stream)."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": message["type"] + ".complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
     if scope["type"] == "http":
+        if scope["path"] == "/slow":
+            early.slow_started.set()
+            await early.answer.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/stream":
+            await send({"type": "http.response.body", "body": b": hello\n\n", "more_body": True})
+            while True:
+                with trio.move_on_after(HEARTBEAT_S):
+                    if (await receive())["type"] == "http.disconnect":
+                        return
+                    continue
+                await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"ok"})
         return
     message = await receive()
@@ -86,11 +106,8 @@ def early(monkeypatch: pytest.MonkeyPatch) -> Early:
     return early
 
 
-@pytest.fixture
-async def port(nursery: trio.Nursery, early: Early) -> AsyncIterator[int]:
-    config = Config()
+async def serving(nursery: trio.Nursery, early: Early, config: Config) -> AsyncIterator[int]:
     config.bind = ["127.0.0.1:0"]
-    config.websocket_ping_interval = None
     shutdown = trio.Event()
     with trio.fail_after(WAIT_S):
         binds = await nursery.start(
@@ -98,7 +115,31 @@ async def port(nursery: trio.Nursery, early: Early) -> AsyncIterator[int]:
         )
     yield int(binds[0].rsplit(":", 1)[1])
     early.accept.set()
+    early.answer.set()
     shutdown.set()
+
+
+@pytest.fixture
+async def port(nursery: trio.Nursery, early: Early) -> AsyncIterator[int]:
+    config = Config()
+    config.websocket_ping_interval = None
+    async for bound in serving(nursery, early, config):
+        yield bound
+
+
+#: Far longer than any wait of these tests: a connection held until one of them fires is seen.
+LINGER_S = 600
+
+
+@pytest.fixture
+async def lingering_port(nursery: trio.Nursery, early: Early) -> AsyncIterator[int]:
+    """A server whose WebSocket pings and keep-alive timeout would hold a connection for
+    ``LINGER_S`` after its peer left (Hypercorn's defaults: 5 s, and the service's 15 s)."""
+    config = Config()
+    config.websocket_ping_interval = LINGER_S
+    config.keep_alive_timeout = LINGER_S
+    async for bound in serving(nursery, early, config):
+        yield bound
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> bytes:
@@ -289,6 +330,338 @@ async def test_a_client_sending_to_a_finished_app_does_not_leak_its_connection(
             await read_all(stream)
     await wait_for_open_connections(0)
     await still_serving(port)
+
+
+# --- 10: a peer that is gone ----------------------------------------------------------------
+
+
+async def open_connection(port: int, kind: str, seen: Seen) -> trio.SocketStream:
+    """A connection the server holds for the client: idle after a response, in the middle of
+    an endless body, or an accepted WebSocket."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if kind == "keep-alive":
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await read_until(stream, b"0\r\n\r\n")
+        await seen.idle.wait()  # the keep-alive timer runs (else the close could come first)
+    elif kind == "event-stream":
+        await stream.send_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        await read_until(stream, b": hello")
+    else:
+        await stream.send_all(UPGRADE.replace(b"/early", b"/ws"))
+        await read_until(stream, b"\r\n\r\n")
+    return stream
+
+
+async def reset(stream: trio.SocketStream) -> None:
+    """Close with an RST instead of a FIN."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+@attrs.define
+class Seen:
+    """What the server did, as a connection's tasks saw it."""
+
+    idle: trio.Event = attrs.Factory(trio.Event)
+    reader_ended: trio.Event = attrs.Factory(trio.Event)
+
+
+@pytest.fixture
+def seen(early: Early, monkeypatch: pytest.MonkeyPatch) -> Seen:
+    """``idle``: a connection went idle after a response (its keep-alive timer was started);
+    ``reader_ended``: a connection's reader returned (its peer is gone)."""
+    seen = Seen()
+    read_data, protocol_send = TCPServer._read_data, TCPServer.protocol_send
+
+    async def spy_read(self: TCPServer) -> None:
+        await read_data(self)
+        seen.reader_ended.set()
+
+    async def spy_send(self: TCPServer, event: Event) -> None:
+        await protocol_send(self, event)
+        if isinstance(event, Updated) and event.idle:
+            seen.idle.set()
+
+    monkeypatch.setattr(TCPServer, "_read_data", spy_read)
+    monkeypatch.setattr(TCPServer, "protocol_send", spy_send)
+    return seen
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+@pytest.mark.parametrize("kind", ["keep-alive", "event-stream", "websocket"])
+async def test_a_connection_whose_client_left_ends_at_once(
+    lingering_port: int, seen: Seen, kind: str, ending: str
+) -> None:
+    """Hypercorn held it (and its socket, in CLOSE_WAIT) until the keep-alive timer fired or the
+    WebSocket's next ping: here ``LINGER_S``, far past the wait below."""
+    await wait_for_open_connections(0)
+    with trio.fail_after(WAIT_S):
+        stream = await open_connection(lingering_port, kind, seen)
+    assert hypercorn_fixes.open_connections == 1
+    if ending == "reset":
+        await reset(stream)
+    else:
+        await stream.aclose()
+    await wait_for_open_connections(0)
+    await still_serving(lingering_port)
+
+
+async def test_a_stream_whose_client_vanished_ends_with_its_reader_paused(
+    lingering_port: int,
+) -> None:
+    """A request pipelined behind an endless body pauses the reader (h11 holds the next
+    request until this answer ends), so the client's reset is not read: the next heartbeat's
+    write fails and closes the socket. The paused reader then waited forever for an answer that
+    would never end, and the connection's task with it."""
+    await wait_for_open_connections(0)
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", lingering_port)
+        await stream.send_all(
+            b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        await read_until(stream, b": hello")
+        await reset(stream)
+    await wait_for_open_connections(0)
+    await still_serving(lingering_port)
+
+
+async def test_a_request_pipelined_behind_a_slow_answer_is_answered_after_it(
+    lingering_port: int, early: Early
+) -> None:
+    """The paused reader's ordinary way on: the answer ends, the next request is read."""
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", lingering_port)
+        async with stream:
+            await stream.send_all(
+                b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            await early.slow_started.wait()
+            early.answer.set()
+            data = await read_all(stream)
+    assert data.count(b"HTTP/1.1 200") == 2, data
+    await wait_for_open_connections(0)
+
+
+async def test_a_websocket_the_app_closed_ends_while_its_client_stays(lingering_port: int) -> None:
+    """The ping task's wait outlived the stream: the server closed the socket, but the
+    connection's task stayed until the next ping."""
+    await wait_for_open_connections(0)
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", lingering_port)
+        async with stream:
+            await stream.send_all(UPGRADE.replace(b"/early", b"/closes"))
+            frames = server_frames((await read_all(stream)).partition(b"\r\n\r\n")[2])
+            assert (0x8, struct.pack("!H", 1008)) in frames
+            await wait_for_open_connections(0)  # the client has not closed its end
+
+
+async def test_a_reset_during_a_request_does_not_restart_the_idle_timer(
+    lingering_port: int, early: Early, seen: Seen
+) -> None:
+    """The race: the reader has seen the reset, then the app answers and h11 (which never saw
+    an EOF) starts the next keep-alive cycle: the idle timer must not start again."""
+    await wait_for_open_connections(0)
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", lingering_port)
+        await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await early.slow_started.wait()
+        await reset(stream)
+        await seen.reader_ended.wait()
+        early.answer.set()
+    await wait_for_open_connections(0)
+    await still_serving(lingering_port)
+
+
+async def test_a_half_closed_client_still_gets_its_answer(
+    lingering_port: int, early: Early, seen: Seen
+) -> None:
+    """A client may send its request and shut its side (RFC 9112 section 9.6): the reader's
+    end must not cut the answer."""
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", lingering_port)
+        async with stream:
+            await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await early.slow_started.wait()
+            await stream.send_eof()
+            await seen.reader_ended.wait()
+            early.answer.set()
+            data = await read_all(stream)
+    assert data.startswith(b"HTTP/1.1 200"), data
+    assert data.endswith(b"2\r\nok\r\n0\r\n\r\n"), data
+    await wait_for_open_connections(0)
+
+
+# --- 11: an h2c upgrade that cannot be taken -------------------------------------------------
+
+#: A valid HTTP2-Settings: SETTINGS_MAX_CONCURRENT_STREAMS 100, INITIAL_WINDOW_SIZE 2^30,
+#: ENABLE_PUSH 0 (base64url, no padding).
+H2C_SETTINGS = "AAMAAABkAARAAAAAAAIAAAAA"
+
+
+def h2c_request(
+    *settings: str, version: bytes = b"HTTP/1.1", connection: str = "Upgrade, HTTP2-Settings"
+) -> bytes:
+    head = b"GET / " + version + b"\r\nHost: x\r\nConnection: " + connection.encode()
+    head += b"\r\nUpgrade: h2c\r\n"
+    head += b"".join(b"HTTP2-Settings: " + value.encode() + b"\r\n" for value in settings)
+    return head + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        h2c_request(),
+        h2c_request("!!!not-base64"),
+        h2c_request("AAMAAABkAA"),  # base64url that needs padding: not 6 bytes a setting
+        h2c_request("AAMAAA"),  # 4 bytes: not a whole setting
+        h2c_request("AAIAAAAC"),  # ENABLE_PUSH = 2 (only 0 or 1)
+        h2c_request("AAQAAAAAAAA"),  # padding-free but not a multiple of 6 bytes
+        h2c_request(H2C_SETTINGS, H2C_SETTINGS),
+        h2c_request(H2C_SETTINGS.replace("A", "+")),  # base64, not base64url
+        h2c_request(H2C_SETTINGS, version=b"HTTP/1.0"),
+        h2c_request(H2C_SETTINGS, connection="HTTP2-Settings"),
+    ],
+    ids=[
+        "no-settings",
+        "not-base64",
+        "needs-padding",
+        "partial-setting",
+        "invalid-value",
+        "odd-length",
+        "two-settings-headers",
+        "plain-base64",
+        "http-1.0",
+        "no-upgrade-option",
+    ],
+)
+async def test_an_h2c_upgrade_that_cannot_be_taken_is_served_in_http_1_1(
+    port: int, request_bytes: bytes
+) -> None:
+    """Hypercorn answered 101 and spoke HTTP/2 whatever HTTP2-Settings held (or failed the
+    connection after its 101 when h2 could not parse it)."""
+    before = sum(hypercorn_fixes.connection_errors.values())
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request_bytes)
+            if b"HTTP/1.0" in request_bytes:
+                data = await read_all(stream)
+                assert data.startswith(b"HTTP/1.1 200"), data
+                assert data.endswith(b"\r\n\r\nok"), data
+            else:  # the connection stays in HTTP/1.1, kept alive
+                data = await read_until(stream, b"\r\n0\r\n\r\n")
+                assert data.startswith(b"HTTP/1.1 200"), data
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                again = await read_until(stream, b"\r\n0\r\n\r\n")
+                assert again.startswith(b"HTTP/1.1 200"), again
+    assert sum(hypercorn_fixes.connection_errors.values()) == before
+    await still_serving(port)
+
+
+async def test_a_valid_h2c_upgrade_still_switches(port: int) -> None:
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(h2c_request(H2C_SETTINGS))
+            data = await read_until(stream, b"\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 101"), data
+    assert b"upgrade: h2c" in data.lower()
+
+
+# --- 12: Transfer-Encoding and Content-Length --------------------------------------------------
+
+#: What a proxy that frames by Content-Length takes for the body, h11 (by the chunked coding)
+#: for an empty body and a second request.
+SMUGGLED = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def with_body(method: bytes, headers: list[bytes], body: bytes) -> bytes:
+    return (
+        method
+        + b" / HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+        + body
+    )
+
+
+CHUNKED = b"Transfer-Encoding: chunked"
+LENGTH = b"Content-Length: %d" % len(SMUGGLED)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        with_body(b"POST", [CHUNKED, LENGTH], SMUGGLED),
+        with_body(b"POST", [LENGTH, CHUNKED], SMUGGLED),
+        with_body(b"GET", [CHUNKED, LENGTH], SMUGGLED),
+        with_body(b"POST", [CHUNKED, b"Content-Length: 0"], SMUGGLED),
+        with_body(b"POST", [b"Transfer-Encoding: Chunked", LENGTH, LENGTH], SMUGGLED),
+        with_body(b"POST", [CHUNKED, LENGTH], b"3\r\nabc\r\n" + SMUGGLED),
+    ],
+    ids=["te-cl", "cl-te", "get", "cl-zero", "two-lengths", "body-then-smuggled"],
+)
+async def test_a_request_with_both_framings_is_answered_then_the_connection_ends(
+    port: int, request_bytes: bytes
+) -> None:
+    """Hypercorn answered the request, then the bytes a proxy took for its body as a second
+    request (RFC 9112 section 6.1: the server MUST close the connection after answering)."""
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request_bytes)
+            data = await read_all(stream)
+    assert data.count(b"HTTP/1.1 ") == 1, data
+    head = data.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200"), data
+    assert b"connection: close" in head, data
+    await still_serving(port)
+
+
+async def test_a_websocket_upgrade_with_both_framings_is_refused(port: int) -> None:
+    upgrade = UPGRADE.replace(b"/early", b"/ws").removesuffix(b"\r\n")
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(upgrade + CHUNKED + b"\r\n" + LENGTH + b"\r\n\r\n" + SMUGGLED)
+            data = await read_all(stream)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data
+    assert b"connection: close" in head.lower()
+    assert b"Transfer-Encoding" in json.loads(body)["detail"].encode()
+    await still_serving(port)
+
+
+async def test_an_answer_before_the_body_still_ends_the_connection(port: int) -> None:
+    """The race: the app answers before the body came; the connection ends with the answer,
+    so what the client sends after it is never read as a request."""
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(with_body(b"POST", [CHUNKED, LENGTH], b""))
+            data = await read_all(stream)
+            assert data.count(b"HTTP/1.1 ") == 1, data
+            assert b"connection: close" in data.lower(), data
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(SMUGGLED)
+            assert await read_all(stream) == b""
+    await still_serving(port)
+
+
+@pytest.mark.parametrize("framing", [CHUNKED, b"Content-Length: 5"])
+async def test_a_request_with_one_framing_keeps_its_connection(port: int, framing: bytes) -> None:
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            body = b"5\r\nhello\r\n0\r\n\r\n" if framing == CHUNKED else b"hello"
+            await stream.send_all(with_body(b"POST", [framing], body))
+            first = await read_until(stream, b"\r\n0\r\n\r\n")
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = await read_until(stream, b"\r\n0\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert b"connection: close" not in first.lower()
+    assert second.startswith(b"HTTP/1.1 200"), second
 
 
 # --- sends and closes on a scripted stream (virtual time) ------------------------------------

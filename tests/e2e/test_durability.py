@@ -41,6 +41,7 @@ from tests.e2e.service_clients import (
     submit,
     submit_job,
     token,
+    wait_for_copies,
     ws_rest,
 )
 from tests.e2e.test_server import open_ws
@@ -366,6 +367,39 @@ async def test_stored_images_outlive_replicate_and_the_process(tmp_path: Path) -
     assert images == [PNG] * 5
     assert expired == [404] * 5
     assert images_after_expiry == images_after_restart == images
+
+
+async def test_copies_pending_at_a_kill_are_made_by_the_next_start(
+    fake: FakeReplicate, tmp_path: Path
+) -> None:
+    fake.hold_copies()  # the service's downloads of the outputs wait
+    environ = replicate_environ(fake, STORE_IMAGES="true")
+    async with service(tmp_path, environ, name="first") as first, http(first) as client:
+        job_id = await submit_job(client, 5)
+        events = await read_sse(client, job_id)  # every image published, no copy made
+        files = (await get_json(client, "/api/status"))["files"]
+        name = f"{job_id}-0.webp"
+        with trio.fail_after(WAIT_S):
+            redirect = await client.get(f"/files/{name}")
+        await first.kill()
+    assert (files["copies_pending"], files["downloads"]) == (5, 0)
+    assert redirect.status_code == 307
+    assert redirect.headers["location"].startswith(f"{fake.base_url}/files/")
+    assert not (tmp_path / "images").exists() or not list((tmp_path / "images").iterdir())
+    fake.release_copies()
+
+    async with service(tmp_path, environ, name="second") as second, http(second) as client:
+        files = await wait_for_copies(client)
+        with trio.fail_after(WAIT_S):
+            stored = await client.get(f"/files/{name}")
+
+    check_continuation([], events, 5)
+    assert [event.data["url"] for event in events[:-1]] == [
+        f"{first.url}/files/{job_id}-{event.data['index']}.webp" for event in events[:-1]
+    ]
+    assert (files["copies_pending"], files["copies_failed"], files["downloads"]) == (0, 0, 5)
+    assert (stored.status_code, stored.content) == (200, PNG)
+    assert stored.headers["content-type"] == "image/png"  # the bytes' type, whatever the name
 
 
 # --- 6. an unusable store ------------------------------------------------------------------------

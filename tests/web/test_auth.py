@@ -9,7 +9,10 @@ import pytest
 import trio
 from quart_trio.testing import TrioClient
 
-from tests.web.helpers import SECRET, bearer, create_job, login
+import web.auth
+from tests.web.helpers import HASHER, SECRET, bearer, create_job, login
+from web.auth import Authenticator
+from web.errors import APIError
 from web.settings import SettingsError, load_settings
 
 CLAIMS = {"sub": "test@example.com", "iat": 1, "exp": 2**40, "type": "access"}
@@ -166,3 +169,28 @@ async def test_another_users_job_is_invisible(
 def test_short_auth_secret_is_refused() -> None:
     with pytest.raises(SettingsError, match="AUTH_SECRET"):
         load_settings({"AUTH_SECRET": "too-short"})
+
+
+def test_a_remembered_token_still_expires_and_a_forged_one_is_still_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    auth = Authenticator(load_settings({"AUTH_SECRET": SECRET}), hasher=HASHER)
+    now = time.time()
+    token = make_token(exp=int(now) + 60)
+    assert auth.verify(token) == "test@example.com"
+    assert auth.verify(token) == "test@example.com"  # remembered
+    with pytest.raises(APIError, match="Invalid token"):
+        auth.verify(FORGED)
+    monkeypatch.setattr(time, "time", lambda: now + 61)
+    for _ in range(2):
+        with pytest.raises(APIError, match="Token has expired"):
+            auth.verify(token)
+
+
+def test_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web.auth, "VERIFIED_TOKENS", 3)
+    auth = Authenticator(load_settings({"AUTH_SECRET": SECRET}), hasher=HASHER)
+    tokens = [make_token(iat=int(time.time()) - n) for n in range(5)]
+    for token in tokens + tokens:
+        assert auth.verify(token) == "test@example.com"
+    assert len(auth._verified) == 3

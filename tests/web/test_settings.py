@@ -237,6 +237,25 @@ def test_replicate_wait_s_out_of_range_is_refused(value: str) -> None:
         load_settings(replicate_env(REPLICATE_WAIT_S=value))
 
 
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("600", 600), ("60000", 60_000)])
+def test_replicate_max_creates_per_min_is_read(value: str, expected: int) -> None:
+    replicate = load_settings(replicate_env(REPLICATE_MAX_CREATES_PER_MIN=value)).replicate
+    assert replicate is not None
+    assert replicate.max_creates_per_min == expected
+
+
+def test_replicate_max_creates_per_min_defaults_to_replicates_limit() -> None:
+    replicate = load_settings(replicate_env()).replicate
+    assert replicate is not None
+    assert replicate.max_creates_per_min == 600
+
+
+@pytest.mark.parametrize("value", ["0", "60001", "-1", "ten", "1.5"])
+def test_replicate_max_creates_per_min_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(SettingsError, match="REPLICATE_MAX_CREATES_PER_MIN"):
+        load_settings(replicate_env(REPLICATE_MAX_CREATES_PER_MIN=value))
+
+
 def test_replicate_numbers_are_parsed() -> None:
     replicate = load_settings(
         replicate_env(

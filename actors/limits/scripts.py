@@ -1,0 +1,195 @@
+"""The Lua scripts of the limits kept in Redis (``actors/limits/__init__.py`` has the key layout).
+
+Each runs atomically on the one Redis primary, and takes its time from Redis (``TIME``), so
+every process agrees on when a lease or a window ends whatever its own clock says. Key names
+are built from the prefix (``ARGV[1]``) inside the scripts, as the store's scripts do.
+"""
+
+from __future__ import annotations
+
+# --- capacity: a semaphore of leased slots, handed out max-min fairly across jobs -----------
+#
+# ARGV[1] the prefix ``C`` of the capacity's keys, ARGV[2] the capacity, ARGV[3] the lease (ms).
+# Keys (``C`` + name):
+#   holders   zset  slot holder id -> lease end (ms)        holder  hash  holder id -> job
+#   waiters   zset  waiter id -> lease end (ms)              waiter  hash  waiter id -> job
+#   wmember   hash  waiter id -> its member in its job's queue
+#   jobs      zset  the jobs with waiters: score = slots held, member = last grant, age, job
+#                   (zero-padded, so that ties order as ``FairCapacity`` orders them)
+#   job:<j>   hash  in_use, last (grant number, 0: never), seq (age), member (in ``jobs``)
+#   queue:<j> zset  the job's waiters: score = priority, member = arrival, waiter id
+#   gone      zset  ids released lately -> until when a renewal must not bring them back
+#   seq       string a counter (jobs' ages, arrivals, grant numbers)
+#   grants    channel  the ids granted a slot by one script run, space-separated
+_CAPACITY_PRELUDE = r"""#!lua
+local C, cap, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local HOLDERS, HOLDER, WAITERS, WAITER, WMEMBER = C .. 'holders', C .. 'holder', C .. 'waiters',
+  C .. 'waiter', C .. 'wmember'
+local JOBS, GONE, SEQ, CHANNEL = C .. 'jobs', C .. 'gone', C .. 'seq', C .. 'grants'
+local function job_key(job) return C .. 'job:' .. job end
+local function queue_key(job) return C .. 'queue:' .. job end
+local function pad(n) return string.format('%016d', n) end
+
+-- Put the job at its place among the waiting jobs (or out of them); forget an idle job.
+local function place(job)
+  local jk = job_key(job)
+  local state = redis.call('HMGET', jk, 'in_use', 'last', 'seq', 'member')
+  local in_use = tonumber(state[1]) or 0
+  if state[4] then redis.call('ZREM', JOBS, state[4]) end
+  local waiting = redis.call('ZCARD', queue_key(job))
+  if waiting == 0 and in_use <= 0 then
+    redis.call('DEL', jk)
+  elseif waiting == 0 then
+    redis.call('HDEL', jk, 'member')
+  else
+    local member = pad(tonumber(state[2]) or 0) .. ':' .. pad(tonumber(state[3]) or 0) .. ':' .. job
+    redis.call('ZADD', JOBS, in_use, member)
+    redis.call('HSET', jk, 'member', member)
+  end
+end
+
+local function touch_job(job)
+  local jk = job_key(job)
+  if redis.call('EXISTS', jk) == 0 then
+    redis.call('HSET', jk, 'in_use', 0, 'last', 0, 'seq', redis.call('INCR', SEQ))
+  end
+end
+
+-- Queue a waiter (or renew its lease if it waits already; one holding a slot is left alone).
+local function enqueue(id, job, priority)
+  if redis.call('ZSCORE', HOLDERS, id) or redis.call('ZSCORE', GONE, id) then return end
+  redis.call('ZADD', WAITERS, now + lease, id)
+  if redis.call('HEXISTS', WAITER, id) == 1 then return end
+  touch_job(job)
+  local member = pad(redis.call('INCR', SEQ)) .. ':' .. id
+  redis.call('HSET', WAITER, id, job)
+  redis.call('HSET', WMEMBER, id, member)
+  redis.call('ZADD', queue_key(job), tonumber(priority), member)
+  place(job)
+end
+
+local function drop_waiter(id)
+  redis.call('ZREM', WAITERS, id)
+  local job = redis.call('HGET', WAITER, id)
+  if not job then return false end
+  redis.call('ZREM', queue_key(job), redis.call('HGET', WMEMBER, id))
+  redis.call('HDEL', WAITER, id)
+  redis.call('HDEL', WMEMBER, id)
+  place(job)
+  return true
+end
+
+local function drop_holder(id)
+  redis.call('ZREM', HOLDERS, id)
+  local job = redis.call('HGET', HOLDER, id)
+  if not job then return false end
+  redis.call('HDEL', HOLDER, id)
+  redis.call('HINCRBY', job_key(job), 'in_use', -1)
+  place(job)
+  return true
+end
+
+local function hold(id, job)
+  redis.call('ZADD', HOLDERS, now + lease, id)
+  redis.call('HSET', HOLDER, id, job)
+  touch_job(job)
+  redis.call('HINCRBY', job_key(job), 'in_use', 1)
+end
+
+-- Slots of dead processes (leases not renewed) and their waiters go.
+local function purge()
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', HOLDERS, '-inf', now)) do drop_holder(id) end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', WAITERS, '-inf', now)) do drop_waiter(id) end
+  redis.call('ZREMRANGEBYSCORE', GONE, '-inf', now)
+end
+
+-- Free slots go to the waiting job holding the fewest, ties to the one served least lately,
+-- then to the oldest; within it, to the lowest priority, then the first to ask.
+local function dispatch()
+  local granted = {}
+  while redis.call('ZCARD', HOLDERS) < cap do
+    local top = redis.call('ZRANGE', JOBS, 0, 0)[1]
+    if not top then break end
+    local job = string.match(top, '^%d+:%d+:(.*)$')
+    local first = redis.call('ZRANGE', queue_key(job), 0, 0)[1]
+    local id = string.match(first, '^%d+:(.*)$')
+    redis.call('ZREM', queue_key(job), first)
+    redis.call('ZREM', WAITERS, id)
+    redis.call('HDEL', WAITER, id)
+    redis.call('HDEL', WMEMBER, id)
+    hold(id, job)
+    redis.call('HSET', job_key(job), 'last', redis.call('INCR', SEQ))
+    place(job)
+    granted[#granted + 1] = id
+  end
+  if #granted > 0 then redis.call('PUBLISH', CHANNEL, table.concat(granted, ' ')) end
+end
+"""
+
+#: ARGV[4] the waiter's id, ARGV[5] its job, ARGV[6] its priority. Queues the waiter (again,
+#: if its lease ran out; a no-op if it waits), hands out free slots; 1 if it holds one now.
+CAPACITY_ACQUIRE = (
+    _CAPACITY_PRELUDE
+    + r"""
+purge()
+enqueue(ARGV[4], ARGV[5], ARGV[6])
+dispatch()
+if redis.call('ZSCORE', HOLDERS, ARGV[4]) then return 1 end
+return 0
+"""
+)
+
+#: ARGV[4...] ids: each gives its slot back, or stops waiting. Returns how many were known.
+CAPACITY_RELEASE = (
+    _CAPACITY_PRELUDE
+    + r"""
+purge()
+local known = 0
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if drop_holder(id) or drop_waiter(id) then known = known + 1 end
+  redis.call('ZADD', GONE, now + 2 * lease, id)
+end
+dispatch()
+return known
+"""
+)
+
+#: ARGV[4] the number H of holders, then H pairs ``id job``, then triples ``id job priority``
+#: of waiters. Renews every lease (a holder whose lease ran out holds again: it is still
+#: running), hands out free slots. Returns slots held, waiters and waiting jobs (cluster-wide),
+#: then the ids of the given waiters that hold a slot now.
+CAPACITY_RENEW = (
+    _CAPACITY_PRELUDE
+    + r"""
+local holders = tonumber(ARGV[4])
+local i = 5
+for _ = 1, holders do
+  local id, job = ARGV[i], ARGV[i + 1]
+  if redis.call('ZSCORE', HOLDERS, id) then
+    redis.call('ZADD', HOLDERS, now + lease, id)
+  elseif not redis.call('ZSCORE', GONE, id) then
+    drop_waiter(id)
+    hold(id, job)
+    place(job)
+  end
+  i = i + 2
+end
+local waiting = {}
+while i <= #ARGV do
+  waiting[#waiting + 1] = ARGV[i]
+  enqueue(ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
+end
+purge()
+dispatch()
+local answer = {redis.call('ZCARD', HOLDERS), redis.call('ZCARD', WAITERS),
+  redis.call('ZCARD', JOBS)}
+for _, id in ipairs(waiting) do
+  if redis.call('ZSCORE', HOLDERS, id) then answer[#answer + 1] = id end
+end
+return answer
+"""
+)

@@ -1,0 +1,179 @@
+"""MAX_CONCURRENCY across processes: several RedisCapacity instances on one prefix of the real
+Redis, each with a client of its own, as several processes would be."""
+
+from __future__ import annotations
+
+import gc
+import random
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import trio
+
+from actors.limits.redis_capacity import RedisCapacity, open_redis_capacity
+from actors.store.redis import open_client
+from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections
+
+
+@asynccontextmanager
+async def nodes(
+    prefix: str, count: int, *, capacity: int, lease_s: float = 10.0, url: str = REDIS_URL
+) -> AsyncIterator[list[RedisCapacity]]:
+    """``count`` limiters sharing ``prefix``, each on a client of its own."""
+    async with AsyncExitStack() as stack:
+        limiters = []
+        for _ in range(count):
+            client = await stack.enter_async_context(open_client(url))
+            limiters.append(
+                await stack.enter_async_context(
+                    open_redis_capacity(
+                        client, prefix=f"{prefix}capacity:", capacity=capacity, lease_s=lease_s
+                    )
+                )
+            )
+        yield limiters
+
+
+async def redis_counts(prefix: str) -> tuple[int, int, int]:
+    """Slots held, waiters, jobs waiting, as Redis has them."""
+    async with open_client(REDIS_URL) as client:
+        base = f"{prefix}capacity:"
+        return (
+            await client.zcard(f"{base}holders"),
+            await client.zcard(f"{base}waiters"),
+            await client.zcard(f"{base}jobs"),
+        )
+
+
+async def test_never_more_holders_than_the_capacity_across_processes(redis_prefix: str) -> None:
+    in_flight = peak = done = 0
+
+    async def attempt(limiter: RedisCapacity, job: str, index: int) -> None:
+        nonlocal in_flight, peak, done
+        async with limiter.slot(job, priority=index):
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await trio.sleep(random.uniform(0.001, 0.02))
+            in_flight -= 1
+        done += 1
+
+    async with nodes(redis_prefix, 3, capacity=4) as limiters, trio.open_nursery() as nursery:
+        for n in range(60):
+            nursery.start_soon(attempt, limiters[n % 3], f"job{n % 5}", n)
+    assert done == 60
+    assert peak == 4  # reached, never passed
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_free_slot_goes_to_the_job_holding_fewest_across_processes(
+    redis_prefix: str,
+) -> None:
+    names = ("a0", "a1", "a2", "a3", "b0")
+    order: list[str] = []
+    granted = {name: trio.Event() for name in names}
+    release = {name: trio.Event() for name in names}
+
+    async def attempt(limiter: RedisCapacity, job: str, name: str, priority: int) -> None:
+        async with limiter.slot(job, priority=priority):
+            order.append(name)
+            granted[name].set()
+            await release[name].wait()
+
+    async def queue(limiter: RedisCapacity, job: str, name: str, priority: int) -> None:
+        """Start an attempt and return once Redis has it queued (or it holds the slot)."""
+        before = (await redis_counts(redis_prefix))[1]
+        nursery.start_soon(attempt, limiter, job, name, priority)
+        with trio.fail_after(5):
+            # Redis's own state is what is waited for: there is no event to wait on.
+            while (await redis_counts(redis_prefix))[1] == before and name not in order:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+
+    async with nodes(redis_prefix, 2, capacity=1) as (one, two), trio.open_nursery() as nursery:
+        await queue(one, "a", "a0", 0)
+        assert order == ["a0"]
+        # Job a queues three more on one process, priorities out of order; job b one on another.
+        await queue(one, "a", "a3", 3)
+        await queue(one, "a", "a1", 1)
+        await queue(one, "a", "a2", 2)
+        await queue(two, "b", "b0", 0)
+        for name in ("a0", "b0", "a1", "a2", "a3"):
+            with trio.fail_after(5):
+                await granted[name].wait()
+            release[name].set()
+    assert order == ["a0", "b0", "a1", "a2", "a3"]
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_dead_processes_slot_is_free_once_its_lease_ends(redis_prefix: str) -> None:
+    async with open_client(REDIS_URL) as client:
+        dead = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1, lease_s=0.6)
+        # A process that took the slot and then died: its lease is never renewed.
+        assert await dead._acquire(keys=[], args=[*dead._base, "dead/1", "job", "0"]) == 1
+    async with nodes(redis_prefix, 1, capacity=1, lease_s=0.6) as (alive,):
+        waited_from = trio.current_time()
+        with trio.move_on_after(0.3):
+            async with alive.slot("other"):
+                raise AssertionError("granted while the dead holder's lease runs")
+        with trio.fail_after(5):
+            async with alive.slot("other"):
+                waited = trio.current_time() - waited_from
+        assert waited >= 0.5
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_slot_held_and_renewed_outlives_its_lease(redis_prefix: str) -> None:
+    async with nodes(redis_prefix, 2, capacity=1, lease_s=0.3) as (one, two), one.slot("a"):
+        with trio.move_on_after(1.5):  # five leases
+            async with two.slot("b"):
+                raise AssertionError("a renewed slot was handed out again")
+
+
+async def test_cancelled_waits_and_holds_leave_no_slot_behind(redis_prefix: str) -> None:
+    granted = 0
+
+    async def churn(limiter: RedisCapacity, n: int) -> None:
+        nonlocal granted
+        with trio.move_on_after(random.uniform(0, 0.05)):
+            async with limiter.slot(f"job{n % 4}", priority=n):
+                granted += 1
+                await trio.sleep(random.uniform(0, 0.03))
+
+    async with nodes(redis_prefix, 3, capacity=2) as limiters:
+        async with trio.open_nursery() as nursery:
+            for n in range(90):
+                nursery.start_soon(churn, limiters[n % 3], n)
+                if n % 10 == 0:
+                    await trio.sleep(0.01)
+        assert 0 < granted < 90  # some were cancelled while waiting, some while holding
+        assert await redis_counts(redis_prefix) == (0, 0, 0)
+        # Every slot is free: both are granted at once.
+        with trio.fail_after(2):
+            async with limiters[0].slot("x"), limiters[1].slot("y"):
+                pass
+
+
+@dropped_connections
+async def test_a_wait_goes_on_while_redis_is_down_and_is_granted_when_it_is_back(
+    redis_prefix: str,
+) -> None:
+    proxy = RedisProxy()
+    got = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        async with nodes(redis_prefix, 1, capacity=1, url=proxy.url) as (limiter,):
+            proxy.down()
+
+            async def take() -> None:
+                async with limiter.slot("a"):
+                    got.set()
+
+            nursery.start_soon(take)
+            with trio.move_on_after(0.5):
+                await got.wait()
+            assert not got.is_set()
+            await proxy.up()
+            with trio.fail_after(10):
+                await got.wait()
+        nursery.cancel_scope.cancel()
+    gc.collect()  # the dropped connections' leftovers warn now, in this test (marked)
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
