@@ -168,7 +168,9 @@ async def one_config(
     )
     async with AsyncExitStack() as stack:
         servers = [
-            await stack.enter_async_context(common.spawn_server("ours", work_dir, env=env))
+            await stack.enter_async_context(
+                common.spawn_server("ours", work_dir, env=env, capacity=args.capacity)
+            )
             for _ in range(nodes)
         ]
         token = await common.login(servers[0].port)
@@ -215,7 +217,7 @@ def row(result: dict[str, Any], base: float) -> list[object]:
 
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     results = [await one_config(work_dir, store, nodes, args) for store, nodes in CONFIGS]
-    return {"machine": common.machine(), "configs": results}
+    return {"machine": common.machine(), "capacity": args.capacity, "configs": results}
 
 
 def main() -> None:
@@ -223,6 +225,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument(
+        "--capacity", type=int, default=5, help="MAX_CONCURRENCY (cluster-wide with Redis)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     common.raise_nofile()
