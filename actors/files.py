@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif"})
 #: A job id becomes part of a file name: no separators, no leading dot.
 _JOB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+#: A copy's file name: ``{job_id}-{index}.{ext}``.
+_COPY_NAME = re.compile(r"(?P<job>[A-Za-z0-9_][A-Za-z0-9_-]*)-[0-9]+\.[A-Za-z0-9]+")
 #: File extensions taken from a provider's URL as they are (``jpeg`` becomes ``jpg``).
 URL_EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp", "gif": "gif"}
 #: The extension of a copy whose URL names no image type: served with the type of its bytes.
@@ -200,6 +202,16 @@ class ImageFiles:
         """The copy ``/files/{name}`` waits for (pending, or ``failed`` for good), or None: the
         file is on disk if it is anywhere."""
         return self._copies.get(name)
+
+    async def on_disk(self, name: str) -> bool:
+        """Whether the file ``name`` is in the images directory (a copy any node made)."""
+        return await trio.to_thread.run_sync((self.settings.directory / name).is_file)
+
+    @staticmethod
+    def job_of(name: str) -> str | None:
+        """The job a copy's file name belongs to, or None if ``name`` is not a copy's."""
+        match = _COPY_NAME.fullmatch(name)
+        return match["job"] if match else None
 
     def resume_copies(self, copies: Iterable[ImageCopy], *, journal: CopyJournal) -> None:
         """Carry on the copies a previous process journaled (those not on disk by now), and

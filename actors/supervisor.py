@@ -7,7 +7,7 @@ import logging
 import random
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -29,6 +29,7 @@ from actors.eventlog import EventLog
 from actors.files import ImageFiles
 from actors.job import STORE_RETRY_S, JobActor, JobCounters
 from actors.messages import (
+    ImageCopy,
     ImageStatus,
     JobEvent,
     JobSnapshot,
@@ -283,17 +284,40 @@ class Supervisor:
             # Files of jobs the store does not hold (lost with a memory store, or never stored)
             # are unreachable; a job that failed to restore keeps its files with its records.
             self.files.forget_all_but({record.job.job_id for record in stored})
-            # Copies a stop cut short are finished; failed ones are journaled as they fail.
-            self.files.resume_copies(
-                (copy for record in stored for copy in record.copies),
-                journal=lambda copy: self.store.write(SetCopy(copy)),
-            )
+        self._resume_copies(copy for record in stored for copy in record.copies)
         self._seq = itertools.count(max((job.job.seq for job in stored), default=0) + 1)
         if stored:
             logger.info(
                 "supervisor: restored %d jobs (%d carried on)", len(stored), len(self._active)
             )
         self._expire()
+
+    def _resume_copies(self, copies: Iterable[ImageCopy]) -> None:
+        """Finish the copies a stop (or a dead node) cut short; failed ones are journaled as
+        they fail."""
+        if self.files is not None:
+            self.files.resume_copies(copies, journal=lambda copy: self.store.write(SetCopy(copy)))
+
+    async def locate_copy(self, name: str) -> ImageCopy | None:
+        """The copy ``/files/{name}`` waits for (pending, or failed for good), or None: the file
+        is on disk if it is anywhere. On a cluster, a copy another node makes (or made, or one a
+        dead node left unmade) is found in the store.
+
+        Raises:
+            StoreUnavailable: On a cluster, the store cannot be read.
+        """
+        if self.files is None:
+            return None
+        copy = self.files.locate(name)
+        if copy is not None or self.cluster is None or await self.files.on_disk(name):
+            return copy
+        job_id = self.files.job_of(name)
+        stored = (
+            await self.cluster.store.load_job(job_id, events=False) if job_id is not None else None
+        )
+        if stored is None:
+            return None
+        return next((copy for copy in stored.copies if copy.name == name), None)
 
     # --- admission --------------------------------------------------------------------------
 
@@ -783,6 +807,7 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._resume_copies(())  # this node's failed copies are journaled
                 await nursery.start(
                     partial(
                         cluster.run,
@@ -845,7 +870,7 @@ class Supervisor:
 
     async def _replay_stored(self, job_id: str, prompt: str, num_images: int) -> JobSnapshot | None:
         assert self.cluster is not None
-        stored = await self.cluster.store.load_job(job_id)
+        stored = await self.cluster.store.load_job(job_id, events=False)
         if stored is None:
             return None
         if (stored.job.prompt, stored.job.num_images) != (prompt, num_images):
@@ -875,6 +900,7 @@ class Supervisor:
             return False
         if isinstance(self.provider, ResumesRemoteWork):
             self.provider.resume_remote_work(*_remote_work([stored]))
+        self._resume_copies(stored.copies)
         try:
             job = JobActor.restore(
                 stored,

@@ -294,14 +294,52 @@ async def spawn_server(
         await _wait_healthy(server)
         yield server
     finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(10):
-                    await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        with trio.move_on_after(30, shield=True):
+            await _stop(process)
+
+
+async def _stop(process: trio.Process) -> None:
+    """SIGTERM, and SIGKILL after 10 s (callers shield it: it runs while the bench unwinds)."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+@asynccontextmanager
+async def spawn_fake_replicate(latency_s: float) -> AsyncIterator[int]:
+    """Run ``python -m tests.fake_replicate`` (a process of its own, so that its work is not
+    the bench's) until the block ends; yields its port once it answers."""
+    port = free_port()
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "tests.fake_replicate",
+            "--port",
+            str(port),
+            "--latency",
+            str(latency_s),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(60):
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        yield port
+    finally:
+        with trio.move_on_after(30, shield=True):
+            await _stop(process)
 
 
 async def _wait_healthy(server: Server) -> None:

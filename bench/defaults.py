@@ -3,8 +3,9 @@
 Our service runs as ``python -m web`` (a subprocess) at its defaults (SQLite with
 ``synchronous=full``, ``STORE_IMAGES=true``, INFO logging), with only ``REPLICATE_API_TOKEN``
 and ``REPLICATE_BASE_URL`` set, pointing at the fake Replicate server from
-``tests/fake_replicate.py`` (served by this process; predictions take ``--latency`` seconds,
-creates held open with ``Prefer: wait``). The yardstick (``bench/yardstick.py``: Trio + h11, no
+``tests/fake_replicate.py`` (a process of its own, so that serving the service's downloads of
+images does not delay this process's reads; predictions take ``--latency`` seconds, creates
+held open with ``Prefer: wait``). The yardstick (``bench/yardstick.py``: Trio + h11, no
 framework) runs as another subprocess with :class:`bench.provider.ReplicateCallProvider`
 against the same fake: one create held open, nothing else. ``--env KEY=VALUE`` (repeatable)
 changes our service's settings, e.g. ``--env STORE=memory --env STORE_IMAGES=false``.
@@ -12,11 +13,11 @@ changes our service's settings, e.g. ``--env STORE=memory --env STORE_IMAGES=fal
 Each repetition creates one job of ``--images`` images on each server (ours, then the
 yardstick), follows it over SSE from right after the create, and measures:
 
-- **delivery**: from the moment the fake finished an image's prediction to the moment the
-  subscriber read that image's event. The event names the prediction when it carries
-  Replicate's URL (the yardstick, ``STORE_IMAGES=false``); a stored copy's URL does not, so
-  then a job's events are paired with its predictions in order of finishing (the prompts are
-  unique per job; the predictions of a job finish within a few ms of each other).
+- **delivery**: from the moment the fake finished an image's prediction (its ``completed_at``)
+  to the moment the subscriber read that image's event. The event names the prediction when
+  it carries Replicate's URL (the yardstick, ``STORE_IMAGES=false``); the service's own
+  ``/files/`` URL does not, so then a job's events are paired with its predictions in order of
+  finishing (the prompts are unique per job; a job's predictions finish within a few ms).
 - **TTFI overhead**: from sending the create to reading the first completed image, minus the
   provider's latency.
 - **store writes**: our store's commits (queued writes stored) and transactions (each one
@@ -29,6 +30,9 @@ overhead (p99 over the repetitions) <= the yardstick's + 10 ms.
 
     .venv/bin/python -m bench.defaults --json bench/results/defaults.json
     .venv/bin/python -m bench.defaults --env STORE=memory --env STORE_IMAGES=false
+
+``--profile FILE`` then samples our server with py-spy over ``--repeats`` more jobs (a run of
+its own, not measured) and sums the samples by layer and function (``bench/profiling.py``).
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ import argparse
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from bench import common
-from tests.fake_replicate import TOKEN, FakeReplicate, run_fake_replicate
+from bench import common, profiling
+from tests.fake_replicate import TOKEN
 
 KINDS = ("ours", "yardstick")
 
@@ -58,13 +63,28 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def monotonic_offset_s() -> float:
-    """``time.monotonic_ns()`` / 1e9 minus Trio's clock (both ``CLOCK_MONOTONIC`` here)."""
-    return time.monotonic_ns() / 1e9 - trio.current_time()
+async def finished_predictions(fake_port: int, job_prompt: str) -> dict[str, int]:
+    """The job's predictions at the fake, in the order they finished: id -> when, as
+    ``time.monotonic_ns()`` (from the fake's ``completed_at``, stamped the moment it finished
+    them; both clocks are this machine's)."""
+    async with await common.HttpClient.connect(fake_port) as client:
+        client.token = TOKEN
+        status, page = await client.json("GET", "/v1/predictions")
+    if status != 200:
+        raise common.BenchError(f"the fake's list answered {status}")
+    wall_minus_monotonic_ns = time.time_ns() - time.monotonic_ns()
+    finished: list[tuple[int, str]] = []
+    for prediction in page["results"]:
+        if prediction["input"].get("prompt") != job_prompt:
+            continue
+        stamp = datetime.fromisoformat(prediction["completed_at"])  # "...Z": UTC
+        wall_ns = round(stamp.timestamp() * 1e6) * 1000
+        finished.append((wall_ns - wall_minus_monotonic_ns, prediction["id"]))
+    return {prediction_id: at_ns for at_ns, prediction_id in sorted(finished)}
 
 
 async def one_job(
-    server: common.Server, token: str, fake: FakeReplicate, args: argparse.Namespace
+    server: common.Server, token: str, fake_port: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One job on ``server``, followed over SSE: its deliveries, TTFI overhead and CPU."""
     job_prompt = f"defaults bench {uuid.uuid4().hex}"
@@ -84,19 +104,14 @@ async def one_job(
     done = next((e.data for e in events if e.type == "done"), {})
     if len(images) != args.images:
         raise common.BenchError(f"{server.kind}: {len(images)}/{args.images} images: {done}")
-    offset_ns = monotonic_offset_s() * 1e9
-    predictions = sorted(
-        (p for p in fake.predictions.values() if p.input.get("prompt") == job_prompt),
-        key=lambda p: p.done_at,
-    )
-    finished_ns = {p.id: p.done_at * 1e9 + offset_ns for p in predictions}
+    finished_ns = await finished_predictions(fake_port, job_prompt)
     in_order = sorted(images, key=lambda e: e.at_ns)
     delivery_ms = []
     paired = False
-    for event, prediction in zip(in_order, predictions, strict=True):
+    for event, prediction_id in zip(in_order, finished_ns, strict=True):
         named = next((pid for pid in finished_ns if pid in str(event.data.get("url"))), None)
         paired = paired or named is None
-        delivery_ms.append((event.at_ns - finished_ns[named or prediction.id]) / 1e6)
+        delivery_ms.append((event.at_ns - finished_ns[named or prediction_id]) / 1e6)
     first_ns = in_order[0].at_ns
     return {
         "delivery_ms": delivery_ms,
@@ -134,10 +149,10 @@ def summary(jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    fake = FakeReplicate(latency_s=args.latency)
     overrides = parse_env(args.env)
     result: dict[str, Any] = {"env": overrides}
-    async with run_fake_replicate(fake) as fake_url:
+    async with common.spawn_fake_replicate(args.latency) as fake_port:
+        fake_url = f"http://127.0.0.1:{fake_port}"
         ours_env = {
             "AUTH_SECRET": common.SECRET,
             "REPLICATE_API_TOKEN": TOKEN,
@@ -154,12 +169,12 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             servers = {"ours": ours, "yardstick": yard}
             tokens = {kind: await common.login(server.port) for kind, server in servers.items()}
             for kind, server in servers.items():  # warm-up
-                await one_job(server, tokens[kind], fake, args)
+                await one_job(server, tokens[kind], fake_port, args)
             jobs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
             before = await store_statistics(ours, tokens["ours"])
             for _ in range(args.repeats):
                 for kind, server in servers.items():
-                    jobs[kind].append(await one_job(server, tokens[kind], fake, args))
+                    jobs[kind].append(await one_job(server, tokens[kind], fake_port, args))
             after = await store_statistics(ours, tokens["ours"])
             images = args.repeats * args.images
             result["ours_store_per_image"] = {
@@ -168,6 +183,12 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 if isinstance(after.get(key), int)
             }
             result["ours_rss_kb"] = ours.rss_kb()
+            if args.profile:
+                # A run of its own (py-spy pauses the server at every sample): not measured.
+                async with profiling.py_spy_record(ours.pid, args.profile, rate=args.rate):
+                    for _ in range(args.repeats):
+                        await one_job(ours, tokens["ours"], fake_port, args)
+                result["profile"] = profiling.analyse(args.profile)
     for kind in KINDS:
         result[kind] = summary(jobs[kind])
     result["targets"] = targets(result["ours"], result["yardstick"])
@@ -193,9 +214,14 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="our service's settings"
     )
+    parser.add_argument(
+        "--profile", type=Path, help="then py-spy (raw samples here) over --repeats more jobs"
+    )
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     result = common.run_in_work_dir(run, args, "bench-defaults-")
+    result["settings"]["profile"] = str(args.profile) if args.profile else None
     ours, yard, met = result["ours"], result["yardstick"], result["targets"]
     rows: list[list[object]] = []
     for figure in ("p50", "p95", "p99", "max"):
@@ -216,6 +242,8 @@ def main() -> None:
         f"env {result['env'] or 'defaults'}: delivery target met: {met['delivery_p99_met']}; "
         f"TTFI target met: {met['ttfi_overhead_met']}\n"
     )
+    if result.get("profile"):
+        profiling.print_analysis(result["profile"])
     common.emit(result, args.json)
 
 

@@ -23,9 +23,7 @@ rounds and sums the samples by layer and by function.
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +35,8 @@ import trio
 from bench import common, profiling
 from bench.defaults import parse_env
 from bench.provider import prompt
-from tests.e2e.ports import free_port
 from tests.fake_replicate import TOKEN as FAKE_TOKEN
 
-FAKE_ARGS = ["--latency", "0"]
 TERMINAL = {"completed", "failed", "canceled"}
 
 
@@ -132,19 +128,12 @@ async def profile(
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"settings": vars(args) | {"json": None, "profile": None}}
     if args.provider == "replicate":
-        fake_port = free_port()
-        fake_url = f"http://127.0.0.1:{fake_port}"
-        fake = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tests.fake_replicate", "--port", str(fake_port), *FAKE_ARGS],
-            cwd=common.ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        env = common.service_env(
-            REPLICATE_API_TOKEN=FAKE_TOKEN, REPLICATE_BASE_URL=fake_url, **parse_env(args.env)
-        )
-        yard_args = ["--replicate-url", fake_url, "--replicate-token", FAKE_TOKEN]
-        try:
+        async with common.spawn_fake_replicate(0) as fake_port:
+            fake_url = f"http://127.0.0.1:{fake_port}"
+            env = common.service_env(
+                REPLICATE_API_TOKEN=FAKE_TOKEN, REPLICATE_BASE_URL=fake_url, **parse_env(args.env)
+            )
+            yard_args = ["--replicate-url", fake_url, "--replicate-token", FAKE_TOKEN]
             await measure_kinds(
                 result,
                 args,
@@ -152,12 +141,6 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 ours={"env": env, "command": [sys.executable, "-m", "web"]},
                 yardstick={"extra_args": yard_args},
             )
-        finally:
-            fake.send_signal(signal.SIGTERM)
-            with trio.move_on_after(10, shield=True):
-                await fake.wait()
-            if fake.returncode is None:
-                fake.kill()
         return result
     ours = {"env": common.service_env(**parse_env(args.env))}
     await measure_kinds(result, args, work_dir, ours=ours, yardstick={})

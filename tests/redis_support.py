@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -176,3 +176,22 @@ class RedisProxy:
             await sink.send_all(data)
         # One side closed: so is the other (as a real connection would be).
         raise trio.BrokenResourceError
+
+
+async def waits_out_an_outage(proxy: RedisProxy, call: Callable[[], Awaitable[object]]) -> None:
+    """Check that ``call()``, made while Redis (behind ``proxy``, taken down by the caller)
+    is down, waits instead of failing, and returns once Redis is back."""
+    returned = trio.Event()
+
+    async def make_call() -> None:
+        await call()
+        returned.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_call)
+        with trio.move_on_after(0.5):
+            await returned.wait()
+        assert not returned.is_set(), "returned while Redis was down"
+        await proxy.up()
+        with trio.fail_after(10):
+            await returned.wait()

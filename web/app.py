@@ -72,7 +72,7 @@ def create_app(supervisor: Supervisor, settings: Settings, auth: Authenticator) 
         redirect to the provider's URL."""
         if FILE_NAME.fullmatch(name) is None or ".." in name:
             raise APIError(404, "File not found")
-        copy = supervisor.files.locate(name) if supervisor.files is not None else None
+        copy = await supervisor.locate_copy(name)
         if copy is not None:
             # Not cached: the copy will replace the redirect (unless it failed for good).
             return Response("", 307, {"Location": copy.source, "Cache-Control": "no-store"})

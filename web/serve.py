@@ -19,7 +19,8 @@ from actors.cluster import ClusterNode, new_node_id
 from actors.errors import StoreUnavailable
 from actors.files import ImageFiles, open_image_files
 from actors.limits.redis_capacity import open_redis_capacity
-from actors.providers.base import ImageProvider, RemoteJournal
+from actors.limits.redis_pace import RedisPace
+from actors.providers.base import CreatePace, ImageProvider, RemoteJournal
 from actors.providers.local import LocalProvider
 from actors.providers.replicate import open_replicate_provider
 from actors.store import JobStore, MemoryStore, open_sqlite_store
@@ -112,7 +113,7 @@ async def run_server(
         files = await stack.enter_async_context(open_image_files(settings.files))
         if provider is None:
             provider = await stack.enter_async_context(
-                open_provider(settings, journal=StoreJournal(store), files=files)
+                open_provider(settings, journal=StoreJournal(store), files=files, pace=limits.pace)
             )
         supervisor = await stack.enter_async_context(
             open_supervisor(
@@ -176,6 +177,7 @@ class Limits:
     """The limits shared with other processes; ``None``: this process's own (the default)."""
 
     capacity: Capacity | None = None
+    pace: CreatePace | None = None
     login: LoginLimiter | None = None
 
 
@@ -200,8 +202,13 @@ async def open_limits(settings: Settings, store: JobStore) -> AsyncIterator[Limi
             max_failures=settings.login_max_failures,
             window_s=settings.login_window_s,
         )
+        # Replicate's rate limit is the account's: its creates are paced across processes.
+        pace = None
+        if settings.replicate is not None:
+            max_rate = settings.replicate.max_creates_per_min / 60
+            pace = RedisPace(store.client, prefix=prefix, max_rate=max_rate)
         logger.info("limits: shared under %r", prefix)
-        yield Limits(capacity=capacity, login=login)
+        yield Limits(capacity=capacity, pace=pace, login=login)
 
 
 @asynccontextmanager
@@ -210,12 +217,14 @@ async def open_provider(
     *,
     journal: RemoteJournal | None = None,
     files: ImageFiles | None = None,
+    pace: CreatePace | None = None,
 ) -> AsyncIterator[ImageProvider]:
-    """Replicate when ``REPLICATE_API_TOKEN`` is set, else the built-in local provider."""
+    """Replicate when ``REPLICATE_API_TOKEN`` is set (its creates paced by ``pace``, else by
+    a pace of its own), else the built-in local provider."""
     if settings.replicate is None:
         yield LocalProvider(settings.local, files=files)
         return
-    async with open_replicate_provider(settings.replicate, journal=journal) as provider:
+    async with open_replicate_provider(settings.replicate, journal=journal, pace=pace) as provider:
         yield provider
 
 

@@ -193,3 +193,75 @@ end
 return answer
 """
 )
+
+
+# --- the create pace: a token bucket whose rate follows AIMD, as ``CreatePacer`` ------------
+#
+# ARGV[1] the pace's hash, ARGV[2] max rate (creates/s), ARGV[3] burst, ARGV[4] min rate,
+# ARGV[5] the rate step, then the operation's own. The hash holds tokens (negative: bookings
+# ahead of the bucket), stamp (s: when tokens were counted; after now while paused), rate,
+# paused (s: when the latest 429's pause ends) and throttles (429s so far). Times are Redis's
+# (seconds); answers give times as seconds from now, and numbers as strings (Lua numbers
+# would be truncated to integers).
+_PACE_PRELUDE = r"""#!lua
+local key, max_rate, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local min_rate, step = tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local s = redis.call('HMGET', key, 'tokens', 'stamp', 'rate', 'paused', 'throttles')
+local tokens, stamp = tonumber(s[1]) or burst, tonumber(s[2]) or now
+local rate, paused = math.min(tonumber(s[3]) or max_rate, max_rate), tonumber(s[4]) or 0
+local throttles = tonumber(s[5]) or 0
+local function save()
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'stamp', tostring(stamp),
+    'rate', tostring(rate), 'paused', tostring(paused), 'throttles', throttles)
+  redis.call('EXPIRE', key, 86400)
+end
+local function answer(delay)
+  return {tostring(delay), throttles, tostring(rate)}
+end
+"""
+
+#: Books one create: {seconds from now until it may go, throttles, rate}.
+PACE_BOOK = (
+    _PACE_PRELUDE
+    + r"""
+if now > stamp then
+  tokens = math.min(burst, tokens + (now - stamp) * rate)
+  stamp = now
+end
+tokens = tokens - 1
+local debt = 0
+if tokens < -1e-9 then debt = -tokens end
+save()
+return answer(math.max(now, stamp) + debt / rate - now)
+"""
+)
+
+#: ARGV[6] the Retry-After (s). A 429: halve the rate, pause every create, no burst after.
+#: Answers {seconds until the pause ends, throttles, rate}.
+PACE_THROTTLED = (
+    _PACE_PRELUDE
+    + r"""
+throttles = throttles + 1
+rate = math.max(math.min(min_rate, max_rate), rate / 2)
+paused = math.max(paused, now + tonumber(ARGV[6]))
+tokens = 1
+stamp = paused
+save()
+return answer(paused - now)
+"""
+)
+
+#: An accepted create: the rate grows a step. Answers {pause left (s), throttles, rate}.
+PACE_ACCEPTED = (
+    _PACE_PRELUDE
+    + r"""
+rate = math.min(max_rate, rate + step)
+if redis.call('EXISTS', key) == 1 then save() end
+return answer(paused - now)
+"""
+)
+
+#: Reads the pace: {seconds until the pause ends (negative: none), throttles, rate}.
+PACE_READ = _PACE_PRELUDE + "\nreturn answer(paused - now)\n"

@@ -12,7 +12,7 @@ import trio
 
 from actors.limits.redis_capacity import RedisCapacity, open_redis_capacity
 from actors.store.redis import open_client
-from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections
+from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections, waits_out_an_outage
 
 
 @asynccontextmanager
@@ -129,22 +129,33 @@ async def test_a_slot_held_and_renewed_outlives_its_lease(redis_prefix: str) -> 
 
 
 async def test_cancelled_waits_and_holds_leave_no_slot_behind(redis_prefix: str) -> None:
-    granted = 0
+    cancelled_holding = cancelled_waiting = 0
 
-    async def churn(limiter: RedisCapacity, n: int) -> None:
-        nonlocal granted
-        with trio.move_on_after(random.uniform(0, 0.05)):
+    async def cancelled_while_holding(limiter: RedisCapacity, n: int) -> None:
+        nonlocal cancelled_holding
+        with trio.CancelScope() as scope:
             async with limiter.slot(f"job{n % 4}", priority=n):
-                granted += 1
+                scope.cancel()
+                cancelled_holding += 1
+                await trio.sleep(1)  # cancelled: the slot is given back while cancelled
+
+    async def cancelled_at_random(limiter: RedisCapacity, n: int) -> None:
+        nonlocal cancelled_waiting
+        with trio.move_on_after(random.uniform(0, 0.05)) as scope:
+            async with limiter.slot(f"job{n % 4}", priority=n):
                 await trio.sleep(random.uniform(0, 0.03))
+        if scope.cancelled_caught:
+            cancelled_waiting += 1
 
     async with nodes(redis_prefix, 3, capacity=2) as limiters:
         async with trio.open_nursery() as nursery:
             for n in range(90):
-                nursery.start_soon(churn, limiters[n % 3], n)
+                task = cancelled_while_holding if n % 3 == 0 else cancelled_at_random
+                nursery.start_soon(task, limiters[n % 3], n)
                 if n % 10 == 0:
                     await trio.sleep(0.01)
-        assert 0 < granted < 90  # some were cancelled while waiting, some while holding
+        assert cancelled_holding == 30
+        assert cancelled_waiting > 0
         assert await redis_counts(redis_prefix) == (0, 0, 0)
         # Every slot is free: both are granted at once.
         with trio.fail_after(2):
@@ -157,23 +168,16 @@ async def test_a_wait_goes_on_while_redis_is_down_and_is_granted_when_it_is_back
     redis_prefix: str,
 ) -> None:
     proxy = RedisProxy()
-    got = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.run)
         async with nodes(redis_prefix, 1, capacity=1, url=proxy.url) as (limiter,):
-            proxy.down()
 
             async def take() -> None:
                 async with limiter.slot("a"):
-                    got.set()
+                    pass
 
-            nursery.start_soon(take)
-            with trio.move_on_after(0.5):
-                await got.wait()
-            assert not got.is_set()
-            await proxy.up()
-            with trio.fail_after(10):
-                await got.wait()
+            proxy.down()
+            await waits_out_an_outage(proxy, take)
         nursery.cancel_scope.cancel()
     gc.collect()  # the dropped connections' leftovers warn now, in this test (marked)
     assert await redis_counts(redis_prefix) == (0, 0, 0)

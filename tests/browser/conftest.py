@@ -53,6 +53,19 @@ def free_port() -> int:
         return port
 
 
+def spawn(arguments: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
+    """``python -m *arguments`` in the repository, its output into ``logs``."""
+    with logs.open("wb") as log:
+        return subprocess.Popen(  # noqa: S603 (our own modules, our own arguments)
+            [sys.executable, "-m", *arguments],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @attrs.define
 class Server:
     """A ``python -m web`` process with the local provider."""
@@ -68,8 +81,9 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, images: Path) -> None:
+        # Never the developer's Replicate token: only a server's own ``env`` may name one.
         env = {
-            **os.environ,
+            **{key: value for key, value in os.environ.items() if key != "REPLICATE_API_TOKEN"},
             "PYTHONPATH": str(ROOT),
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
@@ -80,16 +94,7 @@ class Server:
             "GRACEFUL_TIMEOUT_S": "1",
             **self.env,
         }
-        env.pop("REPLICATE_API_TOKEN", None)
-        with self.logs.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "web"],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = spawn(["web"], env, self.logs)
 
     def wait_healthy(self, deadline: float) -> None:
         assert self.process is not None
@@ -122,11 +127,37 @@ class Server:
             self.process.wait()
 
 
+class FakeReplicateProcess:
+    """``python -m tests.fake_replicate`` (predictions of 300 ms): Replicate for the page."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        arguments = ["tests.fake_replicate", "--port", str(self.port), "--latency", "0.3"]
+        self.process = spawn(arguments, {**os.environ, "PYTHONPATH": str(ROOT)}, self.logs)
+
+    def hold_copies(self, hold: bool) -> None:
+        """Hold (or release) the service's downloads of outputs; a browser's are answered."""
+        action = "hold" if hold else "release"
+        httpx.post(f"{self.url}/_fake/copies/{action}", timeout=2).raise_for_status()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
 @attrs.frozen
 class Servers:
     fast: Server  # images in 100-400 ms
     slow: Server  # images never finish during a test; one active job per user
     paced: Server  # one image at a time, 250 ms each; SSE retry 300 ms
+    replicate: Server  # the Replicate provider, outputs copied (STORE_IMAGES at its default)
+    fake_replicate: FakeReplicateProcess
 
 
 @pytest.fixture(scope="package")
@@ -134,6 +165,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     """The servers, started but perhaps not listening yet (the browser starts meanwhile)."""
     _require_chromium()
     root = tmp_path_factory.mktemp("servers")
+    fake = FakeReplicateProcess(root / "fake-replicate.log")
     all_servers = Servers(
         fast=Server("fast", {"LOCAL_LATENCY_MS": "100-400"}, root / "fast.log"),
         slow=Server(
@@ -146,9 +178,21 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             {"LOCAL_LATENCY_MS": "250", "MAX_CONCURRENCY": "1", "SSE_RETRY_MS": "300"},
             root / "paced.log",
         ),
+        replicate=Server(
+            "replicate",
+            {
+                "REPLICATE_API_TOKEN": "r8_fake_token",
+                "REPLICATE_BASE_URL": fake.url,
+                "REPLICATE_WAIT_S": "1",
+                "REPLICATE_POLL_INTERVAL_MS": "50",
+            },
+            root / "replicate.log",
+        ),
+        fake_replicate=fake,
     )
-    started = [all_servers.fast, all_servers.slow, all_servers.paced]
+    started = [all_servers.fast, all_servers.slow, all_servers.paced, all_servers.replicate]
     try:
+        fake.start()
         for server in started:
             server.start(root / "images")
         yield all_servers
@@ -157,6 +201,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
             server.terminate()
         for server in started:
             server.wait_stopped()
+        fake.stop()
     for server in started:
         log = server.logs.read_text()
         assert "Traceback" not in log, f"{server.name} server logged an error:\n{log}"
@@ -167,7 +212,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 def servers(launched: Servers) -> Servers:
     """The servers, answering."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    for server in (launched.fast, launched.slow, launched.paced):
+    for server in (launched.fast, launched.slow, launched.paced, launched.replicate):
         server.wait_healthy(deadline)
     return launched
 

@@ -295,3 +295,43 @@ def test_earlier_jobs_are_listed_newest_first_page_by_page(page: Page, servers: 
     assert shown == [job["job_id"] for job in listed]
     if len(listed) < 20:
         expect(page.get_by_role("button", name="Load more")).to_be_hidden()
+
+
+def test_images_show_while_their_copies_are_pending_and_after(page: Page, servers: Servers) -> None:
+    base, fake = servers.replicate.url, servers.fake_replicate
+    files_answers: list[tuple[str, int]] = []
+    page.on(
+        "response",
+        lambda response: (
+            files_answers.append((response.url, response.status))
+            if "/files/" in response.url
+            else None
+        ),
+    )
+    log_in(page, base)
+    fake.hold_copies(True)
+    try:
+        job_id = generate(page, "Copied behind the event")
+        wait_loaded_images(page, 5)  # shown from Replicate: the copies are held
+        sources = page.eval_on_selector_all("#grid img", "images => images.map(i => i.src)")
+        held = {url: status for url, status in files_answers if url.startswith(base)}
+        headers = {"Authorization": f"Bearer {token_of(page)}"}
+        pending = httpx.get(f"{base}/api/status", headers=headers).json()["files"]
+    finally:
+        fake.hold_copies(False)
+
+    assert sorted(sources) == sorted(f"{base}/files/{job_id}-{index}.webp" for index in range(5))
+    assert held == dict.fromkeys(sources, 307)
+    assert any(url.startswith(f"{fake.url}/files/") for url, _ in files_answers)
+    assert pending["copies_pending"] == 5
+
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{base}/api/status", headers=headers).json()["files"]["copies_pending"]:
+        assert time.monotonic() < deadline, "the copies were not made"
+        time.sleep(0.05)
+    files_answers.clear()
+    page.reload()
+    page.locator(f'.job-item[data-job-id="{job_id}"]').click()
+    wait_loaded_images(page, 5)  # now from the service's own copies
+
+    assert sorted(files_answers) == sorted((source, 200) for source in sources)
