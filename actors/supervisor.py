@@ -6,7 +6,7 @@ import itertools
 import logging
 import random
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -45,10 +45,17 @@ from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
 
+#: The fields of a job snapshot that its stored record holds as they are.
+_RECORD_FIELDS = tuple(field.name for field in attrs.fields(JobSnapshot) if field.name != "images")
 #: How long a stopping cluster node may take to hand one job over (store flush and release).
 CLUSTER_RELEASE_S = 5.0
 #: How often a cluster node looks for finished jobs to forget (any node's).
 CLUSTER_EXPIRE_S = 5.0
+#: A cluster node answers reads of a finished job (which never changes) from memory this long,
+#: and keeps this many of them: polls of a finished job cost Redis nothing. A job forgotten by
+#: retention elsewhere may be shown here that much longer.
+FINISHED_CACHE_S = 10.0
+FINISHED_CACHE_SIZE = 4096
 
 
 def _utcnow() -> datetime:
@@ -209,6 +216,8 @@ class Supervisor:
         #: Called (sync, on the Trio thread) with each job's final snapshot: metrics, audit logs.
         self.job_listeners: list[Callable[[JobSnapshot], None]] = []
         self._wait_scopes: set[trio.CancelScope] = set()
+        #: A cluster node's finished jobs read lately: job id -> (good until, snapshot).
+        self._finished_cache: OrderedDict[str, tuple[float, JobSnapshot]] = OrderedDict()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Restore the store's jobs, then run the jobs nursery until cancelled.
@@ -303,7 +312,9 @@ class Supervisor:
         if copy is not None or self.cluster is None or await self.files.on_disk(name):
             return copy
         job_id = self.files.job_of(name)
-        stored = await self.cluster.store.load_job(job_id) if job_id is not None else None
+        stored = (
+            await self.cluster.store.load_job(job_id, events=False) if job_id is not None else None
+        )
         if stored is None:
             return None
         return next((copy for copy in stored.copies if copy.name == name), None)
@@ -685,10 +696,28 @@ class Supervisor:
         if cluster is None or (job is not None and job.owner == owner and job.stored):
             await trio.lowlevel.checkpoint()
             return (job or self.get(job_id, owner=owner)).snapshot()
-        stored = await cluster.store.load_job(job_id)
+        cached = self._finished_cache.get(job_id)
+        if cached is not None and cached[0] > trio.current_time():
+            await trio.lowlevel.checkpoint()
+            if cached[1].owner != owner:
+                raise JobNotFound(job_id)
+            return cached[1]
+        stored = await cluster.store.load_job(job_id, events=False)
         if stored is None or stored.job.owner != owner:
             raise JobNotFound(job_id)
-        return self._snapshot_of(stored)
+        snapshot = self._snapshot_of(stored)
+        self._remember_finished(snapshot)
+        return snapshot
+
+    def _remember_finished(self, snapshot: JobSnapshot) -> None:
+        if not snapshot.status.finished:
+            return
+        cache = self._finished_cache
+        ttl_s = min(FINISHED_CACHE_S, self.settings.job_retention_s / 2)
+        cache[snapshot.job_id] = (trio.current_time() + ttl_s, snapshot)
+        cache.move_to_end(snapshot.job_id)
+        while len(cache) > FINISHED_CACHE_SIZE:
+            cache.popitem(last=False)
 
     async def find_page(
         self, *, owner: str, limit: int, before: int | None = None
@@ -841,18 +870,19 @@ class Supervisor:
 
     async def _replay_stored(self, job_id: str, prompt: str, num_images: int) -> JobSnapshot | None:
         assert self.cluster is not None
-        stored = await self.cluster.store.load_job(job_id)
+        stored = await self.cluster.store.load_job(job_id, events=False)
         if stored is None:
             return None
         if (stored.job.prompt, stored.job.num_images) != (prompt, num_images):
             raise IdempotencyConflict("Idempotency-Key was already used for a different request")
         return self._snapshot_of(stored)
 
-    def _snapshot_of(self, stored: StoredJob) -> JobSnapshot:
-        record = stored.job
-        return JobActor.restore(
-            stored, context=self._context(record.job_id, record.prompt), store=self.store
-        ).snapshot()
+    @staticmethod
+    def _snapshot_of(stored: StoredJob) -> JobSnapshot:
+        # Every field of a snapshot but its images is the record's field of the same name.
+        record = attrs.asdict(stored.job, recurse=False)
+        fields = {name: record[name] for name in _RECORD_FIELDS}
+        return JobSnapshot(images=stored.images, **fields)
 
     async def _start_taken(self, job_id: str, cancelled: bool) -> bool:
         """Run a job this node took from the queue (its lease is ours): False if it cannot."""
@@ -897,6 +927,7 @@ class Supervisor:
             self._ended(job)
             ended = job.status.finished and not job.suspended
             if ended:
+                self._remember_finished(job.snapshot())
                 self._tell_listeners(job.snapshot())
             # Shielded and bounded: a node that stops hands its jobs over on its way out.
             with trio.CancelScope(shield=True), trio.move_on_after(CLUSTER_RELEASE_S):
@@ -926,6 +957,7 @@ class Supervisor:
             except StoreUnavailable:
                 continue  # the next pass
             for job_id in job_ids:
+                self._finished_cache.pop(job_id, None)
                 self._deleting[job_id] = self._queue_delete(job_id)
                 self._deletes_queued.set()
                 if self.files is not None:

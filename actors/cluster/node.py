@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 MAX_JOBS_PER_NODE = 200
 #: How long one blocking XREADGROUP waits (under the client's stream timeout).
 TAKE_BLOCK_MS = 2000
+#: Queue entries taken per XREADGROUP at most (a burst of jobs is taken in few round trips).
+TAKE_COUNT = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
 #: Finished jobs forgotten per retention pass at most.
@@ -199,7 +201,7 @@ class ClusterNode:
                     scripts.GROUP,
                     self.node_id,
                     streams={self.queue_key: ">"},
-                    count=1,
+                    count=max(1, min(TAKE_COUNT, self.max_jobs - len(self.held))),
                     block=TAKE_BLOCK_MS,
                 )
             except _REDIS_ERRORS as exc:

@@ -41,6 +41,7 @@ restart. What a Redis crash loses depends on its persistence settings (README).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -371,13 +372,14 @@ class RedisStore:
                 ) from None
         return tuple(stored)
 
-    async def load_job(self, job_id: str) -> StoredJob | None:
-        """One job as stored now (any node's), or ``None`` if there is no such job.
+    async def load_job(self, job_id: str, *, events: bool = True) -> StoredJob | None:
+        """One job as stored now (any node's), or ``None`` if there is no such job; without
+        ``events``, its events are not read (``events`` is empty).
 
         Raises:
             StoreUnavailable: Redis cannot be read.
         """
-        jobs = await self._load_chunk([job_id])
+        jobs = await self._load_chunk([job_id], events=events)
         return jobs[0] if jobs else None
 
     async def load_page(
@@ -405,14 +407,16 @@ class RedisStore:
             ),
         )
         job_ids = [str(member) for member in found]
-        jobs = await self._load_chunk(job_ids[:limit])
+        jobs = await self._load_chunk(job_ids[:limit], events=False)
         more = len(job_ids) > limit and len(jobs) == limit
         return jobs, jobs[-1].job.seq if more else None
 
-    async def _load_chunk(self, job_ids: Sequence[str]) -> tuple[StoredJob, ...]:
+    async def _load_chunk(
+        self, job_ids: Sequence[str], *, events: bool = True
+    ) -> tuple[StoredJob, ...]:
         if not job_ids:
             return ()
-        rows = await self._call("reading jobs", partial(self._read, job_ids))
+        rows = await self._call("reading jobs", partial(self._read, job_ids, events=events))
         try:
             return tuple(
                 _stored_job(job_id, row)
@@ -422,7 +426,7 @@ class RedisStore:
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise StoreUnavailable(f"Redis at {self.url}: cannot read a job: {exc!r}") from None
 
-    async def _read(self, job_ids: Sequence[str]) -> list[_Row]:
+    async def _read(self, job_ids: Sequence[str], *, events: bool = True) -> list[_Row]:
         keys = self.keys
         async with self._client.pipeline(transaction=False) as pipe:
             pending = [
@@ -431,19 +435,19 @@ class RedisStore:
                     pipe.hgetall(keys.job(job_id, "images")),
                     pipe.hgetall(keys.job(job_id, "remote")),
                     pipe.hgetall(keys.job(job_id, "copies")),
-                    pipe.xrange(keys.job(job_id, "events"), "-", "+"),
+                    pipe.xrange(keys.job(job_id, "events"), "-", "+") if events else None,
                 )
                 for job_id in job_ids
             ]
         rows: list[_Row] = []
-        for record, images, remote, copies, events in pending:
+        for record, images, remote, copies, stream in pending:
             rows.append(
                 (
                     dict(await record),
                     dict(await images),
                     dict(await remote),
                     dict(await copies),
-                    await events,
+                    () if stream is None else await stream,
                 )
             )
         return rows
@@ -452,8 +456,11 @@ class RedisStore:
         return self._writer.write(*operations)
 
     async def flush(self) -> None:
-        """Write everything queued now (a node hands its jobs over after this)."""
-        await self._writer.flush()
+        """Return once everything queued before now was written, or failed (a node hands its
+        jobs over after this). The writer task writes it: an empty write queued last settles
+        once every batch before it is over."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._writer.write().wait()
 
     async def _transaction(self, operations: Sequence[Operation]) -> StoreUnavailable | None:
         args = [self.keys.prefix, self.node or "", str(self._lease_ms)]
