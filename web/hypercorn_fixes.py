@@ -603,6 +603,12 @@ class _CancellableApp:
         self.disconnected = True
         self._maybe_cancel()
 
+    def __deepcopy__(self, memo: dict[int, object]) -> _CancellableApp:
+        """Itself: a live handle on one request, not data. Hypercorn's ``ProxyFixMiddleware``
+        (web/proxy.py, behind a trusted proxy) deep-copies the scope, and so the ``arm`` of
+        :data:`CANCEL_ON_DISCONNECT`; copying the cancel scope failed on its lock (a 500)."""
+        return self
+
 
 _AppPut = Callable[[ASGIReceiveEvent], Awaitable[None]]
 

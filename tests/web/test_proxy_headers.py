@@ -5,11 +5,13 @@ The end-to-end side (a real nginx, a client from another address) is tests/e2e/t
 
 from __future__ import annotations
 
+import copy
 from typing import Any, cast
 
 import pytest
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
+from web import hypercorn_fixes
 from web.proxy import ANY, TrustedProxies, parse_networks
 from web.settings import SettingsError, load_settings
 
@@ -134,3 +136,18 @@ def test_the_setting_reads_addresses_networks_and_a_star() -> None:
 def test_tls_files_go_together() -> None:
     with pytest.raises(SettingsError, match="TLS_CERTFILE and TLS_KEYFILE"):
         load_settings({"TLS_CERTFILE": "/etc/ssl/cert.pem"})
+
+
+def test_the_scope_of_a_request_behind_a_proxy_can_be_deep_copied() -> None:
+    """ProxyFixMiddleware deep-copies the scope; the cancel-on-disconnect extension that
+    Hypercorn fix 13 puts in it is a live handle, copied as itself."""
+
+    async def app(*_: object) -> None:
+        raise AssertionError("not called")
+
+    cancellable = hypercorn_fixes._CancellableApp(app)  # type: ignore[arg-type]
+    scope = {"extensions": {hypercorn_fixes.CANCEL_ON_DISCONNECT: {"arm": cancellable.arm}}}
+    copied = copy.deepcopy(scope)
+    arm = copied["extensions"][hypercorn_fixes.CANCEL_ON_DISCONNECT]["arm"]
+    arm()
+    assert cancellable.armed  # the copy's arm is the request's own
