@@ -88,28 +88,21 @@ class RedisPace:
         return self._seen(answer), self._throttles
 
     async def paused_until(self) -> float:
-        args = self._args()
-        with suppress(LimitsUnavailable):
-            answer: list[Any] = await self._calls.once(
-                "reading the pace", lambda: self._read(keys=[], args=args)
-            )
-            self._paused_until = self._seen(answer)
+        await self._call_once("reading the pace", self._read, self._args())
         return self._paused_until
 
     async def throttled(self, retry_after_s: float) -> None:
-        args = self._args(repr(float(retry_after_s)))
         # Until Redis says otherwise, this process pauses on its own.
         self._paused_until = max(self._paused_until, trio.current_time() + retry_after_s)
-        with suppress(LimitsUnavailable):
-            answer: list[Any] = await self._calls.once(
-                "noting a 429", lambda: self._throttled(keys=[], args=args)
-            )
-            self._paused_until = self._seen(answer)
+        await self._call_once(
+            "noting a 429", self._throttled, self._args(repr(float(retry_after_s)))
+        )
 
     async def accepted(self) -> None:
-        args = self._args()
+        await self._call_once("noting an accepted create", self._accepted, self._args())
+
+    async def _call_once(self, what: str, script: Any, args: list[str]) -> None:
+        """Run ``script`` once and take the pace it answers; Redis away: this process's own."""
         with suppress(LimitsUnavailable):
-            answer: list[Any] = await self._calls.once(
-                "noting an accepted create", lambda: self._accepted(keys=[], args=args)
-            )
+            answer: list[Any] = await self._calls.once(what, lambda: script(keys=[], args=args))
             self._paused_until = self._seen(answer)
