@@ -8,7 +8,9 @@ renders its PNGs into the same directory (see :mod:`actors.providers.local`).
 
 Publish first, copy behind: :meth:`ImageFiles.keep` names the file at once (the extension from
 the provider's URL, see :func:`file_extension`), so the image's event goes out with its final
-``/files/...`` URL without waiting for the download; the copy is made in the background (a few
+``/files/...`` URL without waiting for the download; the job starts the copy
+(:meth:`ImageFiles.copy_behind`) once that event is stored and published, so that no download,
+file write or fsync runs ahead of the event it follows, and it is made in the background (a few
 at a time). Until it exists, :meth:`ImageFiles.locate` gives the provider's URL, which
 ``/files/<name>`` redirects to. The pending copy (:class:`~actors.messages.ImageCopy`) is stored
 with the image that hands its name out, so the next start finishes it
@@ -74,6 +76,8 @@ class ImageFilesSettings:
     backoff_base_s: The wait after the first failed attempt; it doubles after each one.
     backoff_max_s: Cap of every wait, a server's ``Retry-After`` included.
     copy_concurrency: Copies downloaded at once; the others wait their turn.
+    copy_delay_s: How long after its image is published a copy starts, so that its download
+        and write never compete with the sending of the event to the image's subscribers.
     """
 
     directory: Path
@@ -85,6 +89,7 @@ class ImageFilesSettings:
     backoff_base_s: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
     backoff_max_s: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     copy_concurrency: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    copy_delay_s: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
 
     def backoff_s(self, attempt: int, retry_after_s: float | None = None) -> float:
         """The wait after failed attempt ``attempt`` (1-based): 0.5 s, 1 s, 2 s ... capped, or
@@ -138,13 +143,14 @@ class ImageFiles:
     """The image directory: copies into it, its size per job, and deletion of old jobs' files.
 
     Concurrency: opened once per process with :func:`open_image_files`, which starts
-    :meth:`run` in its own nursery. :meth:`keep` is sync: it names the file and queues its copy
-    (a deque plus a parking lot, so it never blocks); :meth:`run` owns ``copy_concurrency``
-    copier tasks that download (the ``httpx.AsyncClient`` is shared) and write the files in
-    worker threads, and the deletion queue (a deduplicated set plus a wake-up Event, so
-    :meth:`forget` never blocks). The accounting and the copies are touched only on the Trio
-    thread: :meth:`keep`, :meth:`locate`, :meth:`added`, :meth:`forget` and the properties are
-    sync. :meth:`run` stops when cancelled (a copy cut short is finished by the next start),
+    :meth:`run` in its own nursery. :meth:`keep` is sync: it names the file;
+    :meth:`copy_behind` queues its copy (a deque plus a parking lot, so it never blocks);
+    :meth:`run` owns ``copy_concurrency`` copier tasks that download (the ``httpx.AsyncClient``
+    is shared) and write the files in worker threads, and the deletion queue (a deduplicated set
+    plus a wake-up Event, so :meth:`forget` never blocks). The accounting and the copies are
+    touched only on the Trio thread: :meth:`keep`, :meth:`copy_behind`, :meth:`locate`,
+    :meth:`added`, :meth:`forget` and the properties are sync. :meth:`run` stops when cancelled
+    (a copy cut short is finished by the next start),
     after deleting whatever was already queued.
     """
 
@@ -160,7 +166,8 @@ class ImageFiles:
         self._deleted_changed = trio.Event()
         #: Copies not made: pending (queued or downloading) or failed, by file name.
         self._copies: dict[str, ImageCopy] = {}
-        self._copy_queue: deque[str] = deque()
+        #: Copies to make, by name, each with the (Trio) time it may start.
+        self._copy_queue: deque[tuple[str, float]] = deque()
         self._copiers = trio.lowlevel.ParkingLot()
         self._copies_changed = trio.Event()
         self._journal: CopyJournal | None = None
@@ -175,7 +182,8 @@ class ImageFiles:
         """The URL to hand out for image ``index`` of ``job_id`` at ``url``; copies it behind.
 
         Returns:
-            ``/files/{job_id}-{index}.{ext}`` at once, its copy queued (``copy``) unless one was
+            ``/files/{job_id}-{index}.{ext}`` at once with the ``copy`` to make (to be started
+            with :meth:`copy_behind` once the image that names it is stored), unless one was
             stored before (a restart cut the job short); ``url`` itself when it is not an
             absolute http(s) URL, or when storing is off.
 
@@ -194,9 +202,14 @@ class ImageFiles:
             # Stored before a restart cut the job short: the provider's URL may be gone by now.
             return KeptImage(url=f"/files/{kept}")
         name = f"{job_id}-{index}.{file_extension(url)}"
-        copy = ImageCopy(job_id=job_id, index=index, name=name, source=url)
-        self._queue_copy(copy)
-        return KeptImage(url=f"/files/{name}", copy=copy)
+        return KeptImage(
+            url=f"/files/{name}", copy=ImageCopy(job_id=job_id, index=index, name=name, source=url)
+        )
+
+    def copy_behind(self, copy: ImageCopy) -> None:
+        """Make ``copy`` in the background (:meth:`keep` named it), starting ``copy_delay_s``
+        from now; from now on ``/files/{name}`` redirects to its source until it exists."""
+        self._queue_copy(copy, not_before=trio.current_time() + self.settings.copy_delay_s)
 
     def locate(self, name: str) -> ImageCopy | None:
         """The copy ``/files/{name}`` waits for (pending, or ``failed`` for good), or None: the
@@ -235,11 +248,11 @@ class ImageFiles:
     def _pending_copies(self) -> int:
         return sum(1 for copy in self._copies.values() if not copy.failed)
 
-    def _queue_copy(self, copy: ImageCopy) -> None:
+    def _queue_copy(self, copy: ImageCopy, *, not_before: float = 0.0) -> None:
         if copy.name in self._copies and not self._copies[copy.name].failed:
             return  # already on its way
         self._copies[copy.name] = copy
-        self._copy_queue.append(copy.name)
+        self._copy_queue.append((copy.name, not_before))
         self._copiers.unpark()
 
     def _copy_settled(self) -> None:
@@ -252,19 +265,23 @@ class ImageFiles:
             copy = self._next_copy()
             if copy is None:
                 await self._copiers.park()
-            else:
-                self._copying += 1
-                try:
-                    await self._copy(copy)
-                finally:
-                    self._copying -= 1
-                    self._copy_settled()
+                continue
+            self._copying += 1
+            try:
+                await trio.sleep_until(copy[1])
+                if self._copies.get(copy[0].name) is copy[0]:  # else forgotten meanwhile
+                    await self._copy(copy[0])
+            finally:
+                self._copying -= 1
+                self._copy_settled()
 
-    def _next_copy(self) -> ImageCopy | None:
+    def _next_copy(self) -> tuple[ImageCopy, float] | None:
+        """The next copy to make, and when it may start."""
         while self._copy_queue:
-            copy = self._copies.get(self._copy_queue.popleft())
+            name, not_before = self._copy_queue.popleft()
+            copy = self._copies.get(name)
             if copy is not None and not copy.failed:  # else forgotten meanwhile
-                return copy
+                return copy, not_before
         return None
 
     async def _copy(self, copy: ImageCopy) -> None:

@@ -34,6 +34,7 @@ from actors.store.base import (
     PutImages,
     PutJob,
     SetCopy,
+    SetRemote,
     StoredJob,
 )
 from actors.worker import WorkerContext, run_image_worker
@@ -154,6 +155,9 @@ class JobActor:
         self._crashed = False
         self._stored = trio.Event()
         self._admission: Commit | None = None
+        #: When the admission noted every image's remote work as pending (a job this process
+        #: admitted; None for one restored or taken over).
+        self._pending_since: datetime | None = None
         self._refused: StoreUnavailable | None = None
         self._finished = trio.Event()
         self._suspended = False
@@ -320,6 +324,7 @@ class JobActor:
                             reports_send=reports_send.clone(),
                             attempts_before=image.attempts,
                             keep_remote=self._keeps_remote_work,
+                            pending_since=self._pending_since,
                         )
                         name = f"image {self.job_id}/{image.index}"
                         nursery.start_soon(self._crashes_noted, worker, name=name)
@@ -376,8 +381,15 @@ class JobActor:
         that fails on it with a bug, not ``StoreUnavailable``, refuses the job as one that cannot
         write does (logged and counted as a crash): the job never runs.
         """
+        # Every image may have remote work from now on: noted with the job itself, so that a
+        # provider that notes a create before sending it need not for its first (see
+        # ``ImageRequest.pending_since``) and the first image is made sooner.
+        self._pending_since = self._created_at
+        notes = (
+            SetRemote(self.job_id, image.index, None, self._created_at) for image in self._images
+        )
         try:
-            self._admission = self._store.write(*self.first_write())
+            self._admission = self._store.write(*self.first_write(), *notes)
         except Exception:
             logger.exception("job %s: its first write crashed", self.job_id)
             self._counters.crashed += 1
@@ -546,7 +558,6 @@ class JobActor:
             await trio.sleep(delay)
             delay = min(delay * 2, STORE_RETRY_S[1])
         self._dirty.clear()
-        self._copies.clear()
         self._publish()
 
     def _publish(self) -> None:
@@ -556,6 +567,13 @@ class JobActor:
             if self.on_publish is not None:
                 self.on_publish(event)
         self._unpublished.clear()
+        # Behind the events that hand their names out: a copy's download, write and fsync
+        # never delay the event.
+        files = self._context.files
+        for operation in self._copies:
+            if files is not None:
+                files.copy_behind(operation.copy)
+        self._copies.clear()
         if self._status.finished and not self._finished.is_set():
             self.log.close()
             self._finished.set()

@@ -59,6 +59,7 @@ async def run_image_worker(
     reports_send: trio.MemorySendChannel[WorkerReport],
     attempts_before: int = 0,
     keep_remote: Callable[[], bool] = _never,
+    pending_since: datetime | None = None,
 ) -> None:
     """Make image ``index`` of ``context.job_id`` and report how it went.
 
@@ -72,7 +73,8 @@ async def run_image_worker(
     (:class:`~actors.retry.RetryPolicy`); a permanent failure ends the image at once.
 
     A resumed image (after a restart) numbers its attempts on from ``attempts_before`` with a
-    fresh retry budget.
+    fresh retry budget. ``pending_since`` (a job this process admitted) goes with every request:
+    see :class:`~actors.providers.base.ImageRequest`.
 
     Concurrency: started with ``start_soon`` by its JobActor, whose state it never touches: it
     sends one ``AttemptStarted`` per attempt and a final ``ImageOutcome`` over its own clone of
@@ -89,7 +91,7 @@ async def run_image_worker(
     progress = _Progress(attempt=attempts_before)
     with reports_send:
         try:
-            outcome = await _make_image(index, context, reports_send, progress)
+            outcome = await _make_image(index, context, reports_send, progress, pending_since)
         except trio.Cancelled:
             if not keep_remote():
                 with trio.move_on_after(context.provider_cancel_s, shield=True):
@@ -124,12 +126,13 @@ async def _make_image(
     context: WorkerContext,
     reports_send: trio.MemorySendChannel[WorkerReport],
     progress: _Progress,
+    pending_since: datetime | None,
 ) -> ImageOutcome:
     retry = context.retry
     counted = free = 0
     first_free_at: float | None = None
     while True:
-        result = await _attempt(index, context, reports_send, progress)
+        result = await _attempt(index, context, reports_send, progress, pending_since)
         if isinstance(result, str):
             kept = KeptImage(url=result)
             if context.files is not None:
@@ -187,6 +190,7 @@ async def _attempt(
     context: WorkerContext,
     reports_send: trio.MemorySendChannel[WorkerReport],
     progress: _Progress,
+    pending_since: datetime | None,
 ) -> str | Exception:
     """One provider call in a capacity slot: its URL, or the exception that ended it."""
     paced = context.provider if isinstance(context.provider, PacedProvider) else None
@@ -212,7 +216,11 @@ async def _attempt(
             except trio.WouldBlock:
                 late = report  # the job is busy (storing a batch): not worth a token's wait
             request = ImageRequest(
-                job_id=context.job_id, index=index, prompt=context.prompt, attempt=progress.attempt
+                job_id=context.job_id,
+                index=index,
+                prompt=context.prompt,
+                attempt=progress.attempt,
+                pending_since=pending_since,
             )
             try:
                 result = await _call_provider(context, request)

@@ -99,6 +99,7 @@ class FakeReplicate:
         self.rng = random.Random(seed)
         self.predictions: dict[str, Prediction] = {}
         self.create_requests = 0
+        self.get_requests = 0
         self.cancel_requests: list[str] = []
         self.webhooks_sent = 0
         self.webhook_secret = WEBHOOK_SECRET
@@ -301,6 +302,7 @@ class FakeReplicate:
 
         @app.get("/v1/predictions/<prediction_id>")
         async def get(prediction_id: str) -> Response:
+            self.get_requests += 1
             if self.faults.forced_gets:
                 return problem(self.faults.forced_gets.popleft(), "Forced answer")
             if self.rng.random() < self.faults.get_429:

@@ -26,12 +26,16 @@ class ImageRequest:
         index: The image's index in its job (0-based).
         prompt: The prompt, already trimmed and validated.
         attempt: 1 for the first attempt, 2 for the first retry, ...
+        pending_since: Set when the job's admission journaled the image's remote work as
+            pending from then on (stored before the job was accepted): a provider that notes a
+            create before sending it may take that note as its first create's.
     """
 
     job_id: str
     index: int
     prompt: str
     attempt: int
+    pending_since: datetime | None = None
 
 
 #: What a provider reports about itself for ``GET /api/status`` (flat, JSON-ready).
@@ -143,10 +147,21 @@ class RemoteJournal(Protocol):
     """Where a provider notes an image's remote work, so that the next start can resume it."""
 
     def note(
-        self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
+        self,
+        job_id: str,
+        index: int,
+        *,
+        remote_id: str | None,
+        pending_since: datetime | None,
+        with_image: bool = False,
     ) -> Commit:
         """Record (queued; await the commit to know it is stored) what the image's work is:
-        ``remote_id`` once known, ``pending_since`` while a create is unanswered."""
+        ``remote_id`` once known, ``pending_since`` while a create is unanswered.
+
+        ``with_image``: the work is over and the image is about to be reported: the note is
+        stored in the same transaction as the image's own write (not before it), so that an
+        image whose provider answered with it at once waits for one transaction, not two.
+        Until then a restart finds the work as the note before said (a create pending)."""
         ...
 
 
@@ -171,6 +186,7 @@ class NullJournal:
         *,
         remote_id: str | None,  # noqa: ARG002
         pending_since: datetime | None,  # noqa: ARG002
+        with_image: bool = False,  # noqa: ARG002
     ) -> Commit:
         return Commit.settled_with()
 

@@ -18,7 +18,11 @@ before anything is created again; only a create that certainly created nothing i
 Restarts: with a journal (the job store), every image's prediction id is noted the moment it
 is known, and a create is noted as pending *before* it is sent; the next start of the service
 resumes the first by polling and reconciles the second against the list, so neither a restart
-nor a ``kill -9`` in the middle of a create leads to a second prediction for an image.
+nor a ``kill -9`` in the middle of a create leads to a second prediction for an image. When the
+create's own answer is the finished image (``Prefer: wait``), its id is noted in the same
+transaction as the image itself (the journal's ``with_image``): until that is stored, the
+pending note stands, and a restart finds the prediction by reconciling, as after any create
+whose answer was lost.
 
 Rate: creates pass a pace (:class:`~actors.providers.base.CreatePace`: the process's own, or one
 shared by every process on a Redis) that stays under ``REPLICATE_MAX_CREATES_PER_MIN``
@@ -109,6 +113,10 @@ MAX_POLL_BACKOFF_S = 5.0
 #: How far back (against Replicate's clock) a reconciled prediction may have been created.
 RECONCILE_SKEW = timedelta(seconds=30)
 RECONCILE_PAGES = 5
+#: A job's admission note (every image pending from then on) stands for an image's first create
+#: within this long of it; later, a create notes itself, so that the list a restart reconciles
+#: against stays short.
+ADMITTED_NOTE_FRESH = timedelta(seconds=10)
 #: Prediction ids this process has given to an image, remembered so that reconciling never
 #: hands one prediction to two images (bounded: reconciling only looks at recent predictions).
 MAX_REMEMBERED_PREDICTIONS = 10_000
@@ -132,6 +140,11 @@ class _Image:
     unsure: tuple[dict[str, object], datetime] | None = None
     #: The note of ``prediction_id`` in the journal, until it is stored.
     note: Commit | None = None
+    #: The pending note the job's admission stored (``ImageRequest.pending_since``), while no
+    #: note of this process has replaced it: the first create may go without one of its own.
+    admitted: datetime | None = None
+    #: Whether ``admitted`` was taken from the image's first request.
+    requested: bool = False
     #: When this image's next create may go, as booked with the pacer, and the pacer's 429 count
     #: at booking (a later 429 voids the booking).
     turn: tuple[float, int] | None = None
@@ -172,7 +185,8 @@ class ReplicateProvider:
     the worker calls after every other ending: a permanent failure that may leave a prediction
     running, giving up, a cancelled job). Transient failures keep the entry for the next
     attempt. The same state is noted in ``journal``: a create is sent only once its pending note
-    is stored, and an image waits for its prediction id's note before it polls.
+    is stored, and an image waits for its prediction id's note before it polls (a finished
+    answer's note is stored with the image instead).
     """
 
     name = "replicate"
@@ -212,6 +226,9 @@ class ReplicateProvider:
         image = self._work.get(key)
         if image is None:
             image = self._work[key] = _Image()
+        if not image.requested:
+            image.requested = True
+            image.admitted = request.pending_since
         try:
             prediction = await self._finished_prediction(key, image, request.prompt)
         except PermanentProviderError:
@@ -360,9 +377,12 @@ class ReplicateProvider:
         """The image's prediction once it has finished (created first if it has none)."""
         if image.prediction_id is None:
             prediction, answered = await self._create_once(key, image, prompt)
-            await self._noted(key, image)
             if answered and finished(prediction, sync_answer=True):
+                # The create's own answer is the finished image: its id is noted with the
+                # image's own write (``_adopt``), so nothing is waited for here.
+                image.note = None
                 return prediction
+            await self._noted(key, image)
             # A create's own answer is fresh; a prediction adopted from the list is checked now.
             check_now = not answered
         else:
@@ -388,19 +408,26 @@ class ReplicateProvider:
             since = datetime.now(UTC)
             # Until Replicate answers, this image may or may not have a prediction: an attempt
             # timeout, a cancel or a restart in the middle of the create must not lead to a
-            # second one. So the pending create is in the journal before it is sent.
-            image.unsure = (body, since)
-            try:
-                await self._note(key, None, since).wait()
-            except StoreUnavailable as exc:
-                image.unsure = None
-                raise NotStartedError(f"cannot note the create first: {exc}") from None
+            # second one. So the pending create is in the journal before it is sent: the note
+            # the job's admission stored if it is recent and still stands, else one of its own.
+            admitted = image.admitted
+            if admitted is not None and timedelta(0) <= since - admitted <= ADMITTED_NOTE_FRESH:
+                image.unsure = (body, admitted)
+                image.admitted = None
+            else:
+                image.unsure = (body, since)
+                try:
+                    await self._note(key, None, since).wait()
+                except StoreUnavailable as exc:
+                    image.unsure = None
+                    raise NotStartedError(f"cannot note the create first: {exc}") from None
             prediction, answered = await self._try_create(key, image, body, since)
             if not answered:
                 return prediction, False
             await self.pace.accepted()
             if prediction.get("id") not in self._claimed:
-                return self._adopt(key, image, prediction), True
+                made = finished(prediction, sync_answer=True)
+                return self._adopt(key, image, prediction, with_image=made), True
             # While this create was held open (Prefer: wait), another image reconciling an
             # unsure create of the same input took its prediction. Inputs being equal, the
             # images are interchangeable: take that image's orphan if it made one, else create
@@ -485,9 +512,19 @@ class ReplicateProvider:
         return body
 
     def _note(
-        self, key: tuple[str, int], remote_id: str | None, pending_since: datetime | None
+        self,
+        key: tuple[str, int],
+        remote_id: str | None,
+        pending_since: datetime | None,
+        *,
+        with_image: bool = False,
     ) -> Commit:
-        return self._journal.note(key[0], key[1], remote_id=remote_id, pending_since=pending_since)
+        image = self._work.get(key)
+        if image is not None:
+            image.admitted = None  # replaced
+        return self._journal.note(
+            key[0], key[1], remote_id=remote_id, pending_since=pending_since, with_image=with_image
+        )
 
     async def _noted(self, key: tuple[str, int], image: _Image) -> None:
         """Wait until the image's prediction id is stored, noting it again while the store
@@ -591,14 +628,21 @@ class ReplicateProvider:
         return None
 
     def _adopt(
-        self, key: tuple[str, int], image: _Image, prediction: Mapping[str, Any]
+        self,
+        key: tuple[str, int],
+        image: _Image,
+        prediction: Mapping[str, Any],
+        *,
+        with_image: bool = False,
     ) -> Mapping[str, Any]:
+        """Take ``prediction`` as the image's and note its id; ``with_image`` when it is the
+        finished image (the note is then stored with the image's own write)."""
         prediction_id = prediction.get("id")
         if not isinstance(prediction_id, str):
             raise TransientProviderError("Replicate answered without a prediction id")
         self._counters.predictions += 1
         image.prediction_id = prediction_id
-        image.note = self._note(key, prediction_id, None)
+        image.note = self._note(key, prediction_id, None, with_image=with_image)
         logger.info(
             "job %s image %d: prediction %s",
             key[0],

@@ -105,6 +105,23 @@ class DeleteJob:
 Operation = PutJob | PutImages | AppendEvent | SetRemote | SetCopy | DeleteJob
 
 
+def job_of(operation: Operation) -> str:
+    """The job an operation writes to."""
+    return operation.record.job_id if isinstance(operation, PutJob) else operation.job_id
+
+
+def one_job_of(operations: tuple[Operation, ...]) -> str:
+    """The one job ``operations`` write to.
+
+    Raises:
+        ValueError: They write to none, or to several.
+    """
+    jobs = {job_of(operation) for operation in operations}
+    if len(jobs) != 1:
+        raise ValueError(f"a held write belongs to exactly one job, not {sorted(jobs)}")
+    return jobs.pop()
+
+
 @attrs.frozen(kw_only=True)
 class StoreHealth:
     """Whether the store works now, and if not, why (for ``GET /health``)."""
@@ -144,6 +161,16 @@ class JobStore(Protocol):
 
     def write(self, *operations: Operation) -> Commit:
         """Queue ``operations`` to be stored together, in order, after everything queued before."""
+        ...
+
+    def write_with_next(self, *operations: Operation) -> Commit:
+        """Queue ``operations`` (all of one job) to be stored with that job's next
+        :meth:`write`, in its transaction: not before it (a backend without transactions may
+        store them at once), and on closing if no write comes.
+
+        Raises:
+            ValueError: The operations are not all of one job.
+        """
         ...
 
     async def check(self) -> StoreHealth:

@@ -12,13 +12,23 @@ from actors.store.base import JobStore, SetRemote
 class StoreJournal:
     """Notes each image's remote work (a prediction id, or a create in flight) in ``store``.
 
-    Concurrency: sync; each note is one queued write, stored in order with the job's own.
+    Concurrency: sync; each note is one queued write, stored in order with the job's own (a note
+    ``with_image`` inside the job's next write).
     """
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
 
     def note(
-        self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
+        self,
+        job_id: str,
+        index: int,
+        *,
+        remote_id: str | None,
+        pending_since: datetime | None,
+        with_image: bool = False,
     ) -> Commit:
-        return self._store.write(SetRemote(job_id, index, remote_id, pending_since))
+        operation = SetRemote(job_id, index, remote_id, pending_since)
+        if with_image:
+            return self._store.write_with_next(operation)
+        return self._store.write(operation)

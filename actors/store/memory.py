@@ -22,6 +22,7 @@ from actors.store.base import (
     StoredJob,
     StoreHealth,
     StoreStatistics,
+    one_job_of,
 )
 
 
@@ -78,6 +79,11 @@ class MemoryStore:
         self._writes += 1
         commit.settle()
         return commit
+
+    def write_with_next(self, *operations: Operation) -> Commit:
+        """Stored at once: with no transactions, nothing is gained by waiting for the next."""
+        one_job_of(operations)
+        return self.write(*operations)
 
     def _missing_job(self, operations: tuple[Operation, ...]) -> str | None:
         added: set[str] = set()

@@ -455,6 +455,9 @@ class RedisStore:
     def write(self, *operations: Operation) -> Commit:
         return self._writer.write(*operations)
 
+    def write_with_next(self, *operations: Operation) -> Commit:
+        return self._writer.write_with_next(*operations)
+
     async def flush(self) -> None:
         """Return once everything queued before now was written, or failed (a node hands its
         jobs over after this). The writer task writes it: an empty write queued last settles

@@ -473,6 +473,9 @@ class SQLiteStore:
     def write(self, *operations: Operation) -> Commit:
         return self._writer.write(*operations)
 
+    def write_with_next(self, *operations: Operation) -> Commit:
+        return self._writer.write_with_next(*operations)
+
     async def check(self) -> StoreHealth:
         with trio.move_on_after(HEALTH_TIMEOUT_S):
             try:

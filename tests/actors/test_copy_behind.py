@@ -20,8 +20,9 @@ from quart_trio import QuartTrio
 
 from actors.files import ImageFiles, ImageFilesSettings, open_image_files
 from actors.messages import ImageCopy, ImageStatus, JobStatus, ProgressEvent
+from actors.providers.base import Commit
 from actors.settings import SupervisorSettings
-from actors.store import MemoryStore
+from actors.store import MemoryStore, Operation, SetCopy
 from actors.supervisor import Supervisor, open_supervisor
 from tests.fake_replicate import PNG
 from tests.fakes import FakeProvider, Script, upper_jitter
@@ -43,6 +44,8 @@ class Origin:
     status: int = 200
     hold: trio.Event | None = None
     requests: list[str] = attrs.Factory(list)
+    #: When (Trio time) each request came.
+    times: list[float] = attrs.Factory(list)
     in_flight: int = 0
     peak_in_flight: int = 0
 
@@ -52,6 +55,7 @@ class Origin:
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(str(request.url))
+        self.times.append(trio.current_time())
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
@@ -136,6 +140,57 @@ async def test_an_image_is_published_with_its_files_url_before_its_copy_is_made(
         assert files_of(supervisor).locate(name) is None
         assert on_disk(tmp_path / "images") == [name]
         assert job.snapshot().images[0].url == f"/files/{name}"  # the URL never changed
+
+
+class CopyWritesHeld(MemoryStore):
+    """A memory store that stores a write naming a copy only once :attr:`release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+        self.held = 0
+
+    def write(self, *operations: Operation) -> Commit:
+        if not any(isinstance(operation, SetCopy) for operation in operations):
+            return super().write(*operations)
+        self.held += 1
+        commit = Commit()
+
+        async def store_when_released() -> None:
+            await self.release.wait()
+            super(CopyWritesHeld, self).write(*operations).raise_error()
+            commit.settle()
+
+        trio.lowlevel.spawn_system_task(store_when_released)
+        return commit
+
+
+async def test_a_copy_starts_only_once_its_image_is_stored_and_published(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    store = CopyWritesHeld()
+    origin = Origin()
+    async with service(tmp_path, origin, store) as supervisor:
+        job_id = await submit(supervisor)
+        job = supervisor.get(job_id, owner="alice")
+        await trio.sleep(5)  # the image was made long ago; its write waits
+
+        assert store.held == 1
+        assert job.log.next_id == 1  # nothing published
+        assert origin.requests == []  # and no copy begun: it would run ahead of the event
+
+        store.release.set()
+        (event,) = await job.log.wait_events_after(0)
+        published = trio.current_time()
+        assert isinstance(event, ProgressEvent)
+        await files_of(supervisor).wait_copies()
+
+        assert origin.requests == [URL.format(job_id=job_id, index=0)]
+        # Not at once either: the event's sending to its subscribers goes first.
+        delay = files_of(supervisor).settings.copy_delay_s
+        assert delay > 0
+        assert origin.times == [pytest.approx(published + delay)]
+        assert on_disk(tmp_path / "images") == [f"{job_id}-0.png"]
 
 
 async def test_the_pending_copy_is_stored_with_the_image_that_names_it(

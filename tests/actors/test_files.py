@@ -188,6 +188,8 @@ async def served(files: ImageFiles, job_id: str, index: int, url: str) -> str:
     """Keep the image, wait for its copy, and say where its URL leads: ``/files/...`` once the
     copy is stored, the provider's URL while ``/files/...`` redirects there."""
     kept = files.keep(job_id, index, url)
+    if kept.copy is not None:
+        files.copy_behind(kept.copy)
     with trio.fail_after(WAIT_S):
         await files.wait_copies()
     if kept.copy is not None and files.locate(kept.copy.name) is not None:
@@ -427,6 +429,8 @@ async def test_stopping_mid_copy_leaves_no_file_and_the_copy_pending(
         opened(tmp_path, client=client, download_timeout_s=WAIT_S) as files,
     ):
         kept = files.keep(JOB, 0, origin.at("/stalled-body"))
+        assert kept.copy is not None
+        files.copy_behind(kept.copy)
         await headers_arrived.wait()  # the body is on its way, and stalls
 
         assert kept.copy is not None

@@ -133,6 +133,45 @@ async def test_stopping_leaves_the_job_unfinished_in_the_store_and_its_remote_wo
     assert first.provider.cancelled == 2  # only this process's calls stopped
 
 
+async def test_a_new_job_is_stored_with_its_images_remote_work_pending_and_says_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(resumable=True)
+    provider = FakeProvider(default=Script(latency_s=10))
+    async with running(store, provider) as supervisor:
+        admitted = wall_clock()
+        job_id = await submit(supervisor, n=3)
+        (stored,) = await store.load()
+        await trio.sleep(1)
+        requests = list(provider.calls)
+
+    # Stored before the job was accepted: a create may be in flight for any image from then on.
+    assert [(w.index, w.remote_id, w.pending_since) for w in stored.remote] == [
+        (0, None, admitted),
+        (1, None, admitted),
+        (2, None, admitted),
+    ]
+    assert sorted((r.job_id, r.index, r.pending_since) for r in requests) == [
+        (job_id, 0, admitted),
+        (job_id, 1, admitted),
+        (job_id, 2, admitted),
+    ]
+
+
+async def test_a_restored_job_says_nothing_of_its_admission_to_its_provider(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(resumable=True)
+    first = await stop_mid_job(store)
+
+    provider = FakeProvider(default=Script(latency_s=1))
+    async with running(store, provider) as supervisor:
+        await supervisor.get(first.job_id, owner="alice").wait_finished()
+
+    resumed = [request for request in provider.calls if request.job_id == first.job_id]
+    assert sorted((r.index, r.pending_since is None) for r in resumed) == [(2, True), (3, True)]
+
+
 async def test_the_next_start_restores_the_job_with_its_events_and_ids(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -7,7 +7,7 @@ Against the fake Replicate server on a real socket (real clock), with a ``Memory
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -38,8 +38,10 @@ JOB = "job-1"
 PROMPT = "a red fox"
 
 
-def image(index: int = 0, attempt: int = 1) -> ImageRequest:
-    return ImageRequest(job_id=JOB, index=index, prompt=PROMPT, attempt=attempt)
+def image(index: int = 0, attempt: int = 1, pending_since: datetime | None = None) -> ImageRequest:
+    return ImageRequest(
+        job_id=JOB, index=index, prompt=PROMPT, attempt=attempt, pending_since=pending_since
+    )
 
 
 async def generate(provider: ReplicateProvider, request: ImageRequest) -> str:
@@ -103,10 +105,18 @@ class RecordingJournal(StoreJournal):
         self.notes: list[tuple[int, str | None, datetime | None]] = []
 
     def note(
-        self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
+        self,
+        job_id: str,
+        index: int,
+        *,
+        remote_id: str | None,
+        pending_since: datetime | None,
+        with_image: bool = False,
     ) -> Commit:
         self.notes.append((index, remote_id, pending_since))
-        return super().note(job_id, index, remote_id=remote_id, pending_since=pending_since)
+        return super().note(
+            job_id, index, remote_id=remote_id, pending_since=pending_since, with_image=with_image
+        )
 
 
 class HeldJournal(StoreJournal):
@@ -115,12 +125,23 @@ class HeldJournal(StoreJournal):
     def __init__(self, store: MemoryStore) -> None:
         super().__init__(store)
         self.held: list[Commit] = []
+        #: Each note's ``with_image``, in order.
+        self.with_image: list[bool] = []
         self.noted = trio.Event()
 
     def note(
-        self, job_id: str, index: int, *, remote_id: str | None, pending_since: datetime | None
+        self,
+        job_id: str,
+        index: int,
+        *,
+        remote_id: str | None,
+        pending_since: datetime | None,
+        with_image: bool = False,
     ) -> Commit:
-        super().note(job_id, index, remote_id=remote_id, pending_since=pending_since)
+        super().note(
+            job_id, index, remote_id=remote_id, pending_since=pending_since, with_image=with_image
+        )
+        self.with_image.append(with_image)
         held = Commit()
         self.held.append(held)
         self.noted.set()
@@ -180,18 +201,49 @@ async def test_no_create_is_sent_until_its_pending_note_is_stored(fake: FakeRepl
         await trio.testing.wait_all_tasks_blocked(cushion=0.05)
         assert fake.create_requests == 0
 
-        journal.release()  # the create goes out; then the image waits for its id's note
+        journal.release()  # the create goes out, and its answer is the finished image
+        with trio.fail_after(5):
+            await done.wait()
+
+    # The id's note goes with the image's own write (one transaction), not waited for here.
+    assert fake.create_requests == 1
+    assert journal.with_image == [False, True]
+    assert [held.settled for held in journal.held] == [True, False]
+    assert await journal_of(store) == {0: (next(iter(fake.predictions)), None)}
+
+
+async def test_a_prediction_still_running_is_polled_only_once_its_id_is_noted() -> None:
+    fake = FakeReplicate(latency_s=1.5)  # longer than Prefer: wait=1: answered "starting"
+    store = await store_with_job()
+    journal = HeldJournal(store)
+    done = trio.Event()
+
+    async def make_image() -> None:
+        await generate(provider, image())
+        done.set()
+
+    async with (
+        run_fake_replicate(fake),
+        open_replicate_provider(settings_for(fake, wait_s=1), journal=journal) as provider,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(make_image)
+        with trio.fail_after(5):
+            await journal.noted.wait()
+        journal.release()  # the pending note is stored: the create goes out
         with trio.fail_after(5):
             while len(journal.held) < 2:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.01)
-        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-        assert fake.create_requests == 1
-        assert not done.is_set()
+        polls = fake.get_requests
+        await trio.sleep(0.7)  # past the prediction's end: a poll would finish the image
+        assert (fake.get_requests, done.is_set()) == (polls, False)
 
         journal.release()
+        with trio.fail_after(5):
+            await done.wait()
 
-    assert done.is_set()
-    assert [held.settled for held in journal.held] == [True, True]
+    assert journal.with_image == [False, False]
+    assert fake.get_requests > polls
     assert await journal_of(store) == {0: (next(iter(fake.predictions)), None)}
 
 
@@ -248,6 +300,88 @@ async def test_a_throttled_create_is_journaled_pending_again_before_it_is_sent_a
         (prediction_id, True),
     ]
     assert fake.create_requests == 2
+
+
+async def test_a_first_create_soon_after_admission_goes_on_the_admissions_note(
+    fake: FakeReplicate,
+) -> None:
+    store = await store_with_job()
+    admitted = datetime.now(UTC)
+    await commit(store, SetRemote(JOB, 0, None, admitted))  # as the job's admission writes it
+    journal = RecordingJournal(store)
+
+    async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
+        await generate(provider, image(pending_since=admitted))
+
+    (prediction_id,) = fake.predictions
+    assert [(remote_id, since is None) for _, remote_id, since in journal.notes] == [
+        (prediction_id, True)  # no pending note of its own before the create
+    ]
+    assert await journal_of(store) == {0: (prediction_id, None)}
+
+
+async def test_an_old_admission_note_is_not_relied_on(fake: FakeReplicate) -> None:
+    store = await store_with_job()
+    admitted = datetime.now(UTC) - timedelta(minutes=1)
+    await commit(store, SetRemote(JOB, 0, None, admitted))
+    journal = RecordingJournal(store)
+
+    async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
+        await generate(provider, image(pending_since=admitted))
+
+    (prediction_id,) = fake.predictions
+    assert [(remote_id, since is None) for _, remote_id, since in journal.notes] == [
+        (None, False),
+        (prediction_id, True),
+    ]
+
+
+async def test_after_a_throttled_first_create_the_next_notes_itself(fake: FakeReplicate) -> None:
+    fake.faults.retry_after_s = 0
+    fake.faults.forced_creates.extend(["429"])
+    store = await store_with_job()
+    admitted = datetime.now(UTC)
+    await commit(store, SetRemote(JOB, 0, None, admitted))
+    journal = RecordingJournal(store)
+
+    async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
+        with pytest.raises(NotStartedError) as throttled:
+            await generate(provider, image(pending_since=admitted))
+        assert throttled.value.retry_after_s is not None
+        await trio.sleep(throttled.value.retry_after_s)
+        await generate(provider, image(pending_since=admitted))
+
+    (prediction_id,) = fake.predictions
+    # The 429 cleared the admission's note: the create after it is noted before it is sent.
+    assert [(remote_id, since is None) for _, remote_id, since in journal.notes] == [
+        (None, True),
+        (None, False),
+        (prediction_id, True),
+    ]
+
+
+async def test_a_create_sent_on_the_admissions_note_is_reconciled_after_a_restart(
+    fake: FakeReplicate,
+) -> None:
+    fake.faults.forced_creates.extend(["hang-created"])  # created, then never answered
+    store = await store_with_job()
+    admitted = datetime.now(UTC)
+    await commit(store, SetRemote(JOB, 0, None, admitted))
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        with trio.move_on_after(1):  # the process dies with the create unanswered
+            await provider.generate(image(pending_since=admitted))
+    assert await journal_of(store) == {0: (None, admitted)}  # only the admission's note
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        provider.resume_remote_work(await remote_work(store), [])
+        url = await generate(provider, image(attempt=2))
+        stats = provider.statistics()
+
+    (prediction_id,) = fake.predictions
+    assert url.endswith(f"/files/{prediction_id}/out-0.webp")
+    assert (fake.create_requests, stats["reconciled"], stats["creates"]) == (1, 1, 0)
+    assert await journal_of(store) == {0: (prediction_id, None)}
 
 
 # --- resuming ----------------------------------------------------------------------------------

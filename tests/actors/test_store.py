@@ -214,6 +214,27 @@ async def test_remote_work_is_journaled_per_image_and_kept_when_images_change(
     )
 
 
+async def test_a_held_write_is_stored_with_its_jobs_next_write(store: JobStore) -> None:
+    await commit(store, *new_job(), SetRemote("job-1", 0, None, PENDING))
+
+    held = store.write_with_next(SetRemote("job-1", 0, "pred-0", None))
+    await commit(store, PutImages("job-1", (image(index=0, status=ImageStatus.COMPLETED),)))
+
+    assert held.settled
+    await held.wait()
+    (remote,) = (await only_job(store)).remote
+    assert (remote.remote_id, remote.pending_since) == ("pred-0", None)
+
+
+async def test_a_held_write_of_several_jobs_is_refused(store: JobStore) -> None:
+    await commit(store, *new_job("job-1", 1), *new_job("job-2", 2))
+
+    with pytest.raises(ValueError, match="exactly one job"):
+        store.write_with_next(SetRemote("job-1", 0, "a", None), SetRemote("job-2", 0, "b", None))
+
+    assert [stored.remote for stored in await store.load()] == [(), ()]
+
+
 def image_copy(job_id: str = "job-1", index: int = 0, **changes: Any) -> ImageCopy:
     copy = ImageCopy(
         job_id=job_id,
@@ -423,6 +444,63 @@ async def test_writes_queued_in_one_tick_share_one_transaction(db_path: Path) ->
 
     assert (stats["commits"], stats["transactions"], stats["largest_batch"]) == (20, 1, 20)
     assert (stats["failed_commits"], stats["error"], stats["queued"]) == (0, None, 0)
+
+
+async def test_a_held_write_waits_for_its_job_and_shares_its_transaction(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, *new_job("job-1", 1), *new_job("job-2", 2))
+        before = store.statistics()["transactions"]
+
+        held = store.write_with_next(SetRemote("job-1", 0, "pred-0", None))
+        await commit(store, PutImages("job-2", (image("job-2", 0, attempts=2),)))  # not its job
+        assert not held.settled
+        assert store.statistics()["held"] == 1
+        assert [stored.remote for stored in await store.load()] == [(), ()]
+
+        await commit(store, PutImages("job-1", (image("job-1", 0, attempts=2),)))
+        assert [held.settled] == [True]  # (a list: mypy would take the assert above as final)
+        stats = store.statistics()
+
+    assert (before, stats["transactions"]) == (1, 3)  # job-2's, then job-1's carrying the note
+    assert stats["held"] == 0
+    async with open_sqlite_store(db_path) as reopened:
+        job_1, _ = await reopened.load()
+    assert [(work.index, work.remote_id) for work in job_1.remote] == [(0, "pred-0")]
+
+
+async def test_a_held_write_is_held_again_when_its_carrier_fails_and_goes_with_the_retry(
+    db_path: Path, short_busy_timeout: None
+) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, *new_job())
+        held = store.write_with_next(SetRemote("job-1", 0, "pred-0", None))
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StoreUnavailable, match="database is locked"):
+                await commit(store, PutImages("job-1", (image(attempts=2),)))
+        finally:
+            blocker.close()
+        assert not held.settled  # held again, for the job's next try
+        assert store.statistics()["held"] == 1
+
+        await commit(store, PutImages("job-1", (image(attempts=2),)))
+        await held.wait()
+
+    async with open_sqlite_store(db_path) as reopened:
+        stored = await only_job(reopened)
+    assert [(work.index, work.remote_id) for work in stored.remote] == [(0, "pred-0")]
+
+
+async def test_a_held_write_with_no_next_write_is_stored_on_closing(db_path: Path) -> None:
+    async with open_sqlite_store(db_path) as store:
+        await commit(store, *new_job())
+        held = store.write_with_next(SetRemote("job-1", 1, "pred-1", None))
+
+    await held.wait()
+    async with open_sqlite_store(db_path) as reopened:
+        stored = await only_job(reopened)
+    assert [(work.index, work.remote_id) for work in stored.remote] == [(1, "pred-1")]
 
 
 async def test_a_bad_write_in_a_batch_fails_only_its_own_commit(db_path: Path) -> None:
