@@ -325,26 +325,16 @@ class ClusterNode:
         )
         return int(answer)
 
-    async def admission(
-        self, owner: str, idempotency_key: str | None
-    ) -> tuple[int, int, str | None]:
-        """For a new job: a fresh seq, the owner's unfinished jobs, and the job already holding
-        ``idempotency_key`` (one round trip).
+    async def next_seq(self) -> int:
+        """A fresh seq for a new job (cluster-wide, newest largest).
 
         Raises:
             StoreUnavailable: Redis cannot be reached.
         """
-        keys = self.keys
-
-        async def read() -> tuple[int, int, str | None]:
-            async with self.store.client.pipeline(transaction=False) as pipe:
-                seq = pipe.incr(keys.seq)
-                active = pipe.scard(keys.user(owner, "active"))
-                holder = pipe.hget(keys.user(owner, "idem"), idempotency_key or "")
-            found = await holder
-            return int(await seq), int(await active), None if found is None else str(found)
-
-        return await self.store._call("admitting a job", read)
+        seq: Any = await self.store._call(
+            "admitting a job", partial(self.store.client.incr, self.keys.seq)
+        )
+        return int(seq)
 
     async def expired(self, *, retention_s: float, keep: int) -> list[str]:
         """Finished jobs (any node's) to forget now: older than ``retention_s``, or over ``keep``.

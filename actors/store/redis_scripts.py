@@ -18,7 +18,10 @@ from __future__ import annotations
 #: operations, each as a tag and its fields: ``J id seq owner has_idem idem finished_ms n field
 #: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
 #: images), ``E id event_id json`` (append event), ``R id index json`` (remote work), ``C id
-#: index json`` (copy of an output), ``D id`` (delete job). Returns the number of operations.
+#: index json`` (copy of an output), ``D id`` (delete job), ``A id owner has_idem idem
+#: max_active`` (admit the new job ``id``: checks only, before its ``J``). Returns the number of
+#: operations; or, writing nothing, ``{"held", job id}`` (the idempotency key of an ``A`` is that
+#: job's) or ``{"limit", active}`` (its owner has ``max_active`` unfinished jobs or more).
 BATCH = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
 
@@ -50,6 +53,12 @@ while i <= #ARGV do
   elseif tag == 'D' then
     ops[#ops + 1] = {tag = tag, id = id}
     i = i + 2
+  elseif tag == 'A' then
+    local idem = false
+    if ARGV[i + 3] == '1' then idem = ARGV[i + 4] end
+    ops[#ops + 1] = {tag = tag, id = id, owner = ARGV[i + 2], idem = idem,
+                     max_active = tonumber(ARGV[i + 5])}
+    i = i + 6
   else
     return redis.error_reply('REFUSED unknown operation ' .. tostring(tag))
   end
@@ -163,6 +172,15 @@ for _, op in ipairs(ops) do
     end
     lasts[id] = 0
     added[id] = {}
+  elseif op.tag == 'A' then
+    -- Admission: the key's holder answers a repeated request, then the owner's limit applies.
+    problem = foreign(user_key(op.owner, 'active'), 'set')
+      or (op.idem and foreign(user_key(op.owner, 'idem'), 'hash'))
+    if problem then break end
+    local h = op.idem and holder(op.owner, op.idem)
+    if h and h ~= id then return {'held', h} end
+    local active = redis.call('SCARD', user_key(op.owner, 'active'))
+    if active >= op.max_active then return {'limit', tostring(active)} end
   elseif not ident.owner then
     problem = 'no job ' .. id .. ' to write to'
   elseif op.tag == 'I' then
@@ -236,7 +254,7 @@ for _, op in ipairs(ops) do
     redis.call('HSET', job_key(id, 'remote'), op.index, op.body)
   elseif op.tag == 'C' then
     redis.call('HSET', job_key(id, 'copies'), op.index, op.body)
-  else
+  elseif op.tag == 'D' then
     redis.call('DEL', job_key(id, 'record'), job_key(id, 'images'), job_key(id, 'remote'),
                job_key(id, 'copies'), job_key(id, 'events'), job_key(id, 'cancel'),
                P .. 'lease:' .. id)

@@ -159,6 +159,36 @@ async def test_a_job_s_list_idempotency_key_and_user_limit_are_cluster_wide(
     assert end is None
 
 
+async def test_concurrent_submissions_on_two_nodes_never_pass_the_user_limit(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_active_jobs_per_user=3)
+    outcomes: list[str] = []
+
+    async def try_submit(supervisor: Supervisor) -> None:
+        try:
+            await submit(supervisor, 1)
+        except LimitExceeded:
+            outcomes.append("limited")
+        else:
+            outcomes.append("admitted")
+
+    async with (
+        node(redis_prefix, blocked(), settings=settings) as a,
+        node(redis_prefix, blocked(), settings=settings) as b,
+    ):
+        with trio.fail_after(WAIT_S):
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(try_submit, a)
+                    nursery.start_soon(try_submit, b)
+        page, _ = await a.find_page(owner="alice", limit=50)
+
+    assert outcomes.count("admitted") == 3
+    assert outcomes.count("limited") == 37
+    assert len(page) == 3
+
+
 async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix: str) -> None:
     runner_provider = blocked()
     async with node(redis_prefix, runner_provider) as runner:
