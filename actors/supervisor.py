@@ -423,15 +423,18 @@ class Supervisor:
             raise self._too_many_jobs()
         queued = sum(job.unfinished_images for job in active)
         if queued + num_images > settings.max_queued_images:
-            raise Overloaded(
-                "The service is busy; try again shortly", retry_after_s=settings.retry_after_s
-            )
+            raise self._busy()
 
     def _too_many_jobs(self) -> LimitExceeded:
         settings = self.settings
         return LimitExceeded(
             f"Too many active jobs: at most {settings.max_active_jobs_per_user} per user",
             retry_after_s=settings.retry_after_s,
+        )
+
+    def _busy(self) -> Overloaded:
+        return Overloaded(
+            "The service is busy; try again shortly", retry_after_s=self.settings.retry_after_s
         )
 
     def _ended(self, job: JobActor) -> None:
@@ -844,9 +847,13 @@ class Supervisor:
         job = self._new_job(
             owner, prompt, num_images, idempotency_key, seq=await cluster.next_seq()
         )
-        # Admitted in one step with the write (another node may be admitting for the same user).
-        limit = self.settings.max_active_jobs_per_user
-        outcome, holder = await cluster.store.admit(job.first_write(), max_active=limit)
+        # Admitted in one step with the write (other nodes may be admitting at the same time).
+        settings = self.settings
+        outcome, holder = await cluster.store.admit(
+            job.first_write(),
+            max_active=settings.max_active_jobs_per_user,
+            max_queued_images=settings.max_queued_images,
+        )
         if outcome == "held":
             assert holder is not None
             existing = await self._replay_stored(holder, prompt, num_images)
@@ -855,6 +862,8 @@ class Supervisor:
             return existing, False
         if outcome == "limit":
             raise self._too_many_jobs()
+        if outcome == "busy":
+            raise self._busy()
         logger.info("job %s accepted: %d images for %s", job.job_id, num_images, owner)
         return job.snapshot(), True
 

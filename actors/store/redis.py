@@ -18,6 +18,8 @@ deployments and test runs share one server)::
     P user:<owner>:idem         hash    idempotency key -> job id
     P user:<owner>:active       set     the user's unfinished jobs (the per-user limit)
     P finished                  zset    finished job ids by end time, ms (retention)
+    P active                    hash    unfinished job id -> its number of images
+    P active_images             string  the sum of ``P active`` (``MAX_QUEUED_IMAGES``)
     P health                    string  what ``check()`` writes to learn that writes work again
 
 A cluster (``actors/cluster/``) adds the job queue, the leases and the nodes' wake streams.
@@ -489,16 +491,18 @@ class RedisStore:
         return None
 
     async def admit(
-        self, operations: Sequence[Operation], *, max_active: int
+        self, operations: Sequence[Operation], *, max_active: int, max_queued_images: int
     ) -> tuple[str, str | None]:
         """Write a new job's first write (``operations``, its record first) if its owner may
-        have one more unfinished job, atomically with that check and with its idempotency key's:
-        one script call of its own (not through the writer: its answer is the caller's).
+        have one more unfinished job and its images fit in the queue, atomically with those
+        checks and with its idempotency key's: one script call of its own (not through the
+        writer: its answer is the caller's).
 
         Returns:
             ``("admitted", None)``; or, nothing written, ``("held", job id)``: the job's
-            idempotency key is that job's, or ``("limit", unfinished jobs)``: the owner has
-            ``max_active`` unfinished jobs or more.
+            idempotency key is that job's, ``("limit", unfinished jobs)``: the owner has
+            ``max_active`` unfinished jobs or more, or ``("busy", images)``: the images of
+            unfinished jobs (every node's) and the new job's are more than ``max_queued_images``.
 
         Raises:
             StoreUnavailable: Redis cannot be reached, or refused the write.
@@ -509,6 +513,7 @@ class RedisStore:
         args = [self.keys.prefix, self.node or "", str(self._lease_ms)]
         args += ["A", record.job_id, safe_text(record.owner) or ""]
         args += [*_key_arguments(record.idempotency_key), str(max_active)]
+        args += [str(record.num_images), str(max_queued_images)]
         args += batch_arguments(operations)
         answer: Any = await self._call("admitting a job", lambda: self._batch(keys=[], args=args))
         if isinstance(answer, list):

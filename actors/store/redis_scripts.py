@@ -19,9 +19,17 @@ from __future__ import annotations
 #: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
 #: images), ``E id event_id json`` (append event), ``R id index json`` (remote work), ``C id
 #: index json`` (copy of an output), ``D id`` (delete job), ``A id owner has_idem idem
-#: max_active`` (admit the new job ``id``: checks only, before its ``J``). Returns the number of
-#: operations; or, writing nothing, ``{"held", job id}`` (the idempotency key of an ``A`` is that
-#: job's) or ``{"limit", active}`` (its owner has ``max_active`` unfinished jobs or more).
+#: max_active images max_queued`` (admit the new job ``id`` of ``images`` images: checks only,
+#: before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's).
+#: Returns the number of operations; or, writing nothing, ``{"held", job id}`` (the idempotency
+#: key of an ``A`` is that job's), ``{"limit", active}`` (its owner has ``max_active`` unfinished
+#: jobs or more) or ``{"busy", queued}`` (the images of unfinished jobs, cluster-wide, and the
+#: new job's would be more than ``max_queued``).
+#:
+#: ``P active`` (unfinished job id -> its images) and ``P active_images`` (their sum) change
+#: together, only when a job is written unfinished for the first time, or written finished, or
+#: deleted: whichever node ends a job (a dead node's is ended by the one that carries it on)
+#: takes its images off.
 BATCH = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
 
@@ -37,8 +45,13 @@ while i <= #ARGV do
     local n = tonumber(ARGV[i + 7])
     local idem = false
     if ARGV[i + 4] == '1' then idem = ARGV[i + 5] end
+    local images = 0
+    for k = i + 8, i + 7 + 2 * n, 2 do
+      if ARGV[k] == 'num_images' then images = tonumber(ARGV[k + 1]) end
+    end
     ops[#ops + 1] = {tag = tag, id = id, seq = tonumber(ARGV[i + 2]), owner = ARGV[i + 3],
-                     idem = idem, finished = ARGV[i + 6], first = i + 8, count = 2 * n}
+                     idem = idem, finished = ARGV[i + 6], first = i + 8, count = 2 * n,
+                     images = images}
     i = i + 8 + 2 * n
   elseif tag == 'I' then
     local n = tonumber(ARGV[i + 2])
@@ -57,8 +70,9 @@ while i <= #ARGV do
     local idem = false
     if ARGV[i + 3] == '1' then idem = ARGV[i + 4] end
     ops[#ops + 1] = {tag = tag, id = id, owner = ARGV[i + 2], idem = idem,
-                     max_active = tonumber(ARGV[i + 5])}
-    i = i + 6
+                     max_active = tonumber(ARGV[i + 5]), images = tonumber(ARGV[i + 6]),
+                     max_queued = tonumber(ARGV[i + 7])}
+    i = i + 8
   else
     return redis.error_reply('REFUSED unknown operation ' .. tostring(tag))
   end
@@ -122,6 +136,7 @@ local function last_event(id)
 end
 
 local problem = foreign(P .. 'jobs', 'zset') or foreign(P .. 'seq', 'string')
+  or foreign(P .. 'active', 'hash') or foreign(P .. 'active_images', 'string')
 for _, op in ipairs(ops) do
   if problem then break end
   local id = op.id
@@ -181,6 +196,8 @@ for _, op in ipairs(ops) do
     if h and h ~= id then return {'held', h} end
     local active = redis.call('SCARD', user_key(op.owner, 'active'))
     if active >= op.max_active then return {'limit', tostring(active)} end
+    local queued = tonumber(redis.call('GET', P .. 'active_images') or '0')
+    if queued + op.images > op.max_queued then return {'busy', tostring(queued)} end
   elseif not ident.owner then
     problem = 'no job ' .. id .. ' to write to'
   elseif op.tag == 'I' then
@@ -217,6 +234,20 @@ local function hset_range(key, first, count)
     redis.call('HSET', key, unpack(ARGV, start, math.min(start + chunk, first + count) - 1))
   end
 end
+local function activate(id, images)
+  if redis.call('HSETNX', P .. 'active', id, images) == 1 then
+    redis.call('INCRBY', P .. 'active_images', images)
+  end
+end
+local function deactivate(id)
+  local images = redis.call('HGET', P .. 'active', id)
+  if images then
+    redis.call('HDEL', P .. 'active', id)
+    if redis.call('DECRBY', P .. 'active_images', images) <= 0 then
+      redis.call('DEL', P .. 'active_images')
+    end
+  end
+end
 local top = 0
 for _, op in ipairs(ops) do
   local id = op.id
@@ -237,8 +268,10 @@ for _, op in ipairs(ops) do
     end
     if op.finished == '' then
       redis.call('SADD', user_key(op.owner, 'active'), id)
+      activate(id, op.images)
     else
       redis.call('SREM', user_key(op.owner, 'active'), id)
+      deactivate(id)
       redis.call('ZADD', P .. 'finished', op.finished, id)
       redis.call('DEL', job_key(id, 'cancel'))
     end
@@ -260,6 +293,7 @@ for _, op in ipairs(ops) do
                P .. 'lease:' .. id)
     redis.call('ZREM', P .. 'jobs', id)
     redis.call('ZREM', P .. 'finished', id)
+    deactivate(id)
     if op.owner then
       redis.call('ZREM', user_key(op.owner, 'jobs'), id)
       redis.call('SREM', user_key(op.owner, 'active'), id)

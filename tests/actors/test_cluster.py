@@ -16,11 +16,12 @@ import trio
 
 import actors.supervisor as supervisor_module
 from actors.cluster import ClusterNode, new_node_id
-from actors.errors import JobNotFound, LimitExceeded
+from actors.errors import JobNotFound, LimitExceeded, Overloaded
 from actors.messages import DoneEvent, JobEvent, JobStatus, Transport
 from actors.settings import SupervisorSettings
 from actors.store.redis import open_client, open_redis_store
 from actors.supervisor import Subscription, Supervisor, open_supervisor
+from tests.actors.test_store import new_job
 from tests.fakes import FakeProvider, Script
 from tests.redis_support import REDIS_URL
 
@@ -159,34 +160,89 @@ async def test_a_job_s_list_idempotency_key_and_user_limit_are_cluster_wide(
     assert end is None
 
 
+async def submit_at_once(
+    nodes: tuple[Supervisor, ...], count: int
+) -> tuple[list[str], list[LimitExceeded | Overloaded]]:
+    """``count`` one-image submissions on each node, all at once: the jobs and the refusals."""
+    admitted: list[str] = []
+    refused: list[LimitExceeded | Overloaded] = []
+
+    async def try_submit(supervisor: Supervisor) -> None:
+        try:
+            admitted.append(await submit(supervisor, 1))
+        except (LimitExceeded, Overloaded) as exc:
+            refused.append(exc)
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                for supervisor in nodes:
+                    nursery.start_soon(try_submit, supervisor)
+    return admitted, refused
+
+
 async def test_concurrent_submissions_on_two_nodes_never_pass_the_user_limit(
     redis_prefix: str,
 ) -> None:
     settings = SupervisorSettings(max_active_jobs_per_user=3)
-    outcomes: list[str] = []
-
-    async def try_submit(supervisor: Supervisor) -> None:
-        try:
-            await submit(supervisor, 1)
-        except LimitExceeded:
-            outcomes.append("limited")
-        else:
-            outcomes.append("admitted")
-
     async with (
         node(redis_prefix, blocked(), settings=settings) as a,
         node(redis_prefix, blocked(), settings=settings) as b,
     ):
-        with trio.fail_after(WAIT_S):
-            async with trio.open_nursery() as nursery:
-                for _ in range(20):
-                    nursery.start_soon(try_submit, a)
-                    nursery.start_soon(try_submit, b)
+        admitted, refused = await submit_at_once((a, b), 20)
         page, _ = await a.find_page(owner="alice", limit=50)
 
-    assert outcomes.count("admitted") == 3
-    assert outcomes.count("limited") == 37
+    assert len(admitted) == 3
+    assert len(refused) == 37
+    assert all(isinstance(exc, LimitExceeded) for exc in refused)
     assert len(page) == 3
+
+
+async def test_queued_images_are_bounded_cluster_wide_and_freed_as_jobs_end(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_active_jobs_per_user=100, max_queued_images=4)
+    async with (
+        node(redis_prefix, blocked(), settings=settings) as a,
+        node(redis_prefix, blocked(), settings=settings) as b,
+    ):
+        admitted, refused = await submit_at_once((a, b), 10)
+        with trio.fail_after(WAIT_S):
+            await b.cancel_and_wait(admitted[0], owner="alice", timeout_s=WAIT_S)
+        again = await submit(a, 1)
+
+    assert len(admitted) == 4
+    assert len(refused) == 16
+    assert all(isinstance(exc, Overloaded) for exc in refused)
+    assert str(refused[0]) == "The service is busy; try again shortly"
+    assert refused[0].retry_after_s == settings.retry_after_s
+    assert again not in admitted
+
+
+async def test_a_dead_node_s_images_are_freed_once_another_node_ends_its_job(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_queued_images=2)
+    # What a node that took a 2-image job and died leaves: the job, its entry taken, its lease.
+    async with open_redis_store(REDIS_URL, redis_prefix, node="dead", lease_s=LEASE_S) as dead:
+        assert await dead.admit(new_job(), max_active=10, max_queued_images=2) == (
+            "admitted",
+            None,
+        )
+        client = dead.client
+        await client.xgroup_create(f"{redis_prefix}queue", "nodes", "0", mkstream=True)
+        await client.xreadgroup("nodes", "dead", streams={f"{redis_prefix}queue": ">"})
+        await client.set(f"{redis_prefix}lease:job-1", "dead", px=round(LEASE_S * 1000))
+    async with node(redis_prefix, fast(), settings=settings) as survivor:
+        with pytest.raises(Overloaded):
+            await submit(survivor, 1)
+
+        async def completed() -> bool:
+            snapshot = await survivor.find("job-1", owner="alice")
+            return snapshot.status is JobStatus.COMPLETED
+
+        await poll(completed)
+        await submit(survivor, 2)
 
 
 async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix: str) -> None:
