@@ -6,6 +6,7 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
                                     with the job's first write, or when a node hands it over);
                                     consumer group ``nodes``, each node a consumer. An entry
                                     stays pending while its job runs, and is removed at its end
+    P entries               hash    job id -> its entry in the job queue (until removed)
     P lease:<id>            string  the node running the job (PX JOB_LEASE_S, renewed)
     P job:<id>:cancel       string  set when the job is to be cancelled (until it ends)
     P node:<node>:wake      stream  entries that end the node's blocking event read: a job
@@ -13,7 +14,9 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
 
 How a job moves: the node that accepts it writes it (and its queue entry) in one batch; a node
 with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and
-runs it. Each node renews the leases of all its jobs in one script call every third of the lease,
+runs it. A job cancelled while no node holds it (queued) is taken by the node asked to cancel it
+(``CANCEL``), which ends it at once and removes its queue entry, as any node ending a job does.
+Each node renews the leases of all its jobs in one script call every third of the lease,
 which also keeps their queue entries fresh. A node that dies stops renewing: once its entries
 have been idle for a lease, another node claims them (``XAUTOCLAIM``) and, its lease taken, goes
 on with the job from what is stored (each image's remote work resumed by id). Every write of a
@@ -52,6 +55,8 @@ TAKE_BLOCK_MS = 2000
 TAKE_COUNT = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
+#: What :meth:`ClusterNode.cancel` answers when it took a queued job to end it here.
+CANCEL_TAKEN = 3
 #: Finished jobs forgotten per retention pass at most.
 EXPIRE_BATCH = 200
 
@@ -258,8 +263,11 @@ class ClusterNode:
             logger.warning("cluster: cannot take job %s: %s", job_id, exc)
             return  # its entry stays pending: claimed again once idle for a lease
         outcome, cancelled = str(answer[0]), bool(int(answer[1]))
-        if outcome != "ok":
-            return
+        if outcome == "ok":
+            await self._run_taken(job_id, entry_id, cancelled=cancelled)
+
+    async def _run_taken(self, job_id: str, entry_id: str, *, cancelled: bool) -> None:
+        """Run a job whose lease this node took (``entry_id`` its queue entry)."""
         assert self._start_job is not None
         self.held[job_id] = entry_id
         self._update_room()
@@ -314,16 +322,20 @@ class ClusterNode:
             logger.warning("cluster: releasing job %s: %s", job_id, exc)
 
     async def cancel(self, job_id: str) -> int:
-        """Ask whichever node runs ``job_id`` to cancel it: 0 no such job, 1 finished, 2 asked.
+        """Ask whichever node runs ``job_id`` to cancel it: 0 no such job, 1 finished, 2 asked,
+        3 ended here (no node held it: it was queued, and ends now, not once a node has room).
 
         Raises:
             StoreUnavailable: Redis cannot be reached.
         """
+        args = [self.keys.prefix, job_id, str(WAKE_TTL_MS), self.node_id, str(self._lease_ms)]
         answer: Any = await self.store._call(
-            "cancelling a job",
-            lambda: self._cancel(keys=[], args=[self.keys.prefix, job_id, str(WAKE_TTL_MS)]),
+            "cancelling a job", lambda: self._cancel(keys=[], args=args)
         )
-        return int(answer)
+        code = int(answer[0])
+        if code == CANCEL_TAKEN:
+            await self._run_taken(job_id, str(answer[1]), cancelled=True)
+        return code
 
     async def next_seq(self) -> int:
         """A fresh seq for a new job (cluster-wide, newest largest).

@@ -21,6 +21,7 @@ local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
 if status == false or status == 'completed' or status == 'failed' or status == 'canceled' then
   redis.pcall('XACK', P .. 'queue', 'nodes', entry)
   redis.call('XDEL', P .. 'queue', entry)
+  if redis.call('HGET', P .. 'entries', id) == entry then redis.call('HDEL', P .. 'entries', id) end
   return {'gone', 0}
 end
 local lease = P .. 'lease:' .. id
@@ -70,26 +71,38 @@ elseif held ~= false then
 end
 redis.pcall('XACK', P .. 'queue', 'nodes', entry)
 redis.call('XDEL', P .. 'queue', entry)
-if requeue == '1' then redis.call('XADD', P .. 'queue', '*', 'job', id) end
+if requeue == '1' then
+  redis.call('HSET', P .. 'entries', id, redis.call('XADD', P .. 'queue', '*', 'job', id))
+else
+  redis.call('HDEL', P .. 'entries', id)
+end
 return 1
 """
 
-#: ARGV: prefix, job id, wake stream TTL (ms). Marks the job cancelled (a node taking it later
-#: sees the mark) and tells the node holding it, through that node's wake stream. Returns 0 for
-#: no such job, 1 for a finished one (nothing to do), 2 when the mark is set.
+#: ARGV: prefix, job id, wake stream TTL (ms), node id, lease (ms). Marks the job cancelled (a
+#: node taking it later sees the mark) and tells the node holding it, through that node's wake
+#: stream. A job no node holds (queued, or its node dead) is taken by the asking node, to end it
+#: at once rather than when a node has room. Returns ``{code, entry id}``: code 0 for no such
+#: job, 1 for a finished one (nothing to do), 2 when the mark is set, 3 when the job's lease is
+#: the asking node's now (with the job's queue entry, for the node to run it to its end).
 CANCEL = r"""#!lua
-local P, id, ttl = ARGV[1], ARGV[2], ARGV[3]
+local P, id, ttl, node, lease_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
-if status == false then return 0 end
-if status == 'completed' or status == 'failed' or status == 'canceled' then return 1 end
+if status == false then return {0, ''} end
+if status == 'completed' or status == 'failed' or status == 'canceled' then return {1, ''} end
 redis.call('SET', P .. 'job:' .. id .. ':cancel', '1')
-local held = redis.call('GET', P .. 'lease:' .. id)
+local lease = P .. 'lease:' .. id
+local held = redis.call('GET', lease)
 if held then
   local wake = P .. 'node:' .. held .. ':wake'
   redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'cancel', id)
   redis.call('PEXPIRE', wake, ttl)
+  return {2, ''}
 end
-return 2
+local entry = redis.call('HGET', P .. 'entries', id)
+if entry == false then return {2, ''} end  -- queued before entries were kept: a taker ends it
+redis.call('SET', lease, node, 'PX', lease_ms)
+return {3, entry}
 """
 
 #: ARGV: prefix, horizon (ms since the epoch), most finished jobs kept, most ids answered.

@@ -137,6 +137,7 @@ end
 
 local problem = foreign(P .. 'jobs', 'zset') or foreign(P .. 'seq', 'string')
   or foreign(P .. 'active', 'hash') or foreign(P .. 'active_images', 'string')
+  or foreign(P .. 'entries', 'hash')
 for _, op in ipairs(ops) do
   if problem then break end
   local id = op.id
@@ -277,7 +278,7 @@ for _, op in ipairs(ops) do
     end
     if node ~= '' and fresh[id] then
       fresh[id] = false
-      redis.call('XADD', P .. 'queue', '*', 'job', id)
+      redis.call('HSET', P .. 'entries', id, redis.call('XADD', P .. 'queue', '*', 'job', id))
     end
   elseif op.tag == 'I' then
     hset_range(job_key(id, 'images'), op.first, op.count)
@@ -293,6 +294,7 @@ for _, op in ipairs(ops) do
                P .. 'lease:' .. id)
     redis.call('ZREM', P .. 'jobs', id)
     redis.call('ZREM', P .. 'finished', id)
+    redis.call('HDEL', P .. 'entries', id)
     deactivate(id)
     if op.owner then
       redis.call('ZREM', user_key(op.owner, 'jobs'), id)

@@ -16,8 +16,9 @@ import trio
 
 import actors.supervisor as supervisor_module
 from actors.cluster import ClusterNode, new_node_id
+from actors.cluster.node import MAX_JOBS_PER_NODE
 from actors.errors import JobNotFound, LimitExceeded, Overloaded
-from actors.messages import DoneEvent, JobEvent, JobStatus, Transport
+from actors.messages import DoneEvent, ImageStatus, JobEvent, JobStatus, Transport
 from actors.settings import SupervisorSettings
 from actors.store.redis import open_client, open_redis_store
 from actors.supervisor import Subscription, Supervisor, open_supervisor
@@ -53,9 +54,10 @@ async def node(
     *,
     url: str = REDIS_URL,
     settings: SupervisorSettings = SETTINGS,
+    max_jobs: int = MAX_JOBS_PER_NODE,
 ) -> AsyncIterator[Supervisor]:
     async with open_redis_store(url, prefix, node=new_node_id(), lease_s=LEASE_S) as store:
-        cluster = ClusterNode(store, url=url, lease_s=LEASE_S)
+        cluster = ClusterNode(store, url=url, lease_s=LEASE_S, max_jobs=max_jobs)
         async with open_supervisor(provider, settings, store=store, cluster=cluster) as supervisor:
             yield supervisor
     gc.collect()
@@ -256,6 +258,39 @@ async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix
 
     assert snapshot.status is JobStatus.CANCELED
     assert sorted(runner_provider.remote_cancels) == [(job_id, index) for index in range(3)]
+
+
+async def test_a_job_cancelled_while_queued_ends_at_once_and_leaves_the_queue(
+    redis_prefix: str,
+) -> None:
+    providers = [blocked(), blocked()]
+    async with (
+        node(redis_prefix, providers[0], max_jobs=1) as a,
+        node(redis_prefix, providers[1], max_jobs=1) as b,
+    ):
+        running = [await submit(a), await submit(b)]
+
+        async def both_full() -> bool:
+            await trio.lowlevel.checkpoint()
+            return len(cluster_of(a).held) + len(cluster_of(b).held) == 2
+
+        await poll(both_full)
+        queued = await submit(a)  # no node has room for it
+        with await b.subscribe_job(queued, owner="alice", transport=Transport.SSE) as on_b:
+            with trio.fail_after(2):  # far less than a lease: nothing waits for a node's room
+                snapshot = await a.cancel_and_wait(queued, owner="alice", timeout_s=WAIT_S)
+                events = await read_to_done(on_b)
+        async with open_client(REDIS_URL) as client:
+            entries = await client.xrange(f"{redis_prefix}queue")
+        ran = {request.job_id for provider in providers for request in provider.calls}
+
+    assert snapshot.status is JobStatus.CANCELED
+    assert [image.status for image in snapshot.images] == [ImageStatus.CANCELED] * 3
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.status is JobStatus.CANCELED
+    assert sorted(entry.field_values["job"] for entry in entries) == sorted(running)
+    assert queued not in ran
 
 
 # --- takeover, fencing, draining ------------------------------------------------------------------
