@@ -12,6 +12,9 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
     P node:<node>:wake      stream  entries that end the node's blocking event read: a job
                                     newly followed there, or one to cancel
 
+A node that is gone for good (each start is a new node id) stays a consumer of ``P queue`` until
+a node removes it (:data:`CONSUMER_IDLE_S` unseen, nothing pending: ``FORGET_CONSUMERS``).
+
 How a job moves: the node that accepts it writes it (and its queue entry) in one batch; a node
 with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and
 runs it. A job cancelled while no node holds it (queued) is taken by the node asked to cancel it
@@ -55,6 +58,12 @@ TAKE_BLOCK_MS = 2000
 TAKE_COUNT = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
+#: How long a consumer of the job queue (a node) with no pending entry goes unseen before any
+#: node removes it from the group: generous, as a live node is seen every ``TAKE_BLOCK_MS``
+#: (or holds entries), and one removed anyway is made again by its next read.
+CONSUMER_IDLE_S = 3600.0
+#: How often each node looks for such consumers.
+CONSUMER_SWEEP_S = 300.0
 #: What :meth:`ClusterNode.cancel` answers when it took a queued job to end it here.
 CANCEL_TAKEN = 3
 #: Finished jobs forgotten per retention pass at most.
@@ -112,6 +121,7 @@ class ClusterNode:
         self._release = client.register_script(scripts.RELEASE)
         self._cancel = client.register_script(scripts.CANCEL)
         self._expired = client.register_script(scripts.EXPIRED)
+        self._forget_consumers = client.register_script(scripts.FORGET_CONSUMERS)
         self.queue_key = f"{self.keys.prefix}queue"
         self.wake_key = f"{self.keys.prefix}node:{self.node_id}:wake"
         #: job id -> its queue entry id, for every job this node runs.
@@ -154,6 +164,7 @@ class ClusterNode:
                 nursery.start_soon(self._keep_leases, name="cluster leases")
                 nursery.start_soon(self._take_jobs, name="cluster queue")
                 nursery.start_soon(self._claim_jobs, name="cluster takeover")
+                nursery.start_soon(self._forget_dead_nodes, name="cluster consumers")
                 logger.info(
                     "cluster: node %s on prefix %r (lease %g s)",
                     self.node_id,
@@ -277,6 +288,29 @@ class ClusterNode:
             # claimed again.
             self.held.pop(job_id, None)
             self._update_room()
+
+    async def _forget_dead_nodes(self) -> None:
+        """Remove dead nodes from the job queue's group, now and then (every node does)."""
+        while True:
+            await trio.sleep(CONSUMER_SWEEP_S)
+            with contextlib.suppress(StoreUnavailable):
+                await self.forget_idle_consumers(idle_s=CONSUMER_IDLE_S)
+
+    async def forget_idle_consumers(self, *, idle_s: float) -> list[str]:
+        """Remove every other consumer of the job queue with no pending entry that has not
+        been seen for ``idle_s``; returns their names.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached.
+        """
+        args = [self.keys.prefix, str(round(idle_s * 1000)), self.node_id]
+        answer: Any = await self.store._call(
+            "forgetting dead nodes", lambda: self._forget_consumers(keys=[], args=args)
+        )
+        removed = [str(name) for name in answer]
+        if removed:
+            logger.info("cluster: forgot %d dead nodes: %s", len(removed), ", ".join(removed))
+        return removed
 
     async def _keep_leases(self) -> None:
         """Renew every lease this node holds, in one call, every third of the lease."""

@@ -122,3 +122,25 @@ if over > 0 then
 end
 return ids
 """
+
+#: ARGV: prefix, idle bound (ms), node id. Removes from the job queue's group every consumer
+#: (a node, most likely dead: each start is a new one) other than this node that has no pending
+#: entry and has not been seen for the bound or longer; one with pending entries is left to the
+#: takeover (``XAUTOCLAIM``), since removing it would drop them. Checked and removed in one step,
+#: so no entry is delivered to it in between. Returns the names removed.
+FORGET_CONSUMERS = r"""#!lua
+local P, bound, node = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local queue = P .. 'queue'
+local consumers = redis.pcall('XINFO', 'CONSUMERS', queue, 'nodes')
+if consumers.err then return {} end  -- no queue (yet, or lost): nobody to forget
+local removed = {}
+for _, fields in ipairs(consumers) do
+  local consumer = {}
+  for k = 1, #fields, 2 do consumer[fields[k]] = fields[k + 1] end
+  if consumer.name ~= node and consumer.pending == 0 and consumer.idle >= bound then
+    redis.call('XGROUP', 'DELCONSUMER', queue, 'nodes', consumer.name)
+    removed[#removed + 1] = consumer.name
+  end
+end
+return removed
+"""

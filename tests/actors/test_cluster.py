@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+import actors.cluster.node as node_module
 import actors.supervisor as supervisor_module
 from actors.cluster import ClusterNode, new_node_id
 from actors.cluster.node import MAX_JOBS_PER_NODE
@@ -355,6 +356,45 @@ async def test_finished_jobs_are_forgotten_cluster_wide(
                     except JobNotFound:
                         break
                     await trio.sleep(0.05)
+
+
+async def test_consumers_of_gone_nodes_are_removed_but_not_ones_with_pending_entries(
+    redis_prefix: str,
+) -> None:
+    queue = f"{redis_prefix}queue"
+    async with open_client(REDIS_URL) as client:
+        await client.xgroup_create(queue, "nodes", "0", mkstream=True)
+        await client.xgroup_createconsumer(queue, "nodes", "gone")
+        await client.xadd(queue, {"job": "a-job-of-the-dead"})  # pending until claimed
+        await client.xreadgroup("nodes", "dead-with-work", streams={queue: ">"})
+    async with node(redis_prefix, fast()) as live:
+        cluster = cluster_of(live)
+        client = cluster.store.client
+        await client.xgroup_createconsumer(queue, "nodes", cluster.node_id)  # idle too
+        kept_while_recent = await cluster.forget_idle_consumers(idle_s=3600)
+        removed = await cluster.forget_idle_consumers(idle_s=0)
+        left = {info["name"] for info in await client.xinfo_consumers(queue, "nodes")}
+
+    assert kept_while_recent == []
+    assert removed == ["gone"]
+    assert left == {"dead-with-work", cluster.node_id}
+
+
+async def test_every_node_removes_gone_nodes_now_and_then(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_module, "CONSUMER_SWEEP_S", 0.05)
+    monkeypatch.setattr(node_module, "CONSUMER_IDLE_S", 0)
+    queue = f"{redis_prefix}queue"
+    async with node(redis_prefix, fast()) as live:
+        client = cluster_of(live).store.client
+        await client.xgroup_createconsumer(queue, "nodes", "gone")
+
+        async def forgotten() -> bool:
+            infos = await client.xinfo_consumers(queue, "nodes")
+            return "gone" not in {info["name"] for info in infos}
+
+        await poll(forgotten)
 
 
 # --- one reader per node -------------------------------------------------------------------------
