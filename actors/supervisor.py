@@ -40,7 +40,7 @@ from actors.messages import (
 from actors.providers.base import Commit, ImageProvider, RemoteWork, ResumesRemoteWork
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
-from actors.store.base import DeleteJob, JobStore, SetCopy, StoredJob, commit
+from actors.store.base import DeleteJob, JobStore, SetCopy, StoredJob
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -420,15 +420,22 @@ class Supervisor:
         active = self._active.values()
         mine = sum(1 for job in active if job.owner == owner)
         if mine >= settings.max_active_jobs_per_user:
-            raise LimitExceeded(
-                f"Too many active jobs: at most {settings.max_active_jobs_per_user} per user",
-                retry_after_s=settings.retry_after_s,
-            )
+            raise self._too_many_jobs()
         queued = sum(job.unfinished_images for job in active)
         if queued + num_images > settings.max_queued_images:
-            raise Overloaded(
-                "The service is busy; try again shortly", retry_after_s=settings.retry_after_s
-            )
+            raise self._busy()
+
+    def _too_many_jobs(self) -> LimitExceeded:
+        settings = self.settings
+        return LimitExceeded(
+            f"Too many active jobs: at most {settings.max_active_jobs_per_user} per user",
+            retry_after_s=settings.retry_after_s,
+        )
+
+    def _busy(self) -> Overloaded:
+        return Overloaded(
+            "The service is busy; try again shortly", retry_after_s=self.settings.retry_after_s
+        )
 
     def _ended(self, job: JobActor) -> None:
         del self._active[job.job_id]
@@ -832,39 +839,31 @@ class Supervisor:
         num_images: int,
         idempotency_key: str | None,
     ) -> tuple[JobSnapshot, bool]:
-        """Accept a job into the cluster's queue (stored with its queue entry in one batch)."""
+        """Accept a job into the cluster's queue: admitted, stored and queued in one script call."""
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, not {num_images}")
         if self.draining.is_set() or self._nursery is None:
             raise ShuttingDown("The service is shutting down")
-        seq, active, holder = await cluster.admission(owner, idempotency_key)
-        if holder is not None:
+        job = self._new_job(
+            owner, prompt, num_images, idempotency_key, seq=await cluster.next_seq()
+        )
+        # Admitted in one step with the write (other nodes may be admitting at the same time).
+        settings = self.settings
+        outcome, holder = await cluster.store.admit(
+            job.first_write(),
+            max_active=settings.max_active_jobs_per_user,
+            max_queued_images=settings.max_queued_images,
+        )
+        if outcome == "held":
+            assert holder is not None
             existing = await self._replay_stored(holder, prompt, num_images)
-            if existing is not None:
-                return existing, False
-        limit = self.settings.max_active_jobs_per_user
-        if active >= limit:
-            raise LimitExceeded(
-                f"Too many active jobs: at most {limit} per user",
-                retry_after_s=self.settings.retry_after_s,
-            )
-        job = self._new_job(owner, prompt, num_images, idempotency_key, seq=seq)
-        refused: StoreUnavailable | None = None
-        try:
-            await commit(self.store, *job.first_write())
-        except StoreUnavailable as exc:
-            if not exc.refused or idempotency_key is None:
-                raise
-            refused = exc
-        if refused is not None:
-            # Another node took the key with the same request meanwhile: that job is the one.
-            _, _, holder = await cluster.admission(owner, idempotency_key)
-            existing = None
-            if holder is not None:
-                existing = await self._replay_stored(holder, prompt, num_images)
             if existing is None:
-                raise refused
+                raise StoreUnavailable("the job of this Idempotency-Key was deleted meanwhile")
             return existing, False
+        if outcome == "limit":
+            raise self._too_many_jobs()
+        if outcome == "busy":
+            raise self._busy()
         logger.info("job %s accepted: %d images for %s", job.job_id, num_images, owner)
         return job.snapshot(), True
 

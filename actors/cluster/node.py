@@ -6,14 +6,20 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
                                     with the job's first write, or when a node hands it over);
                                     consumer group ``nodes``, each node a consumer. An entry
                                     stays pending while its job runs, and is removed at its end
+    P entries               hash    job id -> its entry in the job queue (until removed)
     P lease:<id>            string  the node running the job (PX JOB_LEASE_S, renewed)
     P job:<id>:cancel       string  set when the job is to be cancelled (until it ends)
     P node:<node>:wake      stream  entries that end the node's blocking event read: a job
                                     newly followed there, or one to cancel
 
+A node that is gone for good (each start is a new node id) stays a consumer of ``P queue`` until
+a node removes it (:data:`CONSUMER_IDLE_S` unseen, nothing pending: ``FORGET_CONSUMERS``).
+
 How a job moves: the node that accepts it writes it (and its queue entry) in one batch; a node
 with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and
-runs it. Each node renews the leases of all its jobs in one script call every third of the lease,
+runs it. A job cancelled while no node holds it (queued) is taken by the node asked to cancel it
+(``CANCEL``), which ends it at once and removes its queue entry, as any node ending a job does.
+Each node renews the leases of all its jobs in one script call every third of the lease,
 which also keeps their queue entries fresh. A node that dies stops renewing: once its entries
 have been idle for a lease, another node claims them (``XAUTOCLAIM``) and, its lease taken, goes
 on with the job from what is stored (each image's remote work resumed by id). Every write of a
@@ -52,6 +58,14 @@ TAKE_BLOCK_MS = 2000
 TAKE_COUNT = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
+#: How long a consumer of the job queue (a node) with no pending entry goes unseen before any
+#: node removes it from the group: generous, as a live node is seen every ``TAKE_BLOCK_MS``
+#: (or holds entries), and one removed anyway is made again by its next read.
+CONSUMER_IDLE_S = 3600.0
+#: How often each node looks for such consumers.
+CONSUMER_SWEEP_S = 300.0
+#: What :meth:`ClusterNode.cancel` answers when it took a queued job to end it here.
+CANCEL_TAKEN = 3
 #: Finished jobs forgotten per retention pass at most.
 EXPIRE_BATCH = 200
 
@@ -107,6 +121,7 @@ class ClusterNode:
         self._release = client.register_script(scripts.RELEASE)
         self._cancel = client.register_script(scripts.CANCEL)
         self._expired = client.register_script(scripts.EXPIRED)
+        self._forget_consumers = client.register_script(scripts.FORGET_CONSUMERS)
         self.queue_key = f"{self.keys.prefix}queue"
         self.wake_key = f"{self.keys.prefix}node:{self.node_id}:wake"
         #: job id -> its queue entry id, for every job this node runs.
@@ -149,6 +164,7 @@ class ClusterNode:
                 nursery.start_soon(self._keep_leases, name="cluster leases")
                 nursery.start_soon(self._take_jobs, name="cluster queue")
                 nursery.start_soon(self._claim_jobs, name="cluster takeover")
+                nursery.start_soon(self._forget_dead_nodes, name="cluster consumers")
                 logger.info(
                     "cluster: node %s on prefix %r (lease %g s)",
                     self.node_id,
@@ -258,8 +274,11 @@ class ClusterNode:
             logger.warning("cluster: cannot take job %s: %s", job_id, exc)
             return  # its entry stays pending: claimed again once idle for a lease
         outcome, cancelled = str(answer[0]), bool(int(answer[1]))
-        if outcome != "ok":
-            return
+        if outcome == "ok":
+            await self._run_taken(job_id, entry_id, cancelled=cancelled)
+
+    async def _run_taken(self, job_id: str, entry_id: str, *, cancelled: bool) -> None:
+        """Run a job whose lease this node took (``entry_id`` its queue entry)."""
         assert self._start_job is not None
         self.held[job_id] = entry_id
         self._update_room()
@@ -269,6 +288,29 @@ class ClusterNode:
             # claimed again.
             self.held.pop(job_id, None)
             self._update_room()
+
+    async def _forget_dead_nodes(self) -> None:
+        """Remove dead nodes from the job queue's group, now and then (every node does)."""
+        while True:
+            await trio.sleep(CONSUMER_SWEEP_S)
+            with contextlib.suppress(StoreUnavailable):
+                await self.forget_idle_consumers(idle_s=CONSUMER_IDLE_S)
+
+    async def forget_idle_consumers(self, *, idle_s: float) -> list[str]:
+        """Remove every other consumer of the job queue with no pending entry that has not
+        been seen for ``idle_s``; returns their names.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached.
+        """
+        args = [self.keys.prefix, str(round(idle_s * 1000)), self.node_id]
+        answer: Any = await self.store._call(
+            "forgetting dead nodes", lambda: self._forget_consumers(keys=[], args=args)
+        )
+        removed = [str(name) for name in answer]
+        if removed:
+            logger.info("cluster: forgot %d dead nodes: %s", len(removed), ", ".join(removed))
+        return removed
 
     async def _keep_leases(self) -> None:
         """Renew every lease this node holds, in one call, every third of the lease."""
@@ -314,37 +356,31 @@ class ClusterNode:
             logger.warning("cluster: releasing job %s: %s", job_id, exc)
 
     async def cancel(self, job_id: str) -> int:
-        """Ask whichever node runs ``job_id`` to cancel it: 0 no such job, 1 finished, 2 asked.
+        """Ask whichever node runs ``job_id`` to cancel it: 0 no such job, 1 finished, 2 asked,
+        3 ended here (no node held it: it was queued, and ends now, not once a node has room).
 
         Raises:
             StoreUnavailable: Redis cannot be reached.
         """
+        args = [self.keys.prefix, job_id, str(WAKE_TTL_MS), self.node_id, str(self._lease_ms)]
         answer: Any = await self.store._call(
-            "cancelling a job",
-            lambda: self._cancel(keys=[], args=[self.keys.prefix, job_id, str(WAKE_TTL_MS)]),
+            "cancelling a job", lambda: self._cancel(keys=[], args=args)
         )
-        return int(answer)
+        code = int(answer[0])
+        if code == CANCEL_TAKEN:
+            await self._run_taken(job_id, str(answer[1]), cancelled=True)
+        return code
 
-    async def admission(
-        self, owner: str, idempotency_key: str | None
-    ) -> tuple[int, int, str | None]:
-        """For a new job: a fresh seq, the owner's unfinished jobs, and the job already holding
-        ``idempotency_key`` (one round trip).
+    async def next_seq(self) -> int:
+        """A fresh seq for a new job (cluster-wide, newest largest).
 
         Raises:
             StoreUnavailable: Redis cannot be reached.
         """
-        keys = self.keys
-
-        async def read() -> tuple[int, int, str | None]:
-            async with self.store.client.pipeline(transaction=False) as pipe:
-                seq = pipe.incr(keys.seq)
-                active = pipe.scard(keys.user(owner, "active"))
-                holder = pipe.hget(keys.user(owner, "idem"), idempotency_key or "")
-            found = await holder
-            return int(await seq), int(await active), None if found is None else str(found)
-
-        return await self.store._call("admitting a job", read)
+        seq: Any = await self.store._call(
+            "admitting a job", partial(self.store.client.incr, self.keys.seq)
+        )
+        return int(seq)
 
     async def expired(self, *, retention_s: float, keep: int) -> list[str]:
         """Finished jobs (any node's) to forget now: older than ``retention_s``, or over ``keep``.

@@ -21,6 +21,7 @@ local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
 if status == false or status == 'completed' or status == 'failed' or status == 'canceled' then
   redis.pcall('XACK', P .. 'queue', 'nodes', entry)
   redis.call('XDEL', P .. 'queue', entry)
+  if redis.call('HGET', P .. 'entries', id) == entry then redis.call('HDEL', P .. 'entries', id) end
   return {'gone', 0}
 end
 local lease = P .. 'lease:' .. id
@@ -70,26 +71,38 @@ elseif held ~= false then
 end
 redis.pcall('XACK', P .. 'queue', 'nodes', entry)
 redis.call('XDEL', P .. 'queue', entry)
-if requeue == '1' then redis.call('XADD', P .. 'queue', '*', 'job', id) end
+if requeue == '1' then
+  redis.call('HSET', P .. 'entries', id, redis.call('XADD', P .. 'queue', '*', 'job', id))
+else
+  redis.call('HDEL', P .. 'entries', id)
+end
 return 1
 """
 
-#: ARGV: prefix, job id, wake stream TTL (ms). Marks the job cancelled (a node taking it later
-#: sees the mark) and tells the node holding it, through that node's wake stream. Returns 0 for
-#: no such job, 1 for a finished one (nothing to do), 2 when the mark is set.
+#: ARGV: prefix, job id, wake stream TTL (ms), node id, lease (ms). Marks the job cancelled (a
+#: node taking it later sees the mark) and tells the node holding it, through that node's wake
+#: stream. A job no node holds (queued, or its node dead) is taken by the asking node, to end it
+#: at once rather than when a node has room. Returns ``{code, entry id}``: code 0 for no such
+#: job, 1 for a finished one (nothing to do), 2 when the mark is set, 3 when the job's lease is
+#: the asking node's now (with the job's queue entry, for the node to run it to its end).
 CANCEL = r"""#!lua
-local P, id, ttl = ARGV[1], ARGV[2], ARGV[3]
+local P, id, ttl, node, lease_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
-if status == false then return 0 end
-if status == 'completed' or status == 'failed' or status == 'canceled' then return 1 end
+if status == false then return {0, ''} end
+if status == 'completed' or status == 'failed' or status == 'canceled' then return {1, ''} end
 redis.call('SET', P .. 'job:' .. id .. ':cancel', '1')
-local held = redis.call('GET', P .. 'lease:' .. id)
+local lease = P .. 'lease:' .. id
+local held = redis.call('GET', lease)
 if held then
   local wake = P .. 'node:' .. held .. ':wake'
   redis.call('XADD', wake, 'MAXLEN', '~', 64, '*', 'cancel', id)
   redis.call('PEXPIRE', wake, ttl)
+  return {2, ''}
 end
-return 2
+local entry = redis.call('HGET', P .. 'entries', id)
+if entry == false then return {2, ''} end  -- queued before entries were kept: a taker ends it
+redis.call('SET', lease, node, 'PX', lease_ms)
+return {3, entry}
 """
 
 #: ARGV: prefix, horizon (ms since the epoch), most finished jobs kept, most ids answered.
@@ -108,4 +121,26 @@ if over > 0 then
   end
 end
 return ids
+"""
+
+#: ARGV: prefix, idle bound (ms), node id. Removes from the job queue's group every consumer
+#: (a node, most likely dead: each start is a new one) other than this node that has no pending
+#: entry and has not been seen for the bound or longer; one with pending entries is left to the
+#: takeover (``XAUTOCLAIM``), since removing it would drop them. Checked and removed in one step,
+#: so no entry is delivered to it in between. Returns the names removed.
+FORGET_CONSUMERS = r"""#!lua
+local P, bound, node = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local queue = P .. 'queue'
+local consumers = redis.pcall('XINFO', 'CONSUMERS', queue, 'nodes')
+if consumers.err then return {} end  -- no queue (yet, or lost): nobody to forget
+local removed = {}
+for _, fields in ipairs(consumers) do
+  local consumer = {}
+  for k = 1, #fields, 2 do consumer[fields[k]] = fields[k + 1] end
+  if consumer.name ~= node and consumer.pending == 0 and consumer.idle >= bound then
+    redis.call('XGROUP', 'DELCONSUMER', queue, 'nodes', consumer.name)
+    removed[#removed + 1] = consumer.name
+  end
+end
+return removed
 """

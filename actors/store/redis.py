@@ -18,6 +18,8 @@ deployments and test runs share one server)::
     P user:<owner>:idem         hash    idempotency key -> job id
     P user:<owner>:active       set     the user's unfinished jobs (the per-user limit)
     P finished                  zset    finished job ids by end time, ms (retention)
+    P active                    hash    unfinished job id -> its number of images
+    P active_images             string  the sum of ``P active`` (``MAX_QUEUED_IMAGES``)
     P health                    string  what ``check()`` writes to learn that writes work again
 
 A cluster (``actors/cluster/``) adds the job queue, the leases and the nodes' wake streams.
@@ -49,7 +51,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import coredis
@@ -157,6 +159,11 @@ def _record_fields(record: JobRecord) -> list[str]:
     return [str(field) for pair in fields.items() if pair[1] is not None for field in pair]
 
 
+def _key_arguments(idempotency_key: str | None) -> list[str]:
+    idem = safe_text(idempotency_key)
+    return ["0", ""] if idem is None else ["1", idem]
+
+
 def batch_arguments(operations: Sequence[Operation]) -> list[str]:
     """``operations`` as the batch script's ARGV after its first three (see the script)."""
     args: list[str] = []
@@ -164,9 +171,8 @@ def batch_arguments(operations: Sequence[Operation]) -> list[str]:
         match operation:
             case PutJob(record):
                 fields = _record_fields(record)
-                idem = safe_text(record.idempotency_key)
                 args += ["J", record.job_id, str(record.seq), safe_text(record.owner) or ""]
-                args += ["0", ""] if idem is None else ["1", idem]
+                args += _key_arguments(record.idempotency_key)
                 finished = record.finished_at if record.status.finished else None
                 args += ["" if finished is None else str(round(finished.timestamp() * 1000))]
                 args += [str(len(fields) // 2), *fields]
@@ -486,6 +492,37 @@ class RedisStore:
             self._last_error = None
         self._batches += 1
         return None
+
+    async def admit(
+        self, operations: Sequence[Operation], *, max_active: int, max_queued_images: int
+    ) -> tuple[str, str | None]:
+        """Write a new job's first write (``operations``, its record first) if its owner may
+        have one more unfinished job and its images fit in the queue, atomically with those
+        checks and with its idempotency key's: one script call of its own (not through the
+        writer: its answer is the caller's).
+
+        Returns:
+            ``("admitted", None)``; or, nothing written, ``("held", job id)``: the job's
+            idempotency key is that job's, ``("limit", unfinished jobs)``: the owner has
+            ``max_active`` unfinished jobs or more, or ``("busy", images)``: the images of
+            unfinished jobs (every node's) and the new job's are more than ``max_queued_images``.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached, or refused the write.
+        """
+        first = operations[0]
+        assert isinstance(first, PutJob), "a new job's first write starts with its record"
+        record = first.record
+        args = [self.keys.prefix, self.node or "", str(self._lease_ms)]
+        args += ["A", record.job_id, safe_text(record.owner) or ""]
+        args += [*_key_arguments(record.idempotency_key), str(max_active)]
+        args += [str(record.num_images), str(max_queued_images)]
+        args += batch_arguments(operations)
+        answer: Any = await self._call("admitting a job", lambda: self._batch(keys=[], args=args))
+        if isinstance(answer, list):
+            return str(answer[0]), str(answer[1])
+        self._batches += 1
+        return "admitted", None
 
     async def check(self) -> StoreHealth:
         try:

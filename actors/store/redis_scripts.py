@@ -18,7 +18,18 @@ from __future__ import annotations
 #: operations, each as a tag and its fields: ``J id seq owner has_idem idem finished_ms n field
 #: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
 #: images), ``E id event_id json`` (append event), ``R id index json`` (remote work), ``C id
-#: index json`` (copy of an output), ``D id`` (delete job). Returns the number of operations.
+#: index json`` (copy of an output), ``D id`` (delete job), ``A id owner has_idem idem
+#: max_active images max_queued`` (admit the new job ``id`` of ``images`` images: checks only,
+#: before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's).
+#: Returns the number of operations; or, writing nothing, ``{"held", job id}`` (the idempotency
+#: key of an ``A`` is that job's), ``{"limit", active}`` (its owner has ``max_active`` unfinished
+#: jobs or more) or ``{"busy", queued}`` (the images of unfinished jobs, cluster-wide, and the
+#: new job's would be more than ``max_queued``).
+#:
+#: ``P active`` (unfinished job id -> its images) and ``P active_images`` (their sum) change
+#: together, only when a job is written unfinished for the first time, or written finished, or
+#: deleted: whichever node ends a job (a dead node's is ended by the one that carries it on)
+#: takes its images off.
 BATCH = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
 
@@ -34,8 +45,13 @@ while i <= #ARGV do
     local n = tonumber(ARGV[i + 7])
     local idem = false
     if ARGV[i + 4] == '1' then idem = ARGV[i + 5] end
+    local images = 0
+    for k = i + 8, i + 7 + 2 * n, 2 do
+      if ARGV[k] == 'num_images' then images = tonumber(ARGV[k + 1]) end
+    end
     ops[#ops + 1] = {tag = tag, id = id, seq = tonumber(ARGV[i + 2]), owner = ARGV[i + 3],
-                     idem = idem, finished = ARGV[i + 6], first = i + 8, count = 2 * n}
+                     idem = idem, finished = ARGV[i + 6], first = i + 8, count = 2 * n,
+                     images = images}
     i = i + 8 + 2 * n
   elseif tag == 'I' then
     local n = tonumber(ARGV[i + 2])
@@ -50,6 +66,13 @@ while i <= #ARGV do
   elseif tag == 'D' then
     ops[#ops + 1] = {tag = tag, id = id}
     i = i + 2
+  elseif tag == 'A' then
+    local idem = false
+    if ARGV[i + 3] == '1' then idem = ARGV[i + 4] end
+    ops[#ops + 1] = {tag = tag, id = id, owner = ARGV[i + 2], idem = idem,
+                     max_active = tonumber(ARGV[i + 5]), images = tonumber(ARGV[i + 6]),
+                     max_queued = tonumber(ARGV[i + 7])}
+    i = i + 8
   else
     return redis.error_reply('REFUSED unknown operation ' .. tostring(tag))
   end
@@ -113,6 +136,8 @@ local function last_event(id)
 end
 
 local problem = foreign(P .. 'jobs', 'zset') or foreign(P .. 'seq', 'string')
+  or foreign(P .. 'active', 'hash') or foreign(P .. 'active_images', 'string')
+  or foreign(P .. 'entries', 'hash')
 for _, op in ipairs(ops) do
   if problem then break end
   local id = op.id
@@ -163,6 +188,17 @@ for _, op in ipairs(ops) do
     end
     lasts[id] = 0
     added[id] = {}
+  elseif op.tag == 'A' then
+    -- Admission: the key's holder answers a repeated request, then the owner's limit applies.
+    problem = foreign(user_key(op.owner, 'active'), 'set')
+      or (op.idem and foreign(user_key(op.owner, 'idem'), 'hash'))
+    if problem then break end
+    local h = op.idem and holder(op.owner, op.idem)
+    if h and h ~= id then return {'held', h} end
+    local active = redis.call('SCARD', user_key(op.owner, 'active'))
+    if active >= op.max_active then return {'limit', tostring(active)} end
+    local queued = tonumber(redis.call('GET', P .. 'active_images') or '0')
+    if queued + op.images > op.max_queued then return {'busy', tostring(queued)} end
   elseif not ident.owner then
     problem = 'no job ' .. id .. ' to write to'
   elseif op.tag == 'I' then
@@ -199,6 +235,20 @@ local function hset_range(key, first, count)
     redis.call('HSET', key, unpack(ARGV, start, math.min(start + chunk, first + count) - 1))
   end
 end
+local function activate(id, images)
+  if redis.call('HSETNX', P .. 'active', id, images) == 1 then
+    redis.call('INCRBY', P .. 'active_images', images)
+  end
+end
+local function deactivate(id)
+  local images = redis.call('HGET', P .. 'active', id)
+  if images then
+    redis.call('HDEL', P .. 'active', id)
+    if redis.call('DECRBY', P .. 'active_images', images) <= 0 then
+      redis.call('DEL', P .. 'active_images')
+    end
+  end
+end
 local top = 0
 for _, op in ipairs(ops) do
   local id = op.id
@@ -219,14 +269,16 @@ for _, op in ipairs(ops) do
     end
     if op.finished == '' then
       redis.call('SADD', user_key(op.owner, 'active'), id)
+      activate(id, op.images)
     else
       redis.call('SREM', user_key(op.owner, 'active'), id)
+      deactivate(id)
       redis.call('ZADD', P .. 'finished', op.finished, id)
       redis.call('DEL', job_key(id, 'cancel'))
     end
     if node ~= '' and fresh[id] then
       fresh[id] = false
-      redis.call('XADD', P .. 'queue', '*', 'job', id)
+      redis.call('HSET', P .. 'entries', id, redis.call('XADD', P .. 'queue', '*', 'job', id))
     end
   elseif op.tag == 'I' then
     hset_range(job_key(id, 'images'), op.first, op.count)
@@ -236,12 +288,14 @@ for _, op in ipairs(ops) do
     redis.call('HSET', job_key(id, 'remote'), op.index, op.body)
   elseif op.tag == 'C' then
     redis.call('HSET', job_key(id, 'copies'), op.index, op.body)
-  else
+  elseif op.tag == 'D' then
     redis.call('DEL', job_key(id, 'record'), job_key(id, 'images'), job_key(id, 'remote'),
                job_key(id, 'copies'), job_key(id, 'events'), job_key(id, 'cancel'),
                P .. 'lease:' .. id)
     redis.call('ZREM', P .. 'jobs', id)
     redis.call('ZREM', P .. 'finished', id)
+    redis.call('HDEL', P .. 'entries', id)
+    deactivate(id)
     if op.owner then
       redis.call('ZREM', user_key(op.owner, 'jobs'), id)
       redis.call('SREM', user_key(op.owner, 'active'), id)

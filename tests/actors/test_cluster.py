@@ -14,13 +14,16 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+import actors.cluster.node as node_module
 import actors.supervisor as supervisor_module
 from actors.cluster import ClusterNode, new_node_id
-from actors.errors import JobNotFound, LimitExceeded
-from actors.messages import DoneEvent, JobEvent, JobStatus, Transport
+from actors.cluster.node import MAX_JOBS_PER_NODE
+from actors.errors import JobNotFound, LimitExceeded, Overloaded
+from actors.messages import DoneEvent, ImageStatus, JobEvent, JobStatus, Transport
 from actors.settings import SupervisorSettings
 from actors.store.redis import open_client, open_redis_store
 from actors.supervisor import Subscription, Supervisor, open_supervisor
+from tests.actors.test_store import new_job
 from tests.fakes import FakeProvider, Script
 from tests.redis_support import REDIS_URL
 
@@ -52,9 +55,10 @@ async def node(
     *,
     url: str = REDIS_URL,
     settings: SupervisorSettings = SETTINGS,
+    max_jobs: int = MAX_JOBS_PER_NODE,
 ) -> AsyncIterator[Supervisor]:
     async with open_redis_store(url, prefix, node=new_node_id(), lease_s=LEASE_S) as store:
-        cluster = ClusterNode(store, url=url, lease_s=LEASE_S)
+        cluster = ClusterNode(store, url=url, lease_s=LEASE_S, max_jobs=max_jobs)
         async with open_supervisor(provider, settings, store=store, cluster=cluster) as supervisor:
             yield supervisor
     gc.collect()
@@ -159,6 +163,91 @@ async def test_a_job_s_list_idempotency_key_and_user_limit_are_cluster_wide(
     assert end is None
 
 
+async def submit_at_once(
+    nodes: tuple[Supervisor, ...], count: int
+) -> tuple[list[str], list[LimitExceeded | Overloaded]]:
+    """``count`` one-image submissions on each node, all at once: the jobs and the refusals."""
+    admitted: list[str] = []
+    refused: list[LimitExceeded | Overloaded] = []
+
+    async def try_submit(supervisor: Supervisor) -> None:
+        try:
+            admitted.append(await submit(supervisor, 1))
+        except (LimitExceeded, Overloaded) as exc:
+            refused.append(exc)
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                for supervisor in nodes:
+                    nursery.start_soon(try_submit, supervisor)
+    return admitted, refused
+
+
+async def test_concurrent_submissions_on_two_nodes_never_pass_the_user_limit(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_active_jobs_per_user=3)
+    async with (
+        node(redis_prefix, blocked(), settings=settings) as a,
+        node(redis_prefix, blocked(), settings=settings) as b,
+    ):
+        admitted, refused = await submit_at_once((a, b), 20)
+        page, _ = await a.find_page(owner="alice", limit=50)
+
+    assert len(admitted) == 3
+    assert len(refused) == 37
+    assert all(isinstance(exc, LimitExceeded) for exc in refused)
+    assert len(page) == 3
+
+
+async def test_queued_images_are_bounded_cluster_wide_and_freed_as_jobs_end(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_active_jobs_per_user=100, max_queued_images=4)
+    async with (
+        node(redis_prefix, blocked(), settings=settings) as a,
+        node(redis_prefix, blocked(), settings=settings) as b,
+    ):
+        admitted, refused = await submit_at_once((a, b), 10)
+        with trio.fail_after(WAIT_S):
+            await b.cancel_and_wait(admitted[0], owner="alice", timeout_s=WAIT_S)
+        again = await submit(a, 1)
+
+    assert len(admitted) == 4
+    assert len(refused) == 16
+    assert all(isinstance(exc, Overloaded) for exc in refused)
+    assert str(refused[0]) == "The service is busy; try again shortly"
+    assert refused[0].retry_after_s == settings.retry_after_s
+    assert again not in admitted
+
+
+async def test_a_dead_node_s_images_are_freed_once_another_node_ends_its_job(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_queued_images=2)
+    # What a node that took a 2-image job and died leaves: the job, its entry taken, its lease.
+    async with open_redis_store(REDIS_URL, redis_prefix, node="dead", lease_s=LEASE_S) as dead:
+        assert await dead.admit(new_job(), max_active=10, max_queued_images=2) == (
+            "admitted",
+            None,
+        )
+        client = dead.client
+        await client.xgroup_create(f"{redis_prefix}queue", "nodes", "0", mkstream=True)
+        await client.xreadgroup("nodes", "dead", streams={f"{redis_prefix}queue": ">"})
+        await client.set(f"{redis_prefix}lease:job-1", "dead", px=round(LEASE_S * 1000))
+    async with node(redis_prefix, fast(), settings=settings) as survivor:
+        with pytest.raises(Overloaded):
+            await submit(survivor, 1)
+
+        async def completed() -> bool:
+            snapshot = await survivor.find("job-1", owner="alice")
+            return snapshot.status is JobStatus.COMPLETED
+
+        await poll(completed)
+        await submit(survivor, 2)
+
+
 async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix: str) -> None:
     runner_provider = blocked()
     async with node(redis_prefix, runner_provider) as runner:
@@ -170,6 +259,39 @@ async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix
 
     assert snapshot.status is JobStatus.CANCELED
     assert sorted(runner_provider.remote_cancels) == [(job_id, index) for index in range(3)]
+
+
+async def test_a_job_cancelled_while_queued_ends_at_once_and_leaves_the_queue(
+    redis_prefix: str,
+) -> None:
+    providers = [blocked(), blocked()]
+    async with (
+        node(redis_prefix, providers[0], max_jobs=1) as a,
+        node(redis_prefix, providers[1], max_jobs=1) as b,
+    ):
+        running = [await submit(a), await submit(b)]
+
+        async def both_full() -> bool:
+            await trio.lowlevel.checkpoint()
+            return len(cluster_of(a).held) + len(cluster_of(b).held) == 2
+
+        await poll(both_full)
+        queued = await submit(a)  # no node has room for it
+        with await b.subscribe_job(queued, owner="alice", transport=Transport.SSE) as on_b:
+            with trio.fail_after(2):  # far less than a lease: nothing waits for a node's room
+                snapshot = await a.cancel_and_wait(queued, owner="alice", timeout_s=WAIT_S)
+                events = await read_to_done(on_b)
+        async with open_client(REDIS_URL) as client:
+            entries = await client.xrange(f"{redis_prefix}queue")
+        ran = {request.job_id for provider in providers for request in provider.calls}
+
+    assert snapshot.status is JobStatus.CANCELED
+    assert [image.status for image in snapshot.images] == [ImageStatus.CANCELED] * 3
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.status is JobStatus.CANCELED
+    assert sorted(entry.field_values["job"] for entry in entries) == sorted(running)
+    assert queued not in ran
 
 
 # --- takeover, fencing, draining ------------------------------------------------------------------
@@ -234,6 +356,45 @@ async def test_finished_jobs_are_forgotten_cluster_wide(
                     except JobNotFound:
                         break
                     await trio.sleep(0.05)
+
+
+async def test_consumers_of_gone_nodes_are_removed_but_not_ones_with_pending_entries(
+    redis_prefix: str,
+) -> None:
+    queue = f"{redis_prefix}queue"
+    async with open_client(REDIS_URL) as client:
+        await client.xgroup_create(queue, "nodes", "0", mkstream=True)
+        await client.xgroup_createconsumer(queue, "nodes", "gone")
+        await client.xadd(queue, {"job": "a-job-of-the-dead"})  # pending until claimed
+        await client.xreadgroup("nodes", "dead-with-work", streams={queue: ">"})
+    async with node(redis_prefix, fast()) as live:
+        cluster = cluster_of(live)
+        client = cluster.store.client
+        await client.xgroup_createconsumer(queue, "nodes", cluster.node_id)  # idle too
+        kept_while_recent = await cluster.forget_idle_consumers(idle_s=3600)
+        removed = await cluster.forget_idle_consumers(idle_s=0)
+        left = {info["name"] for info in await client.xinfo_consumers(queue, "nodes")}
+
+    assert kept_while_recent == []
+    assert removed == ["gone"]
+    assert left == {"dead-with-work", cluster.node_id}
+
+
+async def test_every_node_removes_gone_nodes_now_and_then(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_module, "CONSUMER_SWEEP_S", 0.05)
+    monkeypatch.setattr(node_module, "CONSUMER_IDLE_S", 0)
+    queue = f"{redis_prefix}queue"
+    async with node(redis_prefix, fast()) as live:
+        client = cluster_of(live).store.client
+        await client.xgroup_createconsumer(queue, "nodes", "gone")
+
+        async def forgotten() -> bool:
+            infos = await client.xinfo_consumers(queue, "nodes")
+            return "gone" not in {info["name"] for info in infos}
+
+        await poll(forgotten)
 
 
 # --- one reader per node -------------------------------------------------------------------------

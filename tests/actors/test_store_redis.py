@@ -62,6 +62,8 @@ async def test_keys_follow_the_documented_layout(store: RedisStore, prefix: str)
             "user:alice:jobs",
             "user:alice:idem",
             "user:alice:active",
+            "active",
+            "active_images",
         )
     }
     async with open_client(REDIS_URL) as client:
