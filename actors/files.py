@@ -179,7 +179,8 @@ class ImageFiles:
     # --- copies -----------------------------------------------------------------------------
 
     def keep(self, job_id: str, index: int, url: str) -> KeptImage:
-        """The URL to hand out for image ``index`` of ``job_id`` at ``url``; copies it behind.
+        """The URL to hand out for image ``index`` of ``job_id`` at ``url``, named at once (the
+        copy is started with :meth:`copy_behind`).
 
         Returns:
             ``/files/{job_id}-{index}.{ext}`` at once with the ``copy`` to make (to be started

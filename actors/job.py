@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 import attrs
@@ -158,6 +158,8 @@ class JobActor:
         #: When the admission noted every image's remote work as pending (a job this process
         #: admitted; None for one restored or taken over).
         self._pending_since: datetime | None = None
+        #: How many images (the first ones) the admission noted.
+        self._admission_noted = 0
         self._refused: StoreUnavailable | None = None
         self._finished = trio.Event()
         self._suspended = False
@@ -324,7 +326,9 @@ class JobActor:
                             reports_send=reports_send.clone(),
                             attempts_before=image.attempts,
                             keep_remote=self._keeps_remote_work,
-                            pending_since=self._pending_since,
+                            pending_since=(
+                                self._pending_since if image.index < self._admission_noted else None
+                            ),
                         )
                         name = f"image {self.job_id}/{image.index}"
                         nursery.start_soon(self._crashes_noted, worker, name=name)
@@ -381,12 +385,19 @@ class JobActor:
         that fails on it with a bug, not ``StoreUnavailable``, refuses the job as one that cannot
         write does (logged and counted as a crash): the job never runs.
         """
-        # Every image may have remote work from now on: noted with the job itself, so that a
-        # provider that notes a create before sending it need not for its first (see
-        # ``ImageRequest.pending_since``) and the first image is made sooner.
-        self._pending_since = self._created_at
+        # The images that can start at once (the capacity free now; a job's images take it in
+        # index order) may have remote work from now on: noted with the job itself, so that a
+        # provider that notes a create before sending it need not for their first (see
+        # ``ImageRequest.pending_since``) and the first image is made sooner. Only those: a
+        # restart reconciles every pending note against the provider's list. On the wall
+        # clock, as the provider's own notes are.
+        capacity = self._context.capacity.statistics()
+        room = max(0, capacity.total - capacity.in_use - capacity.waiting)
+        self._pending_since = datetime.now(UTC)
+        self._admission_noted = min(room, self.num_images)
         notes = (
-            SetRemote(self.job_id, image.index, None, self._created_at) for image in self._images
+            SetRemote(self.job_id, index, None, self._pending_since)
+            for index in range(self._admission_noted)
         )
         try:
             self._admission = self._store.write(*self.first_write(), *notes)

@@ -73,8 +73,9 @@ async def run_image_worker(
     (:class:`~actors.retry.RetryPolicy`); a permanent failure ends the image at once.
 
     A resumed image (after a restart) numbers its attempts on from ``attempts_before`` with a
-    fresh retry budget. ``pending_since`` (a job this process admitted) goes with every request:
-    see :class:`~actors.providers.base.ImageRequest`.
+    fresh retry budget. ``pending_since`` (set when the job's admission noted this image's
+    remote work as pending) goes with the first request only: see
+    :class:`~actors.providers.base.ImageRequest`.
 
     Concurrency: started with ``start_soon`` by its JobActor, whose state it never touches: it
     sends one ``AttemptStarted`` per attempt and a final ``ImageOutcome`` over its own clone of
@@ -133,6 +134,9 @@ async def _make_image(
     first_free_at: float | None = None
     while True:
         result = await _attempt(index, context, reports_send, progress, pending_since)
+        # Only the first call may go on the admission's note: after it, the provider's own
+        # notes (or its having forgotten the image) say what stands.
+        pending_since = None
         if isinstance(result, str):
             kept = KeptImage(url=result)
             if context.files is not None:

@@ -26,9 +26,10 @@ class ImageRequest:
         index: The image's index in its job (0-based).
         prompt: The prompt, already trimmed and validated.
         attempt: 1 for the first attempt, 2 for the first retry, ...
-        pending_since: Set when the job's admission journaled the image's remote work as
-            pending from then on (stored before the job was accepted): a provider that notes a
-            create before sending it may take that note as its first create's.
+        pending_since: Set on the image's first request when the job's admission journaled
+            the image's remote work as pending from then on (stored before the job was
+            accepted, on the wall clock): a provider that notes a create before sending it may
+            take that note as its first create's, while no note of its own replaced it.
     """
 
     job_id: str

@@ -113,9 +113,9 @@ MAX_POLL_BACKOFF_S = 5.0
 #: How far back (against Replicate's clock) a reconciled prediction may have been created.
 RECONCILE_SKEW = timedelta(seconds=30)
 RECONCILE_PAGES = 5
-#: A job's admission note (every image pending from then on) stands for an image's first create
-#: within this long of it; later, a create notes itself, so that the list a restart reconciles
-#: against stays short.
+#: A job's admission note (the images that can start at once, pending from then on) stands for
+#: an image's first create within this long of it; later, a create notes itself, so that a
+#: restart's reconcile never looks back further than for a create of its own.
 ADMITTED_NOTE_FRESH = timedelta(seconds=10)
 #: Prediction ids this process has given to an image, remembered so that reconciling never
 #: hands one prediction to two images (bounded: reconciling only looks at recent predictions).

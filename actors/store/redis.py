@@ -467,7 +467,9 @@ class RedisStore:
     async def flush(self) -> None:
         """Return once everything queued before now was written, or failed (a node hands its
         jobs over after this). The writer task writes it: an empty write queued last settles
-        once every batch before it is over."""
+        once every batch before it is over. Held writes go too: the jobs' own next writes
+        will not come from this node."""
+        self._writer.release_held()
         with contextlib.suppress(StoreUnavailable):
             await self._writer.write().wait()
 

@@ -133,8 +133,9 @@ class BatchWriter:
                 self._failures += 1
             commit.settle(error)
 
-    def _release_held(self) -> None:
-        """Queue the held writes on their own (closing: no job writes after them)."""
+    def release_held(self) -> None:
+        """Queue the held writes on their own: closing, or handing jobs over (no write of
+        theirs comes after)."""
         for held_writes in self._held.values():
             self.queue.extend(_Write(held.operations, held.commit) for held in held_writes)
         self._held.clear()
@@ -142,13 +143,13 @@ class BatchWriter:
     async def flush(self) -> None:
         """Write everything queued or held now (the writer task may be gone: closing does
         this)."""
-        self._release_held()
+        self.release_held()
         while self.queue:
             await self._write_queued()
 
     def fail_queued(self) -> None:
         """Fail what is still queued or held (closing, once :meth:`flush` had its time)."""
-        self._release_held()
+        self.release_held()
         if self.queue:
             logger.error("store: %d writes were not stored before closing", len(self.queue))
             closed = StoreUnavailable("the store closed before this write")

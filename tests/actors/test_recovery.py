@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import attrs
@@ -133,29 +133,43 @@ async def test_stopping_leaves_the_job_unfinished_in_the_store_and_its_remote_wo
     assert first.provider.cancelled == 2  # only this process's calls stopped
 
 
-async def test_a_new_job_is_stored_with_its_images_remote_work_pending_and_says_so(
+async def test_a_new_job_is_stored_with_the_images_that_can_start_at_once_pending(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStore(resumable=True)
     provider = FakeProvider(default=Script(latency_s=10))
-    async with running(store, provider) as supervisor:
-        admitted = wall_clock()
-        job_id = await submit(supervisor, n=3)
-        (stored,) = await store.load()
+    settings = SupervisorSettings(capacity=3)
+    async with running(store, provider, settings) as supervisor:
+        await submit(supervisor, prompt="earlier")
+        await trio.sleep(0.5)  # its image holds 1 of the 3 slots
+        before = datetime.now(UTC)
+        job_id = await submit(supervisor, n=4)
+        after = datetime.now(UTC)
+        stored = {job.job.job_id: job for job in await store.load()}[job_id]
         await trio.sleep(1)
-        requests = list(provider.calls)
+        requests = [request for request in provider.calls if request.job_id == job_id]
 
-    # Stored before the job was accepted: a create may be in flight for any image from then on.
-    assert [(w.index, w.remote_id, w.pending_since) for w in stored.remote] == [
-        (0, None, admitted),
-        (1, None, admitted),
-        (2, None, admitted),
-    ]
-    assert sorted((r.job_id, r.index, r.pending_since) for r in requests) == [
-        (job_id, 0, admitted),
-        (job_id, 1, admitted),
-        (job_id, 2, admitted),
-    ]
+    # Stored before the job was accepted: a create may be in flight for images 0 and 1 (the 2
+    # free slots) from then on, on the wall clock; images 2 and 3 will note their own.
+    assert [(w.index, w.remote_id) for w in stored.remote] == [(0, None), (1, None)]
+    since = stored.remote[0].pending_since
+    assert since is not None
+    assert before <= since <= after
+    assert stored.remote[1].pending_since == since
+    assert sorted((r.index, r.pending_since) for r in requests) == [(0, since), (1, since)]
+
+
+async def test_only_an_images_first_call_may_go_on_the_admissions_note(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    provider = FakeProvider(default=Script(latency_s=1, not_started=1, fail_times=1))
+    async with running(MemoryStore(resumable=True), provider) as supervisor:
+        job_id = await submit(supervisor)
+        await supervisor.get(job_id, owner="alice").wait_finished()
+
+    # A 429, a transient failure, then the image: after the first call, the provider's own
+    # notes (or its having forgotten the image) say what stands.
+    assert [request.pending_since is None for request in provider.calls] == [False, True, True]
 
 
 async def test_a_restored_job_says_nothing_of_its_admission_to_its_provider(

@@ -316,3 +316,17 @@ async def test_the_store_is_a_resumable_redis_store(store: RedisStore, prefix: s
 
     assert (store.name, store.resumable) == ("redis", True)
     assert (stats["backend"], stats["url"], stats["prefix"]) == ("redis", REDIS_URL, prefix)
+
+
+async def test_a_flush_before_handing_jobs_over_writes_their_held_writes(
+    store: RedisStore,
+) -> None:
+    await commit(store, *new_job(), SetRemote("job-1", 0, None, PENDING))
+    held = store.write_with_next(SetRemote("job-1", 0, "pred-0", None))
+    assert not held.settled
+
+    await store.flush()  # the node hands its jobs over: no write of theirs comes after
+
+    assert [held.settled] == [True]
+    (remote,) = (await only_job(store)).remote
+    assert (remote.remote_id, remote.pending_since) == ("pred-0", None)
