@@ -155,8 +155,8 @@ class JobActor:
         self._crashed = False
         self._stored = trio.Event()
         self._admission: Commit | None = None
-        #: When the admission noted every image's remote work as pending (a job this process
-        #: admitted; None for one restored or taken over).
+        #: When the admission noted the first ``_admission_noted`` images' remote work as
+        #: pending (a job this process admitted; None for one restored or taken over).
         self._pending_since: datetime | None = None
         #: How many images (the first ones) the admission noted.
         self._admission_noted = 0
