@@ -182,20 +182,27 @@ async def test_a_create_is_journaled_as_pending_before_it_reaches_replicate() ->
     assert await journal_of(store) == {0: (prediction_id, None)}
 
 
-async def test_no_create_is_sent_until_its_pending_note_is_stored(fake: FakeReplicate) -> None:
-    store = await store_with_job()
-    journal = HeldJournal(store)
+def make_image_soon(nursery: trio.Nursery, provider: ReplicateProvider) -> trio.Event:
+    """Generate image 0 in ``nursery``; the event is set once it is made."""
     done = trio.Event()
 
     async def make_image() -> None:
         await generate(provider, image())
         done.set()
 
+    nursery.start_soon(make_image)
+    return done
+
+
+async def test_no_create_is_sent_until_its_pending_note_is_stored(fake: FakeReplicate) -> None:
+    store = await store_with_job()
+    journal = HeldJournal(store)
+
     async with (
         open_replicate_provider(settings_for(fake), journal=journal) as provider,
         trio.open_nursery() as nursery,
     ):
-        nursery.start_soon(make_image)
+        done = make_image_soon(nursery, provider)
         with trio.fail_after(5):
             await journal.noted.wait()
         await trio.testing.wait_all_tasks_blocked(cushion=0.05)
@@ -216,18 +223,13 @@ async def test_a_prediction_still_running_is_polled_only_once_its_id_is_noted() 
     fake = FakeReplicate(latency_s=1.5)  # longer than Prefer: wait=1: answered "starting"
     store = await store_with_job()
     journal = HeldJournal(store)
-    done = trio.Event()
-
-    async def make_image() -> None:
-        await generate(provider, image())
-        done.set()
 
     async with (
         run_fake_replicate(fake),
         open_replicate_provider(settings_for(fake, wait_s=1), journal=journal) as provider,
         trio.open_nursery() as nursery,
     ):
-        nursery.start_soon(make_image)
+        done = make_image_soon(nursery, provider)
         with trio.fail_after(5):
             await journal.noted.wait()
         journal.release()  # the pending note is stored: the create goes out
