@@ -172,20 +172,6 @@ async def test_only_an_images_first_call_may_go_on_the_admissions_note(
     assert [request.pending_since is None for request in provider.calls] == [False, True, True]
 
 
-async def test_a_restored_job_says_nothing_of_its_admission_to_its_provider(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    store = MemoryStore(resumable=True)
-    first = await stop_mid_job(store)
-
-    provider = FakeProvider(default=Script(latency_s=1))
-    async with running(store, provider) as supervisor:
-        await supervisor.get(first.job_id, owner="alice").wait_finished()
-
-    resumed = [request for request in provider.calls if request.job_id == first.job_id]
-    assert sorted((r.index, r.pending_since is None) for r in resumed) == [(2, True), (3, True)]
-
-
 async def test_the_next_start_restores_the_job_with_its_events_and_ids(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -221,6 +207,8 @@ async def test_the_next_start_generates_only_the_unfinished_images_numbering_att
         (first.job_id, 2, 2),
         (first.job_id, 3, 2),
     ]
+    # Their remote work is the journal's to say, not the (earlier) admission's.
+    assert [call.pending_since for call in second.calls] == [None, None]
     assert [image.attempts for image in job.snapshot().images] == [1, 1, 2, 2]
     assert second.remote_cancels == []
 

@@ -446,6 +446,13 @@ async def test_writes_queued_in_one_tick_share_one_transaction(db_path: Path) ->
     assert (stats["failed_commits"], stats["error"], stats["queued"]) == (0, None, 0)
 
 
+async def remote_ids_after_reopening(db_path: Path) -> list[tuple[int, str | None]]:
+    """The one job's journaled remote ids, as a next start of the store finds them."""
+    async with open_sqlite_store(db_path) as reopened:
+        stored = await only_job(reopened)
+    return [(work.index, work.remote_id) for work in stored.remote]
+
+
 async def test_a_held_write_waits_for_its_job_and_shares_its_transaction(db_path: Path) -> None:
     async with open_sqlite_store(db_path) as store:
         await commit(store, *new_job("job-1", 1), *new_job("job-2", 2))
@@ -487,9 +494,7 @@ async def test_a_held_write_is_held_again_when_its_carrier_fails_and_goes_with_t
         await commit(store, PutImages("job-1", (image(attempts=2),)))
         await held.wait()
 
-    async with open_sqlite_store(db_path) as reopened:
-        stored = await only_job(reopened)
-    assert [(work.index, work.remote_id) for work in stored.remote] == [(0, "pred-0")]
+    assert await remote_ids_after_reopening(db_path) == [(0, "pred-0")]
 
 
 async def test_a_held_write_with_no_next_write_is_stored_on_closing(db_path: Path) -> None:
@@ -498,9 +503,7 @@ async def test_a_held_write_with_no_next_write_is_stored_on_closing(db_path: Pat
         held = store.write_with_next(SetRemote("job-1", 1, "pred-1", None))
 
     await held.wait()
-    async with open_sqlite_store(db_path) as reopened:
-        stored = await only_job(reopened)
-    assert [(work.index, work.remote_id) for work in stored.remote] == [(1, "pred-1")]
+    assert await remote_ids_after_reopening(db_path) == [(1, "pred-1")]
 
 
 async def test_a_bad_write_in_a_batch_fails_only_its_own_commit(db_path: Path) -> None:
