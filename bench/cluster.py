@@ -5,14 +5,23 @@ bench provider; ``STORE=redis`` makes every process a node of one cluster on a f
 ``REDIS_PREFIX``), all in one work directory (one ``IMAGES_DIR``). For each:
 
 - **throughput**: 10 clients spread over the nodes (round robin) create ``--jobs`` jobs of 5
-  images (provider latency 0) and poll each on their own node until it has ended; images/s from
-  the first create to the last final poll (median of ``--rounds`` after a warm-up round). With
-  Redis, ``INFO commandstats`` around the rounds gives Redis commands per image.
+  images (provider latency 0) and poll each on their own node (every ``--poll-ms``) until it
+  has ended; images/s from the first create to the last final poll (median of ``--rounds``
+  after a warm-up round). CPU per image of the servers, of the Redis server (``INFO cpu``) and
+  of this process (the clients), as all share the machine's cores. With Redis,
+  ``INFO commandstats`` around the rounds gives Redis commands per image.
 - **fan-out**: one gated job (10 images, 50 ms + 20 ms apart) created on the first node, with
   ``--subscribers`` SSE subscribers spread evenly over the nodes; delivery is from the provider
   finishing an image (its URL carries the time) to its arrival, split into subscribers on the
   node that runs the job (same-node) and on the others (cross-node). With Redis, commands per
-  delivered event (per event of the job, not per subscriber).
+  delivered event (per event of the job, not per subscriber). On a node saturated by its
+  subscribers the split is skewed both ways: this one client reads the stream that arrived
+  first first, and the provider's time stamp on a busy node is late.
+- **cross-node delivery** (clusters): ``--apart-subscribers`` subscribers all on the node that
+  runs a gated job, then as many all on another node, ``--apart-repeats`` times: equal loads
+  for the client, below saturation, so the difference is the hop through Redis.
+
+``--configs`` picks the configurations (``store:nodes``; the first is the base of the ratios).
 
     .venv/bin/python -m bench.cluster --json bench/results/cluster.json
 """
@@ -20,8 +29,10 @@ bench provider; ``STORE=redis`` makes every process a node of one cluster on a f
 from __future__ import annotations
 
 import argparse
+import resource
 import secrets
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import AsyncExitStack
@@ -46,8 +57,27 @@ async def redis_commands() -> int:
     return sum(int(stats["calls"]) for stats in info.values() if isinstance(stats, dict))
 
 
+async def redis_cpu_s() -> float:
+    """CPU seconds the Redis server has used (``INFO cpu``, its main thread and children)."""
+    async with open_client(REDIS_URL) as client:
+        info: dict[str, Any] = dict(await client.info("cpu"))
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this bench process (the clients) has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def throughput_round(
-    servers: list[common.Server], token: str, *, jobs: int, images: int, clients: int
+    servers: list[common.Server],
+    token: str,
+    *,
+    jobs: int,
+    images: int,
+    clients: int,
+    poll_s: float = 0.02,
 ) -> dict[str, Any]:
     per_client = [jobs // clients + (i < jobs % clients) for i in range(clients)]
     connections = [
@@ -67,9 +97,10 @@ async def throughput_round(
                 if view["status"] in TERMINAL:
                     completed += view["progress"]["completed"]
                     break
-                await trio.sleep(0.02)
+                await trio.sleep(poll_s)
 
     cpu0 = sum(server.cpu_s() for server in servers)
+    redis0, client0 = await redis_cpu_s(), own_cpu_s()
     wall0 = time.perf_counter()
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
@@ -77,9 +108,17 @@ async def throughput_round(
                 nursery.start_soon(client, connection, count)
     wall = time.perf_counter() - wall0
     cpu = sum(server.cpu_s() for server in servers) - cpu0
+    client_cpu = own_cpu_s() - client0
+    redis_cpu = await redis_cpu_s() - redis0
     for connection in connections:
         await connection.__aexit__()
-    return {"images_per_s": completed / wall, "completed": completed, "server_cpu_s": cpu}
+    return {
+        "images_per_s": completed / wall,
+        "completed": completed,
+        "server_cpu_s": cpu,
+        "redis_cpu_s": redis_cpu,
+        "client_cpu_s": client_cpu,
+    }
 
 
 async def runner_of(servers: list[common.Server], token: str, job_id: str) -> int:
@@ -97,8 +136,12 @@ async def runner_of(servers: list[common.Server], token: str, job_id: str) -> in
             await trio.sleep(0.02)
 
 
-async def fan_out(servers: list[common.Server], token: str, *, subscribers: int) -> dict[str, Any]:
-    """One gated job on the first node, ``subscribers`` SSE streams spread over the nodes."""
+async def fan_out(
+    servers: list[common.Server], token: str, *, subscribers: int, placement: str = "spread"
+) -> dict[str, Any]:
+    """One gated job on the first node, ``subscribers`` SSE streams: spread over the nodes
+    (``spread``), all on the node that runs the job (``same``), or all on another (``cross``).
+    """
     num_images = 10
     first = servers[0]
     async with await common.HttpClient.connect(first.port) as client:
@@ -129,7 +172,13 @@ async def fan_out(servers: list[common.Server], token: str, *, subscribers: int)
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
             for index in range(subscribers):
-                nursery.start_soon(subscribe, index % len(servers))
+                if placement == "same":
+                    node = runner
+                elif placement == "cross":
+                    node = (runner + 1) % len(servers)
+                else:
+                    node = index % len(servers)
+                nursery.start_soon(subscribe, node)
             await all_ready.wait()
             await trio.sleep(0.3)
             commands1 = await redis_commands()
@@ -146,12 +195,42 @@ async def fan_out(servers: list[common.Server], token: str, *, subscribers: int)
         target += [ms for event in events if (ms := event.delivery_ms) is not None]
     return {
         "subscribers": subscribers,
+        "placement": placement,
         "complete": complete,
         "same_node_ms": common.summarize(same) if same else None,
         "cross_node_ms": common.summarize(cross) if cross else None,
         "all_ms": common.summarize(same + cross),
+        "same_ms_all": same,
+        "cross_ms_all": cross,
         "redis_commands_subscribing": commands1 - commands0,
         "redis_commands_per_event": (commands2 - commands1) / (num_images + 1),
+    }
+
+
+async def apart_delivery(
+    servers: list[common.Server], token: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Cross-node delivery against same-node: ``--apart-subscribers`` subscribers all on the
+    node that runs a gated job, then as many all on another node, ``--apart-repeats`` times
+    (alternating). The one client process then serves equal loads in both, and the count stays
+    below what saturates a node (see the fan-out for that), so the difference is the hop from
+    the job's node through Redis to the subscriber's."""
+    runs: dict[str, list[dict[str, Any]]] = {"same": [], "cross": []}
+    for _ in range(args.apart_repeats):
+        for placement in ("same", "cross"):
+            runs[placement].append(
+                await fan_out(
+                    servers, token, subscribers=args.apart_subscribers, placement=placement
+                )
+            )
+    return {
+        "subscribers": args.apart_subscribers,
+        "repeats": args.apart_repeats,
+        "complete": {p: sum(r["complete"] for r in rs) for p, rs in runs.items()},
+        "same_node_ms": common.summarize([ms for r in runs["same"] for ms in r.pop("same_ms_all")]),
+        "cross_node_ms": common.summarize(
+            [ms for r in runs["cross"] for ms in r.pop("cross_ms_all")]
+        ),
     }
 
 
@@ -174,7 +253,7 @@ async def one_config(
             for _ in range(nodes)
         ]
         token = await common.login(servers[0].port)
-        kwargs = {"images": 5, "clients": 10}
+        kwargs: dict[str, Any] = {"images": 5, "clients": 10, "poll_s": args.poll_ms / 1000}
         await throughput_round(servers, token, jobs=20, **kwargs)  # warm-up
         commands0 = await redis_commands()
         rounds = [
@@ -184,13 +263,18 @@ async def one_config(
         commands = await redis_commands() - commands0
         images = sum(r["completed"] for r in rounds)
         fan = await fan_out(servers, token, subscribers=args.subscribers)
+        del fan["same_ms_all"], fan["cross_ms_all"]
+        apart = await apart_delivery(servers, token, args) if nodes > 1 else None
     return {
         "store": store,
         "nodes": nodes,
         "images_per_s": statistics.median(r["images_per_s"] for r in rounds),
         "server_cpu_us_per_image": 1e6 * sum(r["server_cpu_s"] for r in rounds) / images,
+        "redis_cpu_us_per_image": 1e6 * sum(r["redis_cpu_s"] for r in rounds) / images,
+        "client_cpu_us_per_image": 1e6 * sum(r["client_cpu_s"] for r in rounds) / images,
         "redis_commands_per_image": commands / images if store == "redis" else None,
         "fan_out": fan,
+        "apart": apart,
     }
 
 
@@ -205,6 +289,8 @@ def row(result: dict[str, Any], base: float) -> list[object]:
         result["images_per_s"],
         result["images_per_s"] / base,
         result["server_cpu_us_per_image"],
+        result["redis_cpu_us_per_image"],
+        result["client_cpu_us_per_image"],
         result["redis_commands_per_image"] if result["store"] == "redis" else None,
         f"{fan['complete']}/{fan['subscribers']}",
         p("same_node_ms", "p50"),
@@ -215,8 +301,23 @@ def row(result: dict[str, Any], base: float) -> list[object]:
     ]
 
 
+def apart_row(result: dict[str, Any]) -> list[object]:
+    apart = result["apart"]
+    expected = apart["subscribers"] * apart["repeats"]
+    return [
+        f"{result['nodes']} x {result['store']}",
+        f"{apart['subscribers']} x {apart['repeats']}",
+        f"{apart['complete']['same']}+{apart['complete']['cross']}/{2 * expected}",
+        apart["same_node_ms"]["p50"],
+        apart["same_node_ms"]["p99"],
+        apart["cross_node_ms"]["p50"],
+        apart["cross_node_ms"]["p99"],
+    ]
+
+
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    results = [await one_config(work_dir, store, nodes, args) for store, nodes in CONFIGS]
+    configs = [(store, int(nodes)) for store, _, nodes in (c.partition(":") for c in args.configs)]
+    results = [await one_config(work_dir, store, nodes, args) for store, nodes in configs]
     return {"machine": common.machine(), "capacity": args.capacity, "configs": results}
 
 
@@ -228,6 +329,22 @@ def main() -> None:
     parser.add_argument(
         "--capacity", type=int, default=5, help="MAX_CONCURRENCY (cluster-wide with Redis)"
     )
+    parser.add_argument(
+        "--apart-subscribers",
+        type=int,
+        default=50,
+        help="subscribers of each same-node-only and cross-node-only run (clusters only)",
+    )
+    parser.add_argument("--apart-repeats", type=int, default=3)
+    parser.add_argument(
+        "--poll-ms", type=float, default=20.0, help="how often a client polls its job (ms)"
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[f"{store}:{nodes}" for store, nodes in CONFIGS],
+        help="store:nodes, run in turn (the first is the base of the ratios)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     common.raise_nofile()
@@ -238,8 +355,10 @@ def main() -> None:
         [
             "config",
             "images/s",
-            "x 1 sqlite",
+            "x first",
             "cpu us/image",
+            "redis cpu",
+            "client cpu",
             "redis cmd/image",
             "complete",
             "same p50",
@@ -250,6 +369,13 @@ def main() -> None:
         ],
         [row(config, base) for config in result["configs"]],
     )
+    apart = [config for config in result["configs"] if config["apart"]]
+    if apart:
+        sys.stdout.write("\nsubscribers all on the job's node, then all on another\n")
+        common.print_table(
+            ["config", "subscribers", "complete", "same p50", "same p99", "cross p50", "cross p99"],
+            [apart_row(config) for config in apart],
+        )
     common.emit(result, args.json)
 
 
