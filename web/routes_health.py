@@ -6,6 +6,7 @@ import json
 
 from quart import Blueprint, Response, jsonify
 
+from actors.errors import StoreUnavailable
 from actors.messages import SupervisorStatistics
 from web.context import current_user, state
 from web.errors import error_response
@@ -72,7 +73,13 @@ async def status() -> dict[str, object]:
     view["store"] = dict(app_state.supervisor.store.statistics())
     cluster = app_state.supervisor.cluster
     if cluster is not None:
-        view["cluster"] = cluster.statistics()
+        # ``images`` is this node's; these two are the whole cluster's (null: Redis is down).
+        queued: dict[str, int | None]
+        try:
+            queued = dict(await cluster.queued())
+        except StoreUnavailable:
+            queued = {"jobs_unfinished": None, "images_queued": None}
+        view["cluster"] = {**cluster.statistics(), **queued}
     files = app_state.supervisor.files
     if files is not None:
         view["files"] = files.statistics()

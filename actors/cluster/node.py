@@ -382,6 +382,23 @@ class ClusterNode:
         )
         return int(seq)
 
+    async def queued(self) -> dict[str, int]:
+        """Cluster-wide, what ``MAX_QUEUED_IMAGES`` counts: the unfinished jobs of every node
+        and their images.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached.
+        """
+
+        async def read() -> tuple[int, str | None]:
+            async with self.store.client.pipeline(transaction=False) as pipe:
+                jobs = pipe.hlen(f"{self.keys.prefix}active")
+                images = pipe.get(f"{self.keys.prefix}active_images")
+            return await jobs, await images
+
+        jobs, images = await self.store._call("reading the unfinished jobs", read, timeout_s=2.0)
+        return {"jobs_unfinished": int(jobs), "images_queued": int(images or 0)}
+
     async def expired(self, *, retention_s: float, keep: int) -> list[str]:
         """Finished jobs (any node's) to forget now: older than ``retention_s``, or over ``keep``.
 

@@ -210,8 +210,12 @@ async def test_queued_images_are_bounded_cluster_wide_and_freed_as_jobs_end(
         node(redis_prefix, blocked(), settings=settings) as b,
     ):
         admitted, refused = await submit_at_once((a, b), 10)
+        assert a.cluster is not None
+        assert b.cluster is not None
+        counted = [await a.cluster.queued(), await b.cluster.queued()]
         with trio.fail_after(WAIT_S):
             await b.cancel_and_wait(admitted[0], owner="alice", timeout_s=WAIT_S)
+        after_cancel = await a.cluster.queued()
         again = await submit(a, 1)
 
     assert len(admitted) == 4
@@ -220,6 +224,9 @@ async def test_queued_images_are_bounded_cluster_wide_and_freed_as_jobs_end(
     assert str(refused[0]) == "The service is busy; try again shortly"
     assert refused[0].retry_after_s == settings.retry_after_s
     assert again not in admitted
+    # Every node tells the cluster's count (what /api/status shows), not its own.
+    assert counted == [{"jobs_unfinished": 4, "images_queued": 4}] * 2
+    assert after_cancel == {"jobs_unfinished": 3, "images_queued": 3}
 
 
 async def test_a_dead_node_s_images_are_freed_once_another_node_ends_its_job(

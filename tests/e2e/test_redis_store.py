@@ -62,6 +62,8 @@ async def test_a_killed_service_on_redis_carries_its_job_on_after_a_restart(
     assert (job["progress"]["completed"], job["progress"]["total"]) == (6, 6)
     assert status["store"]["backend"] == "redis"
     assert 1 <= status["images"]["completed_total"] <= 4  # carried on, not found finished
+    # The job has ended: nothing unfinished is left to count, on this node or any other.
+    assert (status["cluster"]["jobs_unfinished"], status["cluster"]["images_queued"]) == (0, 0)
     assert "Traceback" not in second.stderr()
     # The job is still there for a later process; no lease is left behind.
     keys = await keys_under(prefix)
