@@ -165,6 +165,18 @@ class RemoteJournal(Protocol):
         Until then a restart finds the work as the note before said (a create pending)."""
         ...
 
+    async def claim(self, remote_id: str, job_id: str, index: int) -> bool:
+        """Take ``remote_id`` for the image among every process that shares the journal:
+        ``True`` if it is the image's (now, or already), ``False`` if another image has it.
+        The provider asks before it takes a prediction (one found by reconciling, or one its
+        create answered with, which another process may have found in the list first); it
+        keeps the claims of its own process itself.
+
+        Raises:
+            StoreUnavailable: It cannot be told now.
+        """
+        ...
+
 
 @runtime_checkable
 class ResumesRemoteWork(Protocol):
@@ -190,6 +202,10 @@ class NullJournal:
         with_image: bool = False,  # noqa: ARG002
     ) -> Commit:
         return Commit.settled_with()
+
+    async def claim(self, remote_id: str, job_id: str, index: int) -> bool:  # noqa: ARG002
+        await trio.lowlevel.checkpoint()
+        return True  # the only process
 
 
 class CreatePace(Protocol):

@@ -249,7 +249,7 @@ class ReplicateProvider:
             return
         if image.prediction_id is None and image.unsure is not None:
             try:
-                adopted = await self._reconcile(*image.unsure)
+                adopted = await self._reconcile(key, *image.unsure)
             except TransientProviderError as exc:
                 logger.warning("replicate: cannot find a prediction to cancel: %s", exc)
                 adopted = None
@@ -315,12 +315,12 @@ class ReplicateProvider:
         """Take up predictions (and unanswered creates) an earlier process journaled; the
         ``finished`` predictions served their images and are never adopted by reconciling."""
         for prediction_id in finished:
-            self._claim(prediction_id)
+            self._remember(prediction_id)
         for item in work:
             key = (item.job_id, item.index)
             if item.remote_id is not None:
                 self._work[key] = _Image(prediction_id=item.remote_id)
-                self._claim(item.remote_id)
+                self._remember(item.remote_id)
             elif item.pending_since is not None:
                 self._work[key] = _Image(
                     unsure=(self._create_body(item.prompt), item.pending_since)
@@ -399,7 +399,7 @@ class ReplicateProvider:
         body = self._create_body(prompt)
         if image.unsure is not None:
             # An earlier create may have created a prediction: find it before making another.
-            adopted = await self._reconcile(*image.unsure)
+            adopted = await self._reconcile(key, *image.unsure)
             image.unsure = None
             if adopted is not None:
                 return self._adopt(key, image, adopted), False
@@ -421,20 +421,31 @@ class ReplicateProvider:
                 except StoreUnavailable as exc:
                     image.unsure = None
                     raise NotStartedError(f"cannot note the create first: {exc}") from None
+            pending = image.unsure
             prediction, answered = await self._try_create(key, image, body, since)
             if not answered:
                 return prediction, False
             await self.pace.accepted()
-            if prediction.get("id") not in self._claimed:
-                made = finished(prediction, sync_answer=True)
-                return self._adopt(key, image, prediction, with_image=made), True
+            prediction_id = prediction.get("id")
+            if prediction_id not in self._claimed:
+                try:
+                    ours = not isinstance(prediction_id, str) or await self._claim(
+                        key, prediction_id
+                    )
+                except TransientProviderError:
+                    image.unsure = pending  # made, but whose: the next attempt looks first
+                    raise
+                if ours:
+                    made = finished(prediction, sync_answer=True)
+                    return self._adopt(key, image, prediction, with_image=made), True
             # While this create was held open (Prefer: wait), another image reconciling an
-            # unsure create of the same input took its prediction. Inputs being equal, the
-            # images are interchangeable: take that image's orphan if it made one, else create
-            # again. Either way every prediction serves exactly one image.
+            # unsure create of the same input (here or in another process sharing the
+            # journal) took its prediction. Inputs being equal, the images are
+            # interchangeable: take that image's orphan if it made one, else create again.
+            # Either way every prediction serves exactly one image.
             self._counters.swapped += 1
             try:
-                orphan = await self._reconcile(body, since)
+                orphan = await self._reconcile(key, body, since)
             except TransientProviderError:
                 orphan = None
             if orphan is not None:
@@ -580,7 +591,7 @@ class ReplicateProvider:
                 all the same, so the next attempt looks again before it creates.
             TransientProviderError: The list cannot be read.
         """
-        adopted = await self._reconcile(body, since)
+        adopted = await self._reconcile(key, body, since)
         if adopted is not None:
             image.unsure = None
             return self._adopt(key, image, adopted)
@@ -593,12 +604,14 @@ class ReplicateProvider:
         raise NotStartedError(f"Replicate failed to create the prediction: {exc!r}")
 
     async def _reconcile(
-        self, body: Mapping[str, object], since: datetime
+        self, key: tuple[str, int], body: Mapping[str, object], since: datetime
     ) -> Mapping[str, Any] | None:
-        """A recent prediction for exactly this input that no image has claimed yet.
+        """A recent prediction for exactly this input that no image has claimed yet, here or
+        in another process sharing the journal; claimed for the image ``key``.
 
         Raises:
-            TransientProviderError: The list cannot be read now (the image stays unsure).
+            TransientProviderError: The list cannot be read now, or the claim cannot be made
+                (the image stays unsure).
         """
         claimed = self._claimed
         path: str | None = "/v1/predictions"
@@ -618,11 +631,12 @@ class ReplicateProvider:
                 created = parse_time(prediction.get("created_at"))
                 if created is not None and created < horizon:
                     return None
-                if prediction.get("id") not in claimed and prediction.get("input") == body["input"]:
-                    # Taken as listed, with no await before the caller claims it: two images
-                    # reconciling at once must not both take it.
+                prediction_id = prediction.get("id")
+                if prediction_id not in claimed and prediction.get("input") == body["input"]:
+                    if isinstance(prediction_id, str) and not await self._claim(key, prediction_id):
+                        continue  # another process's image has it
                     self._counters.reconciled += 1
-                    logger.info("replicate: adopted %s after an unsure create", prediction["id"])
+                    logger.info("replicate: adopted %s after an unsure create", prediction_id)
                     return prediction
             path = page.get("next")
         return None
@@ -650,13 +664,30 @@ class ReplicateProvider:
             prediction_id,
             extra={"job_id": key[0], "index": key[1], "prediction_id": prediction_id},
         )
-        self._claim(prediction_id)
+        self._remember(prediction_id)
         return prediction
 
-    def _claim(self, prediction_id: str) -> None:
+    def _remember(self, prediction_id: str) -> None:
         self._claimed[prediction_id] = None
         if len(self._claimed) > MAX_REMEMBERED_PREDICTIONS:
             del self._claimed[next(iter(self._claimed))]
+
+    async def _claim(self, key: tuple[str, int], prediction_id: str) -> bool:
+        """Take ``prediction_id`` for the image ``key``: in this process at once (no other
+        image of it takes the prediction meanwhile), then in the journal, for every process
+        sharing it. ``False``: another process's image has it (it stays remembered here).
+
+        Raises:
+            TransientProviderError: The journal cannot tell now (nothing is taken).
+        """
+        self._remember(prediction_id)
+        try:
+            return await self._journal.claim(prediction_id, key[0], key[1])
+        except StoreUnavailable as exc:
+            self._claimed.pop(prediction_id, None)
+            raise TransientProviderError(
+                f"cannot claim prediction {prediction_id} for the image: {exc}"
+            ) from None
 
     # --- waiting ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -178,6 +178,22 @@ class JobStore(Protocol):
         ...
 
     def statistics(self) -> StoreStatistics: ...
+
+
+@runtime_checkable
+class ClaimsRemoteWork(Protocol):
+    """A store shared by several processes (Redis), where each claims the remote work it takes
+    for an image, so that no two processes give one prediction to two images. A store of one
+    process needs none: that process's provider knows every prediction it has given out."""
+
+    async def claim_remote(self, remote_id: str, job_id: str, index: int) -> bool:
+        """Take ``remote_id`` for the image: ``True`` if it is the image's (now, or already),
+        ``False`` if another image's.
+
+        Raises:
+            StoreUnavailable: The store cannot tell now.
+        """
+        ...
 
 
 async def commit(store: JobStore, *operations: Operation) -> None:

@@ -20,6 +20,9 @@ deployments and test runs share one server)::
     P finished                  zset    finished job ids by end time, ms (retention)
     P active                    hash    unfinished job id -> its number of images
     P active_images             string  the sum of ``P active`` (``MAX_QUEUED_IMAGES``)
+    P claim:<remote id>         string  ``<job id>\t<index>``: the image a prediction is taken
+                                        for, so that no process gives it to a second image
+    P job:<id>:claimed          set     the remote ids claimed for the job's images
     P health                    string  what ``check()`` writes to learn that writes work again
 
 A cluster (``actors/cluster/``) adds the job queue, the leases and the nodes' wake streams.
@@ -305,6 +308,7 @@ class RedisStore:
         self._client = client
         self._lease_ms = max(1, round(lease_s * 1000))
         self._batch = client.register_script(redis_scripts.BATCH)
+        self._claim = client.register_script(redis_scripts.CLAIM)
         self._writer = BatchWriter(self._transaction)
         #: Bounds of one call and of ``check()``'s wait (attributes, so tests can shorten them).
         self.call_timeout_s = CALL_TIMEOUT_S
@@ -525,6 +529,19 @@ class RedisStore:
             return str(answer[0]), str(answer[1])
         self._batches += 1
         return "admitted", None
+
+    async def claim_remote(self, remote_id: str, job_id: str, index: int) -> bool:
+        """Take ``remote_id`` for image ``index`` of ``job_id``, for every process on the
+        prefix: ``True`` if it is that image's (now, or already), ``False`` if another image's.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached.
+        """
+        args = [self.keys.prefix, remote_id, job_id, str(index)]
+        answer: Any = await self._call(
+            "claiming a prediction", lambda: self._claim(keys=[], args=args)
+        )
+        return bool(int(answer))
 
     async def check(self) -> StoreHealth:
         try:

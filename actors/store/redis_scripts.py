@@ -183,7 +183,7 @@ for _, op in ipairs(ops) do
     end
     idents[id] = {owner = false, idem = false}
     fresh[id] = false
-    for _, part in ipairs({'record', 'images', 'remote', 'copies', 'events'}) do
+    for _, part in ipairs({'record', 'images', 'remote', 'copies', 'events', 'claimed'}) do
       types[job_key(id, part)] = 'none'
     end
     lasts[id] = 0
@@ -289,9 +289,15 @@ for _, op in ipairs(ops) do
   elseif op.tag == 'C' then
     redis.call('HSET', job_key(id, 'copies'), op.index, op.body)
   elseif op.tag == 'D' then
+    local claimed = job_key(id, 'claimed')
+    if redis.call('TYPE', claimed).ok == 'set' then
+      for _, remote_id in ipairs(redis.call('SMEMBERS', claimed)) do
+        redis.call('DEL', P .. 'claim:' .. remote_id)
+      end
+    end
     redis.call('DEL', job_key(id, 'record'), job_key(id, 'images'), job_key(id, 'remote'),
                job_key(id, 'copies'), job_key(id, 'events'), job_key(id, 'cancel'),
-               P .. 'lease:' .. id)
+               claimed, P .. 'lease:' .. id)
     redis.call('ZREM', P .. 'jobs', id)
     redis.call('ZREM', P .. 'finished', id)
     redis.call('HDEL', P .. 'entries', id)
@@ -307,4 +313,23 @@ if top > tonumber(redis.call('GET', P .. 'seq') or '0') then
   redis.call('SET', P .. 'seq', top)
 end
 return #ops
+"""
+
+
+#: ARGV: prefix, remote id, job id, image index. Takes the remote work (a prediction) for the
+#: image unless another image has it: 1 if it is the image's (now, or already), else 0. Every
+#: process sharing the prefix asks here before it takes a prediction found by reconciling, or
+#: one its own create answered with (another process may have found it in the list first).
+#: Deleting the job deletes its claims (``P job:<id>:claimed`` lists them).
+CLAIM = r"""#!lua
+local P, remote_id, job, index = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key, mine = P .. 'claim:' .. remote_id, job .. '\t' .. index
+local held = redis.call('GET', key)
+if held == false then
+  redis.call('SET', key, mine)
+  redis.call('SADD', P .. 'job:' .. job .. ':claimed', remote_id)
+  return 1
+end
+if held == mine then return 1 end
+return 0
 """

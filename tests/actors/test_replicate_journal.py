@@ -15,14 +15,21 @@ import trio
 import trio.testing
 from quart import request
 
-from actors.errors import NotStartedError, PermanentProviderError
+from actors.errors import (
+    NotStartedError,
+    PermanentProviderError,
+    StoreUnavailable,
+    TransientProviderError,
+)
 from actors.messages import ImageStatus, JobStatus
 from actors.providers.base import ImageRequest
 from actors.providers.replicate import ReplicateProvider, open_replicate_provider
 from actors.settings import SupervisorSettings
 from actors.store import (
     Commit,
+    DeleteJob,
     JobRecord,
+    JobStore,
     MemoryStore,
     PutJob,
     RemoteWork,
@@ -30,9 +37,11 @@ from actors.store import (
     commit,
 )
 from actors.store.journal import StoreJournal
+from actors.store.redis import RedisStore, open_client, open_redis_store
 from actors.supervisor import open_supervisor
 from tests.actors.test_replicate import settings_for
 from tests.fake_replicate import TOKEN, FakeReplicate, run_fake_replicate
+from tests.redis_support import REDIS_URL, keys_under
 
 JOB = "job-1"
 PROMPT = "a red fox"
@@ -49,9 +58,8 @@ async def generate(provider: ReplicateProvider, request: ImageRequest) -> str:
         return await provider.generate(request)
 
 
-async def store_with_job() -> MemoryStore:
-    """A store holding the job the journal's notes belong to (SQLite would insist on it)."""
-    store = MemoryStore(resumable=True)
+async def with_job(store: JobStore) -> None:
+    """Write the job the journal's notes belong to (SQLite and Redis would insist on it)."""
     record = JobRecord(
         job_id=JOB,
         seq=1,
@@ -63,15 +71,21 @@ async def store_with_job() -> MemoryStore:
         created_at=datetime.now(UTC),
     )
     await commit(store, PutJob(record))
+
+
+async def store_with_job() -> MemoryStore:
+    """A store holding the job the journal's notes belong to."""
+    store = MemoryStore(resumable=True)
+    await with_job(store)
     return store
 
 
-async def journal_of(store: MemoryStore) -> dict[int, tuple[str | None, datetime | None]]:
+async def journal_of(store: JobStore) -> dict[int, tuple[str | None, datetime | None]]:
     (stored,) = await store.load()
     return {work.index: (work.remote_id, work.pending_since) for work in stored.remote}
 
 
-async def remote_work(store: MemoryStore) -> list[RemoteWork]:
+async def remote_work(store: JobStore) -> list[RemoteWork]:
     (stored,) = await store.load()
     return list(stored.remote)
 
@@ -456,6 +470,130 @@ async def test_a_finished_images_prediction_is_never_adopted_by_a_pending_create
     assert f"/files/{image_0s}/" not in url
     assert len(fake.predictions) == 2
     assert (stats["reconciled"], stats["creates"]) == (0, 1)
+
+
+# --- claims: no prediction serves two images, whichever process of a cluster takes it ------------
+#
+# Against the real Redis store (a prefix of the test's own), which the processes of a cluster
+# share: each claims there the predictions it takes.
+
+OTHER_JOB = "job-2"
+
+
+@pytest.fixture
+async def store(redis_prefix: str) -> AsyncIterator[RedisStore]:
+    async with open_redis_store(REDIS_URL, redis_prefix) as store:
+        await with_job(store)
+        yield store
+
+
+async def claim_of(prefix: str, prediction_id: str) -> str | None:
+    async with open_client(REDIS_URL) as client:
+        return await client.get(f"{prefix}claim:{prediction_id}")
+
+
+@pytest.mark.parametrize("claimed_for", [OTHER_JOB, JOB])
+async def test_reconciling_adopts_a_claimed_prediction_only_for_the_image_it_was_claimed_for(
+    fake: FakeReplicate, store: RedisStore, redis_prefix: str, claimed_for: str
+) -> None:
+    # A prediction of the same input, made since the pending create and claimed already: by
+    # another node's image (which runs on it), or by this image on a node that died before
+    # noting its id (the next node takes the image over and finds it again).
+    await commit(store, SetRemote(JOB, 0, None, datetime.now(UTC)))
+    made = await create_directly(fake)
+    assert await StoreJournal(store).claim(made, claimed_for, 0)
+
+    async with open_replicate_provider(settings_for(fake), journal=StoreJournal(store)) as provider:
+        provider.resume_remote_work(await remote_work(store), [])
+        url = await generate(provider, image(attempt=2))
+        stats = provider.statistics()
+
+    theirs = claimed_for == OTHER_JOB
+    (used,) = set(fake.predictions) - {made} if theirs else {made}
+    assert url.endswith(f"/files/{used}/out-0.webp")
+    assert (stats["reconciled"], stats["creates"]) == ((0, 1) if theirs else (1, 0))
+    assert await claim_of(redis_prefix, made) == f"{claimed_for}\t0"
+    assert await claim_of(redis_prefix, used) == f"{JOB}\t0"
+
+
+class TakenFirst(StoreJournal):
+    """The first prediction the provider claims was claimed a moment before by another
+    process's image (which found it in the list while the create was held open)."""
+
+    def __init__(self, store: JobStore) -> None:
+        super().__init__(store)
+        self.taken: list[str] = []
+
+    async def claim(self, remote_id: str, job_id: str, index: int) -> bool:
+        if not self.taken:
+            self.taken.append(remote_id)
+            assert await super().claim(remote_id, OTHER_JOB, 0)
+        return await super().claim(remote_id, job_id, index)
+
+
+async def test_a_create_whose_prediction_another_process_took_gives_the_image_another(
+    fake: FakeReplicate, store: RedisStore, redis_prefix: str
+) -> None:
+    journal = TakenFirst(store)
+    async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
+        url = await generate(provider, image())
+        stats = provider.statistics()
+
+    (taken,) = journal.taken
+    (own,) = set(fake.predictions) - {taken}
+    assert url.endswith(f"/files/{own}/out-0.webp")
+    assert (fake.create_requests, stats["swapped"]) == (2, 1)
+    assert await claim_of(redis_prefix, taken) == f"{OTHER_JOB}\t0"
+    assert await claim_of(redis_prefix, own) == f"{JOB}\t0"
+
+
+class Unreachable(StoreJournal):
+    """A journal whose claims fail (Redis down) until :attr:`down` is cleared."""
+
+    down = True
+
+    async def claim(self, remote_id: str, job_id: str, index: int) -> bool:
+        if self.down:
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable("Redis at redis://127.0.0.1:6379/0 did not answer")
+        return await super().claim(remote_id, job_id, index)
+
+
+async def test_a_create_whose_claim_cannot_be_made_is_found_again_not_made_again(
+    fake: FakeReplicate,
+) -> None:
+    store = await store_with_job()
+    journal = Unreachable(store)
+    async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
+        with pytest.raises(TransientProviderError, match="cannot claim prediction"):
+            await generate(provider, image())
+        (made,) = fake.predictions
+        # The create stays pending in the journal: a restart would reconcile it too.
+        assert (await journal_of(store))[0][0] is None
+        journal.down = False
+        url = await generate(provider, image(attempt=2))
+        stats = provider.statistics()
+
+    assert url.endswith(f"/files/{made}/out-0.webp")
+    assert (fake.create_requests, stats["reconciled"]) == (1, 1)
+    assert await journal_of(store) == {0: (made, None)}
+
+
+async def test_deleting_a_job_deletes_its_claims(store: RedisStore, redis_prefix: str) -> None:
+    journal = StoreJournal(store)
+    assert await journal.claim("p-1", JOB, 0)
+    assert await journal.claim("p-2", JOB, 1)
+    assert await journal.claim("p-1", JOB, 0)  # the same image again
+    assert not await journal.claim("p-1", JOB, 1)  # another image
+    assert {key for key in await keys_under(redis_prefix) if "claim" in key} == {
+        f"{redis_prefix}claim:p-1",
+        f"{redis_prefix}claim:p-2",
+        f"{redis_prefix}job:{JOB}:claimed",
+    }
+
+    await commit(store, DeleteJob(JOB))
+
+    assert not {key for key in await keys_under(redis_prefix) if "claim" in key}
 
 
 # --- the whole service stopping and starting again ---------------------------------------------
