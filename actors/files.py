@@ -175,6 +175,9 @@ class ImageFiles:
         self._downloads = 0
         self._download_failures = 0
         self._skipped = 0
+        #: Told (sync) of the bytes each file this process writes adds to its job's: a cluster
+        #: node counts them in the store, where the budget holds for every node's files.
+        self.on_written: Callable[[str, int], None] | None = None
 
     # --- copies -----------------------------------------------------------------------------
 
@@ -299,7 +302,7 @@ class ImageFiles:
             await trio.to_thread.run_sync(_unlink, self.settings.directory / copy.name)
             return
         del self._copies[copy.name]
-        self._account(copy.job_id, copy.name, len(data))
+        self._written(copy.job_id, copy.name, len(data))
         self._downloads += 1
 
     def _copy_failed(self, copy: ImageCopy, error: str) -> None:
@@ -367,7 +370,7 @@ class ImageFiles:
     def added(self, job_id: str, name: str, nbytes: int) -> None:
         """Account the file ``name`` of ``nbytes`` that someone else wrote for ``job_id`` (the
         local provider); writing the same name again replaces its size."""
-        self._account(job_id, name, nbytes)
+        self._written(job_id, name, nbytes)
 
     def forget_all_but(self, job_ids: Collection[str]) -> None:
         """Forget every job with files here that is not in ``job_ids`` (a store that lost them,
@@ -435,10 +438,19 @@ class ImageFiles:
             next((name for name in usage.sizes if name.startswith(prefix)), None) if usage else None
         )
 
-    def _account(self, job_id: str, name: str, nbytes: int) -> None:
+    def _account(self, job_id: str, name: str, nbytes: int) -> int:
+        """Count ``name``'s bytes; returns the change."""
         usage = self._jobs.setdefault(job_id, _JobUsage())
-        self._total_bytes += nbytes - usage.sizes.get(name, 0)
+        change = nbytes - usage.sizes.get(name, 0)
+        self._total_bytes += change
         usage.sizes[name] = nbytes
+        return change
+
+    def _written(self, job_id: str, name: str, nbytes: int) -> None:
+        """A file this process wrote: counted, and told to :attr:`on_written`."""
+        change = self._account(job_id, name, nbytes)
+        if self.on_written is not None and change:
+            self.on_written(job_id, change)
 
     # --- the actor ----------------------------------------------------------------------------
 

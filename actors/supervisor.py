@@ -815,6 +815,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._resume_copies(())  # this node's failed copies are journaled
+                if self.files is not None:  # the budget of the shared directory is counted in Redis
+                    self.files.on_written = cluster.note_bytes
                 await nursery.start(
                     partial(
                         cluster.run,
@@ -951,7 +953,9 @@ class Supervisor:
             await trio.sleep(CLUSTER_EXPIRE_S)
             try:
                 job_ids = await cluster.expired(
-                    retention_s=settings.job_retention_s, keep=settings.max_retained_jobs
+                    retention_s=settings.job_retention_s,
+                    keep=settings.max_retained_jobs,
+                    max_bytes=None if self.files is None else self.files.settings.max_total_bytes,
                 )
             except StoreUnavailable:
                 continue  # the next pass

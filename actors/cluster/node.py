@@ -68,6 +68,8 @@ CONSUMER_SWEEP_S = 300.0
 CANCEL_TAKEN = 3
 #: Finished jobs forgotten per retention pass at most.
 EXPIRE_BATCH = 200
+#: How often a node adds the bytes of the image files it wrote to the cluster's count.
+BYTES_FLUSH_S = 2.0
 
 #: Starts running a job this node took: ``(job id, cancelled)``; False if it could not.
 StartJob = Callable[[str, bool], Awaitable[bool]]
@@ -122,6 +124,9 @@ class ClusterNode:
         self._cancel = client.register_script(scripts.CANCEL)
         self._expired = client.register_script(scripts.EXPIRED)
         self._forget_consumers = client.register_script(scripts.FORGET_CONSUMERS)
+        self._add_bytes = client.register_script(scripts.ADD_BYTES)
+        #: job id -> bytes of files this node wrote for it, not yet counted in Redis.
+        self._bytes: dict[str, int] = {}
         self.queue_key = f"{self.keys.prefix}queue"
         self.wake_key = f"{self.keys.prefix}node:{self.node_id}:wake"
         #: job id -> its queue entry id, for every job this node runs.
@@ -165,6 +170,7 @@ class ClusterNode:
                 nursery.start_soon(self._take_jobs, name="cluster queue")
                 nursery.start_soon(self._claim_jobs, name="cluster takeover")
                 nursery.start_soon(self._forget_dead_nodes, name="cluster consumers")
+                nursery.start_soon(self._count_bytes, name="cluster image bytes")
                 logger.info(
                     "cluster: node %s on prefix %r (lease %g s)",
                     self.node_id,
@@ -399,14 +405,56 @@ class ClusterNode:
         jobs, images = await self.store._call("reading the unfinished jobs", read, timeout_s=2.0)
         return {"jobs_unfinished": int(jobs), "images_queued": int(images or 0)}
 
-    async def expired(self, *, retention_s: float, keep: int) -> list[str]:
-        """Finished jobs (any node's) to forget now: older than ``retention_s``, or over ``keep``.
+    def note_bytes(self, job_id: str, change: int) -> None:
+        """This node wrote a file of ``job_id`` (sync): its bytes count towards the image
+        directory's budget on every node, once added to Redis (every :data:`BYTES_FLUSH_S`)."""
+        self._bytes[job_id] = self._bytes.get(job_id, 0) + change
+
+    async def flush_bytes(self) -> None:
+        """Add the bytes noted since the last call to the cluster's count.
+
+        Raises:
+            StoreUnavailable: Redis cannot be reached (the bytes are kept for the next call).
+        """
+        noted, self._bytes = self._bytes, {}
+        args = [self.keys.prefix]
+        for job_id, change in noted.items():
+            if change:
+                args += [job_id, str(change)]
+        if len(args) == 1:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self.store._call(
+                "counting image bytes", lambda: self._add_bytes(keys=[], args=args)
+            )
+        except StoreUnavailable:
+            for job_id, change in noted.items():
+                self.note_bytes(job_id, change)
+            raise
+
+    async def _count_bytes(self) -> None:
+        try:
+            while True:
+                await trio.sleep(BYTES_FLUSH_S)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.flush_bytes()
+        finally:
+            with trio.move_on_after(2, shield=True), contextlib.suppress(StoreUnavailable):
+                await self.flush_bytes()  # leaving: what it wrote last still counts
+
+    async def expired(
+        self, *, retention_s: float, keep: int, max_bytes: int | None = None
+    ) -> list[str]:
+        """Finished jobs (any node's) to forget now: older than ``retention_s``, over ``keep``,
+        or the oldest whose image files take the directory over ``max_bytes``.
 
         Raises:
             StoreUnavailable: Redis cannot be reached.
         """
         horizon = round((datetime.now(UTC).timestamp() - retention_s) * 1000)
         args = [self.keys.prefix, str(horizon), str(keep), str(EXPIRE_BATCH)]
+        args.append("" if max_bytes is None else str(max_bytes))
         answer: Any = await self.store._call(
             "finding expired jobs", lambda: self._expired(keys=[], args=args)
         )

@@ -105,22 +105,74 @@ redis.call('SET', lease, node, 'PX', lease_ms)
 return {3, entry}
 """
 
-#: ARGV: prefix, horizon (ms since the epoch), most finished jobs kept, most ids answered.
-#: The finished jobs to forget, cluster-wide: every one that finished before the horizon, and
-#: the oldest ones over the count (their deletion is written through the store's batch).
+#: ARGV: prefix, horizon (ms since the epoch), most finished jobs kept, most ids answered, and
+#: the image directory's budget in bytes (empty: none). The finished jobs to forget,
+#: cluster-wide: every one that finished before the horizon, the oldest ones over the count,
+#: and the oldest ones whose files take the directory over its budget (their deletion is
+#: written through the store's batch).
 EXPIRED = r"""#!lua
 local P, horizon, keep, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_bytes = tonumber(ARGV[5])
 local key = P .. 'finished'
 local ids = redis.call('ZRANGEBYSCORE', key, '-inf', horizon, 'LIMIT', 0, limit)
 local seen = {}
 for _, id in ipairs(ids) do seen[id] = true end
-local over = redis.call('ZCARD', key) - keep
+local count = redis.call('ZCARD', key)
+local over = count - keep
 if over > 0 then
   for _, id in ipairs(redis.call('ZRANGE', key, 0, math.min(over, limit) - 1)) do
-    if not seen[id] then ids[#ids + 1] = id end
+    if not seen[id] then
+      ids[#ids + 1] = id
+      seen[id] = true
+    end
   end
 end
+if max_bytes == nil then return ids end
+-- The budget: while the files of finished jobs (all files but those of unfinished jobs, which
+-- are never evicted) take more than it, the oldest finished jobs go; the newest always stays.
+local function bytes_of(list)
+  local sum = 0
+  for first = 1, #list, 500 do
+    local chunk = {unpack(list, first, math.min(first + 499, #list))}
+    for _, b in ipairs(redis.call('HMGET', P .. 'bytes', unpack(chunk))) do
+      sum = sum + (tonumber(b) or 0)
+    end
+  end
+  return sum
+end
+local finished_bytes = tonumber(redis.call('GET', P .. 'bytes_total') or '0')
+  - bytes_of(redis.call('HKEYS', P .. 'active')) - bytes_of(ids)
+local left, start = count - #ids, 0
+while finished_bytes > max_bytes and left > 1 and #ids < limit do
+  local batch = redis.call('ZRANGE', key, start, start + 99)
+  if #batch == 0 then break end
+  for _, id in ipairs(batch) do
+    if finished_bytes <= max_bytes or left <= 1 or #ids >= limit then break end
+    if not seen[id] then
+      ids[#ids + 1] = id
+      seen[id] = true
+      finished_bytes = finished_bytes - (tonumber(redis.call('HGET', P .. 'bytes', id)) or 0)
+      left = left - 1
+    end
+  end
+  start = start + 100
+end
 return ids
+"""
+
+#: ARGV: prefix, then pairs ``job id, bytes``: the bytes of files a node wrote for the jobs
+#: since its last call (negative: a file got smaller). A job no longer stored (deleted
+#: meanwhile: its bytes were taken off with it) is skipped.
+ADD_BYTES = r"""#!lua
+local P = ARGV[1]
+for i = 2, #ARGV, 2 do
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
+  if redis.call('EXISTS', P .. 'job:' .. id .. ':record') == 1 then
+    redis.call('HINCRBY', P .. 'bytes', id, n)
+    redis.call('INCRBY', P .. 'bytes_total', n)
+  end
+end
+return 1
 """
 
 #: ARGV: prefix, idle bound (ms), node id. Removes from the job queue's group every consumer

@@ -20,6 +20,9 @@ deployments and test runs share one server)::
     P finished                  zset    finished job ids by end time, ms (retention)
     P active                    hash    unfinished job id -> its number of images
     P active_images             string  the sum of ``P active`` (``MAX_QUEUED_IMAGES``)
+    P bytes                     hash    job id -> bytes of its files in ``IMAGES_DIR``, as the
+                                        nodes that wrote them counted (``IMAGES_MAX_BYTES``)
+    P bytes_total               string  the sum of ``P bytes``
     P claim:<remote id>         string  ``<job id>\t<index>``: the image a prediction is taken
                                         for, so that no process gives it to a second image
     P job:<id>:claimed          set     the remote ids claimed for the job's images

@@ -181,6 +181,8 @@ for _, op in ipairs(ops) do
         holders[ident.owner .. '\0' .. ident.idem] = false
       end
     end
+    problem = foreign(P .. 'bytes', 'hash') or foreign(P .. 'bytes_total', 'string')
+    if problem then break end
     idents[id] = {owner = false, idem = false}
     fresh[id] = false
     for _, part in ipairs({'record', 'images', 'remote', 'copies', 'events', 'claimed'}) do
@@ -240,15 +242,15 @@ local function activate(id, images)
     redis.call('INCRBY', P .. 'active_images', images)
   end
 end
-local function deactivate(id)
-  local images = redis.call('HGET', P .. 'active', id)
-  if images then
-    redis.call('HDEL', P .. 'active', id)
-    if redis.call('DECRBY', P .. 'active_images', images) <= 0 then
-      redis.call('DEL', P .. 'active_images')
-    end
+-- Take a job's count off a hash of counts by job and off their sum.
+local function take_off(hash, total, id)
+  local n = redis.call('HGET', hash, id)
+  if n then
+    redis.call('HDEL', hash, id)
+    if redis.call('DECRBY', total, n) <= 0 then redis.call('DEL', total) end
   end
 end
+local function deactivate(id) take_off(P .. 'active', P .. 'active_images', id) end
 local top = 0
 for _, op in ipairs(ops) do
   local id = op.id
@@ -302,6 +304,7 @@ for _, op in ipairs(ops) do
     redis.call('ZREM', P .. 'finished', id)
     redis.call('HDEL', P .. 'entries', id)
     deactivate(id)
+    take_off(P .. 'bytes', P .. 'bytes_total', id)
     if op.owner then
       redis.call('ZREM', user_key(op.owner, 'jobs'), id)
       redis.call('SREM', user_key(op.owner, 'active'), id)

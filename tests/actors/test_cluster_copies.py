@@ -17,14 +17,17 @@ import httpx
 import pytest
 import trio
 
-from actors.cluster import ClusterNode, new_node_id
+from actors import supervisor as supervisor_module
+from actors.cluster import ClusterNode, new_node_id, node as node_module
+from actors.errors import JobNotFound
 from actors.files import ImageFilesSettings, open_image_files
 from actors.messages import ImageCopy, Transport
 from actors.settings import SupervisorSettings
 from actors.store.redis import open_redis_store
 from actors.supervisor import Supervisor, open_supervisor
-from tests.actors.test_cluster import read_to_done
+from tests.actors.test_cluster import poll, read_to_done
 from tests.actors.test_copy_behind import URL, Origin
+from tests.fake_replicate import PNG
 from tests.fakes import FakeProvider, Script
 from tests.redis_support import REDIS_URL
 
@@ -45,8 +48,12 @@ def _collect_garbage() -> Iterator[None]:
 
 
 @asynccontextmanager
-async def node(prefix: str, directory: Path, origin: Origin) -> AsyncIterator[Supervisor]:
-    settings = ImageFilesSettings(directory=directory, download_attempts=2)
+async def node(
+    prefix: str, directory: Path, origin: Origin, *, max_total_bytes: int = 5 * 1024**3
+) -> AsyncIterator[Supervisor]:
+    settings = ImageFilesSettings(
+        directory=directory, download_attempts=2, max_total_bytes=max_total_bytes
+    )
     async with (
         httpx.AsyncClient(transport=httpx.MockTransport(origin.handle)) as client,
         open_image_files(settings, client=client) as files,
@@ -96,3 +103,37 @@ async def test_every_node_redirects_to_a_copy_pending_on_another_then_serves_the
                 await a.files.wait_copies()
             assert (directory / name).is_file()
             assert await b.locate_copy(name) is None  # on disk: served by any node
+
+
+async def test_the_image_directory_s_budget_holds_for_the_files_of_every_node(
+    redis_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor_module, "CLUSTER_EXPIRE_S", 0.05)
+    monkeypatch.setattr(node_module, "BYTES_FLUSH_S", 0.05)
+    directory = tmp_path / "images"
+    budget = 2 * len(PNG) + len(PNG) // 2  # the files of two jobs fit, three do not
+    async with (
+        node(redis_prefix, directory, Origin(), max_total_bytes=budget) as a,
+        node(redis_prefix, directory, Origin(), max_total_bytes=budget) as b,
+    ):
+        assert a.files is not None
+        assert b.files is not None
+        jobs = []
+        for supervisor in (a, b, a, b):  # whichever node runs each, one after the other
+            jobs.append(await finished_job(supervisor))
+            with trio.fail_after(WAIT_S):
+                await a.files.wait_copies()
+                await b.files.wait_copies()
+
+        async def two_newest_left() -> bool:
+            await trio.lowlevel.checkpoint()
+            return {path.name for path in directory.iterdir()} == {
+                f"{job_id}-0.png" for job_id in jobs[2:]
+            }
+
+        await poll(two_newest_left)
+        for job_id in jobs[:2]:
+            with pytest.raises(JobNotFound):
+                await b.find(job_id, owner="alice")
+        for job_id in jobs[2:]:
+            assert (await a.find(job_id, owner="alice")).job_id == job_id
