@@ -100,6 +100,7 @@ class FakeReplicate:
         self.predictions: dict[str, Prediction] = {}
         self.create_requests = 0
         self.get_requests = 0
+        self.list_requests = 0
         self.cancel_requests: list[str] = []
         self.webhooks_sent = 0
         self.webhook_secret = WEBHOOK_SECRET
@@ -334,6 +335,7 @@ class FakeReplicate:
 
         @app.get("/v1/predictions")
         async def list_predictions() -> Response:
+            self.list_requests += 1
             if self.rng.random() < self.faults.list_500:
                 return problem(500, "Internal Server Error")
             newest = sorted(self.predictions.values(), key=lambda p: p.created, reverse=True)

@@ -138,6 +138,10 @@ class _Image:
     #: A create that may have created a prediction (its body and when it was sent): looked up
     #: in the list of recent predictions before anything is created again.
     unsure: tuple[dict[str, object], datetime] | None = None
+    #: What this image's own create answered with, while it is not yet taken for the image
+    #: (its claim was cut short or failed): the next attempt claims it first, before it looks
+    #: in the list or creates.
+    answered: Mapping[str, Any] | None = None
     #: The note of ``prediction_id`` in the journal, until it is stored.
     note: Commit | None = None
     #: The pending note the job's admission stored (``ImageRequest.pending_since``), while no
@@ -247,14 +251,11 @@ class ReplicateProvider:
         if image is None:
             await trio.lowlevel.checkpoint()
             return
-        if image.prediction_id is None and image.unsure is not None:
+        if image.prediction_id is None:
             try:
-                adopted = await self._reconcile(key, *image.unsure)
+                await self._recover(key, image)
             except TransientProviderError as exc:
                 logger.warning("replicate: cannot find a prediction to cancel: %s", exc)
-                adopted = None
-            if adopted is not None:
-                self._adopt(key, image, adopted)
         prediction_id = image.prediction_id
         if prediction_id is None:
             await trio.lowlevel.checkpoint()
@@ -397,12 +398,9 @@ class ReplicateProvider:
     ) -> tuple[Mapping[str, Any], bool]:
         """The image's prediction, and whether it is the create's own answer (else adopted)."""
         body = self._create_body(prompt)
-        if image.unsure is not None:
-            # An earlier create may have created a prediction: find it before making another.
-            adopted = await self._reconcile(key, *image.unsure)
-            image.unsure = None
-            if adopted is not None:
-                return self._adopt(key, image, adopted), False
+        recovered = await self._recover(key, image)
+        if recovered is not None:
+            return recovered, False
         while True:
             await self._take_turn(image)
             since = datetime.now(UTC)
@@ -425,19 +423,18 @@ class ReplicateProvider:
             prediction, answered = await self._try_create(key, image, body, since)
             if not answered:
                 return prediction, False
+            # Made by this create, not yet taken for the image: an attempt cut short from here
+            # on, or a claim that fails, leaves the next attempt to take it first.
+            image.answered, image.unsure = prediction, pending
             await self.pace.accepted()
             prediction_id = prediction.get("id")
-            if prediction_id not in self._claimed:
-                try:
-                    ours = not isinstance(prediction_id, str) or await self._claim(
-                        key, prediction_id
-                    )
-                except TransientProviderError:
-                    image.unsure = pending  # made, but whose: the next attempt looks first
-                    raise
-                if ours:
-                    made = finished(prediction, sync_answer=True)
-                    return self._adopt(key, image, prediction, with_image=made), True
+            if prediction_id not in self._claimed and (
+                not isinstance(prediction_id, str) or await self._claim(key, prediction_id)
+            ):
+                image.answered = image.unsure = None
+                made = finished(prediction, sync_answer=True)
+                return self._adopt(key, image, prediction, with_image=made), True
+            image.answered = None
             # While this create was held open (Prefer: wait), another image reconciling an
             # unsure create of the same input (here or in another process sharing the
             # journal) took its prediction. Inputs being equal, the images are
@@ -449,6 +446,7 @@ class ReplicateProvider:
             except TransientProviderError:
                 orphan = None
             if orphan is not None:
+                image.unsure = None
                 return self._adopt(key, image, orphan), False
 
     def _has_turn(self, image: _Image) -> bool:
@@ -603,6 +601,34 @@ class ReplicateProvider:
             )
         raise NotStartedError(f"Replicate failed to create the prediction: {exc!r}")
 
+    async def _recover(self, key: tuple[str, int], image: _Image) -> Mapping[str, Any] | None:
+        """The prediction an earlier attempt of the image made, or may have made, taken for it:
+        the one its create answered with, unless another image took that meanwhile; else one
+        the list shows for its unsure create. ``None``: there is none.
+
+        Raises:
+            TransientProviderError: The list cannot be read, or the claim made (the image keeps
+                what it knows for the next attempt).
+        """
+        answered = image.answered
+        if answered is not None:
+            prediction_id = answered.get("id")
+            if (
+                isinstance(prediction_id, str)
+                and prediction_id not in self._claimed
+                and await self._claim(key, prediction_id)
+            ):
+                image.answered = image.unsure = None
+                return self._adopt(key, image, answered)
+            image.answered = None  # another image's: this image's own may be its orphan
+        if image.unsure is not None:
+            # An earlier create may have created a prediction: find it before making another.
+            adopted = await self._reconcile(key, *image.unsure)
+            image.unsure = None
+            if adopted is not None:
+                return self._adopt(key, image, adopted)
+        return None
+
     async def _reconcile(
         self, key: tuple[str, int], body: Mapping[str, object], since: datetime
     ) -> Mapping[str, Any] | None:
@@ -688,6 +714,9 @@ class ReplicateProvider:
             raise TransientProviderError(
                 f"cannot claim prediction {prediction_id} for the image: {exc}"
             ) from None
+        except BaseException:
+            self._claimed.pop(prediction_id, None)  # cut short: the next attempt asks again
+            raise
 
     # --- waiting ----------------------------------------------------------------------------
 

@@ -31,9 +31,10 @@ deployments and test runs share one server)::
 A cluster (``actors/cluster/``) adds the job queue, the leases and the nodes' wake streams.
 
 Every name ends with a fixed part (``:record``, ``:jobs``, ...), so no id or owner can make one
-key's name another's. It is laid out for several nodes sharing the prefix: a job's whole state
-and its event stream are reachable from any node, a user's list and idempotency keys are global,
-and seq is allocated with INCR.
+key's name another's; ``P claim:<remote id>`` ends with a provider's id instead, and no job's
+or user's key starts with ``claim:``. It is laid out for several nodes sharing the prefix: a
+job's whole state and its event stream are reachable from any node, a user's list and
+idempotency keys are global, and seq is allocated with INCR.
 
 Writes: every operation queued while a batch was being written goes into the next batch, which
 is one run of a Lua script (:data:`~actors.store.redis_scripts.BATCH`), atomic: it checks the

@@ -185,7 +185,7 @@ for _, op in ipairs(ops) do
     if problem then break end
     idents[id] = {owner = false, idem = false}
     fresh[id] = false
-    for _, part in ipairs({'record', 'images', 'remote', 'copies', 'events', 'claimed'}) do
+    for _, part in ipairs({'record', 'images', 'remote', 'copies', 'events'}) do
       types[job_key(id, part)] = 'none'
     end
     lasts[id] = 0
@@ -320,13 +320,15 @@ return #ops
 
 
 #: ARGV: prefix, remote id, job id, image index. Takes the remote work (a prediction) for the
-#: image unless another image has it: 1 if it is the image's (now, or already), else 0. Every
-#: process sharing the prefix asks here before it takes a prediction found by reconciling, or
-#: one its own create answered with (another process may have found it in the list first).
-#: Deleting the job deletes its claims (``P job:<id>:claimed`` lists them).
+#: image unless another image has it: 1 if it is the image's (now, or already), else 0 (also
+#: when the job is not stored: a deleted job's worker takes nothing). Every process sharing the
+#: prefix asks here before it takes a prediction found by reconciling, or one its own create
+#: answered with (another process may have found it in the list first). Deleting the job
+#: deletes its claims (``P job:<id>:claimed`` lists them).
 CLAIM = r"""#!lua
 local P, remote_id, job, index = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key, mine = P .. 'claim:' .. remote_id, job .. '\t' .. index
+if redis.call('EXISTS', P .. 'job:' .. job .. ':record') == 0 then return 0 end
 local held = redis.call('GET', key)
 if held == false then
   redis.call('SET', key, mine)

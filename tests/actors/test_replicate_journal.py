@@ -58,10 +58,10 @@ async def generate(provider: ReplicateProvider, request: ImageRequest) -> str:
         return await provider.generate(request)
 
 
-async def with_job(store: JobStore) -> None:
+async def with_job(store: JobStore, job_id: str = JOB) -> None:
     """Write the job the journal's notes belong to (SQLite and Redis would insist on it)."""
     record = JobRecord(
-        job_id=JOB,
+        job_id=job_id,
         seq=1,
         owner="alice",
         prompt=PROMPT,
@@ -81,12 +81,12 @@ async def store_with_job() -> MemoryStore:
 
 
 async def journal_of(store: JobStore) -> dict[int, tuple[str | None, datetime | None]]:
-    (stored,) = await store.load()
-    return {work.index: (work.remote_id, work.pending_since) for work in stored.remote}
+    return {work.index: (work.remote_id, work.pending_since) for work in await remote_work(store)}
 
 
 async def remote_work(store: JobStore) -> list[RemoteWork]:
-    (stored,) = await store.load()
+    """The journal of job ``JOB`` (the store may hold others)."""
+    (stored,) = [job for job in await store.load() if job.job.job_id == JOB]
     return list(stored.remote)
 
 
@@ -484,6 +484,7 @@ OTHER_JOB = "job-2"
 async def store(redis_prefix: str) -> AsyncIterator[RedisStore]:
     async with open_redis_store(REDIS_URL, redis_prefix) as store:
         await with_job(store)
+        await with_job(store, OTHER_JOB)
         yield store
 
 
@@ -572,10 +573,46 @@ async def test_a_create_whose_claim_cannot_be_made_is_found_again_not_made_again
         assert (await journal_of(store))[0][0] is None
         journal.down = False
         url = await generate(provider, image(attempt=2))
-        stats = provider.statistics()
+
+    # The next attempt claims what the create answered with first (no list, no create).
+    assert url.endswith(f"/files/{made}/out-0.webp")
+    assert (fake.create_requests, fake.list_requests) == (1, 0)
+    assert await journal_of(store) == {0: (made, None)}
+
+
+class SlowFirstClaim(StoreJournal):
+    """The first claim takes a second (a slow store): the attempt's deadline cuts it short."""
+
+    def __init__(self, store: JobStore) -> None:
+        super().__init__(store)
+        self.claims = 0
+
+    async def claim(self, remote_id: str, job_id: str, index: int) -> bool:
+        self.claims += 1
+        if self.claims == 1:
+            await trio.sleep(1)
+        return await super().claim(remote_id, job_id, index)
+
+
+@pytest.mark.parametrize("found", [False, True], ids=["answered", "reconciled"])
+async def test_an_attempt_cut_short_while_claiming_leaves_the_prediction_to_the_next(
+    fake: FakeReplicate, found: bool
+) -> None:
+    store = await store_with_job()
+    if found:  # a create pending at a restart: its prediction is found in the list
+        await commit(store, SetRemote(JOB, 0, None, datetime.now(UTC)))
+        await create_directly(fake)
+    journal = SlowFirstClaim(store)
+    async with open_replicate_provider(settings_for(fake), journal=journal) as provider:
+        provider.resume_remote_work(await remote_work(store), [])
+        with trio.move_on_after(0.5) as deadline:
+            await provider.generate(image(attempt=1 + found))
+        assert deadline.cancelled_caught
+        (made,) = fake.predictions
+        url = await generate(provider, image(attempt=2 + found))
 
     assert url.endswith(f"/files/{made}/out-0.webp")
-    assert (fake.create_requests, stats["reconciled"]) == (1, 1)
+    assert fake.create_requests == 1
     assert await journal_of(store) == {0: (made, None)}
 
 
@@ -593,6 +630,9 @@ async def test_deleting_a_job_deletes_its_claims(store: RedisStore, redis_prefix
 
     await commit(store, DeleteJob(JOB))
 
+    assert not {key for key in await keys_under(redis_prefix) if "claim" in key}
+    # A worker of the deleted job still running somewhere takes nothing, and leaves nothing.
+    assert not await journal.claim("p-3", JOB, 0)
     assert not {key for key in await keys_under(redis_prefix) if "claim" in key}
 
 
