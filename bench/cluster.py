@@ -44,9 +44,9 @@ import trio
 from actors.store.redis import open_client
 from bench import common
 from bench.provider import prompt
+from tests.redis_support import REDIS_URL, delete_prefix
 
 TERMINAL = {"completed", "failed", "canceled"}
-REDIS_URL = "redis://127.0.0.1:6379/0"
 CONFIGS = (("sqlite", 1), ("redis", 1), ("redis", 2))
 
 
@@ -237,10 +237,21 @@ async def apart_delivery(
 async def one_config(
     work_dir: Path, store: str, nodes: int, args: argparse.Namespace
 ) -> dict[str, Any]:
+    prefix = f"bench:{secrets.token_hex(4)}:"
+    try:
+        return await _one_config(work_dir, store, nodes, args, prefix)
+    finally:
+        with trio.CancelScope(shield=True):
+            await delete_prefix(prefix)  # the run's keys (jobs, queue, limits) go with it
+
+
+async def _one_config(
+    work_dir: Path, store: str, nodes: int, args: argparse.Namespace, prefix: str
+) -> dict[str, Any]:
     env = common.service_env(
         STORE=store,
         REDIS_URL=REDIS_URL,
-        REDIS_PREFIX=f"bench:{secrets.token_hex(4)}:",
+        REDIS_PREFIX=prefix,
         DATABASE_PATH=str(work_dir / f"{store}-{nodes}.sqlite3"),
         MAX_STREAMS_PER_USER=100_000,
         LOG_LEVEL="WARNING",
