@@ -10,9 +10,9 @@ priority, then the first to ask (the semantics of :class:`~actors.capacity.FairC
 The scripts are in :mod:`actors.limits.scripts`.
 
 A waiter is woken by the pub/sub message of the script run that granted it its slot (releases,
-renewals and new waiters hand out free slots); the renewal also answers which of this process's
-waiters hold a slot now, so a message lost while pub/sub reconnects costs at most a third of a
-lease.
+renewals and new waiters hand out free slots), or, when its own process gave that slot back, by
+the release's answer, one hop sooner; the renewal also answers which of this process's waiters
+hold a slot now, so a message lost while pub/sub reconnects costs at most a third of a lease.
 
 Redis down: a waiter keeps trying to queue (with growing waits) and waits; slots held go on
 being held (their work is running); a release that cannot be sent is sent again by the renewal
@@ -135,8 +135,11 @@ class RedisCapacity:
         self._unreleased.add(slot_id)
         args = [*self._base, slot_id]
         with suppress(LimitsUnavailable):
-            await self._calls.once("giving a slot back", lambda: self._release(keys=[], args=args))
+            answer: list[Any] = await self._calls.once(
+                "giving a slot back", lambda: self._release(keys=[], args=args)
+            )
             self._unreleased.discard(slot_id)
+            self._wake(str(granted) for granted in answer[1:])
 
     def statistics(self) -> CapacityStatistics:
         """Cluster-wide figures as of the latest renewal (a third of a lease old at most)."""
@@ -165,10 +168,11 @@ class RedisCapacity:
         """
         if self._unreleased:
             gone = list(self._unreleased)
-            await self._calls.once(
+            released: list[Any] = await self._calls.once(
                 "giving slots back", lambda: self._release(keys=[], args=[*self._base, *gone])
             )
             self._unreleased.difference_update(gone)
+            self._wake(str(granted) for granted in released[1:])
         args = [*self._base, str(len(self._holding))]
         for slot_id, job in self._holding.items():
             args += [slot_id, job]

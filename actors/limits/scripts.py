@@ -125,6 +125,7 @@ local function dispatch()
     granted[#granted + 1] = id
   end
   if #granted > 0 then redis.call('PUBLISH', CHANNEL, table.concat(granted, ' ')) end
+  return granted
 end
 """
 
@@ -141,7 +142,9 @@ return 0
 """
 )
 
-#: ARGV[4...] ids: each gives its slot back, or stops waiting. Returns how many were known.
+#: ARGV[4...] ids: each gives its slot back, or stops waiting. Returns how many were known,
+#: then the ids granted a slot by this call (the caller wakes its own at once, not one pub/sub
+#: message later; the message wakes the others).
 CAPACITY_RELEASE = (
     _CAPACITY_PRELUDE
     + r"""
@@ -152,8 +155,9 @@ for i = 4, #ARGV do
   if drop_holder(id) or drop_waiter(id) then known = known + 1 end
   redis.call('ZADD', GONE, now + 2 * lease, id)
 end
-dispatch()
-return known
+local answer = {known}
+for _, id in ipairs(dispatch()) do answer[#answer + 1] = id end
+return answer
 """
 )
 

@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import pytest
 import trio
 
 from actors.limits.redis_capacity import RedisCapacity, open_redis_capacity
@@ -181,3 +182,33 @@ async def test_a_wait_goes_on_while_redis_is_down_and_is_granted_when_it_is_back
         nursery.cancel_scope.cancel()
     gc.collect()  # the dropped connections' leftovers warn now, in this test (marked)
     assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_slot_given_back_goes_to_a_waiter_of_the_same_process_without_pub_sub(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def deaf(self: RedisCapacity) -> None:  # no grant ever arrives by pub/sub
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(RedisCapacity, "_listen", deaf)
+    order: list[str] = []
+    # A long lease: the renewal (which also finds grants) comes only every 10 s.
+    async with nodes(redis_prefix, 1, capacity=1, lease_s=30) as (limiter,):
+        held = trio.Event()
+
+        async def first() -> None:
+            async with limiter.slot("a"):
+                order.append("a")
+                held.set()
+                await trio.sleep(0.05)
+
+        async def second() -> None:
+            await held.wait()
+            async with limiter.slot("b"):
+                order.append("b")
+
+        with trio.fail_after(2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                nursery.start_soon(second)
+    assert order == ["a", "b"]
