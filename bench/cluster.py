@@ -346,7 +346,7 @@ def main() -> None:
         default=50,
         help="subscribers of each same-node-only and cross-node-only run (clusters only)",
     )
-    parser.add_argument("--apart-repeats", type=int, default=3)
+    parser.add_argument("--apart-repeats", type=int, default=5)
     parser.add_argument(
         "--poll-ms", type=float, default=20.0, help="how often a client polls its job (ms)"
     )
