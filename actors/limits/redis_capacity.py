@@ -9,10 +9,12 @@ of them, ties to the one served least lately, then to the oldest; within a job, 
 priority, then the first to ask (the semantics of :class:`~actors.capacity.FairCapacity`).
 The scripts are in :mod:`actors.limits.scripts`.
 
-A waiter is woken by the pub/sub message of the script run that granted it its slot (releases,
-renewals and new waiters hand out free slots), or, when its own process gave that slot back, by
-the release's answer, one hop sooner; the renewal also answers which of this process's waiters
-hold a slot now, so a message lost while pub/sub reconnects costs at most a third of a lease.
+A waiter is woken by the entry the script run that granted it its slot adds to its process's
+grants stream (releases, renewals and new waiters hand out free slots), which the process reads
+with one blocking ``XREAD``, or, when its own process gave that slot back, by the release's
+answer. The renewal also answers which of this process's waiters hold a slot now, so a grant
+missed while Redis was unreachable costs at most a third of a lease. (The grants are published
+on a channel too, for processes of an earlier release during a rolling deploy.)
 
 Redis down: a waiter keeps trying to queue (with growing waits) and waits; slots held go on
 being held (their work is running); a release that cannot be sent is sent again by the renewal
@@ -47,6 +49,10 @@ logger = logging.getLogger("actors.limits")
 CAPACITY_LEASE_S = 5.0
 #: How long giving a slot back may hold up the task leaving it (then the renewal task retries).
 RELEASE_TIMEOUT_S = 2.0
+#: How long one blocking read of the grants stream waits (under the client's stream timeout).
+GRANTS_BLOCK_MS = 2000
+#: Grants entries one read answers at most.
+GRANTS_READ_COUNT = 100
 
 
 def node_id() -> str:
@@ -196,27 +202,34 @@ class RedisCapacity:
                 await self.renew_once()
             await trio.sleep(self.lease_s / 3)
 
-    async def _listen(self) -> None:
-        """Wake this process's waiters granted a slot, as the grants are published."""
+    async def _read_grants(self) -> None:
+        """Wake this process's waiters granted a slot, as the grants come into its stream.
+
+        The stream is this process's alone (its node id is new at each start), so reading it
+        from its start misses nothing; while Redis cannot be read, the renewal finds grants.
+        """
         client = self._calls.client
-        channel = f"{self.prefix}grants"
+        key = f"{self.prefix}grants:{self.node}"
+        cursor = "0-0"
         while True:
             try:
-                async with client.pubsub(channels=[channel], ignore_subscribe_messages=True) as ps:
-                    # Subscribed: grants published while not listening are found by a renewal.
-                    await self.renew_once()
-                    async for message in ps:
-                        if message["type"] == "message":
-                            self._wake(str(message["data"]).split())
-            except (*REDIS_ERRORS, LimitsUnavailable) as exc:
-                logger.debug("capacity: listening again after %r", exc)
-            await trio.sleep(self.lease_s / 3)
+                answer: Any = await client.xread(
+                    {key: cursor}, count=GRANTS_READ_COUNT, block=GRANTS_BLOCK_MS
+                )
+            except REDIS_ERRORS as exc:
+                logger.debug("capacity: reading grants again after %r", exc)
+                await trio.sleep(self.lease_s / 3)
+                continue
+            for entries in (answer or {}).values():
+                for entry in entries:
+                    cursor = str(entry.identifier)
+                    self._wake(str(entry.field_values.get("ids", "")).split())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew leases and listen for grants until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_leases, name="capacity leases")
-            nursery.start_soon(self._listen, name="capacity grants")
+            nursery.start_soon(self._read_grants, name="capacity grants")
             task_status.started()
 
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 #   queue:<j> zset  the job's waiters: score = priority, member = arrival, waiter id
 #   gone      zset  ids released lately -> until when a renewal must not bring them back
 #   seq       string a counter (jobs' ages, arrivals, grant numbers)
-#   grants    channel  the ids granted a slot by one script run, space-separated
+#   grants:<node>  stream  the ids of a process's waiters granted a slot by one script run
+#                    (field ``ids``, space-separated; a waiter's id is ``<node>/<n>``), read by
+#                    that process with a blocking XREAD; trimmed, and gone an hour after its last
+#   grants    channel  the same ids, all processes' (read by processes of an earlier release)
 _CAPACITY_PRELUDE = r"""#!lua
 local C, cap, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
@@ -124,7 +127,22 @@ local function dispatch()
     place(job)
     granted[#granted + 1] = id
   end
-  if #granted > 0 then redis.call('PUBLISH', CHANNEL, table.concat(granted, ' ')) end
+  if #granted > 0 then
+    redis.call('PUBLISH', CHANNEL, table.concat(granted, ' '))
+    local by_node = {}
+    for _, id in ipairs(granted) do
+      local node = string.match(id, '^(.*)/%d+$')
+      if node then
+        if not by_node[node] then by_node[node] = {} end
+        table.insert(by_node[node], id)
+      end
+    end
+    for node, ids in pairs(by_node) do
+      local key = C .. 'grants:' .. node
+      redis.call('XADD', key, 'MAXLEN', '~', 1000, '*', 'ids', table.concat(ids, ' '))
+      redis.call('PEXPIRE', key, 3600000)
+    end
+  end
   return granted
 end
 """

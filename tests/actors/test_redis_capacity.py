@@ -184,13 +184,13 @@ async def test_a_wait_goes_on_while_redis_is_down_and_is_granted_when_it_is_back
     assert await redis_counts(redis_prefix) == (0, 0, 0)
 
 
-async def test_a_slot_given_back_goes_to_a_waiter_of_the_same_process_without_pub_sub(
+async def test_a_slot_given_back_goes_to_a_waiter_of_the_same_process_from_the_answer(
     redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def deaf(self: RedisCapacity) -> None:  # no grant ever arrives by pub/sub
+    async def deaf(self: RedisCapacity) -> None:  # no grant ever arrives by its stream
         await trio.sleep_forever()
 
-    monkeypatch.setattr(RedisCapacity, "_listen", deaf)
+    monkeypatch.setattr(RedisCapacity, "_read_grants", deaf)
     order: list[str] = []
     # A long lease: the renewal (which also finds grants) comes only every 10 s.
     async with nodes(redis_prefix, 1, capacity=1, lease_s=30) as (limiter,):
@@ -212,3 +212,31 @@ async def test_a_slot_given_back_goes_to_a_waiter_of_the_same_process_without_pu
                 nursery.start_soon(first)
                 nursery.start_soon(second)
     assert order == ["a", "b"]
+
+
+async def test_a_grant_reaches_a_waiter_of_another_process_by_its_stream(
+    redis_prefix: str,
+) -> None:
+    # A long lease: the renewal (which also finds grants) comes only every 10 s.
+    async with nodes(redis_prefix, 2, capacity=1, lease_s=30) as (one, two):
+        held, release, granted = trio.Event(), trio.Event(), trio.Event()
+
+        async def first() -> None:
+            async with one.slot("a"):
+                held.set()
+                await release.wait()
+
+        async def second() -> None:
+            async with two.slot("b"):
+                granted.set()
+
+        with trio.fail_after(2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                await held.wait()
+                nursery.start_soon(second)
+                # Redis's own state is what is waited for: there is no event to wait on.
+                while (await redis_counts(redis_prefix))[1] == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+                release.set()
+                await granted.wait()
