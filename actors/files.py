@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -289,9 +290,16 @@ class ImageFiles:
         return None
 
     async def _copy(self, copy: ImageCopy) -> None:
+        on_disk = await trio.to_thread.run_sync(_size_of, self.settings.directory / copy.name)
+        if on_disk is not None:
+            # Made already, by another process (a job taken over on a cluster): counted there.
+            if self._copies.get(copy.name) is copy:
+                del self._copies[copy.name]
+                self._account(copy.job_id, copy.name, on_disk)
+            return
         try:
             data, _ = await self._download(copy.source)
-            await trio.to_thread.run_sync(
+            replaced = await trio.to_thread.run_sync(
                 _write_atomically, self.settings.directory, copy.name, data
             )
         except (_DownloadFailed, OSError) as exc:
@@ -302,7 +310,7 @@ class ImageFiles:
             await trio.to_thread.run_sync(_unlink, self.settings.directory / copy.name)
             return
         del self._copies[copy.name]
-        self._written(copy.job_id, copy.name, len(data))
+        self._written(copy.job_id, copy.name, len(data), replaced=replaced)
         self._downloads += 1
 
     def _copy_failed(self, copy: ImageCopy, error: str) -> None:
@@ -446,9 +454,13 @@ class ImageFiles:
         usage.sizes[name] = nbytes
         return change
 
-    def _written(self, job_id: str, name: str, nbytes: int) -> None:
-        """A file this process wrote: counted, and told to :attr:`on_written`."""
+    def _written(self, job_id: str, name: str, nbytes: int, *, replaced: int | None = None) -> None:
+        """A file this process wrote: counted, and the change on disk told to
+        :attr:`on_written`. ``replaced``: the size of the file it replaced, which another
+        process may have written (a copy taken over); else this process's own count of it."""
         change = self._account(job_id, name, nbytes)
+        if replaced is not None:
+            change = nbytes - replaced
         if self.on_written is not None and change:
             self.on_written(job_id, change)
 
@@ -584,8 +596,20 @@ def _retry_after(response: httpx.Response) -> float | None:
     return float(header) if header.isdigit() else None
 
 
-def _write_atomically(directory: Path, name: str, data: bytes) -> None:
-    """Write ``directory / name`` so that no reader ever sees half a file (worker thread)."""
+def _size_of(path: Path) -> int | None:
+    """The size of the file at ``path``; ``None``: there is no file there (worker thread)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+def _write_atomically(directory: Path, name: str, data: bytes) -> int:
+    """Write ``directory / name`` so that no reader ever sees half a file (worker thread).
+
+    Returns the size of the file it replaced (0: there was none).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     partial = directory / f".{name}.{os.getpid()}.tmp"
     try:
@@ -593,10 +617,12 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())  # on disk before the job's record can point at it
+        replaced = _size_of(directory / name) or 0
         partial.replace(directory / name)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    return replaced
 
 
 def file_extension(url: str) -> str:

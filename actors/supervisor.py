@@ -817,6 +817,7 @@ class Supervisor:
                 self._resume_copies(())  # this node's failed copies are journaled
                 if self.files is not None:  # the budget of the shared directory is counted in Redis
                     self.files.on_written = cluster.note_bytes
+                    cluster.on_forgotten_files = self.files.forget
                 await nursery.start(
                     partial(
                         cluster.run,

@@ -6,7 +6,6 @@ import json
 
 from quart import Blueprint, Response, jsonify
 
-from actors.errors import StoreUnavailable
 from actors.messages import SupervisorStatistics
 from web.context import current_user, state
 from web.errors import error_response
@@ -74,11 +73,8 @@ async def status() -> dict[str, object]:
     cluster = app_state.supervisor.cluster
     if cluster is not None:
         # ``images`` is this node's; these two are the whole cluster's (null: Redis is down).
-        queued: dict[str, int | None]
-        try:
-            queued = dict(await cluster.queued())
-        except StoreUnavailable:
-            queued = {"jobs_unfinished": None, "images_queued": None}
+        queued: dict[str, int | None] = {"jobs_unfinished": None, "images_queued": None}
+        queued.update(await cluster.queued() or {})
         view["cluster"] = {**cluster.statistics(), **queued}
     files = app_state.supervisor.files
     if files is not None:

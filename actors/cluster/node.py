@@ -30,6 +30,7 @@ writes nothing more of that job and stops running it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -70,6 +71,8 @@ CANCEL_TAKEN = 3
 EXPIRE_BATCH = 200
 #: How often a node adds the bytes of the image files it wrote to the cluster's count.
 BYTES_FLUSH_S = 2.0
+#: How long reading the cluster's queue counts for a status page may take.
+QUEUED_TIMEOUT_S = 1.0
 
 #: Starts running a job this node took: ``(job id, cancelled)``; False if it could not.
 StartJob = Callable[[str, bool], Awaitable[bool]]
@@ -127,6 +130,12 @@ class ClusterNode:
         self._add_bytes = client.register_script(scripts.ADD_BYTES)
         #: job id -> bytes of files this node wrote for it, not yet counted in Redis.
         self._bytes: dict[str, int] = {}
+        #: The batch being added (its token and bytes), until Redis has answered it.
+        self._bytes_batch: tuple[str, dict[str, int]] | None = None
+        self._bytes_batches = itertools.count(1)
+        #: Told (sync) of a job whose file this node wrote after the job was forgotten: its
+        #: files are garbage (the supervisor deletes them).
+        self.on_forgotten_files: Callable[[str], None] = _ignore
         self.queue_key = f"{self.keys.prefix}queue"
         self.wake_key = f"{self.keys.prefix}node:{self.node_id}:wake"
         #: job id -> its queue entry id, for every job this node runs.
@@ -388,22 +397,23 @@ class ClusterNode:
         )
         return int(seq)
 
-    async def queued(self) -> dict[str, int]:
+    async def queued(self) -> dict[str, int] | None:
         """Cluster-wide, what ``MAX_QUEUED_IMAGES`` counts: the unfinished jobs of every node
-        and their images.
+        and their images; ``None`` if Redis does not answer within :data:`QUEUED_TIMEOUT_S`.
 
-        Raises:
-            StoreUnavailable: Redis cannot be reached.
+        For a status page: the read is bounded by a deadline of its own, and a late answer
+        leaves the connection alone (the store's calls would drop every connection of this
+        process, cutting its leases' renewals and blocking reads too).
         """
-
-        async def read() -> tuple[int, str | None]:
-            async with self.store.client.pipeline(transaction=False) as pipe:
-                jobs = pipe.hlen(f"{self.keys.prefix}active")
-                images = pipe.get(f"{self.keys.prefix}active_images")
-            return await jobs, await images
-
-        jobs, images = await self.store._call("reading the unfinished jobs", read, timeout_s=2.0)
-        return {"jobs_unfinished": int(jobs), "images_queued": int(images or 0)}
+        with trio.move_on_after(QUEUED_TIMEOUT_S):
+            try:
+                async with self.store.client.pipeline(transaction=False) as pipe:
+                    jobs = pipe.hlen(f"{self.keys.prefix}active")
+                    images = pipe.get(f"{self.keys.prefix}active_images")
+                return {"jobs_unfinished": int(await jobs), "images_queued": int(await images or 0)}
+            except _REDIS_ERRORS:
+                return None
+        return None
 
     def note_bytes(self, job_id: str, change: int) -> None:
         """This node wrote a file of ``job_id`` (sync): its bytes count towards the image
@@ -411,27 +421,30 @@ class ClusterNode:
         self._bytes[job_id] = self._bytes.get(job_id, 0) + change
 
     async def flush_bytes(self) -> None:
-        """Add the bytes noted since the last call to the cluster's count.
+        """Add the bytes noted since the last call to the cluster's count: the batch a failed
+        call left first (the same batch, so that it is counted once), then the rest.
 
         Raises:
             StoreUnavailable: Redis cannot be reached (the bytes are kept for the next call).
         """
-        noted, self._bytes = self._bytes, {}
-        args = [self.keys.prefix]
-        for job_id, change in noted.items():
-            if change:
+        for _ in range(2):
+            if self._bytes_batch is None:
+                noted = {job_id: change for job_id, change in self._bytes.items() if change}
+                self._bytes = {}
+                if not noted:
+                    break
+                self._bytes_batch = (f"{self.node_id}-{next(self._bytes_batches)}", noted)
+            token, batch = self._bytes_batch
+            args = [self.keys.prefix, token]
+            for job_id, change in batch.items():
                 args += [job_id, str(change)]
-        if len(args) == 1:
-            await trio.lowlevel.checkpoint()
-            return
-        try:
-            await self.store._call(
-                "counting image bytes", lambda: self._add_bytes(keys=[], args=args)
+            gone: Any = await self.store._call(
+                "counting image bytes", partial(self._add_bytes, keys=[], args=args)
             )
-        except StoreUnavailable:
-            for job_id, change in noted.items():
-                self.note_bytes(job_id, change)
-            raise
+            self._bytes_batch = None
+            for job_id in gone:
+                self.on_forgotten_files(str(job_id))
+        await trio.lowlevel.checkpoint()
 
     async def _count_bytes(self) -> None:
         try:

@@ -160,19 +160,27 @@ end
 return ids
 """
 
-#: ARGV: prefix, then pairs ``job id, bytes``: the bytes of files a node wrote for the jobs
-#: since its last call (negative: a file got smaller). A job no longer stored (deleted
-#: meanwhile: its bytes were taken off with it) is skipped.
+#: ARGV: prefix, the batch's token, then pairs ``job id, bytes``: the bytes of files a node
+#: wrote for the jobs since its last call (negative: a file got smaller). A batch is added once
+#: whatever the number of calls (the node sends it again, same token, when an answer is lost).
+#: Returns the ids of jobs no longer stored (forgotten meanwhile: their bytes were taken off
+#: with them), whose files are garbage.
 ADD_BYTES = r"""#!lua
-local P = ARGV[1]
-for i = 2, #ARGV, 2 do
+local P, token = ARGV[1], ARGV[2]
+local gone = {}
+if not redis.call('SET', P .. 'bytes_batch:' .. token, 1, 'NX', 'PX', 3600000) then
+  return gone
+end
+for i = 3, #ARGV, 2 do
   local id, n = ARGV[i], tonumber(ARGV[i + 1])
   if redis.call('EXISTS', P .. 'job:' .. id .. ':record') == 1 then
     redis.call('HINCRBY', P .. 'bytes', id, n)
     redis.call('INCRBY', P .. 'bytes_total', n)
+  else
+    gone[#gone + 1] = id
   end
 end
-return 1
+return gone
 """
 
 #: ARGV: prefix, idle bound (ms), node id. Removes from the job queue's group every consumer

@@ -40,7 +40,7 @@ import trio
 
 from actors.errors import LimitsUnavailable
 from actors.limits import scripts
-from actors.limits.calls import REDIS_ERRORS, RedisCalls
+from actors.limits.calls import REDIS_ERRORS, RETRY_S, RedisCalls
 from actors.messages import CapacityStatistics
 
 logger = logging.getLogger("actors.limits")
@@ -78,7 +78,7 @@ class RedisCapacity:
         lease_s: How long a slot outlives its holder's last renewal.
 
     Concurrency: opened with :func:`open_redis_capacity`, which runs :meth:`run` (the renewal
-    and the pub/sub listener); any number of tasks use :meth:`slot` at once.
+    and the reader of its grants stream); any number of tasks use :meth:`slot` at once.
     """
 
     def __init__(
@@ -211,6 +211,7 @@ class RedisCapacity:
         client = self._calls.client
         key = f"{self.prefix}grants:{self.node}"
         cursor = "0-0"
+        delay = RETRY_S[0]
         while True:
             try:
                 answer: Any = await client.xread(
@@ -218,8 +219,10 @@ class RedisCapacity:
                 )
             except REDIS_ERRORS as exc:
                 logger.debug("capacity: reading grants again after %r", exc)
-                await trio.sleep(self.lease_s / 3)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_S[1])
                 continue
+            delay = RETRY_S[0]
             for entries in (answer or {}).values():
                 for entry in entries:
                     cursor = str(entry.identifier)

@@ -108,9 +108,13 @@ local function purge()
   redis.call('ZREMRANGEBYSCORE', GONE, '-inf', now)
 end
 
+local function node_of(id) return string.match(id, '^(.*)/%d+$') end
+
 -- Free slots go to the waiting job holding the fewest, ties to the one served least lately,
--- then to the oldest; within it, to the lowest priority, then the first to ask.
-local function dispatch()
+-- then to the oldest; within it, to the lowest priority, then the first to ask. The grants go
+-- into each granted waiter's process's stream, except ``answered``'s (the caller's process,
+-- which wakes its own from the answer).
+local function dispatch(answered)
   local granted = {}
   while redis.call('ZCARD', HOLDERS) < cap do
     local top = redis.call('ZRANGE', JOBS, 0, 0)[1]
@@ -131,8 +135,8 @@ local function dispatch()
     redis.call('PUBLISH', CHANNEL, table.concat(granted, ' '))
     local by_node = {}
     for _, id in ipairs(granted) do
-      local node = string.match(id, '^(.*)/%d+$')
-      if node then
+      local node = node_of(id)
+      if node and node ~= answered then
         if not by_node[node] then by_node[node] = {} end
         table.insert(by_node[node], id)
       end
@@ -160,9 +164,9 @@ return 0
 """
 )
 
-#: ARGV[4...] ids: each gives its slot back, or stops waiting. Returns how many were known,
-#: then the ids granted a slot by this call (the caller wakes its own at once, not one pub/sub
-#: message later; the message wakes the others).
+#: ARGV[4...] ids (of one process): each gives its slot back, or stops waiting. Returns how
+#: many were known, then the ids granted a slot by this call: the caller wakes its own from
+#: this answer (their grants go into no stream), the other processes' from their streams.
 CAPACITY_RELEASE = (
     _CAPACITY_PRELUDE
     + r"""
@@ -174,7 +178,7 @@ for i = 4, #ARGV do
   redis.call('ZADD', GONE, now + 2 * lease, id)
 end
 local answer = {known}
-for _, id in ipairs(dispatch()) do answer[#answer + 1] = id end
+for _, id in ipairs(dispatch(ARGV[4] and node_of(ARGV[4]))) do answer[#answer + 1] = id end
 return answer
 """
 )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import coredis.exceptions
 import pytest
 import trio
 
@@ -18,7 +20,7 @@ import actors.cluster.node as node_module
 import actors.supervisor as supervisor_module
 from actors.cluster import ClusterNode, new_node_id
 from actors.cluster.node import MAX_JOBS_PER_NODE
-from actors.errors import JobNotFound, LimitExceeded, Overloaded
+from actors.errors import JobNotFound, LimitExceeded, Overloaded, StoreUnavailable
 from actors.messages import DoneEvent, ImageStatus, JobEvent, JobStatus, Transport
 from actors.settings import SupervisorSettings
 from actors.store.redis import open_client, open_redis_store
@@ -439,3 +441,53 @@ async def test_a_thousand_subscribers_on_a_node_cost_it_one_reader(redis_prefix:
 
 async def _collect(subscription: Subscription, seen: list[list[JobEvent]]) -> None:
     seen.append(await read_to_done(subscription))
+
+
+# --- the image directory's budget: the bytes each node writes, counted in Redis ---------------
+
+
+async def test_image_bytes_are_counted_once_even_when_an_answer_is_lost(
+    redis_prefix: str,
+) -> None:
+    async with open_redis_store(REDIS_URL, redis_prefix, node=new_node_id()) as store:
+        await store.admit(new_job(), max_active=10, max_queued_images=10)
+        cluster = ClusterNode(store, url=REDIS_URL, lease_s=LEASE_S)
+        added = cluster._add_bytes
+        calls = 0
+
+        async def answer_lost(**kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            answer: Any = await added(**kwargs)
+            if calls == 1:
+                raise coredis.exceptions.ConnectionError("the answer was lost")
+            return answer
+
+        cluster._add_bytes = answer_lost  # type: ignore[assignment]
+        cluster.note_bytes("job-1", 70)
+        with pytest.raises(StoreUnavailable):
+            await cluster.flush_bytes()
+        cluster.note_bytes("job-1", 30)
+        await cluster.flush_bytes()  # the lost batch again (added once), then the new bytes
+        await cluster.flush_bytes()  # nothing left
+
+        async with open_client(REDIS_URL) as client:
+            counted = await client.hget(f"{redis_prefix}bytes", "job-1")
+            total = await client.get(f"{redis_prefix}bytes_total")
+    assert (calls, counted, total) == (3, "100", "100")
+
+
+async def test_a_file_written_for_a_job_forgotten_meanwhile_is_deleted(redis_prefix: str) -> None:
+    async with open_redis_store(REDIS_URL, redis_prefix, node=new_node_id()) as store:
+        await store.admit(new_job(), max_active=10, max_queued_images=10)
+        cluster = ClusterNode(store, url=REDIS_URL, lease_s=LEASE_S)
+        forgotten: list[str] = []
+        cluster.on_forgotten_files = forgotten.append
+        cluster.note_bytes("job-1", 70)
+        cluster.note_bytes("job-gone", 70)  # another node forgot it while this one copied
+        await cluster.flush_bytes()
+
+        async with open_client(REDIS_URL) as client:
+            counted = await client.hgetall(f"{redis_prefix}bytes")
+    assert forgotten == ["job-gone"]
+    assert counted == {"job-1": "70"}

@@ -33,6 +33,7 @@ from actors.files import (
     open_image_files,
     sniff_image,
 )
+from actors.messages import ImageCopy
 from tests.fake_replicate import PNG
 
 JOB = "0b7e4d2a-5c1f-4e8a-9d3b-2f6a1c8e7b90"
@@ -591,3 +592,25 @@ async def test_jobs_forgotten_just_before_closing_lose_their_files(tmp_path: Pat
         files.forget(JOB)  # no checkpoint before the block ends
 
     assert names_in(tmp_path) == []
+
+
+async def test_a_copy_another_process_made_meanwhile_is_counted_not_made_again(
+    origin: Origin, tmp_path: Path
+) -> None:
+    name = f"{JOB}-0.img"
+    url = origin.at("/png-as-webp")
+    written: list[tuple[str, int]] = []
+    async with opened(tmp_path) as files:
+        files.on_written = lambda job_id, change: written.append((job_id, change))
+        # Another node of a cluster made the copy after this process started (and counted it).
+        write(tmp_path / name, PNG)
+        copy = ImageCopy(job_id=JOB, index=0, name=name, source=url)
+        files.resume_copies([copy], journal=lambda failed: None)
+        with trio.fail_after(WAIT_S):
+            await files.wait_copies()
+        pending = files.locate(name)
+        total = files.total_bytes
+
+    assert origin.requests["/png-as-webp"] == 0
+    assert written == []
+    assert (pending, total) == (None, len(PNG))  # no copy pending: the file is served
