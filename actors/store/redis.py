@@ -23,6 +23,8 @@ deployments and test runs share one server)::
     P bytes                     hash    job id -> bytes of its files in ``IMAGES_DIR``, as the
                                         nodes that wrote them counted (``IMAGES_MAX_BYTES``)
     P bytes_total               string  the sum of ``P bytes``
+    P bytes_batch:<token>       string  a node's batch of bytes already added (an hour: a batch
+                                        sent again after a lost answer is not added twice)
     P claim:<remote id>         string  ``<job id>\t<index>``: the image a prediction is taken
                                         for, so that no process gives it to a second image
     P job:<id>:claimed          set     the remote ids claimed for the job's images
