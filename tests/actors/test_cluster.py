@@ -66,6 +66,18 @@ async def node(
     gc.collect()
 
 
+@asynccontextmanager
+async def blocked_pair(
+    prefix: str, settings: SupervisorSettings
+) -> AsyncIterator[tuple[Supervisor, Supervisor]]:
+    """Two nodes whose images never finish (their jobs stay unfinished)."""
+    async with (
+        node(prefix, blocked(), settings=settings) as a,
+        node(prefix, blocked(), settings=settings) as b,
+    ):
+        yield a, b
+
+
 def cluster_of(supervisor: Supervisor) -> ClusterNode:
     assert supervisor.cluster is not None
     return supervisor.cluster
@@ -144,10 +156,7 @@ async def test_a_job_s_list_idempotency_key_and_user_limit_are_cluster_wide(
     redis_prefix: str,
 ) -> None:
     settings = SupervisorSettings(max_active_jobs_per_user=2)
-    async with (
-        node(redis_prefix, blocked(), settings=settings) as a,
-        node(redis_prefix, blocked(), settings=settings) as b,
-    ):
+    async with blocked_pair(redis_prefix, settings) as (a, b):
         first = await submit(a, idempotency_key="k1")
         again, created = await b.submit(
             owner="alice", prompt="a red fox", num_images=3, idempotency_key="k1"
@@ -190,10 +199,7 @@ async def test_concurrent_submissions_on_two_nodes_never_pass_the_user_limit(
     redis_prefix: str,
 ) -> None:
     settings = SupervisorSettings(max_active_jobs_per_user=3)
-    async with (
-        node(redis_prefix, blocked(), settings=settings) as a,
-        node(redis_prefix, blocked(), settings=settings) as b,
-    ):
+    async with blocked_pair(redis_prefix, settings) as (a, b):
         admitted, refused = await submit_at_once((a, b), 20)
         page, _ = await a.find_page(owner="alice", limit=50)
 
@@ -207,10 +213,7 @@ async def test_queued_images_are_bounded_cluster_wide_and_freed_as_jobs_end(
     redis_prefix: str,
 ) -> None:
     settings = SupervisorSettings(max_active_jobs_per_user=100, max_queued_images=4)
-    async with (
-        node(redis_prefix, blocked(), settings=settings) as a,
-        node(redis_prefix, blocked(), settings=settings) as b,
-    ):
+    async with blocked_pair(redis_prefix, settings) as (a, b):
         admitted, refused = await submit_at_once((a, b), 10)
         assert a.cluster is not None
         assert b.cluster is not None
