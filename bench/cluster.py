@@ -8,7 +8,11 @@ bench provider; ``STORE=redis`` makes every process a node of one cluster on a f
   images (provider latency 0) and poll each on their own node (every ``--poll-ms``) until it
   has ended; images/s from the first create to the last final poll (median of ``--rounds``
   after a warm-up round). CPU per image of the servers, of the Redis server (``INFO cpu``) and
-  of this process (the clients), as all share the machine's cores. With Redis,
+  of this process (the clients), as all share the machine's cores, and how many cores they
+  kept busy together (CPU seconds over wall seconds: near the machine's count, the
+  configuration is bound by the machine, not by the service). With Redis, how often all
+  ``MAX_CONCURRENCY`` slots were held (``ZCARD`` of the holders, every 5 ms): near 1, the
+  configuration is bound by how fast a slot changes hands. With Redis,
   ``INFO commandstats`` around the rounds gives Redis commands per image.
 - **fan-out**: one gated job (10 images, 50 ms + 20 ms apart) created on the first node, with
   ``--subscribers`` SSE subscribers spread evenly over the nodes; delivery is from the provider
@@ -48,6 +52,8 @@ from tests.redis_support import REDIS_URL, delete_prefix
 
 TERMINAL = {"completed", "failed", "canceled"}
 CONFIGS = (("sqlite", 1), ("redis", 1), ("redis", 2))
+#: How often the rounds of a Redis configuration sample the slots held (``ZCARD``).
+SAMPLE_S = 0.005
 
 
 async def redis_commands() -> int:
@@ -78,6 +84,8 @@ async def throughput_round(
     images: int,
     clients: int,
     poll_s: float = 0.02,
+    holders_key: str | None = None,
+    capacity: int = 0,
 ) -> dict[str, Any]:
     per_client = [jobs // clients + (i < jobs % clients) for i in range(clients)]
     connections = [
@@ -99,13 +107,25 @@ async def throughput_round(
                     break
                 await trio.sleep(poll_s)
 
+    samples: list[int] = []
+
+    async def sample_holders(key: str) -> None:
+        async with open_client(REDIS_URL) as redis:
+            while True:
+                samples.append(await redis.zcard(key))
+                await trio.sleep(SAMPLE_S)
+
     cpu0 = sum(server.cpu_s() for server in servers)
     redis0, client0 = await redis_cpu_s(), own_cpu_s()
     wall0 = time.perf_counter()
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
-            for connection, count in zip(connections, per_client, strict=True):
-                nursery.start_soon(client, connection, count)
+            if holders_key is not None:
+                nursery.start_soon(sample_holders, holders_key)
+            async with trio.open_nursery() as clients_nursery:
+                for connection, count in zip(connections, per_client, strict=True):
+                    clients_nursery.start_soon(client, connection, count)
+            nursery.cancel_scope.cancel()
     wall = time.perf_counter() - wall0
     cpu = sum(server.cpu_s() for server in servers) - cpu0
     client_cpu = own_cpu_s() - client0
@@ -115,9 +135,13 @@ async def throughput_round(
     return {
         "images_per_s": completed / wall,
         "completed": completed,
+        "wall_s": wall,
         "server_cpu_s": cpu,
         "redis_cpu_s": redis_cpu,
         "client_cpu_s": client_cpu,
+        "slots_full": (
+            sum(held >= capacity for held in samples) / len(samples) if samples else None
+        ),
     }
 
 
@@ -265,6 +289,8 @@ async def _one_config(
         ]
         token = await common.login(servers[0].port)
         kwargs: dict[str, Any] = {"images": 5, "clients": 10, "poll_s": args.poll_ms / 1000}
+        if store == "redis":  # the cluster-wide slots of MAX_CONCURRENCY (actors/limits/)
+            kwargs |= {"holders_key": f"{prefix}limits:capacity:holders", "capacity": args.capacity}
         await throughput_round(servers, token, jobs=20, **kwargs)  # warm-up
         commands0 = await redis_commands()
         rounds = [
@@ -283,6 +309,14 @@ async def _one_config(
         "server_cpu_us_per_image": 1e6 * sum(r["server_cpu_s"] for r in rounds) / images,
         "redis_cpu_us_per_image": 1e6 * sum(r["redis_cpu_s"] for r in rounds) / images,
         "client_cpu_us_per_image": 1e6 * sum(r["client_cpu_s"] for r in rounds) / images,
+        # How much of the machine the rounds kept busy: servers, Redis and clients together.
+        "cores_busy": sum(r["server_cpu_s"] + r["redis_cpu_s"] + r["client_cpu_s"] for r in rounds)
+        / sum(r["wall_s"] for r in rounds),
+        # How often all MAX_CONCURRENCY slots were held (sampled in Redis): near 1, the
+        # configuration is bound by the slots' turnover.
+        "slots_full": (
+            statistics.mean(r["slots_full"] for r in rounds) if store == "redis" else None
+        ),
         "redis_commands_per_image": commands / images if store == "redis" else None,
         "fan_out": fan,
         "apart": apart,
@@ -302,6 +336,8 @@ def row(result: dict[str, Any], base: float) -> list[object]:
         result["server_cpu_us_per_image"],
         result["redis_cpu_us_per_image"],
         result["client_cpu_us_per_image"],
+        result["cores_busy"],
+        result["slots_full"],
         result["redis_commands_per_image"] if result["store"] == "redis" else None,
         f"{fan['complete']}/{fan['subscribers']}",
         p("same_node_ms", "p50"),
@@ -370,6 +406,8 @@ def main() -> None:
             "cpu us/image",
             "redis cpu",
             "client cpu",
+            "cores busy",
+            "slots full",
             "redis cmd/image",
             "complete",
             "same p50",
