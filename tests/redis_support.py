@@ -8,6 +8,7 @@ runs and deployments can share the server.
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import socket
@@ -176,6 +177,19 @@ class RedisProxy:
             await sink.send_all(data)
         # One side closed: so is the other (as a real connection would be).
         raise trio.BrokenResourceError
+
+
+@asynccontextmanager
+async def proxied_redis() -> AsyncIterator[RedisProxy]:
+    """A :class:`RedisProxy` in front of the test Redis, running for the block. Mark the test
+    ``dropped_connections``: the leftovers of the connections the proxy dropped warn at the
+    end of the block (a garbage collection), in that test."""
+    proxy = RedisProxy()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        yield proxy
+        nursery.cancel_scope.cancel()
+    gc.collect()
 
 
 async def waits_out_an_outage(proxy: RedisProxy, call: Callable[[], Awaitable[object]]) -> None:

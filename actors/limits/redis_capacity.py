@@ -9,18 +9,23 @@ of them, ties to the one served least lately, then to the oldest; within a job, 
 priority, then the first to ask (the semantics of :class:`~actors.capacity.FairCapacity`).
 The scripts are in :mod:`actors.limits.scripts`.
 
-A waiter is woken by the entry the script run that granted it its slot adds to its process's
-grants stream (releases, renewals and new waiters hand out free slots), which the process reads
-with one blocking ``XREAD``, or, when its own process gave that slot back, by the release's
-answer. The renewal also answers which of this process's waiters hold a slot now, so a grant
-missed while Redis was unreachable costs at most a third of a lease. (The grants are published
-on a channel too, for processes of an earlier release during a rolling deploy.)
+A process's requests (queue a waiter, give a slot back) go to Redis from one task of its own, in
+the order its tasks made them: all those made while the previous call was on its way go in the
+next call, one script run (a job starting asks for its images' slots at once; slots given
+back while Redis answers go together). A task giving its slot back does not wait for Redis.
 
-Redis down: a waiter keeps trying to queue (with growing waits) and waits; slots held go on
-being held (their work is running); a release that cannot be sent is sent again by the renewal
-task, and would in any case end with its lease. A lease that ran out while this process could
-not reach Redis is taken again by the next renewal, so for that long the holders may number
-more than the capacity.
+A waiter is woken by the answer of its own process's call that queued it or that freed the
+slot it was granted, or else by the entry the script run that granted it adds to its
+process's grants stream (which the process reads with one blocking ``XREAD``). The renewal
+also answers which of this process's waiters hold a slot now, so a grant missed while Redis
+was unreachable costs at most a third of a lease. (The grants are published on a channel too,
+for processes of an earlier release during a rolling deploy.)
+
+Redis down: the requests are sent again (with growing waits, in their order) until Redis
+answers them; waiters wait; slots held go on being held (their work is running); a slot given
+back meanwhile would in any case be freed when its lease ends. A lease that ran out while this
+process could not reach Redis is taken again by the next renewal, so for that long the holders
+may number more than the capacity.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from typing import Any
 
 import attrs
@@ -47,7 +53,7 @@ logger = logging.getLogger("actors.limits")
 
 #: How long a slot outlives its holder's last renewal (``CAPACITY_LEASE_S``).
 CAPACITY_LEASE_S = 5.0
-#: How long giving a slot back may hold up the task leaving it (then the renewal task retries).
+#: How long a process that stops may take to give its slots back.
 RELEASE_TIMEOUT_S = 2.0
 #: How long one blocking read of the grants stream waits (under the client's stream timeout).
 GRANTS_BLOCK_MS = 2000
@@ -77,8 +83,9 @@ class RedisCapacity:
             sharing the prefix must be given the same.
         lease_s: How long a slot outlives its holder's last renewal.
 
-    Concurrency: opened with :func:`open_redis_capacity`, which runs :meth:`run` (the renewal
-    and the reader of its grants stream); any number of tasks use :meth:`slot` at once.
+    Concurrency: opened with :func:`open_redis_capacity`, which runs :meth:`run` (the sender
+    of the requests, the renewal and the reader of the grants stream); any number of tasks use
+    :meth:`slot` at once.
     """
 
     def __init__(
@@ -94,13 +101,16 @@ class RedisCapacity:
         self.lease_s = lease_s
         self.node = node_id()
         self._calls = RedisCalls(client, "capacity")
-        self._acquire = client.register_script(scripts.CAPACITY_ACQUIRE)
-        self._release = client.register_script(scripts.CAPACITY_RELEASE)
+        self._requests = client.register_script(scripts.CAPACITY_CALLS)
         self._renew = client.register_script(scripts.CAPACITY_RENEW)
         self._ids = itertools.count(1)
         self._waiting: dict[str, _Waiting] = {}
         self._holding: dict[str, str] = {}  # slot id -> job
+        #: Slots given back whose request Redis has not answered yet.
         self._unreleased: set[str] = set()
+        #: Requests not sent yet, in order: ``("A", id, job, priority)`` or ``("R", id)``.
+        self._pending: list[tuple[str, ...]] = []
+        self._requested = trio.Event()
         #: Cluster-wide figures as of the latest renewal: slots held, waiters, jobs waiting.
         self._seen = (0, 0, 0)
 
@@ -114,38 +124,28 @@ class RedisCapacity:
         slot_id = f"{self.node}/{next(self._ids)}"
         waiting = self._waiting[slot_id] = _Waiting(tenant_key, priority)
         try:
-            args = [*self._base, slot_id, tenant_key, str(priority)]
-            granted: int = await self._calls.until_done(
-                "queueing for a slot", lambda: self._acquire(keys=[], args=args)
-            )
-            if not granted:
-                await waiting.granted.wait()
+            self._request("A", slot_id, tenant_key, str(priority))
+            await waiting.granted.wait()
             self._holding[slot_id] = tenant_key
         except BaseException:
-            with trio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
-                await self._give_back(slot_id)
+            self._give_back(slot_id)
             raise
         finally:
             del self._waiting[slot_id]
         try:
             yield
         finally:
-            with trio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
-                await self._give_back(slot_id)
+            self._give_back(slot_id)
 
-    async def _give_back(self, slot_id: str) -> None:
-        """Release the slot (or the place in the queue). Callers shield it and bound it with
-        :data:`RELEASE_TIMEOUT_S`; unless it gets through, the renewal task sends it again
-        (and the lease, no longer renewed, ends anyway)."""
+    def _give_back(self, slot_id: str) -> None:
+        """Release the slot (or the place in the queue): sent with the next call."""
         self._holding.pop(slot_id, None)
         self._unreleased.add(slot_id)
-        args = [*self._base, slot_id]
-        with suppress(LimitsUnavailable):
-            answer: list[Any] = await self._calls.once(
-                "giving a slot back", lambda: self._release(keys=[], args=args)
-            )
-            self._unreleased.discard(slot_id)
-            self._wake(str(granted) for granted in answer[1:])
+        self._request("R", slot_id)
+
+    def _request(self, *request: str) -> None:
+        self._pending.append(request)
+        self._requested.set()
 
     def statistics(self) -> CapacityStatistics:
         """Cluster-wide figures as of the latest renewal (a third of a lease old at most)."""
@@ -160,25 +160,50 @@ class RedisCapacity:
             "holding": len(self._holding),
             "waiting": len(self._waiting),
             "unreleased": len(self._unreleased),
+            "requests_pending": len(self._pending),
             "redis_calls": self._calls.calls,
             "error": self._calls.failing,
         }
 
     # -- the background tasks -------------------------------------------------------------
 
+    async def _send_requests(self) -> None:
+        """Send the requests made so far in one call, again and again; tried again (in their
+        order, with growing waits) while Redis does not answer."""
+        delay = RETRY_S[0]
+        while True:
+            await self._requested.wait()
+            self._requested = trio.Event()
+            requests, self._pending = self._pending, []
+            args = [*self._base]
+            for request in requests:
+                args += request
+            try:
+                answer: list[Any] = await self._calls.once(
+                    "queueing for and giving back slots",
+                    partial(self._requests, keys=[], args=args),
+                )
+                granted = [str(slot_id) for slot_id in answer]
+            except Exception as exc:
+                # Redis down is logged once by the calls; anything else is a bug, and the
+                # task that sends every request of this process must outlive it.
+                if not isinstance(exc, LimitsUnavailable):
+                    logger.exception("capacity: sending requests failed")
+                self._pending[:0] = requests
+                self._requested.set()
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_S[1])
+                continue
+            delay = RETRY_S[0]
+            self._unreleased.difference_update(r[1] for r in requests if r[0] == "R")
+            self._wake(granted)
+
     async def renew_once(self) -> None:
-        """Renew this process's leases, send releases that failed, learn of grants.
+        """Renew this process's leases, learn of grants.
 
         Raises:
             LimitsUnavailable: Redis did not answer.
         """
-        if self._unreleased:
-            gone = list(self._unreleased)
-            released: list[Any] = await self._calls.once(
-                "giving slots back", lambda: self._release(keys=[], args=[*self._base, *gone])
-            )
-            self._unreleased.difference_update(gone)
-            self._wake(str(granted) for granted in released[1:])
         args = [*self._base, str(len(self._holding))]
         for slot_id, job in self._holding.items():
             args += [slot_id, job]
@@ -231,6 +256,7 @@ class RedisCapacity:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew leases and listen for grants until cancelled."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_requests, name="capacity requests")
             nursery.start_soon(self._keep_leases, name="capacity leases")
             nursery.start_soon(self._read_grants, name="capacity grants")
             task_status.started()
@@ -240,8 +266,8 @@ class RedisCapacity:
 async def open_redis_capacity(
     client: coredis.Redis[str], *, prefix: str, capacity: int, lease_s: float = CAPACITY_LEASE_S
 ) -> AsyncIterator[RedisCapacity]:
-    """A :class:`RedisCapacity`, its renewal running; on exit, its slots and places are given
-    back (bounded, as any release)."""
+    """A :class:`RedisCapacity`, its tasks running; on exit, its slots and places are given
+    back (within :data:`RELEASE_TIMEOUT_S`)."""
     limiter = RedisCapacity(client, prefix=prefix, capacity=capacity, lease_s=lease_s)
     async with trio.open_nursery() as nursery:
         await nursery.start(limiter.run)
@@ -249,13 +275,15 @@ async def open_redis_capacity(
             yield limiter
         finally:
             nursery.cancel_scope.cancel()
-            leftover = [*limiter._holding, *limiter._waiting, *limiter._unreleased]
-            args = [*limiter._base, *leftover]
+            leftover = {*limiter._holding, *limiter._waiting, *limiter._unreleased}
+            args = [*limiter._base]
+            for slot_id in leftover:
+                args += ["R", slot_id]
             if leftover:
                 with (
                     trio.move_on_after(RELEASE_TIMEOUT_S, shield=True),
                     suppress(LimitsUnavailable),
                 ):
                     await limiter._calls.once(
-                        "giving slots back", lambda: limiter._release(keys=[], args=args)
+                        "giving slots back", lambda: limiter._requests(keys=[], args=args)
                     )

@@ -151,34 +151,38 @@ local function dispatch(answered)
 end
 """
 
-#: ARGV[4] the waiter's id, ARGV[5] its job, ARGV[6] its priority. Queues the waiter (again,
-#: if its lease ran out; a no-op if it waits), hands out free slots; 1 if it holds one now.
-CAPACITY_ACQUIRE = (
+#: ARGV[4...] one process's operations, in the order its tasks asked for them: ``A id job
+#: priority`` queues a waiter (again, if its lease ran out; a no-op if it waits or holds), ``R
+#: id`` gives a slot back or stops waiting. Then free slots are handed out, once for them all.
+#: Returns the ids of the queued waiters that hold a slot now, then the ids this call granted:
+#: the caller wakes its own from this answer (their grants go into no stream), the other
+#: processes' from their streams.
+CAPACITY_CALLS = (
     _CAPACITY_PRELUDE
     + r"""
 purge()
-enqueue(ARGV[4], ARGV[5], ARGV[6])
-dispatch()
-if redis.call('ZSCORE', HOLDERS, ARGV[4]) then return 1 end
-return 0
-"""
-)
-
-#: ARGV[4...] ids (of one process): each gives its slot back, or stops waiting. Returns how
-#: many were known, then the ids granted a slot by this call: the caller wakes its own from
-#: this answer (their grants go into no stream), the other processes' from their streams.
-CAPACITY_RELEASE = (
-    _CAPACITY_PRELUDE
-    + r"""
-purge()
-local known = 0
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  if drop_holder(id) or drop_waiter(id) then known = known + 1 end
-  redis.call('ZADD', GONE, now + 2 * lease, id)
+local asked = {}
+local i = 4
+while i <= #ARGV do
+  local id = ARGV[i + 1]
+  if ARGV[i] == 'A' then
+    enqueue(id, ARGV[i + 2], ARGV[i + 3])
+    asked[#asked + 1] = id
+    i = i + 4
+  else
+    if not drop_holder(id) then drop_waiter(id) end
+    redis.call('ZADD', GONE, now + 2 * lease, id)
+    i = i + 2
+  end
 end
-local answer = {known}
-for _, id in ipairs(dispatch(ARGV[4] and node_of(ARGV[4]))) do answer[#answer + 1] = id end
+local answer, listed = {}, {}
+for _, id in ipairs(dispatch(ARGV[5] and node_of(ARGV[5]))) do
+  answer[#answer + 1] = id
+  listed[id] = true
+end
+for _, id in ipairs(asked) do
+  if not listed[id] and redis.call('ZSCORE', HOLDERS, id) then answer[#answer + 1] = id end
+end
 return answer
 """
 )

@@ -3,17 +3,18 @@ Redis, each with a client of its own, as several processes would be."""
 
 from __future__ import annotations
 
-import gc
 import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from actors.limits.redis_capacity import RedisCapacity, open_redis_capacity
 from actors.store.redis import open_client
-from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections, waits_out_an_outage
+from tests.redis_support import REDIS_URL, dropped_connections, proxied_redis, waits_out_an_outage
 
 
 @asynccontextmanager
@@ -109,7 +110,8 @@ async def test_a_dead_processes_slot_is_free_once_its_lease_ends(redis_prefix: s
     async with open_client(REDIS_URL) as client:
         dead = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1, lease_s=0.6)
         # A process that took the slot and then died: its lease is never renewed.
-        assert await dead._acquire(keys=[], args=[*dead._base, "dead/1", "job", "0"]) == 1
+        args = [*dead._base, "A", "dead/1", "job", "0"]
+        assert await dead._requests(keys=[], args=args) == ["dead/1"]
     async with nodes(redis_prefix, 1, capacity=1, lease_s=0.6) as (alive,):
         waited_from = trio.current_time()
         with trio.move_on_after(0.3):
@@ -168,19 +170,17 @@ async def test_cancelled_waits_and_holds_leave_no_slot_behind(redis_prefix: str)
 async def test_a_wait_goes_on_while_redis_is_down_and_is_granted_when_it_is_back(
     redis_prefix: str,
 ) -> None:
-    proxy = RedisProxy()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        async with nodes(redis_prefix, 1, capacity=1, url=proxy.url) as (limiter,):
+    async with (
+        proxied_redis() as proxy,
+        nodes(redis_prefix, 1, capacity=1, url=proxy.url) as (limiter,),
+    ):
 
-            async def take() -> None:
-                async with limiter.slot("a"):
-                    pass
+        async def take() -> None:
+            async with limiter.slot("a"):
+                pass
 
-            proxy.down()
-            await waits_out_an_outage(proxy, take)
-        nursery.cancel_scope.cancel()
-    gc.collect()  # the dropped connections' leftovers warn now, in this test (marked)
+        proxy.down()
+        await waits_out_an_outage(proxy, take)
     assert await redis_counts(redis_prefix) == (0, 0, 0)
 
 
@@ -240,3 +240,56 @@ async def test_a_grant_reaches_a_waiter_of_another_process_by_its_stream(
                     await trio.sleep(0.005)
                 release.set()
                 await granted.wait()
+
+
+async def test_requests_made_together_go_to_redis_in_one_call(redis_prefix: str) -> None:
+    # A long lease: the renewal (its own calls) comes only every 10 s.
+    async with nodes(redis_prefix, 1, capacity=5, lease_s=30) as (limiter,):
+        held = 0
+        all_held, release = trio.Event(), trio.Event()
+
+        async def attempt(index: int) -> None:
+            nonlocal held
+            async with limiter.slot("a", priority=index):
+                held += 1
+                if held == 5:
+                    all_held.set()
+                await release.wait()
+
+        script, calls = limiter._requests, 0
+
+        def counted(**kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return script(**kwargs)
+
+        limiter._requests = counted  # type: ignore[assignment]
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for index in range(5):  # as a job starting its images
+                    nursery.start_soon(attempt, index)
+                await all_held.wait()
+                assert calls == 1
+                release.set()
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+@dropped_connections
+async def test_a_slot_is_given_back_without_waiting_for_redis_and_freed_once_it_is_back(
+    redis_prefix: str,
+) -> None:
+    async with (
+        proxied_redis() as proxy,
+        nodes(redis_prefix, 1, capacity=1, url=proxy.url, lease_s=30) as (limiter,),
+    ):
+        slot = limiter.slot("a")
+        with trio.fail_after(5):
+            await slot.__aenter__()
+        proxy.down()
+        with trio.testing.assert_no_checkpoints():  # no wait for Redis on the way out
+            await slot.__aexit__(None, None, None)
+        assert await redis_counts(redis_prefix) == (1, 0, 0)  # held still, as Redis has it
+        await proxy.up()
+        with trio.fail_after(10):
+            while await redis_counts(redis_prefix) != (0, 0, 0):  # noqa: ASYNC110
+                await trio.sleep(0.02)

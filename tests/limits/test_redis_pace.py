@@ -3,7 +3,6 @@ each on a client of its own, as several processes; real clock (so figures are ap
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -13,7 +12,7 @@ import trio
 from actors.limits.redis_pace import RedisPace
 from actors.providers.pacing import MAX_CREATES_PER_S, RATE_STEP
 from actors.store.redis import open_client
-from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections, waits_out_an_outage
+from tests.redis_support import REDIS_URL, dropped_connections, proxied_redis, waits_out_an_outage
 
 #: Real time passes between calls: a booking is within this of its exact figure.
 SLACK_S = 0.03
@@ -88,14 +87,9 @@ async def test_the_rate_grows_back_to_at_most_the_max(redis_prefix: str) -> None
 async def test_a_booking_waits_for_redis_and_a_429_pauses_this_process_meanwhile(
     redis_prefix: str,
 ) -> None:
-    proxy = RedisProxy()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        async with paces(redis_prefix, 1, url=proxy.url) as (pace,):
-            pace._calls.timeout_s = 0.5
-            proxy.down()
-            await pace.throttled(2.0)  # not noted in Redis, but this process pauses
-            assert await pace.paused_until() - trio.current_time() > 1.0
-            await waits_out_an_outage(proxy, pace.book)
-        nursery.cancel_scope.cancel()
-    gc.collect()  # the dropped connections' leftovers warn now, in this test (marked)
+    async with proxied_redis() as proxy, paces(redis_prefix, 1, url=proxy.url) as (pace,):
+        pace._calls.timeout_s = 0.5
+        proxy.down()
+        await pace.throttled(2.0)  # not noted in Redis, but this process pauses
+        assert await pace.paused_until() - trio.current_time() > 1.0
+        await waits_out_an_outage(proxy, pace.book)
