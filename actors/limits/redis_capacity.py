@@ -9,10 +9,13 @@ of them, ties to the one served least lately, then to the oldest; within a job, 
 priority, then the first to ask (the semantics of :class:`~actors.capacity.FairCapacity`).
 The scripts are in :mod:`actors.limits.scripts`.
 
-A process's requests (queue a waiter, give a slot back) go to Redis from one task of its own, in
-the order its tasks made them: all those made while the previous call was on its way go in the
-next call, one script run (a job starting asks for its images' slots at once; slots given
-back while Redis answers go together). A task giving its slot back does not wait for Redis.
+A process's requests (queue a waiter, give a slot back) go to Redis from two tasks of its own:
+each sends all the requests made so far, in the order its tasks made them, in one script run,
+so that requests made while both calls are on their way go together (a job starting asks for
+its images' slots at once; slots given back while Redis answers go together). Two calls may
+cross on their way; any order of them is right (a slot is given back only after it was
+granted, and a place given up before Redis had it queued is not queued after). A task giving
+its slot back does not wait for Redis.
 
 A waiter is woken by the answer of its own process's call that queued it or that freed the
 slot it was granted, or else by the entry the script run that granted it adds to its
@@ -57,6 +60,9 @@ CAPACITY_LEASE_S = 5.0
 RELEASE_TIMEOUT_S = 2.0
 #: How long one blocking read of the grants stream waits (under the client's stream timeout).
 GRANTS_BLOCK_MS = 2000
+#: Calls of requests on their way at once: a request goes while another call is on its way,
+#: those made meanwhile wait for one of the two to answer and go together.
+SENDERS = 2
 #: Grants entries one read answers at most.
 GRANTS_READ_COUNT = 100
 
@@ -168,13 +174,16 @@ class RedisCapacity:
     # -- the background tasks -------------------------------------------------------------
 
     async def _send_requests(self) -> None:
-        """Send the requests made so far in one call, again and again; tried again (in their
-        order, with growing waits) while Redis does not answer."""
+        """Send the requests made so far in one call, again and again (one of
+        :data:`SENDERS` tasks); tried again (in their order, with growing waits) while Redis
+        does not answer."""
         delay = RETRY_S[0]
         while True:
             await self._requested.wait()
             self._requested = trio.Event()
             requests, self._pending = self._pending, []
+            if not requests:  # the other sender took them
+                continue
             args = [*self._base]
             for request in requests:
                 args += request
@@ -256,7 +265,8 @@ class RedisCapacity:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew leases and listen for grants until cancelled."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._send_requests, name="capacity requests")
+            for n in range(SENDERS):
+                nursery.start_soon(self._send_requests, name=f"capacity requests {n + 1}")
             nursery.start_soon(self._keep_leases, name="capacity leases")
             nursery.start_soon(self._read_grants, name="capacity grants")
             task_status.started()

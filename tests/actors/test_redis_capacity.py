@@ -293,3 +293,22 @@ async def test_a_slot_is_given_back_without_waiting_for_redis_and_freed_once_it_
         with trio.fail_after(10):
             while await redis_counts(redis_prefix) != (0, 0, 0):  # noqa: ASYNC110
                 await trio.sleep(0.02)
+
+
+async def test_a_place_given_up_before_redis_queued_it_is_not_queued_by_a_later_call(
+    redis_prefix: str,
+) -> None:
+    # A process's two senders may cross: the giving up can reach Redis before the queueing.
+    async with open_client(REDIS_URL) as client:
+        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1)
+
+        async def call(*request: str) -> list[str]:
+            answer: list[str] = await limiter._requests(keys=[], args=[*limiter._base, *request])
+            return answer
+
+        assert await call("A", "n/1", "a", "0") == ["n/1"]  # the only slot
+        assert await call("R", "n/2") == []
+        assert await call("A", "n/2", "b", "0") == []
+        assert await redis_counts(redis_prefix) == (1, 0, 0)  # n/2 is not waiting
+        assert await call("R", "n/1") == []
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
