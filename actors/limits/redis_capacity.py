@@ -11,11 +11,13 @@ The scripts are in :mod:`actors.limits.scripts`.
 
 A process's requests (queue a waiter, give a slot back) go to Redis from two tasks of its own:
 each sends all the requests made so far, in the order its tasks made them, in one script run,
-so that requests made while both calls are on their way go together (a job starting asks for
-its images' slots at once; slots given back while Redis answers go together). Two calls may
-cross on their way; any order of them is right (a slot is given back only after it was
-granted, and a place given up before Redis had it queued is not queued after). A task giving
-its slot back does not wait for Redis.
+so a request goes at once while one call is on its way, and those made while both are go
+together (a job starting asks for its images' slots at once; slots given back while Redis
+answers go together). The two calls may cross on their way, and a request retried after a
+failed call may follow later ones; that is harmless: a slot is given back only after it was
+granted, a place given up reaches Redis as a mark (kept two leases, longer than a call may
+take) that stops a queueing request still on its way, and a queueing request is not sent
+again once its waiter left. A task giving its slot back does not wait for Redis.
 
 A waiter is woken by the answer of its own process's call that queued it or that freed the
 slot it was granted, or else by the entry the script run that granted it adds to its
@@ -182,7 +184,11 @@ class RedisCapacity:
             await self._requested.wait()
             self._requested = trio.Event()
             requests, self._pending = self._pending, []
-            if not requests:  # the other sender took them
+            # A place asked for by a waiter that left meanwhile (a retry, after a call that
+            # failed or timed out) is not asked for again: Redis forgets a give-up after two
+            # leases, and the place would then be queued for nobody.
+            requests = [r for r in requests if r[0] != "A" or r[1] in self._waiting]
+            if not requests:  # the other sender took them, or none is wanted any more
                 continue
             args = [*self._base]
             for request in requests:

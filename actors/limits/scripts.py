@@ -154,9 +154,9 @@ end
 #: ARGV[4...] one process's operations, in the order its tasks asked for them: ``A id job
 #: priority`` queues a waiter (again, if its lease ran out; a no-op if it waits or holds), ``R
 #: id`` gives a slot back or stops waiting. Then free slots are handed out, once for them all.
-#: Returns the ids of the queued waiters that hold a slot now, then the ids this call granted:
-#: the caller wakes its own from this answer (their grants go into no stream), the other
-#: processes' from their streams.
+#: Returns the ids this call granted, then those of the queued waiters that held a slot
+#: already: the caller wakes its own from this answer (their grants go into no stream), the
+#: other processes' from their streams.
 CAPACITY_CALLS = (
     _CAPACITY_PRELUDE
     + r"""

@@ -312,3 +312,14 @@ async def test_a_place_given_up_before_redis_queued_it_is_not_queued_by_a_later_
         assert await redis_counts(redis_prefix) == (1, 0, 0)  # n/2 is not waiting
         assert await call("R", "n/1") == []
     assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_place_asked_for_by_a_waiter_that_left_is_not_asked_for_again(
+    redis_prefix: str,
+) -> None:
+    # As a retry after a failed call would be, once Redis no longer remembers the give-up.
+    async with nodes(redis_prefix, 1, capacity=2, lease_s=30) as (limiter,), limiter.slot("a"):
+        limiter._request("A", f"{limiter.node}/left", "b", "0")
+        with trio.fail_after(5):  # queued behind it, this one would wait for the slot it took
+            async with limiter.slot("c"):
+                assert await redis_counts(redis_prefix) == (2, 0, 0)
