@@ -91,9 +91,9 @@ class RedisCapacity:
             sharing the prefix must be given the same.
         lease_s: How long a slot outlives its holder's last renewal.
 
-    Concurrency: opened with :func:`open_redis_capacity`, which runs :meth:`run` (the sender
-    of the requests, the renewal and the reader of the grants stream); any number of tasks use
-    :meth:`slot` at once.
+    Concurrency: opened with :func:`open_redis_capacity`, which runs :meth:`run` (the
+    senders of the requests, the renewal and the reader of the grants stream); any number of
+    tasks use :meth:`slot` at once.
     """
 
     def __init__(
@@ -269,7 +269,7 @@ class RedisCapacity:
                     self._wake(str(entry.field_values.get("ids", "")).split())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Renew leases and listen for grants until cancelled."""
+        """Send the requests, renew leases and listen for grants until cancelled."""
         async with trio.open_nursery() as nursery:
             for n in range(SENDERS):
                 nursery.start_soon(self._send_requests, name=f"capacity requests {n + 1}")
