@@ -116,7 +116,9 @@ class RedisCapacity:
         self._holding: dict[str, str] = {}  # slot id -> job
         #: Slots given back whose request Redis has not answered yet.
         self._unreleased: set[str] = set()
-        #: Requests not sent yet, in order: ``("A", id, job, priority)`` or ``("R", id)``.
+        #: Requests not sent yet, in order: ``("A", id, job, priority)`` or ``("R", id)``; at
+        #: most two per slot asked for (its queueing and its giving back), so bounded by the
+        #: attempts under way.
         self._pending: list[tuple[str, ...]] = []
         self._requested = trio.Event()
         #: Cluster-wide figures as of the latest renewal: slots held, waiters, jobs waiting.
