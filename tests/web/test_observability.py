@@ -13,7 +13,7 @@ from quart_trio.testing import TrioClient
 from tests.fakes import FakeProvider, Script
 from tests.web.helpers import bearer, create_job, read_sse
 from web import hypercorn_fixes
-from web.logs import JsonFormatter, RequestIdFilter, request_id_var
+from web.logs import JsonFormatter, RequestIdFilter, configure_logging, request_id_var
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -88,6 +88,30 @@ def test_json_logs_carry_the_request_id_and_extra_fields() -> None:
     assert line["msg"] == "job j1 done"
     assert line["request_id"] == "req-7"
     assert (line["job_id"], line["ttfi_ms"], line["level"]) == ("j1", 812, "INFO")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_record_logged_with_exc_info_but_no_exception_stays_one_line(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", fmt)
+        # What coredis does when Redis drops a connection: exc_info=True, no exception at hand.
+        logging.getLogger("coredis").info("Connection closed unexpectedly!", exc_info=True)
+        try:
+            raise ValueError("a real one")
+        except ValueError:
+            logging.getLogger("actors.job").exception("job failed")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert "Connection closed unexpectedly!" in lines[0]
+    assert "NoneType" not in "".join(lines)
+    assert "job failed" in lines[1]
+    assert "ValueError: a real one" in "".join(lines[1:])  # a real traceback is kept
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
