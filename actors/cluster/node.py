@@ -22,9 +22,11 @@ runs it. A job cancelled while no node holds it (queued) is taken by the node as
 Each node renews the leases of all its jobs in one script call every third of the lease,
 which also keeps their queue entries fresh. A node that dies stops renewing: once its entries
 have been idle for a lease, another node claims them (``XAUTOCLAIM``) and, its lease taken, goes
-on with the job from what is stored (each image's remote work resumed by id). Every write of a
-job is fenced by its lease (the store's batch script), so a node that lost a lease while cut off
-writes nothing more of that job and stops running it.
+on with the job from what is stored (each image's remote work resumed by id). A node claims only
+once its own calls have reached Redis for a lease without a failure: after Redis was out of
+reach, the nodes that were cut off with it renew first and go on with their jobs where they
+ran. Every write of a job is fenced by its lease (the store's batch script), so a node that lost
+a lease while cut off writes nothing more of that job and stops running it.
 """
 
 from __future__ import annotations
@@ -236,6 +238,7 @@ class ClusterNode:
                     block=TAKE_BLOCK_MS,
                 )
             except _REDIS_ERRORS as exc:
+                self.store.lost_contact()
                 logger.warning("cluster: cannot read the job queue: %s", exc)
                 if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
                     # Redis lost the queue (restarted without persistence): make it again.
@@ -255,6 +258,8 @@ class ClusterNode:
             await trio.sleep(self.lease_s / 2)
             if self._draining.is_set() or len(self.held) >= self.max_jobs:
                 continue
+            if not await self._reached_redis_for_a_lease():
+                continue
             try:
                 answer: Any = await self.store.client.xautoclaim(
                     self.queue_key,
@@ -265,6 +270,7 @@ class ClusterNode:
                     count=CLAIM_COUNT,
                 )
             except _REDIS_ERRORS as exc:
+                self.store.lost_contact()
                 logger.debug("cluster: cannot claim: %s", exc)
                 continue
             for entry in answer[1]:
@@ -272,6 +278,22 @@ class ClusterNode:
                     continue  # deleted meanwhile
                 self.claimed += 1
                 await self._admit_entry(str(entry.identifier), entry.field_values)
+
+    async def _reached_redis_for_a_lease(self) -> bool:
+        """Whether this node's calls have reached Redis for a lease without a failure.
+
+        Only then does an entry idle for a lease tell of a dead node. A node cut off from Redis
+        (Redis down, restarting, failing over, or the network) finds every entry idle once it is
+        back, those of the nodes that were cut off like it too; waiting a lease lets those renew
+        their leases (every third of one) and go on with their jobs where they ran, instead of
+        racing them for their jobs. After a failure, a ``PING`` tells when Redis is reached again.
+        """
+        since = self.store.reached_since
+        if since is None:
+            await self.store.check()  # a PING: sets reached_since if Redis answers
+            return False
+        await trio.lowlevel.checkpoint()
+        return trio.current_time() - since >= self.lease_s
 
     async def _admit_entry(self, entry_id: str, fields: Any) -> None:
         job_id = str(fields.get("job", ""))

@@ -322,6 +322,9 @@ class RedisStore:
         self._last_error: str | None = None
         self._batches = 0
         self._calls = 0
+        #: Since when (Trio's clock) this process's calls have reached Redis without one
+        #: failing to; ``None`` from a failure until the next call that reaches it.
+        self.reached_since: float | None = None
 
     @property
     def client(self) -> coredis.Redis[str]:
@@ -340,16 +343,19 @@ class RedisStore:
         self._calls += 1
         try:
             with trio.fail_after(timeout_s):
-                return await call()
+                result = await call()
         except trio.TooSlowError:
             # The client keeps a connection whose answer is late (it multiplexes requests on
             # it, and a timeout does not close it): one that went silent for good (a vanished
             # host, no reset) would fail every later call. Start afresh instead.
             self._client.connection_pool.disconnect()
+            self.lost_contact()
             raise StoreUnavailable(
                 f"Redis at {self.url} did not answer {what} within {timeout_s:g} s"
             ) from None
         except coredis.exceptions.ResponseError as exc:
+            if isinstance(exc, coredis.exceptions.ReadOnlyError):
+                self.lost_contact()  # a replica answered: a failover is under way
             text = str(exc)
             if text.startswith("REFUSED "):
                 raise StoreUnavailable(text.removeprefix("REFUSED "), refused=True) from None
@@ -360,8 +366,16 @@ class RedisStore:
                 ) from None
             raise StoreUnavailable(f"Redis at {self.url} answered {what}: {text}") from None
         except _REDIS_ERRORS as exc:
+            self.lost_contact()
             detail = str(exc) or type(exc).__name__
             raise StoreUnavailable(f"Redis at {self.url} failed {what}: {detail}") from None
+        if self.reached_since is None:
+            self.reached_since = trio.current_time()
+        return result
+
+    def lost_contact(self) -> None:
+        """Note that a call of this process failed to reach Redis (see :attr:`reached_since`)."""
+        self.reached_since = None
 
     # -- the protocol ------------------------------------------------------------------------
 

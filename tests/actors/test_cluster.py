@@ -7,6 +7,7 @@ Real clock and sockets (a mock clock would fire the client's timeouts at once).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from actors.store.redis import open_client, open_redis_store
 from actors.supervisor import Subscription, Supervisor, open_supervisor
 from tests.actors.test_store import new_job
 from tests.fakes import FakeProvider, Script
-from tests.redis_support import REDIS_URL
+from tests.redis_support import REDIS_URL, dropped_connections, proxied_redis
 
 #: coredis 6.9.0 leaves the anyio memory streams of a connection it drops (a blocking read
 #: cancelled as its node stops, or Redis going away) to the garbage collector; the warning says
@@ -234,20 +235,26 @@ async def test_queued_images_are_bounded_cluster_wide_and_freed_as_jobs_end(
     assert after_cancel == {"jobs_unfinished": 3, "images_queued": 3}
 
 
-async def test_a_dead_node_s_images_are_freed_once_another_node_ends_its_job(
-    redis_prefix: str,
-) -> None:
-    settings = SupervisorSettings(max_queued_images=2)
-    # What a node that took a 2-image job and died leaves: the job, its entry taken, its lease.
-    async with open_redis_store(REDIS_URL, redis_prefix, node="dead", lease_s=LEASE_S) as dead:
+async def leave_a_dead_node_s_job(prefix: str) -> None:
+    """What a node that took a 2-image job (``job-1``) and died leaves: the job, its entry
+    taken, its lease."""
+    async with open_redis_store(REDIS_URL, prefix, node="dead", lease_s=LEASE_S) as dead:
         assert await dead.admit(new_job(), max_active=10, max_queued_images=2) == (
             "admitted",
             None,
         )
         client = dead.client
-        await client.xgroup_create(f"{redis_prefix}queue", "nodes", "0", mkstream=True)
-        await client.xreadgroup("nodes", "dead", streams={f"{redis_prefix}queue": ">"})
-        await client.set(f"{redis_prefix}lease:job-1", "dead", px=round(LEASE_S * 1000))
+        with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
+            await client.xgroup_create(f"{prefix}queue", "nodes", "0", mkstream=True)
+        await client.xreadgroup("nodes", "dead", streams={f"{prefix}queue": ">"})
+        await client.set(f"{prefix}lease:job-1", "dead", px=round(LEASE_S * 1000))
+
+
+async def test_a_dead_node_s_images_are_freed_once_another_node_ends_its_job(
+    redis_prefix: str,
+) -> None:
+    settings = SupervisorSettings(max_queued_images=2)
+    await leave_a_dead_node_s_job(redis_prefix)
     async with node(redis_prefix, fast(), settings=settings) as survivor:
         with pytest.raises(Overloaded):
             await submit(survivor, 1)
@@ -258,6 +265,32 @@ async def test_a_dead_node_s_images_are_freed_once_another_node_ends_its_job(
 
         await poll(completed)
         await submit(survivor, 2)
+
+
+@dropped_connections
+async def test_a_node_back_from_an_outage_claims_nothing_before_a_lease_of_contact(
+    redis_prefix: str,
+) -> None:
+    # After an outage every entry is idle, those of nodes cut off with this one too: they must
+    # have a lease to renew theirs before this node takes any for a dead node's.
+    async with proxied_redis() as proxy, node(redis_prefix, fast(), url=proxy.url) as survivor:
+        proxy.down()
+        await leave_a_dead_node_s_job(redis_prefix)  # idle for the outage, as a live node's
+        await trio.sleep(LEASE_S * 1.5)
+        await proxy.up()
+        back = trio.current_time()
+        with trio.move_on_after(LEASE_S * 0.8):  # the claims come every half lease
+            while True:
+                assert cluster_of(survivor).claimed == 0
+                await trio.sleep(0.01)
+
+        async def completed() -> bool:
+            snapshot = await survivor.find("job-1", owner="alice")
+            return snapshot.status is JobStatus.COMPLETED
+
+        await poll(completed)  # a lease on, the entry tells of a dead node: claimed
+        assert cluster_of(survivor).claimed == 1
+        assert trio.current_time() - back >= LEASE_S
 
 
 async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix: str) -> None:
