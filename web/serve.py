@@ -165,7 +165,16 @@ async def run_server(
             if handle_signals:
                 watching.start_soon(_watch_signals, supervisor, shutdown)
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trigger))
+                try:
+                    binds = await nursery.start(
+                        partial(serve, app, config, shutdown_trigger=trigger)
+                    )
+                except* OSError as group:
+                    # Hypercorn makes its sockets before it starts: a port taken, or an address
+                    # that is not this host's. (An error once serving is not caught here.)
+                    raise ListenError(
+                        f"cannot listen on {', '.join(config.bind)}: {_first_leaf(group)}"
+                    ) from None
                 logger.info(
                     "listening on %s (provider: %s, store: %s)",
                     ", ".join(binds),
@@ -178,6 +187,16 @@ async def run_server(
             # Hypercorn has drained and returned: stop watching for signals.
             watching.cancel_scope.cancel()
     logger.info("stopped")
+
+
+class ListenError(Exception):
+    """The server cannot listen where ``HOST`` and ``PORT`` say."""
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 @asynccontextmanager
@@ -287,5 +306,8 @@ def main() -> None:
     try:
         trio.run(partial(run_server, settings, auth=auth, server_gc=True))
     except* StoreUnavailable as group:
-        sys.stderr.write(f"error: the job store cannot be used: {group.exceptions[0]}\n")
+        sys.stderr.write(f"error: the job store cannot be used: {_first_leaf(group)}\n")
+        raise SystemExit(2) from None
+    except* ListenError as group:
+        sys.stderr.write(f"error: {_first_leaf(group)}\n")
         raise SystemExit(2) from None

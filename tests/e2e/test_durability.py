@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from tests.e2e.service_clients import (
     ws_rest,
 )
 from tests.e2e.test_server import open_ws
-from tests.e2e.web_process import ROOT
+from tests.e2e.web_process import ROOT, web_process_to_its_end
 from tests.fake_replicate import PNG, FakeReplicate, run_fake_replicate
 
 
@@ -546,15 +545,7 @@ async def test_an_unusable_database_file_stops_the_start_with_exit_code_2(
         "LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(ROOT),
     }
-    with trio.fail_after(2 * WAIT_S):
-        result = await trio.run_process(
-            [sys.executable, "-m", "web"],
-            cwd=tmp_path,
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+    result = await web_process_to_its_end(tmp_path, env, timeout_s=2 * WAIT_S)
 
     stderr = result.stderr.decode()
     assert result.returncode == 2, stderr

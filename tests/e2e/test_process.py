@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ import pytest
 import trio
 
 from tests.e2e.service_clients import poll_until
-from tests.e2e.web_process import web_process
+from tests.e2e.web_process import ROOT, web_process, web_process_to_its_end
 
 GRACEFUL_TIMEOUT_S = 30
 CREDENTIALS = {"email": "test@example.com", "password": "password123"}
@@ -112,3 +113,28 @@ async def test_a_second_signal_cuts_the_grace_period_short(tmp_path: Path) -> No
     stderr = (await process.stderr.receive_some(1 << 16)).decode()
     assert "Traceback" not in stderr
     assert "again: not waiting for running jobs" in stderr
+
+
+async def test_a_port_in_use_stops_the_service_with_a_one_line_error(tmp_path: Path) -> None:
+    taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = taken[0].socket.getsockname()[1]
+    env = {
+        **os.environ,
+        "STORE": "memory",
+        "AUTH_SECRET": "process-test-secret-0123456789-0123456789",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "IMAGES_DIR": str(tmp_path / "images"),
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    try:
+        result = await web_process_to_its_end(tmp_path, env)
+    finally:
+        for listener in taken:
+            await listener.aclose()
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), stderr
+    assert "Address already in use" in stderr
+    assert stderr.count("\n") == 1  # one line, no traceback

@@ -57,3 +57,19 @@ async def web_process(
             process.kill()
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             await process.wait()
+
+
+async def web_process_to_its_end(
+    workdir: Path, env: Mapping[str, str], *, timeout_s: float = 20
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m web`` in ``workdir`` with ``env`` (whole) until it exits by itself (a
+    service that cannot start); its output captured."""
+    with trio.fail_after(timeout_s):
+        return await trio.run_process(
+            [sys.executable, "-m", "web"],
+            cwd=workdir,
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
