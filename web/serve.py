@@ -309,5 +309,7 @@ def main() -> None:
         sys.stderr.write(f"error: the job store cannot be used: {_first_leaf(group)}\n")
         raise SystemExit(2) from None
     except* ListenError as group:
+        # Exit code 1, not 2: the port may be free again soon (the previous process still
+        # stopping, an address not assigned yet at boot), so a supervisor's restart may help.
         sys.stderr.write(f"error: {_first_leaf(group)}\n")
-        raise SystemExit(2) from None
+        raise SystemExit(1) from None

@@ -115,7 +115,9 @@ async def test_a_second_signal_cuts_the_grace_period_short(tmp_path: Path) -> No
     assert "again: not waiting for running jobs" in stderr
 
 
-async def test_a_port_in_use_stops_the_service_with_a_one_line_error(tmp_path: Path) -> None:
+async def test_a_port_in_use_stops_the_service_with_a_one_line_error_and_exit_code_1(
+    tmp_path: Path,
+) -> None:
     taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = taken[0].socket.getsockname()[1]
     env = {
@@ -134,7 +136,7 @@ async def test_a_port_in_use_stops_the_service_with_a_one_line_error(tmp_path: P
         for listener in taken:
             await listener.aclose()
     stderr = result.stderr.decode()
-    assert result.returncode == 2, stderr
+    assert result.returncode == 1, stderr  # not 2: a restart may find the port free
     assert stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), stderr
     assert "Address already in use" in stderr
     assert stderr.count("\n") == 1  # one line, no traceback
