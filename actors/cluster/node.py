@@ -26,7 +26,8 @@ on with the job from what is stored (each image's remote work resumed by id). A 
 once its own calls have reached Redis for a lease without a failure: after Redis was out of
 reach, the nodes that were cut off with it renew first and go on with their jobs where they
 ran. Every write of a job is fenced by its lease (the store's batch script), so a node that lost
-a lease while cut off writes nothing more of that job and stops running it.
+a lease while cut off writes nothing more of that job and stops running it; a lease that lapsed
+is taken back by its node only if no other node ended the job meanwhile.
 """
 
 from __future__ import annotations

@@ -81,14 +81,21 @@ end
 -- Check the batch against what is stored, as it would be after each operation in turn.
 local types, idents, holders, lasts, added = {}, {}, {}, {}, {}
 -- The fence (with a node id): a job that exists is written only by the node holding its lease.
--- A lease that lapsed (Redis was unreachable for longer) is taken again: nobody else holds it.
+-- A lease that lapsed (Redis was unreachable for longer) is taken again: nobody else holds it,
+-- unless the job has ended meanwhile (another node took it over and ended it): only a copy's
+-- record, which may come after its job's end, is written then.
 -- A job created in this batch is fresh: it has no lease yet, and goes into the job queue.
 local fresh, leased = {}, {}
-local function fenced(id)
+local function fenced(id, tag)
   if node == '' or fresh[id] or leased[id] then return nil end
   local lease = P .. 'lease:' .. id
   local held = redis.call('GET', lease)
   if held == false then
+    local status = redis.call('HGET', job_key(id, 'record'), 'status')
+    if status == 'completed' or status == 'failed' or status == 'canceled' then
+      if tag == 'C' then return nil end
+      return id
+    end
     redis.call('SET', lease, node, 'PX', ttl)
   elseif held ~= node then
     return id
@@ -146,7 +153,7 @@ for _, op in ipairs(ops) do
   local ident = identity(id)
   if op.tag == 'J' and not ident.owner and fresh[id] == nil then fresh[id] = true end
   if op.tag ~= 'D' and ident.owner then
-    local lost = fenced(id)
+    local lost = fenced(id, op.tag)
     if lost then return redis.error_reply('FENCED ' .. lost) end
   end
   if op.tag == 'J' then

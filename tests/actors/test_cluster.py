@@ -101,6 +101,14 @@ async def held_by(supervisor: Supervisor, job_id: str) -> None:
     await poll(held)
 
 
+async def no_longer_runs(supervisor: Supervisor, job_id: str) -> None:
+    async def stopped() -> bool:
+        await trio.lowlevel.checkpoint()
+        return job_id not in supervisor._active
+
+    await poll(stopped)
+
+
 async def read_to_done(subscription: Subscription) -> list[JobEvent]:
     events: list[JobEvent] = []
     with trio.fail_after(WAIT_S):
@@ -353,17 +361,54 @@ async def test_a_node_that_lost_its_lease_stops_the_job_without_writing(redis_pr
         assert provider.default.block is not None
         provider.default.block.set()  # the images finish; their write is fenced
 
-        async def stopped() -> bool:
-            await trio.lowlevel.checkpoint()
-            return job_id not in a._active
-
-        await poll(stopped)
+        await no_longer_runs(a, job_id)
         stored = await cluster_of(a).store.load_job(job_id)
 
     assert stored is not None
     assert not stored.job.status.finished
     assert stored.events == ()
     assert provider.remote_cancels == []  # the predictions are the new holder's to resume
+
+
+@pytest.mark.parametrize("via", ["renewal", "write"])
+async def test_a_node_whose_lease_lapsed_does_not_take_back_a_job_ended_elsewhere(
+    redis_prefix: str, via: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if via == "write":
+        # No renewal comes before the images' write (as when Redis is back and the write
+        # goes first).
+        async def no_renewals(self: ClusterNode) -> None:
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(ClusterNode, "_keep_leases", no_renewals)
+    provider = FakeProvider(default=Script(block=trio.Event(), latency_s=0))
+    async with node(redis_prefix, provider) as a:
+        job_id = await submit(a)
+        await held_by(a, job_id)
+        # What this node finds once back from being cut off for longer than a lease: its lease
+        # lapsed, and another node took the job over and ended it (a cancel, say).
+        entry = cluster_of(a).held[job_id]
+        async with open_client(REDIS_URL) as client:
+            await client.delete([f"{redis_prefix}lease:{job_id}"])
+            await client.hset(f"{redis_prefix}job:{job_id}:record", {"status": "canceled"})
+            # ... and let go of it, as a node ending a job does (the RELEASE script).
+            await client.xack(f"{redis_prefix}queue", "nodes", [entry])
+            await client.xdel(f"{redis_prefix}queue", [entry])
+            await client.hdel(f"{redis_prefix}entries", [job_id])
+        if via == "write":
+            assert provider.default.block is not None
+            provider.default.block.set()  # the images finish; their write is fenced
+
+        await no_longer_runs(a, job_id)
+        async with open_client(REDIS_URL) as client:
+            assert await client.get(f"{redis_prefix}lease:{job_id}") is None
+            # Not queued again (a hand-over's entry of an ended job is dropped by its taker).
+            assert not await client.hexists(f"{redis_prefix}entries", job_id)
+        stored = await cluster_of(a).store.load_job(job_id)
+
+    assert stored is not None
+    assert stored.job.status is JobStatus.CANCELED  # as the other node left it
+    assert stored.events == ()
 
 
 async def test_a_draining_node_hands_its_jobs_over_at_once(redis_prefix: str) -> None:
