@@ -262,16 +262,24 @@ class ClusterNode:
             if not await self._reached_redis_for_a_lease():
                 continue
             try:
-                answer: Any = await self.store.client.xautoclaim(
-                    self.queue_key,
-                    scripts.GROUP,
-                    self.node_id,
-                    min_idle_time=self._lease_ms,
-                    start="0-0",
-                    count=CLAIM_COUNT,
+                # Bounded by a third of a lease, as the renewals are: a claim that waited longer
+                # (Redis stalled) could find the entries of live nodes idle from the stall
+                # alone, and its answer is not used (what it claimed stays unadmitted, and
+                # their nodes' renewals claim their entries back).
+                answer: Any = await self.store._call(
+                    "claiming jobs",
+                    partial(
+                        self.store.client.xautoclaim,
+                        self.queue_key,
+                        scripts.GROUP,
+                        self.node_id,
+                        min_idle_time=self._lease_ms,
+                        start="0-0",
+                        count=CLAIM_COUNT,
+                    ),
+                    timeout_s=self.lease_s / 3,
                 )
-            except _REDIS_ERRORS as exc:
-                self.store.lost_contact()
+            except StoreUnavailable as exc:
                 logger.debug("cluster: cannot claim: %s", exc)
                 continue
             for entry in answer[1]:
