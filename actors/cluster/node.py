@@ -11,6 +11,8 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
     P job:<id>:cancel       string  set when the job is to be cancelled (until it ends)
     P node:<node>:wake      stream  entries that end the node's blocking event read: a job
                                     newly followed there, or one to cancel
+    P job:<id>:ended_by     string  the node that wrote the job's end (the store's batch)
+    P gone:<id>             string  a job a node deleted (a day, PX): not written again
 
 A node that is gone for good (each start is a new node id) stays a consumer of ``P queue`` until
 a node removes it (:data:`CONSUMER_IDLE_S` unseen, nothing pending: ``FORGET_CONSUMERS``).
@@ -27,7 +29,7 @@ once its own calls have reached Redis for a lease without a failure: after Redis
 reach, the nodes that were cut off with it renew first and go on with their jobs where they
 ran. Every write of a job is fenced by its lease (the store's batch script), so a node that lost
 a lease while cut off writes nothing more of that job and stops running it; a lease that lapsed
-is taken back by its node only if no other node ended the job meanwhile.
+is taken back by its node only if no other node ended the job, and no node deleted it, meanwhile.
 """
 
 from __future__ import annotations
@@ -255,6 +257,7 @@ class ClusterNode:
 
     async def _claim_jobs(self) -> None:
         """Claim the entries of jobs whose node stopped renewing (dead, or cut off for a lease)."""
+        start = "0-0"
         while not self._draining.is_set():
             await trio.sleep(self.lease_s / 2)
             if self._draining.is_set() or len(self.held) >= self.max_jobs:
@@ -264,8 +267,9 @@ class ClusterNode:
             try:
                 # Bounded by a third of a lease, as the renewals are: a claim that waited longer
                 # (Redis stalled) could find the entries of live nodes idle from the stall
-                # alone, and its answer is not used (what it claimed stays unadmitted, and
-                # their nodes' renewals claim their entries back).
+                # alone, and its answer is not used: what it claimed stays unadmitted, live
+                # nodes' renewals take their entries back, and a dead node's are claimed again
+                # once idle for another lease.
                 answer: Any = await self.store._call(
                     "claiming jobs",
                     partial(
@@ -274,7 +278,7 @@ class ClusterNode:
                         scripts.GROUP,
                         self.node_id,
                         min_idle_time=self._lease_ms,
-                        start="0-0",
+                        start=start,
                         count=CLAIM_COUNT,
                     ),
                     timeout_s=self.lease_s / 3,
@@ -282,6 +286,9 @@ class ClusterNode:
             except StoreUnavailable as exc:
                 logger.debug("cluster: cannot claim: %s", exc)
                 continue
+            # One call looks at no more than ten times its count of pending entries (Redis
+            # 7): the next goes on from where this one stopped, until it has been round.
+            start = str(answer[0])
             for entry in answer[1]:
                 if entry is None or not entry.field_values:
                     continue  # deleted meanwhile

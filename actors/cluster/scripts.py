@@ -34,9 +34,9 @@ return {'ok', cancel}
 
 #: ARGV: prefix, node id, lease (ms), then ``job id, entry id`` pairs of the jobs this node runs.
 #: Renews each lease (taking a lapsed one again, as nobody else holds it, unless another node
-#: ended the job meanwhile), and resets the idle time of each job's queue entry so that no other
-#: node claims it. Returns ``{lost, cancelled}``: the ids of jobs another node holds or ended
-#: now, and of jobs someone asked to cancel.
+#: ended the job, or a node deleted it, meanwhile), and resets the idle time of each job's queue
+#: entry so that no other node claims it. Returns ``{lost, cancelled}``: the ids of jobs another
+#: node holds, ended or deleted now, and of jobs someone asked to cancel.
 RENEW = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
 local lost, cancelled = {}, {}
@@ -46,9 +46,15 @@ for i = 4, #ARGV, 2 do
   local held = redis.call('GET', lease)
   if held == false then
     -- Lapsed (this node was cut off for a lease): another node may have taken the job and ended
-    -- it (cancelled, or run to its end) meanwhile; then it is not this node's to go on with.
+    -- it (cancelled, or run to its end), or deleted it, meanwhile; then it is not this node's
+    -- to go on with. (A record gone without a trace is Redis's loss: the job goes on here.)
     local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
-    if status == 'completed' or status == 'failed' or status == 'canceled' then held = '' end
+    if status == false then
+      if redis.call('EXISTS', P .. 'gone:' .. id) == 1 then held = '' end
+    elseif (status == 'completed' or status == 'failed' or status == 'canceled')
+        and redis.call('GET', P .. 'job:' .. id .. ':ended_by') ~= node then
+      held = ''
+    end
   end
   if held == node or held == false then
     redis.call('SET', lease, node, 'PX', ttl)

@@ -32,6 +32,7 @@ from __future__ import annotations
 #: takes its images off.
 BATCH = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
+local GONE_MS = 86400000  -- how long a cluster remembers a deleted job (P gone:<id>): a day
 
 local function job_key(id, part) return P .. 'job:' .. id .. ':' .. part end
 local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part end
@@ -82,8 +83,10 @@ end
 local types, idents, holders, lasts, added = {}, {}, {}, {}, {}
 -- The fence (with a node id): a job that exists is written only by the node holding its lease.
 -- A lease that lapsed (Redis was unreachable for longer) is taken again: nobody else holds it,
--- unless the job has ended meanwhile (another node took it over and ended it): only a copy's
--- record, which may come after its job's end, is written then.
+-- unless another node ended the job meanwhile (it took the job over and ended it): only a
+-- copy's record, which may come after its job's end, is written then. (This node's own end,
+-- written but its answer lost, may be written again.) A job deleted by a node (``P gone:<id>``)
+-- is not written again: the node that ran it was cut off while another ended and deleted it.
 -- A job created in this batch is fresh: it has no lease yet, and goes into the job queue.
 local fresh, leased = {}, {}
 local function fenced(id, tag)
@@ -92,7 +95,8 @@ local function fenced(id, tag)
   local held = redis.call('GET', lease)
   if held == false then
     local status = redis.call('HGET', job_key(id, 'record'), 'status')
-    if status == 'completed' or status == 'failed' or status == 'canceled' then
+    if (status == 'completed' or status == 'failed' or status == 'canceled')
+        and redis.call('GET', job_key(id, 'ended_by')) ~= node then
       if tag == 'C' then return nil end
       return id
     end
@@ -151,6 +155,10 @@ for _, op in ipairs(ops) do
   problem = foreign(job_key(id, 'record'), 'hash')
   if problem then break end
   local ident = identity(id)
+  if node ~= '' and not ident.owner and fresh[id] == nil and op.tag ~= 'A' and op.tag ~= 'D'
+      and redis.call('EXISTS', P .. 'gone:' .. id) == 1 then
+    return redis.error_reply('FENCED ' .. id)
+  end
   if op.tag == 'J' and not ident.owner and fresh[id] == nil then fresh[id] = true end
   if op.tag ~= 'D' and ident.owner then
     local lost = fenced(id, op.tag)
@@ -284,6 +292,7 @@ for _, op in ipairs(ops) do
       deactivate(id)
       redis.call('ZADD', P .. 'finished', op.finished, id)
       redis.call('DEL', job_key(id, 'cancel'))
+      if node ~= '' then redis.call('SET', job_key(id, 'ended_by'), node) end
     end
     if node ~= '' and fresh[id] then
       fresh[id] = false
@@ -306,7 +315,8 @@ for _, op in ipairs(ops) do
     end
     redis.call('DEL', job_key(id, 'record'), job_key(id, 'images'), job_key(id, 'remote'),
                job_key(id, 'copies'), job_key(id, 'events'), job_key(id, 'cancel'),
-               claimed, P .. 'lease:' .. id)
+               job_key(id, 'ended_by'), claimed, P .. 'lease:' .. id)
+    if node ~= '' then redis.call('SET', P .. 'gone:' .. id, '1', 'PX', GONE_MS) end
     redis.call('ZREM', P .. 'jobs', id)
     redis.call('ZREM', P .. 'finished', id)
     redis.call('HDEL', P .. 'entries', id)

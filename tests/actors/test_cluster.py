@@ -19,16 +19,18 @@ import trio
 
 import actors.cluster.node as node_module
 import actors.supervisor as supervisor_module
-from actors.cluster import ClusterNode, new_node_id
+from actors.cluster import ClusterNode, new_node_id, scripts
 from actors.cluster.node import MAX_JOBS_PER_NODE
 from actors.errors import JobNotFound, LimitExceeded, Overloaded, StoreUnavailable
 from actors.messages import DoneEvent, ImageStatus, JobEvent, JobStatus, Transport
 from actors.settings import SupervisorSettings
+from actors.store import DeleteJob, commit
 from actors.store.redis import open_client, open_redis_store
 from actors.supervisor import Subscription, Supervisor, open_supervisor
 from tests.actors.test_store import new_job
+from tests.actors.test_store_redis import ended
 from tests.fakes import FakeProvider, Script
-from tests.redis_support import REDIS_URL, dropped_connections, proxied_redis
+from tests.redis_support import REDIS_URL, dropped_connections, keys_under, proxied_redis
 
 #: coredis 6.9.0 leaves the anyio memory streams of a connection it drops (a blocking read
 #: cancelled as its node stops, or Redis going away) to the garbage collector; the warning says
@@ -301,6 +303,66 @@ async def test_a_node_back_from_an_outage_claims_nothing_before_a_lease_of_conta
         assert trio.current_time() - back >= LEASE_S
 
 
+async def test_a_dead_node_s_job_behind_many_live_entries_is_claimed(redis_prefix: str) -> None:
+    # One XAUTOCLAIM looks at no more than ten times its count of pending entries: the claims go
+    # on from where the last stopped, so a dead node's entry behind 250 live ones is reached.
+    queue = f"{redis_prefix}queue"
+    async with open_client(REDIS_URL) as client, trio.open_nursery() as nursery:
+        live = [str(await client.xadd(queue, {"job": f"live-{n}"})) for n in range(250)]
+        await client.xgroup_create(queue, "nodes", "0", mkstream=True)
+        await client.xreadgroup("nodes", "live", streams={queue: ">"})
+
+        async def renew_live_entries() -> None:  # as a live node's renewals do
+            while True:
+                await client.xclaim(queue, "nodes", "live", 0, live, justid=True)
+                await trio.sleep(LEASE_S / 6)
+
+        nursery.start_soon(renew_live_entries)
+        await leave_a_dead_node_s_job(redis_prefix)
+        async with node(redis_prefix, fast()) as survivor:
+
+            async def completed() -> bool:
+                snapshot = await survivor.find("job-1", owner="alice")
+                return snapshot.status is JobStatus.COMPLETED
+
+            await poll(completed)
+            assert cluster_of(survivor).claimed == 1
+        nursery.cancel_scope.cancel()
+
+
+@dropped_connections
+async def test_a_claim_answered_late_is_not_used_and_its_job_is_claimed_a_lease_later(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim whose answer comes later than a third of a lease (Redis stalled) may have taken
+    # the entries of nodes that were stalled with it, not dead: it is dropped.
+    await leave_a_dead_node_s_job(redis_prefix)
+    async with node(redis_prefix, fast()) as survivor:
+        client = cluster_of(survivor).store.client
+        claim = client.xautoclaim
+        claimed_at_redis = trio.Event()
+
+        async def answered_late(*args: Any, **kwargs: Any) -> Any:
+            answer = await claim(*args, **kwargs)
+            if answer[1] and not claimed_at_redis.is_set():
+                claimed_at_redis.set()
+                await trio.sleep(LEASE_S / 2)
+            return answer
+
+        monkeypatch.setattr(client, "xautoclaim", answered_late)
+        with trio.fail_after(WAIT_S):
+            await claimed_at_redis.wait()
+        await trio.sleep(LEASE_S * 0.75)  # the late answer would have been used by now
+        assert cluster_of(survivor).claimed == 0
+
+        async def completed() -> bool:
+            snapshot = await survivor.find("job-1", owner="alice")
+            return snapshot.status is JobStatus.COMPLETED
+
+        await poll(completed)
+        assert cluster_of(survivor).claimed == 1
+
+
 async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix: str) -> None:
     runner_provider = blocked()
     async with node(redis_prefix, runner_provider) as runner:
@@ -409,6 +471,43 @@ async def test_a_node_whose_lease_lapsed_does_not_take_back_a_job_ended_elsewher
     assert stored is not None
     assert stored.job.status is JobStatus.CANCELED  # as the other node left it
     assert stored.events == ()
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "kept"),
+    [("ended here", True), ("ended elsewhere", False), ("deleted", False), ("lost", True)],
+)
+async def test_a_lapsed_lease_is_renewed_unless_another_node_ended_or_deleted_the_job(
+    redis_prefix: str, meanwhile: str, kept: bool
+) -> None:
+    # The renewal of a node back from being cut off for longer than a lease.
+    lease_key = f"{redis_prefix}lease:job-1"
+    async with (
+        open_redis_store(REDIS_URL, redis_prefix, node="node-a") as here,
+        open_redis_store(REDIS_URL, redis_prefix, node="node-b") as elsewhere,
+        open_client(REDIS_URL) as client,
+    ):
+        await commit(here, *new_job())
+        entry = await client.hget(f"{redis_prefix}entries", "job-1")
+        if meanwhile == "ended here":  # its answer lost: the node still runs the job
+            await commit(here, ended())
+        elif meanwhile == "lost":  # Redis restarted without it (no persistence)
+            await client.delete(list(await keys_under(redis_prefix)))
+        else:
+            await client.set(lease_key, "node-b")
+            await commit(
+                elsewhere, ended(), *([DeleteJob("job-1")] if meanwhile == "deleted" else [])
+            )
+        await client.delete([lease_key])
+
+        renew = client.register_script(scripts.RENEW)
+        answer: Any = await renew(
+            keys=[], args=[redis_prefix, "node-a", "60000", "job-1", entry or "0-1"]
+        )
+        lost = list(answer[0])
+        held = await client.get(lease_key)
+
+    assert (lost, held) == (([], "node-a") if kept else (["job-1"], None))
 
 
 async def test_a_draining_node_hands_its_jobs_over_at_once(redis_prefix: str) -> None:

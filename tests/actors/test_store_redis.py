@@ -15,9 +15,18 @@ import trio
 
 import actors.store.redis as redis_backend
 from actors.errors import StoreUnavailable
+from actors.messages import JobStatus
 from actors.store import AppendEvent, DeleteJob, PutImages, PutJob, SetRemote, commit
 from actors.store.redis import RedisStore, open_client, open_redis_store
-from tests.actors.test_store import PENDING, image, job_record, new_job, only_job, progress
+from tests.actors.test_store import (
+    LATER,
+    PENDING,
+    image,
+    job_record,
+    new_job,
+    only_job,
+    progress,
+)
 from tests.redis_support import REDIS_URL, RedisProxy, dropped_connections, keys_under
 
 
@@ -193,6 +202,79 @@ async def test_a_job_another_node_holds_is_fenced_and_fails_alone(
     assert caught.value.refused
     events = {stored.job.job_id: stored.events for stored in await node_store.load()}
     assert events == {"job-1": (), "job-2": (progress(1, 0),)}
+
+
+def ended(job_id: str = "job-1") -> PutJob:
+    return PutJob(job_record(job_id, status=JobStatus.COMPLETED, finished_at=LATER))
+
+
+async def test_a_lapsed_lease_of_a_job_another_node_ended_is_not_taken_again(
+    node_store: RedisStore, prefix: str
+) -> None:
+    # This node was cut off for longer than a lease; another node took the job over and ended it.
+    await commit(node_store, *new_job())
+    async with open_redis_store(REDIS_URL, prefix, node="node-b") as other:
+        await redis_set(f"{prefix}lease:job-1", "node-b", px=60_000)
+        await commit(other, ended())
+    async with open_client(REDIS_URL) as client:
+        await client.delete([f"{prefix}lease:job-1"])
+
+    with pytest.raises(StoreUnavailable) as caught:
+        await commit(node_store, AppendEvent("job-1", progress(1, 0)))
+
+    assert caught.value.fenced
+    assert await redis_get(f"{prefix}lease:job-1") is None
+    assert (await only_job(node_store)).events == ()
+
+
+async def test_a_node_s_own_end_is_written_again_after_its_lease_lapsed(
+    node_store: RedisStore, prefix: str
+) -> None:
+    # Its end reached Redis but the answer was lost, and it was cut off for longer than a lease:
+    # the write is sent again.
+    await commit(node_store, *new_job(), ended())
+    async with open_client(REDIS_URL) as client:
+        await client.delete([f"{prefix}lease:job-1"])
+
+    await commit(node_store, ended(), AppendEvent("job-1", progress(1, 0)))
+
+    assert (await only_job(node_store)).events == (progress(1, 0),)
+    async with open_redis_store(REDIS_URL, prefix, node="node-b") as other:
+        async with open_client(REDIS_URL) as client:
+            await client.delete([f"{prefix}lease:job-1"])
+        with pytest.raises(StoreUnavailable) as caught:
+            await commit(other, AppendEvent("job-1", progress(2, 1)))
+    assert caught.value.fenced
+
+
+async def test_a_job_a_node_deleted_is_not_written_back_by_a_node_cut_off_meanwhile(
+    node_store: RedisStore, prefix: str
+) -> None:
+    await commit(node_store, *new_job())
+    async with open_redis_store(REDIS_URL, prefix, node="node-b") as other:
+        await commit(other, ended(), DeleteJob("job-1"))  # taken over, ended, forgotten
+
+    for write in (PutJob(job_record()), AppendEvent("job-1", progress(1, 0))):
+        with pytest.raises(StoreUnavailable) as caught:
+            await commit(node_store, write)
+        assert caught.value.fenced
+
+    assert await node_store.load() == ()
+    assert await keys_under(prefix) >= {f"{prefix}gone:job-1"}
+    assert not {key for key in await keys_under(prefix) if key.startswith(f"{prefix}job:job-1")}
+
+
+async def test_a_job_redis_lost_without_a_trace_is_written_again_by_its_node(
+    node_store: RedisStore, prefix: str
+) -> None:
+    # Redis restarted without the job (no persistence): the node running it carries on.
+    await commit(node_store, *new_job())
+    async with open_client(REDIS_URL) as client:
+        await client.delete(list(await keys_under(prefix)))
+
+    await commit(node_store, PutJob(job_record()), AppendEvent("job-1", progress(1, 0)))
+
+    assert (await only_job(node_store)).events == (progress(1, 0),)
 
 
 async def test_a_store_used_alone_fences_nothing(store: RedisStore, prefix: str) -> None:
