@@ -242,7 +242,9 @@ class ClusterNode:
                 )
             except _REDIS_ERRORS as exc:
                 self.store.lost_contact()
-                logger.warning("cluster: cannot read the job queue: %s", exc)
+                # Once per outage (the store's calls and /health tell the rest of it).
+                log = logger.warning if delay == 0.1 else logger.debug
+                log("cluster: cannot read the job queue: %s", exc)
                 if "NOGROUP" in str(exc) or "no such key" in str(exc).lower():
                     # Redis lost the queue (restarted without persistence): make it again.
                     with contextlib.suppress(StoreUnavailable):
@@ -385,7 +387,11 @@ class ClusterNode:
             self.renewals += 1
             lost, cancelled = answer
             for job_id in lost:
-                logger.warning("cluster: job %s is run by another node now", job_id)
+                logger.warning(
+                    "cluster: job %s is another node's now (taken over, or ended or deleted "
+                    "there while this node was cut off): stopped here",
+                    job_id,
+                )
                 self.held.pop(str(job_id), None)
                 self._on_lost(str(job_id))
             for job_id in cancelled:
