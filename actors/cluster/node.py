@@ -11,7 +11,8 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
     P job:<id>:cancel       string  set when the job is to be cancelled (until it ends)
     P node:<node>:wake      stream  entries that end the node's blocking event read: a job
                                     newly followed there, or one to cancel
-    P job:<id>:ended_by     string  the node that wrote the job's end (the store's batch)
+    P job:<id>:ended_by     string  the node that wrote the job's end (the store's batch; a
+                                    day, PX): that node may write it again
     P gone:<id>             string  a job a node deleted (a day, PX): not written again
 
 A node that is gone for good (each start is a new node id) stays a consumer of ``P queue`` until
@@ -64,6 +65,8 @@ TAKE_BLOCK_MS = 2000
 TAKE_COUNT = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
+#: Claim calls at most per tick (half a lease) while they claim nothing: 10,000 entries looked at.
+CLAIM_CALLS = 50
 #: How long a consumer of the job queue (a node) with no pending entry goes unseen before any
 #: node removes it from the group: generous, as a live node is seen every ``TAKE_BLOCK_MS``
 #: (or holds entries), and one removed anyway is made again by its next read.
@@ -262,40 +265,52 @@ class ClusterNode:
         start = "0-0"
         while not self._draining.is_set():
             await trio.sleep(self.lease_s / 2)
-            if self._draining.is_set() or len(self.held) >= self.max_jobs:
-                continue
             if not await self._reached_redis_for_a_lease():
                 continue
-            try:
-                # Bounded by a third of a lease, as the renewals are: a claim that waited longer
-                # (Redis stalled) could find the entries of live nodes idle from the stall
-                # alone, and its answer is not used: what it claimed stays unadmitted, live
-                # nodes' renewals take their entries back, and a dead node's are claimed again
-                # once idle for another lease.
-                answer: Any = await self.store._call(
-                    "claiming jobs",
-                    partial(
-                        self.store.client.xautoclaim,
-                        self.queue_key,
-                        scripts.GROUP,
-                        self.node_id,
-                        min_idle_time=self._lease_ms,
-                        start=start,
-                        count=CLAIM_COUNT,
-                    ),
-                    timeout_s=self.lease_s / 3,
-                )
-            except StoreUnavailable as exc:
-                logger.debug("cluster: cannot claim: %s", exc)
-                continue
-            # One call looks at no more than ten times its count of pending entries (Redis
-            # 7): the next goes on from where this one stopped, until it has been round.
-            start = str(answer[0])
-            for entry in answer[1]:
-                if entry is None or not entry.field_values:
-                    continue  # deleted meanwhile
-                self.claimed += 1
-                await self._admit_entry(str(entry.identifier), entry.field_values)
+            # One call looks at no more than ten times its count of pending entries (Redis 7):
+            # the next goes on from where it stopped, at once while nothing was claimed, until
+            # it has been round (or :data:`CLAIM_CALLS` calls: the rest at the next tick).
+            for _ in range(CLAIM_CALLS):
+                if self._draining.is_set() or len(self.held) >= self.max_jobs:
+                    break
+                try:
+                    start, entries = await self._claim(start)
+                except StoreUnavailable as exc:
+                    logger.debug("cluster: cannot claim: %s", exc)
+                    break
+                for entry in entries:
+                    if entry is None or not entry.field_values:
+                        continue  # deleted meanwhile
+                    self.claimed += 1
+                    await self._admit_entry(str(entry.identifier), entry.field_values)
+                if entries or start == "0-0":
+                    break
+
+    async def _claim(self, start: str) -> tuple[str, Any]:
+        """One ``XAUTOCLAIM`` from ``start``: where the next goes on from, and the entries.
+
+        Bounded by a third of a lease, as the renewals are: a claim that waited longer (Redis
+        stalled) could find the entries of live nodes idle from the stall alone, and its answer
+        is not used: what it claimed stays unadmitted, live nodes' renewals take their entries
+        back, and a dead node's are claimed again once idle for another lease.
+
+        Raises:
+            StoreUnavailable: Redis did not answer in time.
+        """
+        answer: Any = await self.store._call(
+            "claiming jobs",
+            partial(
+                self.store.client.xautoclaim,
+                self.queue_key,
+                scripts.GROUP,
+                self.node_id,
+                min_idle_time=self._lease_ms,
+                start=start,
+                count=CLAIM_COUNT,
+            ),
+            timeout_s=self.lease_s / 3,
+        )
+        return str(answer[0]), answer[1]
 
     async def _reached_redis_for_a_lease(self) -> bool:
         """Whether this node's calls have reached Redis for a lease without a failure.

@@ -51,9 +51,9 @@ for i = 4, #ARGV, 2 do
     local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
     if status == false then
       if redis.call('EXISTS', P .. 'gone:' .. id) == 1 then held = '' end
-    elseif (status == 'completed' or status == 'failed' or status == 'canceled')
-        and redis.call('GET', P .. 'job:' .. id .. ':ended_by') ~= node then
-      held = ''
+    elseif status == 'completed' or status == 'failed' or status == 'canceled' then
+      local by = P .. 'job:' .. id .. ':ended_by'  -- this node's end, its answer lost: kept
+      if redis.call('TYPE', by).ok ~= 'string' or redis.call('GET', by) ~= node then held = '' end
     end
   end
   if held == node or held == false then

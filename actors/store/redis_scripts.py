@@ -32,7 +32,9 @@ from __future__ import annotations
 #: takes its images off.
 BATCH = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
-local GONE_MS = 86400000  -- how long a cluster remembers a deleted job (P gone:<id>): a day
+-- How long a cluster remembers a deleted job (P gone:<id>) and who ended a job (P job:<id>:
+-- ended_by): a day, as long as a node cut off from Redis may come back and write.
+local GONE_MS = 86400000
 
 local function job_key(id, part) return P .. 'job:' .. id .. ':' .. part end
 local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part end
@@ -83,21 +85,26 @@ end
 local types, idents, holders, lasts, added = {}, {}, {}, {}, {}
 -- The fence (with a node id): a job that exists is written only by the node holding its lease.
 -- A lease that lapsed (Redis was unreachable for longer) is taken again: nobody else holds it,
--- unless another node ended the job meanwhile (it took the job over and ended it): only a
--- copy's record, which may come after its job's end, is written then. (This node's own end,
--- written but its answer lost, may be written again.) A job deleted by a node (``P gone:<id>``)
--- is not written again: the node that ran it was cut off while another ended and deleted it.
--- A job created in this batch is fresh: it has no lease yet, and goes into the job queue.
+-- unless the job has ended meanwhile. Then, without taking the lease, only a copy's record
+-- (which may come after its job's end) is written, or, by the node that ended it (its end
+-- written but the answer lost), anything but a record saying it runs. A job a node deleted
+-- (``P gone:<id>``) is not written again: its node was cut off while another ended and
+-- deleted it. A job created in this batch is fresh: it has no lease yet, and goes into the
+-- job queue.
 local fresh, leased = {}, {}
-local function fenced(id, tag)
+local function ended_here(id)
+  local key = job_key(id, 'ended_by')
+  return redis.call('TYPE', key).ok == 'string' and redis.call('GET', key) == node
+end
+local function fenced(id, op)
   if node == '' or fresh[id] or leased[id] then return nil end
   local lease = P .. 'lease:' .. id
   local held = redis.call('GET', lease)
   if held == false then
     local status = redis.call('HGET', job_key(id, 'record'), 'status')
-    if (status == 'completed' or status == 'failed' or status == 'canceled')
-        and redis.call('GET', job_key(id, 'ended_by')) ~= node then
-      if tag == 'C' then return nil end
+    if status == 'completed' or status == 'failed' or status == 'canceled' then
+      if op.tag == 'C' then return nil end
+      if ended_here(id) and not (op.tag == 'J' and op.finished == '') then return nil end
       return id
     end
     redis.call('SET', lease, node, 'PX', ttl)
@@ -161,7 +168,7 @@ for _, op in ipairs(ops) do
   end
   if op.tag == 'J' and not ident.owner and fresh[id] == nil then fresh[id] = true end
   if op.tag ~= 'D' and ident.owner then
-    local lost = fenced(id, op.tag)
+    local lost = fenced(id, op)
     if lost then return redis.error_reply('FENCED ' .. lost) end
   end
   if op.tag == 'J' then
@@ -292,7 +299,7 @@ for _, op in ipairs(ops) do
       deactivate(id)
       redis.call('ZADD', P .. 'finished', op.finished, id)
       redis.call('DEL', job_key(id, 'cancel'))
-      if node ~= '' then redis.call('SET', job_key(id, 'ended_by'), node) end
+      if node ~= '' then redis.call('SET', job_key(id, 'ended_by'), node, 'PX', GONE_MS) end
     end
     if node ~= '' and fresh[id] then
       fresh[id] = false

@@ -545,6 +545,8 @@ async def test_finished_jobs_are_forgotten_cluster_wide(
                     except JobNotFound:
                         break
                     await trio.sleep(0.05)
+    # Remembered as deleted, so that no node cut off meanwhile writes it back.
+    assert f"{redis_prefix}gone:{job_id}" in await keys_under(redis_prefix)
 
 
 async def test_consumers_of_gone_nodes_are_removed_but_not_ones_with_pending_entries(

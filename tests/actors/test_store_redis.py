@@ -239,6 +239,10 @@ async def test_a_node_s_own_end_is_written_again_after_its_lease_lapsed(
     await commit(node_store, ended(), AppendEvent("job-1", progress(1, 0)))
 
     assert (await only_job(node_store)).events == (progress(1, 0),)
+    assert await redis_get(f"{prefix}lease:job-1") is None  # an ended job's lease is not taken
+    with pytest.raises(StoreUnavailable) as reopened:  # nor is the job running again
+        await commit(node_store, PutJob(job_record()))
+    assert reopened.value.fenced
     async with open_redis_store(REDIS_URL, prefix, node="node-b") as other:
         async with open_client(REDIS_URL) as client:
             await client.delete([f"{prefix}lease:job-1"])
