@@ -193,7 +193,18 @@ class StreamFollower:
             if target is None:
                 continue
             for entry in entries:
-                self._add(
-                    target.log,
-                    decode_event(event_id(str(entry.identifier)), str(entry.field_values["e"])),
-                )
+                try:
+                    event = decode_event(
+                        event_id(str(entry.identifier)), str(entry.field_values["e"])
+                    )
+                except Exception:
+                    # Not an event this release wrote or can read: this job's followers here
+                    # end (their streams close; the node and other jobs' followers go on).
+                    logger.exception(
+                        "cluster: job %s: cannot read its event %s; its streams here end",
+                        job_id,
+                        entry.identifier,
+                    )
+                    target.log.close()
+                    break
+                self._add(target.log, event)

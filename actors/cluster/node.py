@@ -65,6 +65,8 @@ TAKE_BLOCK_MS = 2000
 TAKE_COUNT = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
+#: Before a node's task that failed (a bug) starts again: the first wait, and the longest.
+TASK_RETRY_S = (1.0, 30.0)
 #: Claim calls at most per tick (half a lease) while they claim nothing: 10,000 entries looked at.
 CLAIM_CALLS = 50
 #: How long a consumer of the job queue (a node) with no pending entry goes unseen before any
@@ -158,6 +160,8 @@ class ClusterNode:
         self.taken = 0
         self.claimed = 0
         self.renewals = 0
+        self.task_failures = 0
+        self.last_task_failure: str | None = None
 
     # --- running ----------------------------------------------------------------------------
 
@@ -182,12 +186,15 @@ class ClusterNode:
                 on_cancel=on_cancel,
             )
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.follower.run)
-                nursery.start_soon(self._keep_leases, name="cluster leases")
-                nursery.start_soon(self._take_jobs, name="cluster queue")
-                nursery.start_soon(self._claim_jobs, name="cluster takeover")
-                nursery.start_soon(self._forget_dead_nodes, name="cluster consumers")
-                nursery.start_soon(self._count_bytes, name="cluster image bytes")
+                for name, loop in (
+                    ("event reader", self.follower.run),
+                    ("lease renewal", self._keep_leases),
+                    ("job queue reader", self._take_jobs),
+                    ("takeover", self._claim_jobs),
+                    ("consumer cleanup", self._forget_dead_nodes),
+                    ("image byte count", self._count_bytes),
+                ):
+                    nursery.start_soon(self._kept_running, name, loop, name=f"cluster {name}")
                 logger.info(
                     "cluster: node %s on prefix %r (lease %g s)",
                     self.node_id,
@@ -195,6 +202,26 @@ class ClusterNode:
                     self.lease_s,
                 )
                 task_status.started()
+
+    async def _kept_running(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run ``loop`` (one of the node's tasks) until it returns or is cancelled.
+
+        Redis's failures are each loop's own to wait out; an exception it lets through is a
+        bug, or an answer this release cannot read: logged with its traceback, counted
+        (``task_failures_total``) and the loop started again after a growing wait, so that the
+        node and its jobs outlive it rather than end with it.
+        """
+        delay = TASK_RETRY_S[0]
+        while True:
+            try:
+                await loop()
+                return
+            except Exception as exc:
+                self.task_failures += 1
+                self.last_task_failure = f"{name}: {exc!r}"
+                logger.exception("cluster: the %s failed; started again in %g s", name, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, TASK_RETRY_S[1])
 
     async def _create_group(self) -> None:
         try:
@@ -545,4 +572,6 @@ class ClusterNode:
             "jobs_followed": 0 if follower is None else follower.followed,
             "event_reads_total": 0 if follower is None else follower.reads,
             "events_error": None if follower is None else follower.failing,
+            "task_failures_total": self.task_failures,
+            "last_task_failure": self.last_task_failure,
         }

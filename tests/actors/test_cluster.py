@@ -409,6 +409,68 @@ async def test_a_job_cancelled_while_queued_ends_at_once_and_leaves_the_queue(
     assert queued not in ran
 
 
+async def test_an_event_a_node_cannot_read_ends_that_job_s_streams_there_only(
+    redis_prefix: str,
+) -> None:
+    async with node(redis_prefix, blocked()) as runner:
+        broken, other = await submit(runner), await submit(runner)
+        await held_by(runner, broken)
+        await held_by(runner, other)
+        async with node(redis_prefix, fast()) as b:  # it follows both from Redis
+            with (
+                await b.subscribe_job(broken, owner="alice", transport=Transport.SSE) as on_broken,
+                await b.subscribe_job(other, owner="alice", transport=Transport.SSE) as on_other,
+            ):
+                async with open_client(REDIS_URL) as client:  # not an event this release wrote
+                    await client.xadd(
+                        f"{redis_prefix}job:{broken}:events", {"e": "{}"}, identifier="1-0"
+                    )
+                with trio.fail_after(WAIT_S):
+                    batch = await on_broken.wait_events_after(0, timeout_s=WAIT_S)
+                    while not batch.ended:
+                        batch = await on_broken.wait_events_after(0, timeout_s=WAIT_S)
+                await runner.cancel_and_wait(other, owner="alice", timeout_s=WAIT_S)
+                events = await read_to_done(on_other)  # the reader goes on for other jobs
+            statistics = cluster_of(b).statistics()
+
+    assert batch.events == ()
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.status is JobStatus.CANCELED
+    assert statistics["events_error"] is None
+
+
+@dropped_connections
+async def test_a_node_s_task_that_fails_is_logged_counted_and_started_again(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node_module, "TASK_RETRY_S", (0.05, 0.05))
+    real_claim = ClusterNode._claim
+    failures = iter([RuntimeError("an answer this release cannot read")])
+
+    async def claim_failing_once(self: ClusterNode, start: str) -> Any:
+        for failure in failures:
+            raise failure
+        return await real_claim(self, start)
+
+    monkeypatch.setattr(ClusterNode, "_claim", claim_failing_once)
+    await leave_a_dead_node_s_job(redis_prefix)
+    async with node(redis_prefix, fast()) as survivor:
+
+        async def completed() -> bool:
+            snapshot = await survivor.find("job-1", owner="alice")
+            return snapshot.status is JobStatus.COMPLETED
+
+        await poll(completed)  # claimed once the takeover started again
+        statistics = cluster_of(survivor).statistics()
+
+    assert statistics["task_failures_total"] == 1
+    assert statistics["last_task_failure"] == (
+        "takeover: RuntimeError('an answer this release cannot read')"
+    )
+    assert statistics["claimed_total"] == 1
+
+
 # --- takeover, fencing, draining ------------------------------------------------------------------
 
 
