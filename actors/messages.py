@@ -189,6 +189,9 @@ class SupervisorStatistics:
     images_failed_total: int
     #: Jobs ended by a bug of their own (their first write, a fold, their store writes, ...).
     jobs_crashed_total: int
+    #: Background loops (retention, a cluster node's, the shared capacity's) that raised (a
+    #: bug) and were started again (actors/tasks.py).
+    tasks_failed_total: int
     subscribers: tuple[tuple[Transport, int], ...]
     #: Streams refused since the start because their user had too many open.
     subscribers_refused: tuple[tuple[Transport, int], ...]

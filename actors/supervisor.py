@@ -7,7 +7,7 @@ import logging
 import random
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -41,6 +41,7 @@ from actors.providers.base import Commit, ImageProvider, RemoteWork, ResumesRemo
 from actors.retry import Uniform
 from actors.settings import SupervisorSettings
 from actors.store.base import DeleteJob, JobStore, SetCopy, StoredJob
+from actors.tasks import TaskFailures, keep_running
 from actors.worker import WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -197,6 +198,8 @@ class Supervisor:
         self._grace = trio.CancelScope()
         self._deleting: dict[str, Commit] = {}
         self._deletes_queued = trio.Event()
+        #: The supervisor's background loops that failed (a bug) and were started again.
+        self.failures = TaskFailures()
         self._now = now
         self._uniform = uniform
         self._nursery: trio.Nursery | None = None
@@ -234,7 +237,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._restore(stored)
-                nursery.start_soon(self._see_deletes_stored, name="supervisor deletes")
+                nursery.start_soon(self._keep_running, "deletion writer", self._see_deletes_stored)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -565,9 +568,18 @@ class Supervisor:
             images_completed_total=counters.completed,
             images_failed_total=counters.failed,
             jobs_crashed_total=counters.crashed,
+            tasks_failed_total=sum(failures.total for failures in self._task_failures()),
             subscribers=tuple(self._subscribers.items()),
             subscribers_refused=tuple(self._subscribers_refused.items()),
         )
+
+    def _task_failures(self) -> Iterator[TaskFailures]:
+        yield self.failures
+        if self.cluster is not None:
+            yield self.cluster.failures
+        shared = getattr(self.capacity, "failures", None)  # a capacity shared through Redis
+        if isinstance(shared, TaskFailures):
+            yield shared
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -630,14 +642,15 @@ class Supervisor:
             _, job_id = finished.popleft()
             self._forget(job_id)
 
+    async def _keep_running(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        await keep_running(f"supervisor's {name}", loop, self.failures, log=logger)
+
     async def _see_deletes_stored(self) -> None:
         """Write again every deletion that failed, until it is stored (else a forgotten job
         would come back at the next start)."""
         delay = STORE_RETRY_S[0]
         while True:
-            await self._deletes_queued.wait()
-            self._deletes_queued = trio.Event()
-            while self._deleting:
+            while self._deleting:  # (first those left by a run of this loop that failed)
                 job_id, commit = next(iter(self._deleting.items()))
                 try:
                     await commit.wait()
@@ -653,6 +666,8 @@ class Supervisor:
                 delay = STORE_RETRY_S[0]
                 if self._deleting.get(job_id) is commit:
                     del self._deleting[job_id]
+            await self._deletes_queued.wait()
+            self._deletes_queued = trio.Event()
 
     def _finished_over_budget(self) -> bool:
         """Whether finished jobs' images alone take the image directory over its budget (running
@@ -826,8 +841,10 @@ class Supervisor:
                         on_cancel=self._cancel_here,
                     )
                 )
-                nursery.start_soon(self._expire_cluster, cluster, name="cluster retention")
-                nursery.start_soon(self._see_deletes_stored, name="supervisor deletes")
+                nursery.start_soon(
+                    self._keep_running, "cluster retention", partial(self._expire_cluster, cluster)
+                )
+                nursery.start_soon(self._keep_running, "deletion writer", self._see_deletes_stored)
                 started()
                 await trio.sleep_forever()
         finally:

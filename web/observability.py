@@ -67,6 +67,11 @@ class _SupervisorCollector(Collector):
             "Jobs ended by a bug of their own",
             value=stats.jobs_crashed_total,
         )
+        yield CounterMetricFamily(
+            "imagegen_task_failures",
+            "Background loops that raised (a bug) and were started again",
+            value=stats.tasks_failed_total,
+        )
         subscribers = GaugeMetricFamily(
             "imagegen_subscribers", "Open event streams, by transport", labels=["transport"]
         )

@@ -281,6 +281,7 @@ def _handwritten() -> dict[str, Schema]:
                 "attempts_total",
                 "retries_total",
                 "jobs_crashed_total",
+                "tasks_failed_total",
                 "subscribers",
                 "subscribers_refused",
                 "provider",
@@ -307,6 +308,12 @@ def _handwritten() -> dict[str, Schema]:
                     "type": "integer",
                     "minimum": 0,
                     "description": "Jobs ended by a bug of their own since the start.",
+                },
+                "tasks_failed_total": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Background loops (retention, a cluster node's, the shared "
+                    "capacity's) that raised since the start; each was logged and started again.",
                 },
                 "subscribers": _counts(
                     (t.value for t in Transport), "Open event streams, by transport."

@@ -54,6 +54,7 @@ def status_view(stats: SupervisorStatistics) -> dict[str, object]:
         "attempts_total": stats.attempts_total,
         "retries_total": stats.retries_total,
         "jobs_crashed_total": stats.jobs_crashed_total,
+        "tasks_failed_total": stats.tasks_failed_total,
         "subscribers": {transport.value: count for transport, count in stats.subscribers},
         "subscribers_refused": {
             transport.value: count for transport, count in stats.subscribers_refused

@@ -54,6 +54,7 @@ from actors.cluster import scripts
 from actors.cluster.follower import WAKE_TTL_MS, StreamFollower
 from actors.errors import StoreUnavailable
 from actors.store.redis import RedisStore, open_client
+from actors.tasks import TaskFailures, keep_running
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ TAKE_BLOCK_MS = 2000
 TAKE_COUNT = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
-#: Before a node's task that failed (a bug) starts again: the first wait, and the longest.
-TASK_RETRY_S = (1.0, 30.0)
 #: Claim calls at most per tick (half a lease) while they claim nothing: 10,000 entries looked at.
 CLAIM_CALLS = 50
 #: How long a consumer of the job queue (a node) with no pending entry goes unseen before any
@@ -160,8 +159,7 @@ class ClusterNode:
         self.taken = 0
         self.claimed = 0
         self.renewals = 0
-        self.task_failures = 0
-        self.last_task_failure: str | None = None
+        self.failures = TaskFailures()
 
     # --- running ----------------------------------------------------------------------------
 
@@ -194,7 +192,11 @@ class ClusterNode:
                     ("consumer cleanup", self._forget_dead_nodes),
                     ("image byte count", self._count_bytes),
                 ):
-                    nursery.start_soon(self._kept_running, name, loop, name=f"cluster {name}")
+                    # A bug in one is logged and counted, and it starts again (actors/tasks.py).
+                    nursery.start_soon(
+                        partial(keep_running, f"cluster's {name}", loop, self.failures, log=logger),
+                        name=f"cluster {name}",
+                    )
                 logger.info(
                     "cluster: node %s on prefix %r (lease %g s)",
                     self.node_id,
@@ -202,26 +204,6 @@ class ClusterNode:
                     self.lease_s,
                 )
                 task_status.started()
-
-    async def _kept_running(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run ``loop`` (one of the node's tasks) until it returns or is cancelled.
-
-        Redis's failures are each loop's own to wait out; an exception it lets through is a
-        bug, or an answer this release cannot read: logged with its traceback, counted
-        (``task_failures_total``) and the loop started again after a growing wait, so that the
-        node and its jobs outlive it rather than end with it.
-        """
-        delay = TASK_RETRY_S[0]
-        while True:
-            try:
-                await loop()
-                return
-            except Exception as exc:
-                self.task_failures += 1
-                self.last_task_failure = f"{name}: {exc!r}"
-                logger.exception("cluster: the %s failed; started again in %g s", name, delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, TASK_RETRY_S[1])
 
     async def _create_group(self) -> None:
         try:
@@ -572,6 +554,6 @@ class ClusterNode:
             "jobs_followed": 0 if follower is None else follower.followed,
             "event_reads_total": 0 if follower is None else follower.reads,
             "events_error": None if follower is None else follower.failing,
-            "task_failures_total": self.task_failures,
-            "last_task_failure": self.last_task_failure,
+            "task_failures_total": self.failures.total,
+            "last_task_failure": self.failures.last,
         }

@@ -53,6 +53,7 @@ from actors.errors import LimitsUnavailable
 from actors.limits import scripts
 from actors.limits.calls import REDIS_ERRORS, RETRY_S, RedisCalls
 from actors.messages import CapacityStatistics
+from actors.tasks import TaskFailures, keep_running
 
 logger = logging.getLogger("actors.limits")
 
@@ -123,6 +124,8 @@ class RedisCapacity:
         self._requested = trio.Event()
         #: Cluster-wide figures as of the latest renewal: slots held, waiters, jobs waiting.
         self._seen = (0, 0, 0)
+        #: Its renewal and grants reader failed (a bug) and were started again.
+        self.failures = TaskFailures()
 
     @property
     def _base(self) -> list[str]:
@@ -275,8 +278,11 @@ class RedisCapacity:
         async with trio.open_nursery() as nursery:
             for n in range(SENDERS):
                 nursery.start_soon(self._send_requests, name=f"capacity requests {n + 1}")
-            nursery.start_soon(self._keep_leases, name="capacity leases")
-            nursery.start_soon(self._read_grants, name="capacity grants")
+            for name, loop in (("leases", self._keep_leases), ("grants", self._read_grants)):
+                nursery.start_soon(
+                    partial(keep_running, f"capacity's {name}", loop, self.failures, log=logger),
+                    name=f"capacity {name}",
+                )
             task_status.started()
 
 

@@ -19,6 +19,7 @@ import trio
 
 import actors.cluster.node as node_module
 import actors.supervisor as supervisor_module
+import actors.tasks as tasks_module
 from actors.cluster import ClusterNode, new_node_id, scripts
 from actors.cluster.node import MAX_JOBS_PER_NODE
 from actors.errors import JobNotFound, LimitExceeded, Overloaded, StoreUnavailable
@@ -444,7 +445,7 @@ async def test_an_event_a_node_cannot_read_ends_that_job_s_streams_there_only(
 async def test_a_node_s_task_that_fails_is_logged_counted_and_started_again(
     redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(node_module, "TASK_RETRY_S", (0.05, 0.05))
+    monkeypatch.setattr(tasks_module, "RETRY_S", (0.05, 0.05))
     real_claim = ClusterNode._claim
     failures = iter([RuntimeError("an answer this release cannot read")])
 
@@ -466,7 +467,7 @@ async def test_a_node_s_task_that_fails_is_logged_counted_and_started_again(
 
     assert statistics["task_failures_total"] == 1
     assert statistics["last_task_failure"] == (
-        "takeover: RuntimeError('an answer this release cannot read')"
+        "cluster's takeover: RuntimeError('an answer this release cannot read')"
     )
     assert statistics["claimed_total"] == 1
 
@@ -609,6 +610,39 @@ async def test_finished_jobs_are_forgotten_cluster_wide(
                     await trio.sleep(0.05)
     # Remembered as deleted, so that no node cut off meanwhile writes it back.
     assert f"{redis_prefix}gone:{job_id}" in await keys_under(redis_prefix)
+
+
+async def test_a_retention_pass_that_fails_is_counted_and_retention_goes_on(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor_module, "CLUSTER_EXPIRE_S", 0.05)
+    monkeypatch.setattr(tasks_module, "RETRY_S", (0.05, 0.05))
+    real_expired = ClusterNode.expired
+    failures = iter([RuntimeError("an answer this release cannot read")])
+
+    async def expired_failing_once(self: ClusterNode, **kwargs: Any) -> Any:
+        for failure in failures:
+            raise failure
+        return await real_expired(self, **kwargs)
+
+    monkeypatch.setattr(ClusterNode, "expired", expired_failing_once)
+    async with node(redis_prefix, fast(), settings=SupervisorSettings(job_retention_s=0.2)) as a:
+        job_id = await submit(a)
+
+        async def forgotten() -> bool:
+            try:
+                await a.find(job_id, owner="alice")
+            except JobNotFound:
+                return True
+            return False
+
+        await poll(forgotten)
+        statistics = a.statistics()
+
+    assert statistics.tasks_failed_total == 1
+    assert a.failures.last == (
+        "supervisor's cluster retention: RuntimeError('an answer this release cannot read')"
+    )
 
 
 async def test_consumers_of_gone_nodes_are_removed_but_not_ones_with_pending_entries(

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+import actors.tasks as tasks_module
 from actors.limits.redis_capacity import RedisCapacity, open_redis_capacity
 from actors.store.redis import open_client
 from tests.redis_support import REDIS_URL, dropped_connections, proxied_redis, waits_out_an_outage
@@ -214,32 +215,63 @@ async def test_a_slot_given_back_goes_to_a_waiter_of_the_same_process_from_the_a
     assert order == ["a", "b"]
 
 
+async def hand_a_slot_to_another_process(
+    prefix: str, one: RedisCapacity, two: RedisCapacity
+) -> None:
+    """``one`` holds the only slot, ``two`` queues for it, ``one`` gives it back: returns once
+    ``two`` holds it (within 2 s: with a long lease, only the grants stream can tell it)."""
+    held, release, granted = trio.Event(), trio.Event(), trio.Event()
+
+    async def first() -> None:
+        async with one.slot("a"):
+            held.set()
+            await release.wait()
+
+    async def second() -> None:
+        async with two.slot("b"):
+            granted.set()
+
+    with trio.fail_after(2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await held.wait()
+            nursery.start_soon(second)
+            # Redis's own state is what is waited for: there is no event to wait on.
+            while (await redis_counts(prefix))[1] == 0:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            release.set()
+            await granted.wait()
+
+
 async def test_a_grant_reaches_a_waiter_of_another_process_by_its_stream(
     redis_prefix: str,
 ) -> None:
     # A long lease: the renewal (which also finds grants) comes only every 10 s.
     async with nodes(redis_prefix, 2, capacity=1, lease_s=30) as (one, two):
-        held, release, granted = trio.Event(), trio.Event(), trio.Event()
+        await hand_a_slot_to_another_process(redis_prefix, one, two)
 
-        async def first() -> None:
-            async with one.slot("a"):
-                held.set()
-                await release.wait()
 
-        async def second() -> None:
-            async with two.slot("b"):
-                granted.set()
+async def test_a_grants_reader_that_fails_is_counted_and_started_again(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tasks_module, "RETRY_S", (0.05, 0.05))
+    real_read = RedisCapacity._read_grants
+    failed: set[str] = set()
 
-        with trio.fail_after(2):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(first)
-                await held.wait()
-                nursery.start_soon(second)
-                # Redis's own state is what is waited for: there is no event to wait on.
-                while (await redis_counts(redis_prefix))[1] == 0:  # noqa: ASYNC110
-                    await trio.sleep(0.005)
-                release.set()
-                await granted.wait()
+    async def read_failing_once(self: RedisCapacity) -> None:
+        if self.node not in failed:
+            failed.add(self.node)
+            raise RuntimeError("a grant this release cannot read")
+        await real_read(self)
+
+    monkeypatch.setattr(RedisCapacity, "_read_grants", read_failing_once)
+    async with nodes(redis_prefix, 2, capacity=1, lease_s=30) as (one, two):
+        await hand_a_slot_to_another_process(redis_prefix, one, two)  # the stream read again
+
+    assert (one.failures.total, two.failures.total) == (1, 1)
+    assert (
+        two.failures.last == "capacity's grants: RuntimeError('a grant this release cannot read')"
+    )
 
 
 async def test_requests_made_together_go_to_redis_in_one_call(redis_prefix: str) -> None:

@@ -581,6 +581,7 @@ async def test_statistics_count_jobs_attempts_capacity_and_subscribers(
         images_completed_total=1,
         images_failed_total=1,
         jobs_crashed_total=0,
+        tasks_failed_total=0,
         subscribers=((Transport.SSE, 2), (Transport.WEBSOCKET, 1)),
         subscribers_refused=((Transport.SSE, 0), (Transport.WEBSOCKET, 0)),
     )
