@@ -15,6 +15,7 @@ from actors.eventlog import EventLog
 from actors.messages import DoneEvent, JobEvent
 from actors.store.codec import decode_event
 from actors.store.redis import RedisKeys, event_id
+from actors.tasks import uncancelled
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +134,21 @@ class StreamFollower:
 
     async def _wake(self) -> None:
         """End the blocking read, so that the next one includes what changed."""
+        calls = self._calls
+
+        async def wake() -> None:
+            await calls.xadd(
+                self._wake_key,
+                {"follow": "1"},
+                trim_strategy=coredis.PureToken.MAXLEN,
+                threshold=64,
+                trim_operator=coredis.PureToken.APPROXIMATELY,
+            )
+            await calls.pexpire(self._wake_key, WAKE_TTL_MS)
+
         try:
             with trio.fail_after(5):
-                await self._calls.xadd(
-                    self._wake_key,
-                    {"follow": "1"},
-                    trim_strategy=coredis.PureToken.MAXLEN,
-                    threshold=64,
-                    trim_operator=coredis.PureToken.APPROXIMATELY,
-                )
-                await self._calls.pexpire(self._wake_key, WAKE_TTL_MS)
+                await uncancelled(wake)  # a subscriber's task: coredis must not see it cancelled
         except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
             raise StoreUnavailable(f"Redis failed waking the event reader: {exc}") from None
 

@@ -54,7 +54,7 @@ from actors.cluster import scripts
 from actors.cluster.follower import WAKE_TTL_MS, StreamFollower
 from actors.errors import StoreUnavailable
 from actors.store.redis import RedisStore, open_client
-from actors.tasks import TaskFailures, keep_running
+from actors.tasks import TaskFailures, keep_running, uncancelled
 
 logger = logging.getLogger(__name__)
 
@@ -473,12 +473,17 @@ class ClusterNode:
         leaves the connection alone (the store's calls would drop every connection of this
         process, cutting its leases' renewals and blocking reads too).
         """
+        client, prefix = self.store.client, self.keys.prefix
+
+        async def read() -> dict[str, int]:
+            async with client.pipeline(transaction=False) as pipe:
+                jobs = pipe.hlen(f"{prefix}active")
+                images = pipe.get(f"{prefix}active_images")
+            return {"jobs_unfinished": int(await jobs), "images_queued": int(await images or 0)}
+
         with trio.move_on_after(QUEUED_TIMEOUT_S):
             try:
-                async with self.store.client.pipeline(transaction=False) as pipe:
-                    jobs = pipe.hlen(f"{self.keys.prefix}active")
-                    images = pipe.get(f"{self.keys.prefix}active_images")
-                return {"jobs_unfinished": int(await jobs), "images_queued": int(await images or 0)}
+                return await uncancelled(read)  # (coredis loses a slot to a cancellation)
             except _REDIS_ERRORS:
                 return None
         return None

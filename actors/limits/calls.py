@@ -11,6 +11,7 @@ import coredis.exceptions
 import trio
 
 from actors.errors import LimitsUnavailable
+from actors.tasks import uncancelled
 
 logger = logging.getLogger("actors.limits")
 
@@ -47,7 +48,7 @@ class RedisCalls:
         self.calls += 1
         try:
             with trio.fail_after(self.timeout_s):
-                result = await call()
+                result = await uncancelled(call)  # (coredis loses a slot to a cancellation)
         except trio.TooSlowError:
             # A connection whose answer is late would delay every later call on it: start afresh.
             self.client.connection_pool.disconnect()

@@ -96,6 +96,7 @@ from actors.store.codec import (
     time_text,
 )
 from actors.store.writer import BatchWriter
+from actors.tasks import uncancelled
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ class RedisStore:
         self._calls += 1
         try:
             with trio.fail_after(timeout_s):
-                result = await call()
+                result = await uncancelled(call)  # (coredis loses a slot to a cancellation)
         except trio.TooSlowError:
             # The client keeps a connection whose answer is late (it multiplexes requests on
             # it, and a timeout does not close it): one that went silent for good (a vanished

@@ -378,6 +378,29 @@ async def test_connections_that_went_silent_are_dropped_and_new_ones_work(
 
 
 @dropped_connections
+async def test_calls_whose_callers_go_away_while_a_connection_opens_leave_the_client_working(
+    proxy: RedisProxy, prefix: str
+) -> None:
+    # coredis 6.9.0 loses a pool slot to each call cancelled while it opens a connection (its
+    # handshake); a pool of 2 would then be empty for good. Clients that go away mid-call (a
+    # stream's request cancelled) must not wedge the process: the calls run to their own end.
+    async with open_redis_store(f"{proxy.url}?max_connections=2", prefix) as store:
+        store.call_timeout_s = 0.3
+        await commit(store, *new_job())
+        proxy.stall()
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            await store.load_job("job-1")  # its connection is dropped: the next calls open one
+        for _ in range(4):
+            with trio.move_on_after(0.05):  # the caller goes away during the handshake
+                await store.load_job("job-1")
+        await proxy.up()
+        with trio.fail_after(5):
+            loaded = await store.load_job("job-1")
+
+    assert loaded is not None
+
+
+@dropped_connections
 async def test_an_unreachable_redis_refuses_to_open_the_store(
     proxy: RedisProxy, prefix: str
 ) -> None:
