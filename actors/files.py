@@ -24,10 +24,13 @@ The directory's size is accounted per job so that the owner of retention can evi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import secrets
 import stat
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -61,6 +64,10 @@ def _positive(_instance: object, attribute: attrs.Attribute[float], value: float
 
 #: How long stopping may spend deleting the files of jobs forgotten just before.
 SHUTDOWN_DELETE_S = 5.0
+#: A temporary file (``.*.tmp``) untouched for this long is a stray of a process that died
+#: mid-write, removed at start-up; a younger one may be another live process's write in
+#: progress (a cluster's nodes share the directory).
+STRAY_TEMPORARY_S = 3600.0
 
 
 @attrs.frozen(kw_only=True)
@@ -470,9 +477,10 @@ class ImageFiles:
         """Account the files already there, then make copies and delete forgotten jobs' files as
         they come.
 
-        Stray temporary files (``.*.tmp``) of an earlier process are removed first.
+        Stray temporary files (``.*.tmp``, untouched for :data:`STRAY_TEMPORARY_S`) of a
+        process that died mid-write are removed first.
         """
-        found = await trio.to_thread.run_sync(_scan, self.settings.directory)
+        found = await trio.to_thread.run_sync(_scan, self.settings.directory, STRAY_TEMPORARY_S)
         for job_id, name, nbytes in found:
             self._account(job_id, name, nbytes)
         if found:
@@ -611,7 +619,8 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> int:
     Returns the size of the file it replaced (0: there was none).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f".{name}.{os.getpid()}.tmp"
+    # Unique to this write: the directory may be shared by processes of several hosts.
+    partial = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with partial.open("wb") as file:
             file.write(data)
@@ -642,18 +651,22 @@ def _job_of(name: str) -> str | None:
     return job_id
 
 
-def _scan(directory: Path) -> list[tuple[str, str, int]]:
-    """Remove stray temporary files; ``(job_id, name, size)`` of every image (worker thread)."""
+def _scan(directory: Path, stray_after_s: float) -> list[tuple[str, str, int]]:
+    """Remove temporary files untouched for ``stray_after_s``; ``(job_id, name, size)`` of every
+    image (worker thread)."""
     found: list[tuple[str, str, int]] = []
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return found
+    strays_before = time.time() - stray_after_s
     for entry in entries:
         if not entry.is_file(follow_symlinks=False):
             continue
         if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-            _unlink(Path(entry.path))
+            with contextlib.suppress(FileNotFoundError):  # renamed since the listing
+                if entry.stat(follow_symlinks=False).st_mtime < strays_before:
+                    _unlink(Path(entry.path))
             continue
         job_id = _job_of(entry.name)
         if job_id is None:

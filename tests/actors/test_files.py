@@ -9,6 +9,8 @@ step that could hang is bounded by ``trio.fail_after``.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +28,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from actors.files import (
+    STRAY_TEMPORARY_S,
     ImageFiles,
     ImageFilesSettings,
     file_extension,
@@ -560,12 +563,23 @@ async def test_start_up_accounts_existing_files_and_removes_stray_temporary_file
     write(tmp_path / f"{JOB}-0.png", bytes(10))
     write(tmp_path / f"{JOB}-1.jpg", bytes(20))
     write(tmp_path / f"{OTHER_JOB}-0.png", bytes(5))
-    write(tmp_path / f".{JOB}-2.png.4242.tmp", bytes(1000))
+    stray = tmp_path / f".{JOB}-2.png.4242.tmp"  # a process died while writing it
+    write(stray, bytes(1000))
+    an_hour_ago = time.time() - STRAY_TEMPORARY_S - 1
+    os.utime(stray, (an_hour_ago, an_hour_ago))
+    # Another live node's write in progress (the directory is shared by a cluster): kept.
+    write(tmp_path / f".{OTHER_JOB}-1.png.77.0a1b2c3d.tmp", bytes(1000))
     write(tmp_path / "README", bytes(7))  # not an image of a job: left alone, not counted
 
     async with opened(tmp_path) as files:
         assert names_in(tmp_path) == sorted(
-            ["README", f"{JOB}-0.png", f"{JOB}-1.jpg", f"{OTHER_JOB}-0.png"]
+            [
+                f".{OTHER_JOB}-1.png.77.0a1b2c3d.tmp",
+                "README",
+                f"{JOB}-0.png",
+                f"{JOB}-1.jpg",
+                f"{OTHER_JOB}-0.png",
+            ]
         )
         assert files.total_bytes == 35
         assert files.statistics()["files"] == 3
@@ -574,7 +588,9 @@ async def test_start_up_accounts_existing_files_and_removes_stray_temporary_file
         assert files.total_bytes == 5
         await files.wait_forgotten()
 
-        assert names_in(tmp_path) == sorted(["README", f"{OTHER_JOB}-0.png"])
+        assert names_in(tmp_path) == sorted(
+            [f".{OTHER_JOB}-1.png.77.0a1b2c3d.tmp", "README", f"{OTHER_JOB}-0.png"]
+        )
 
 
 async def test_start_up_without_a_directory_accounts_nothing(tmp_path: Path) -> None:
