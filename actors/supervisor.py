@@ -808,7 +808,11 @@ class Supervisor:
         self.check_subscriber(owner=owner, transport=transport)
         follower = self.cluster.follower
         assert follower is not None
-        log = await follower.acquire(job_id)
+        # A job this node runs: its events so far are in its own log (and the ones it publishes
+        # come through ``offer``), so following it needs no read of Redis.
+        local = self._active.get(job_id)
+        known = local.log.events_after(0) if local is not None else None
+        log = await follower.acquire(job_id, known=known)
         if log is None:
             raise JobNotFound(job_id)
         self._subscribers[transport] += 1

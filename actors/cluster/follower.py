@@ -87,15 +87,20 @@ class StreamFollower:
     def followed(self) -> int:
         return len(self._jobs)
 
-    async def acquire(self, job_id: str) -> EventLog | None:
+    async def acquire(
+        self, job_id: str, *, known: tuple[JobEvent, ...] | None = None
+    ) -> EventLog | None:
         """The log of ``job_id``'s events, followed until :meth:`release`; ``None``: no such job.
 
+        ``known``: the job's events so far when this node runs it (its own log): Redis is then
+        not read for them, so its streams start while Redis is down too.
+
         Raises:
-            StoreUnavailable: Redis cannot be read.
+            StoreUnavailable: Redis cannot be read (and ``known`` was not given).
         """
         followed = self._jobs.get(job_id)
         if followed is None:
-            events = await self._load_events(job_id)
+            events = known if known is not None else await self._load_events(job_id)
             if events is None:
                 return None
             followed = self._jobs.get(job_id)  # another subscriber may have come meanwhile
@@ -104,7 +109,12 @@ class StreamFollower:
                 for event in events:
                     self._add(followed.log, event)
                 if not followed.log.closed:
-                    await self._wake()
+                    try:
+                        await self._wake()
+                    except StoreUnavailable as exc:
+                        # The reader includes the job at its next read anyway (within BLOCK_MS
+                        # once Redis answers); the wake only spares that wait.
+                        logger.debug("cluster: job %s followed without a wake: %s", job_id, exc)
         else:
             await trio.lowlevel.checkpoint()
         followed.refs += 1

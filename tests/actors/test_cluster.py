@@ -364,6 +364,34 @@ async def test_a_claim_answered_late_is_not_used_and_its_job_is_claimed_a_lease_
         assert cluster_of(survivor).claimed == 1
 
 
+@dropped_connections
+async def test_a_stream_opened_on_the_job_s_node_while_redis_is_down_gets_its_events(
+    redis_prefix: str,
+) -> None:
+    # The node running the job has its events in memory: a stream opened there during an
+    # outage starts (with what the job published) and goes on once Redis is back.
+    release = trio.Event()
+    provider = FakeProvider(scripts={0: Script(latency_s=0)}, default=Script(block=release))
+    async with proxied_redis() as proxy, node(redis_prefix, provider, url=proxy.url) as runner:
+        job_id = await submit(runner, 2)
+        await held_by(runner, job_id)
+
+        async def first_image_stored() -> bool:
+            snapshot = await runner.find(job_id, owner="alice")
+            return snapshot.images[0].status is ImageStatus.COMPLETED
+
+        await poll(first_image_stored)
+        proxy.down()
+        with await runner.subscribe_job(job_id, owner="alice", transport=Transport.SSE) as sub:
+            first = await sub.wait_events_after(0, timeout_s=1)
+            release.set()  # the rest of the job is stored, and published, once Redis is back
+            await proxy.up()
+            events = await read_to_done(sub)
+
+    assert [event.id for event in first.events] == [1]
+    assert [event.id for event in events] == [1, 2, 3]
+
+
 async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix: str) -> None:
     runner_provider = blocked()
     async with node(redis_prefix, runner_provider) as runner:
