@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -16,7 +17,7 @@ import attrs
 import trio
 
 from actors.capacity import Capacity, FairCapacity
-from actors.cluster.node import ClusterNode
+from actors.cluster.node import CANCEL_FINISHED, CANCEL_GONE, CANCEL_TAKEN, ClusterNode
 from actors.errors import (
     IdempotencyConflict,
     JobNotFound,
@@ -781,16 +782,30 @@ class Supervisor:
         await cluster.cancel(job_id)
         follower = cluster.follower
         assert follower is not None
-        with trio.move_on_after(timeout_s):
+        # The job's node may have died: its lease lapses within a lease, and asking again then
+        # takes the job here, to end it at once (not once a node claims it).
+        with trio.move_on_after(timeout_s + cluster.lease_s):
             log = await follower.acquire(job_id)
             if log is not None:
                 try:
-                    cursor = 0
-                    while events := await log.wait_events_after(cursor):
-                        cursor = events[-1].id
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._cancel_until_taken, cluster, job_id)
+                        cursor = 0
+                        while events := await log.wait_events_after(cursor):
+                            cursor = events[-1].id
+                        nursery.cancel_scope.cancel()
                 finally:
                     follower.release(job_id)
         return await self.find(job_id, owner=owner)
+
+    @staticmethod
+    async def _cancel_until_taken(cluster: ClusterNode, job_id: str) -> None:
+        """Ask again, every third of a lease, until the job is ended or taken here to end."""
+        while True:
+            await trio.sleep(cluster.lease_s / 3)
+            with contextlib.suppress(StoreUnavailable):
+                if await cluster.cancel(job_id) in (CANCEL_GONE, CANCEL_FINISHED, CANCEL_TAKEN):
+                    return
 
     async def subscribe_job(self, job_id: str, *, owner: str, transport: Transport) -> Subscription:
         """:meth:`subscribe`, for a job running on any node of a cluster too (its events come

@@ -168,3 +168,8 @@ async def read_all(log: EventLog, cursor: int = 0) -> list[JobEvent]:
         events.extend(batch)
         cursor = batch[-1].id
     return events
+
+
+async def never_runs(*_: object) -> None:
+    """Stands in for a background loop a test turns off (``monkeypatch.setattr``)."""
+    await trio.sleep_forever()

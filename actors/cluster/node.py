@@ -76,6 +76,8 @@ CONSUMER_IDLE_S = 3600.0
 CONSUMER_SWEEP_S = 300.0
 #: What :meth:`ClusterNode.cancel` answers when it took a queued job to end it here.
 CANCEL_TAKEN = 3
+#: ... when there is no such job, or when it had finished.
+CANCEL_GONE, CANCEL_FINISHED = 0, 1
 #: Finished jobs forgotten per retention pass at most.
 EXPIRE_BATCH = 200
 #: How often a node adds the bytes of the image files it wrote to the cluster's count.

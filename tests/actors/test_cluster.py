@@ -30,7 +30,7 @@ from actors.store.redis import open_client, open_redis_store
 from actors.supervisor import Subscription, Supervisor, open_supervisor
 from tests.actors.test_store import new_job
 from tests.actors.test_store_redis import ended
-from tests.fakes import FakeProvider, Script
+from tests.fakes import FakeProvider, Script, never_runs
 from tests.redis_support import REDIS_URL, dropped_connections, keys_under, proxied_redis
 
 #: coredis 6.9.0 leaves the anyio memory streams of a connection it drops (a blocking read
@@ -405,6 +405,17 @@ async def test_a_cancel_on_another_node_stops_the_job_where_it_runs(redis_prefix
     assert sorted(runner_provider.remote_cancels) == [(job_id, index) for index in range(3)]
 
 
+async def test_a_cancel_of_a_dead_node_s_job_ends_it_once_its_lease_lapses(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ClusterNode, "_claim_jobs", never_runs)  # only the cancel takes it
+    await leave_a_dead_node_s_job(redis_prefix)  # its lease lapses a lease from now
+    async with node(redis_prefix, fast()) as survivor:
+        snapshot = await survivor.cancel_and_wait("job-1", owner="alice", timeout_s=1.5)
+
+    assert snapshot.status is JobStatus.CANCELED
+
+
 async def test_a_job_cancelled_while_queued_ends_at_once_and_leaves_the_queue(
     redis_prefix: str,
 ) -> None:
@@ -530,10 +541,7 @@ async def test_a_node_whose_lease_lapsed_does_not_take_back_a_job_ended_elsewher
     if via == "write":
         # No renewal comes before the images' write (as when Redis is back and the write
         # goes first).
-        async def no_renewals(self: ClusterNode) -> None:
-            await trio.sleep_forever()
-
-        monkeypatch.setattr(ClusterNode, "_keep_leases", no_renewals)
+        monkeypatch.setattr(ClusterNode, "_keep_leases", never_runs)
     provider = FakeProvider(default=Script(block=trio.Event(), latency_s=0))
     async with node(redis_prefix, provider) as a:
         job_id = await submit(a)

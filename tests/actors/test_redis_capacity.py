@@ -15,6 +15,7 @@ import trio.testing
 import actors.tasks as tasks_module
 from actors.limits.redis_capacity import RedisCapacity, open_redis_capacity
 from actors.store.redis import open_client
+from tests.fakes import never_runs
 from tests.redis_support import REDIS_URL, dropped_connections, proxied_redis, waits_out_an_outage
 
 
@@ -188,10 +189,7 @@ async def test_a_wait_goes_on_while_redis_is_down_and_is_granted_when_it_is_back
 async def test_a_slot_given_back_goes_to_a_waiter_of_the_same_process_from_the_answer(
     redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def deaf(self: RedisCapacity) -> None:  # no grant ever arrives by its stream
-        await trio.sleep_forever()
-
-    monkeypatch.setattr(RedisCapacity, "_read_grants", deaf)
+    monkeypatch.setattr(RedisCapacity, "_read_grants", never_runs)  # no grant by its stream
     order: list[str] = []
     # A long lease: the renewal (which also finds grants) comes only every 10 s.
     async with nodes(redis_prefix, 1, capacity=1, lease_s=30) as (limiter,):
