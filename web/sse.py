@@ -21,11 +21,18 @@ def encode_retry(retry_ms: int) -> bytes:
     return f"retry: {retry_ms}\n\n".encode()
 
 
+#: Beyond any event id: what a resume cursor of more digits than this has stands for (after
+#: every event), without converting a number of any length.
+BEYOND_ANY_EVENT = 10**18
+
+
 def parse_last_event_id(value: str | None) -> int:
     """A resume cursor: a non-negative integer, else 0 (a full replay, never an error)."""
     if value is None:
         return 0
     text = value.strip()
-    if not text.isascii() or not text.isdigit() or len(text) > 18:
+    if not text.isascii() or not text.isdigit():
         return 0
+    if len(text) > 18:
+        return BEYOND_ANY_EVENT
     return int(text)

@@ -107,7 +107,7 @@ async def test_query_last_event_id_resumes_and_the_header_wins(
 
 async def test_resume_from_done_or_later_is_204(client: TrioClient, token: str) -> None:
     job_id = await finished_job(client, token)
-    for cursor in ("6", "7", "999999"):
+    for cursor in ("6", "7", "999999", "9" * 19, "9" * 40):  # any length: still after done
         headers = {**bearer(token), "Last-Event-ID": cursor}
         response = await client.get(f"/api/generate/{job_id}/stream", headers=headers)
         assert response.status_code == 204
@@ -116,7 +116,7 @@ async def test_resume_from_done_or_later_is_204(client: TrioClient, token: str) 
 
 async def test_malformed_last_event_id_means_full_replay(client: TrioClient, token: str) -> None:
     job_id = await finished_job(client, token)
-    for cursor in ("-1", "abc", "1.5", "", " ", "9" * 40, "\u0663"):
+    for cursor in ("-1", "abc", "1.5", "", " ", "\u0663"):
         headers = {**bearer(token), "Last-Event-ID": cursor}
         _, _, frames = await read_sse(client, f"/api/generate/{job_id}/stream", headers=headers)
         assert [frame.get("id") for frame in frames] == [None, 1, 2, 3, 4, 5, 6], cursor
