@@ -104,6 +104,23 @@ Lean connections:
     connection waiting for its client's next bytes (every open event stream). Without a
     ``read_timeout`` the read (the one 10 wraps) is now made without them.
 
+Bounded WebSocket input:
+
+15. A message over ``websocket_max_message_size``. Hypercorn's ``WebsocketBuffer.extend``
+    writes each piece before it checks the length, and on ``FrameTooLargeError`` its
+    ``_handle_events`` sends the 1009 close and only ``break``s: the buffer is never cleared
+    and the connection goes on reading (wsproto accepts data in ``LOCAL_CLOSING``), so every
+    later byte of a frame that declares a huge length, or of continuation frames that never set
+    FIN, was appended to the buffer until the app returned (a stream route: the job's end); the
+    memory then waited for a full collection (the stream is in reference cycles). The buffer is
+    now cleared and the connection failed after the close frame, as 8 does. And a put of the
+    app's own task (its send found the socket closed: Hypercorn then puts the disconnect) onto
+    its full channel, which only that task reads, waited forever (a route that reads no
+    messages, after ``max_app_queue_size`` of them): it no longer waits, and the disconnect
+    cancels the app (13) once that send returns. Upstream (Hypercorn 0.18.0,
+    ``protocol/ws_stream.py`` ``_handle_events`` and ``WebsocketBuffer.extend``): no issue
+    found; its author places the limit in this buffer, not in wsproto (uvicorn #306).
+
 :data:`open_connections` counts the connections being served (``/metrics``:
 ``imagegen_connections_open``), which is how a leak like 9 shows.
 """
@@ -255,8 +272,11 @@ async def _spawn_app(
 ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
     """Hypercorn's ``TaskGroup.spawn_app``, closing the app's channel when the app returns."""
     app_send, app_receive = trio.open_memory_channel[ASGIReceiveEvent](config.max_app_queue_size)
+    app_task: trio.lowlevel.Task | None = None
 
     async def run_app() -> None:
+        nonlocal app_task
+        app_task = trio.lowlevel.current_task()
         with app_receive:  # closing wakes a reader blocked on a full channel
             await task_group._handle(
                 app,
@@ -269,6 +289,12 @@ async def _spawn_app(
             )
 
     async def put(message: ASGIReceiveEvent) -> None:
+        if trio.lowlevel.current_task() is app_task:
+            # 15: the app's own send closed the stream; only this task reads the channel, so a
+            # full one would never drain: the message is dropped (the disconnect cancels, 13).
+            with contextlib.suppress(trio.BrokenResourceError, trio.WouldBlock):
+                app_send.send_nowait(message)
+            return
         with contextlib.suppress(trio.BrokenResourceError):  # the app returned: nobody reads
             await app_send.send(message)
 
@@ -515,16 +541,20 @@ async def _ws_accept(self: WSStream, message: object) -> None:
 
 
 async def _ws_handle_events(self: WSStream) -> None:
-    """Hypercorn's ``WSStream._handle_events``, locked, failing broken frames with a close."""
+    """Hypercorn's ``WSStream._handle_events``, locked, failing broken frames and messages over
+    the limit (15) with a close."""
     async with _events_lock(self):
         for event in self.connection.events():
             if isinstance(event, Message):
                 try:
                     self.buffer.extend(event)
                 except FrameTooLargeError:
+                    # 15: Hypercorn kept the buffer and went on reading into it.
+                    self.buffer.clear()
                     await self._send_wsproto_event(
                         CloseConnection(code=CloseReason.MESSAGE_TOO_BIG)
                     )
+                    await self.send(StreamClosed(stream_id=self.stream_id))
                     break
                 if event.message_finished:
                     assert self.app_put is not None

@@ -706,7 +706,9 @@ def build_document(settings: Settings) -> Schema:
                             "Missing, invalid or expired token, or too many open streams "
                             "(the close reason says which)."
                         ),
+                        "1009": "The client sent a message over 64 KiB.",
                         "1012": "The server is shutting down.",
+                        "1013": "The job store cannot be read now; try again.",
                         "4404": "Unknown job, or another user's.",
                     },
                 },

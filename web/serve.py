@@ -46,6 +46,12 @@ logger = logging.getLogger("web")
 # service's RSS grew 6.0 MiB/min under load, above its criterion; with 10,000, 3.7; with 700, 1.5).
 GC_THRESHOLDS = (10_000, 10, 10)
 
+#: The largest WebSocket message a client may send (Hypercorn's default: 16 MiB); over it, 1009
+#: and the connection ends (web/hypercorn_fixes.py, 15). The stream route reads no messages, so
+#: up to ``max_app_queue_size`` (10) of them wait unread: a stream holds at most about 12 times
+#: this, not 190 MiB.
+WEBSOCKET_MAX_MESSAGE_BYTES = 64 * 1024
+
 
 def tune_gc() -> None:
     """Raise the collector's thresholds (:data:`GC_THRESHOLDS`); for a server process."""
@@ -71,6 +77,7 @@ def hypercorn_config(settings: Settings, *, bind: str | None = None) -> Config:
     config.graceful_timeout = settings.graceful_timeout_s
     # Protocol-level pings keep idle WebSockets alive through proxies without extra frames.
     config.websocket_ping_interval = settings.heartbeat_s
+    config.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE_BYTES
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         # HTTPS on the same bind: HTTP/2 by ALPN, else HTTP/1.1 (WebSockets use HTTP/1.1).
         config.certfile = str(settings.tls_certfile)

@@ -547,8 +547,9 @@ async def test_a_frame_header_of_16_mib_then_eof(service: LiveService, followed:
 async def test_a_message_over_16_mib_is_closed_with_1009(
     service: LiveService, followed: Followed
 ) -> None:
-    """Hypercorn's ``websocket_max_message_size`` (16 MiB) with its close code; the close
-    handshake then completes as usual."""
+    """Over ``websocket_max_message_size`` (web/serve.py: 64 KiB; Hypercorn's 16 MiB) the close
+    code is 1009 and the connection ends; a close frame the client still sends changes
+    nothing."""
     ws = await _upgrade(service, _ws_path(followed.job_id, service.token))
     payload = bytes(16 << 20) + b"!"
     async with ws.stream:
@@ -559,6 +560,22 @@ async def test_a_message_over_16_mib_is_closed_with_1009(
         rest, ending = await ws.frames_until_closed(wait_s=STEP_S)
     assert _close_codes(frames) == [MESSAGE_TOO_BIG], frames[-3:]
     assert not rest
+    assert ending in ("eof", "reset"), ending
+
+
+async def test_a_frame_declaring_1_gib_ends_its_connection_at_the_limit(
+    service: LiveService, followed: Followed
+) -> None:
+    """Hypercorn sent the 1009 but went on reading into its message buffer, which kept every
+    byte the client streamed until the job ended (web/hypercorn_fixes.py, 15)."""
+    ws = await _upgrade(service, _ws_path(followed.job_id, service.token))
+    payload = bytes(24 << 20)  # past Hypercorn's own 16 MiB too
+    async with ws.stream, trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(ws.send, frame(Opcode.BINARY, payload, length=1 << 30), wait_s=STEP_S)
+        )
+        frames, ending = await ws.frames_until_closed(wait_s=STEP_S)
+    assert _close_codes(frames) == [MESSAGE_TOO_BIG], frames[-3:]
     assert ending in ("eof", "reset"), ending
 
 

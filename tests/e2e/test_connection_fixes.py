@@ -83,6 +83,13 @@ async def echo_app(early: Early, scope: dict[str, Any], receive: Any, send: Any)
         await send({"type": "websocket.accept"})
         await send({"type": "websocket.close", "code": 1008})
         return
+    if scope["path"] == "/deaf":
+        # Like the stream route: cancelled by the disconnect, writes, never reads.
+        scope["extensions"][hypercorn_fixes.CANCEL_ON_DISCONNECT]["arm"]()
+        await send({"type": "websocket.accept"})
+        while True:
+            await trio.sleep(HEARTBEAT_S)
+            await send({"type": "websocket.send", "text": "beat"})
     if scope["path"] == "/early":
         await early.accept.wait()
     await send({"type": "websocket.accept"})
@@ -328,6 +335,25 @@ async def test_a_client_sending_to_a_finished_app_does_not_leak_its_connection(
         async with stream:
             await stream.send_all(request_bytes)
             await read_all(stream)
+    await wait_for_open_connections(0)
+    await still_serving(port)
+
+
+async def test_a_client_that_left_an_app_that_never_reads_does_not_leak_its_connection(
+    port: int,
+) -> None:
+    """15: with the app's channel full, the write that found the client gone put the disconnect
+    on that channel from the app's own task, and waited for it forever."""
+    await wait_for_open_connections(0)
+    with trio.fail_after(WAIT_S):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(UPGRADE.replace(b"/early", b"/deaf"))
+        data = await read_until(stream, b"\r\n\r\n")
+        await stream.send_all(frame(0x1, b"x") * 50)  # far more than max_app_queue_size (10)
+        data = data.partition(b"\r\n\r\n")[2]
+        while data.count(b"beat") < 3:  # the server read the frames while it wrote these
+            data += await stream.receive_some(65536)
+        await reset(stream)
     await wait_for_open_connections(0)
     await still_serving(port)
 

@@ -169,7 +169,14 @@ async def test_the_websocket_route_is_described_on_its_get(
     operation = document["paths"]["/api/generate/{job_id}"]["get"]
     assert "WebSocket" in operation["description"]
     assert "101" in operation["responses"]
-    assert set(operation["x-websocket"]["closeCodes"]) == {"1000", "1008", "1012", "4404"}
+    assert set(operation["x-websocket"]["closeCodes"]) == {
+        "1000",
+        "1008",
+        "1009",
+        "1012",
+        "1013",
+        "4404",
+    }
 
 
 def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
