@@ -453,7 +453,10 @@ class ClusterNode:
         )
         code = int(answer[0])
         if code == CANCEL_TAKEN:
-            await self._run_taken(job_id, str(answer[1]), cancelled=True)
+            # Shielded (a store read, bounded): cut half-way, this node would hold the job's
+            # lease, renewing it, with no job running.
+            with trio.CancelScope(shield=True):
+                await self._run_taken(job_id, str(answer[1]), cancelled=True)
         return code
 
     async def next_seq(self) -> int:

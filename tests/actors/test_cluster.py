@@ -416,6 +416,30 @@ async def test_a_cancel_of_a_dead_node_s_job_ends_it_once_its_lease_lapses(
     assert snapshot.status is JobStatus.CANCELED
 
 
+async def test_a_cancel_whose_caller_goes_away_still_ends_the_queued_job_it_took(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ClusterNode, "_take_jobs", never_runs)  # the job stays queued
+    monkeypatch.setattr(ClusterNode, "_claim_jobs", never_runs)
+    real_start = Supervisor._start_taken
+
+    async def slow_start(self: Supervisor, job_id: str, cancelled: bool) -> bool:
+        await trio.sleep(0.2)  # a slow read of the job: the DELETE's client leaves meanwhile
+        return await real_start(self, job_id, cancelled)
+
+    monkeypatch.setattr(Supervisor, "_start_taken", slow_start)
+    async with node(redis_prefix, fast()) as a:
+        job_id = await submit(a)
+        with trio.move_on_after(0.1):
+            await a.cancel_and_wait(job_id, owner="alice", timeout_s=WAIT_S)
+
+        async def canceled() -> bool:
+            snapshot = await a.find(job_id, owner="alice")
+            return snapshot.status is JobStatus.CANCELED
+
+        await poll(canceled)  # not held here for ever with nothing running it
+
+
 async def test_a_job_cancelled_while_queued_ends_at_once_and_leaves_the_queue(
     redis_prefix: str,
 ) -> None:
