@@ -14,13 +14,20 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _not_json(msg: str, pos: int | None = None, kind: str = "json_invalid") -> APIError:
+    """The contract's 422 for a body that is not JSON, as FastAPI answers it: one item whose
+    ``loc`` is the body (and where decoding stopped)."""
+    loc: list[str | int] = ["body"] if pos is None else ["body", pos]
+    return APIError(422, [{"loc": loc, "msg": msg, "type": kind}])
+
+
 async def read_json_body(max_bytes: int) -> object:
     """The request's body decoded as JSON, at most ``max_bytes`` of it.
 
     Raises:
-        APIError: 415 for another content type, 413 over ``max_bytes``, 400 for an empty or
+        APIError: 415 for another content type, 413 over ``max_bytes``, 422 for an empty or
             malformed body (including ``NaN``, ``Infinity``, numbers too long to convert and
-            nesting too deep to decode).
+            nesting too deep to decode), as FastAPI answers it (the contract's "415 or 422").
     """
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
@@ -35,13 +42,15 @@ async def read_json_body(max_bytes: int) -> object:
     if len(raw) > max_bytes:  # a chunked body has no Content-Length to check up front
         raise too_large
     if not raw.strip():
-        raise APIError(400, "Request body is empty; expected a JSON object")
+        raise _not_json("Request body is empty; expected a JSON object", kind="missing")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         return json.loads(text, parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise APIError(400, "Request body is not valid UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise _not_json("Request body is not valid UTF-8", exc.start) from None
     except RecursionError:
-        raise APIError(400, "Request body is nested too deeply") from None
-    except ValueError as exc:
-        raise APIError(400, f"Request body is not valid JSON: {exc}") from None
+        raise _not_json("Request body is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise _not_json(f"JSON decode error: {exc.msg}", exc.pos) from None
+    except ValueError as exc:  # NaN, Infinity, a number too long to convert
+        raise _not_json(f"Request body is not valid JSON: {exc}") from None

@@ -427,7 +427,6 @@ def _components(settings: Settings) -> Schema:
         return {"description": description, "headers": headers, "content": _json(error)}
 
     responses = {
-        "BadRequest": failure("The body is empty, not UTF-8, or not JSON."),
         "Unauthorized": failure(
             "Missing, malformed, expired or forged token.",
             **{"WWW-Authenticate": _header("WWW-Authenticate")},
@@ -444,7 +443,10 @@ def _components(settings: Settings) -> Schema:
         ),
         "UnsupportedMediaType": failure("The body is not `application/json`."),
         "ValidationFailed": {
-            "description": "Valid JSON (or a header or query) that fails validation.",
+            "description": (
+                "A body that is empty or not JSON (`json_invalid`, `missing`), or valid JSON "
+                "(or a header or query) that fails validation."
+            ),
             "headers": {},
             "content": _json(_ref("schemas", "ValidationError")),
         },
@@ -522,7 +524,6 @@ def _ok(description: str, content: Schema | None = None, **headers: Schema) -> S
 
 def _errors(*names: str) -> dict[str, Schema]:
     status = {
-        "BadRequest": "400",
         "Unauthorized": "401",
         "NotFound": "404",
         "PayloadTooLarge": "413",
@@ -588,7 +589,6 @@ def build_document(settings: Settings) -> Schema:
                 "requestBody": _json_body(_ref("schemas", "LoginRequest")),
                 "responses": {
                     "200": _ok("A token.", _json(_ref("schemas", "TokenView"))),
-                    "400": _ref("responses", "BadRequest"),
                     "401": {
                         "description": "`Invalid email or password`.",
                         "headers": {"X-Request-ID": _header("X-Request-ID")},
@@ -635,7 +635,6 @@ def build_document(settings: Settings) -> Schema:
                     )
                     | {"links": job_links},
                     **_errors(
-                        "BadRequest",
                         "Unauthorized",
                         "PayloadTooLarge",
                         "UnsupportedMediaType",
