@@ -19,7 +19,9 @@ class Capacity(Protocol):
     once, handed out max-min fairly across jobs (see :class:`FairCapacity`).
 
     :class:`FairCapacity` holds the slots of one process; ``actors.limits.redis_capacity``
-    holds them in Redis, across every process sharing its prefix, with the same fairness.
+    holds them in Redis, across every process sharing its prefix, max-min fair per share (each
+    process turns its jobs' whole shares over itself, in this order; the rest goes round in
+    this order cluster-wide).
     Leaving the block (cancelled or not) always gives the slot back, and a wait cancelled
     before its grant leaves no slot held.
     """

@@ -9,22 +9,39 @@ of them, ties to the one served least lately, then to the oldest; within a job, 
 priority, then the first to ask (the semantics of :class:`~actors.capacity.FairCapacity`).
 The scripts are in :mod:`actors.limits.scripts`.
 
-A process's requests (queue a waiter, give a slot back) go to Redis from two tasks of its own:
-each sends all the requests made so far, in the order its tasks made them, in one script run,
-so a request goes at once while one call is on its way, and those made while both are go
-together (a job starting asks for its images' slots at once; slots given back while Redis
-answers go together). The two calls may cross on their way, and a request retried after a
-failed call may follow later ones; that is harmless: a slot is given back only after it was
-granted, a place given up reaches Redis as a mark (kept two leases, longer than a call may
-take) that stops a queueing request still on its way, and a queueing request is not sent
-again once its waiter left. A task giving its slot back does not wait for Redis.
+A slot given back by a process goes to a waiter of the same process at once, without Redis in
+between, while the process holds no more than its share rounded down: the capacity's max-min
+fair shares across the jobs holding or waiting (a job's share is the smaller of its demand,
+its slots held and waiting up to the capacity, and the water level that shares the capacity
+out), summed over the process's own jobs (each job runs on one process). Within a process it
+goes as :class:`~actors.capacity.FairCapacity` would send it: to the job holding the fewest,
+served least lately, oldest. Every other slot given back goes to Redis, which hands it to the
+waiting job holding the fewest cluster-wide. So the whole shares turn over at a process's own
+speed, and the rest of the capacity (the shares' fractions, and any share a process does not
+use) goes round in the exact cluster-wide order. The process learns the level from each answer
+of Redis, so a share may be a round trip out of date: a job that starts waiting on another
+process counts from the answer to this process's next call (every hand-on is told in one). Cut
+off from Redis, a process goes on within the share it last heard of while its leases surely
+run (its renewal answered within two thirds of a lease), and hands nothing on after that.
 
-A waiter is woken by the answer of its own process's call that queued it or that freed the
-slot it was granted, or else by the entry the script run that granted it adds to its
-process's grants stream (which the process reads with one blocking ``XREAD``). The renewal
-also answers which of this process's waiters hold a slot now, so a grant missed while Redis
-was unreachable costs at most a third of a lease. (The grants are published on a channel too,
-for processes of an earlier release during a rolling deploy.)
+A process's requests (queue a waiter, give a slot back, tell of a slot handed on) go to Redis
+from two tasks of its own: each sends all the requests made so far, in the order its tasks
+made them, in one script run, so a request goes at once while one call is on its way, and
+those made while both are go together (a job starting asks for its images' slots at once;
+slots given back while Redis answers go together). The two calls may cross on their way, and
+a request retried after a failed call may follow later ones; that is harmless: a slot is given
+back only after it was granted, a slot handed on to a waiter whose queueing has not reached
+Redis yet is held by it all the same, a place given up reaches Redis as a mark (kept two
+leases, longer than a call may take) that stops a queueing request or a hand-on still on its
+way, and a queueing request is not sent again once its waiter left or holds a slot. A task
+giving its slot back does not wait for Redis.
+
+A waiter is woken by the process handing it a slot, by the answer of its own process's call
+that queued it or that freed the slot it was granted, or else by the entry the script run that
+granted it adds to its process's grants stream (which the process reads with one blocking
+``XREAD``). The renewal also answers which of this process's waiters hold a slot now, so a
+grant missed while Redis was unreachable costs at most a third of a lease. (The grants are
+published on a channel too, for processes of an earlier release during a rolling deploy.)
 
 Redis down: the requests are sent again (with growing waits, in their order) until Redis
 answers them; waiters wait; slots held go on being held (their work is running); a slot given
@@ -35,8 +52,10 @@ may number more than the capacity.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -82,6 +101,18 @@ class _Waiting:
     granted: trio.Event = attrs.Factory(trio.Event)
 
 
+@attrs.define(eq=False)
+class _Job:
+    """One job's slots on this process: what a hand-on chooses by."""
+
+    seq: int
+    in_use: int = 0
+    waiting: int = 0
+    last_grant: int = -1
+    #: Its waiters, lowest (priority, arrival) first; ids of waiters gone are skipped.
+    queue: list[tuple[int, int, str]] = attrs.Factory(list)
+
+
 class RedisCapacity:
     """``capacity`` slots shared by every process that uses ``prefix`` on one Redis.
 
@@ -115,6 +146,17 @@ class RedisCapacity:
         self._ids = itertools.count(1)
         self._waiting: dict[str, _Waiting] = {}
         self._holding: dict[str, str] = {}  # slot id -> job
+        self._jobs: dict[str, _Job] = {}  # the jobs holding or waiting here
+        self._grants = itertools.count()
+        #: The water level of the fair shares, as of Redis's latest answer (0 until one came:
+        #: nothing is handed on before Redis has counted this process's jobs).
+        self._level = 0.0
+        #: Slots handed on to a waiter of this process without Redis in between.
+        self.handed_on = 0
+        #: When this process's latest renewal was answered (``None``: none yet).
+        self._renewed_at: float | None = None
+        #: Slots given back to Redis (beyond this process's share, or none waits here).
+        self.given_back = 0
         #: Slots given back whose request Redis has not answered yet.
         self._unreleased: set[str] = set()
         #: Requests not sent yet, in order: ``("A", id, job, priority)`` or ``("R", id)``; at
@@ -134,27 +176,80 @@ class RedisCapacity:
     @asynccontextmanager
     async def slot(self, tenant_key: str, *, priority: int = 0) -> AsyncIterator[None]:
         """Hold one slot, taken in ``tenant_key``'s fair turn across all processes."""
-        slot_id = f"{self.node}/{next(self._ids)}"
+        number = next(self._ids)
+        slot_id = f"{self.node}/{number}"
         waiting = self._waiting[slot_id] = _Waiting(tenant_key, priority)
+        job = self._jobs.get(tenant_key)
+        if job is None:
+            job = self._jobs[tenant_key] = _Job(seq=number)
+        job.waiting += 1
+        heapq.heappush(job.queue, (priority, number, slot_id))
         try:
             self._request("A", slot_id, tenant_key, str(priority))
             await waiting.granted.wait()
-            self._holding[slot_id] = tenant_key
         except BaseException:
             self._give_back(slot_id)
             raise
-        finally:
-            del self._waiting[slot_id]
         try:
             yield
         finally:
             self._give_back(slot_id)
 
+    def _grant(self, slot_id: str) -> bool:
+        """Make a waiter of this process a holder and wake it (False: it waits no more)."""
+        waiting = self._waiting.pop(slot_id, None)
+        if waiting is None:
+            return False
+        job = self._jobs[waiting.job]
+        job.waiting -= 1
+        job.in_use += 1
+        job.last_grant = next(self._grants)
+        self._holding[slot_id] = waiting.job
+        waiting.granted.set()
+        return True
+
     def _give_back(self, slot_id: str) -> None:
-        """Release the slot (or the place in the queue): sent with the next call."""
-        self._holding.pop(slot_id, None)
+        """Give the slot back, or the place in the queue: a slot goes to a waiter of this
+        process if it is within this process's share, else to Redis with the next call."""
         self._unreleased.add(slot_id)
-        self._request("R", slot_id)
+        tenant = self._holding.pop(slot_id, None)
+        if tenant is None:  # a place given up
+            waiting = self._waiting.pop(slot_id)
+            self._jobs[waiting.job].waiting -= 1
+            self._forget_if_idle(waiting.job)
+            self._request("R", slot_id)
+            return
+        self._jobs[tenant].in_use -= 1
+        self._forget_if_idle(tenant)
+        heir = self._heir(holding=len(self._holding) + 1)
+        if heir is None:
+            self.given_back += 1
+            self._request("R", slot_id)
+            return
+        self.handed_on += 1
+        self._request("H", slot_id, heir, self._holding[heir])
+
+    def _forget_if_idle(self, tenant: str) -> None:
+        job = self._jobs[tenant]
+        if job.in_use == 0 and job.waiting == 0:
+            del self._jobs[tenant]
+
+    def _heir(self, *, holding: int) -> str | None:
+        """The waiter a slot given back goes to without Redis (made a holder), if ``holding``
+        slots are within this process's share: ``None`` if not, or if none waits here."""
+        waiting = [job for job in self._jobs.values() if job.waiting]
+        if not waiting:
+            return None
+        share = sum(
+            min(self.capacity, job.in_use + job.waiting, self._level) for job in self._jobs.values()
+        )
+        if holding > math.floor(share + 1e-9) or not self._leases_hold():
+            return None
+        job = min(waiting, key=lambda job: (job.in_use, job.last_grant, job.seq))
+        while True:
+            _, _, slot_id = heapq.heappop(job.queue)
+            if self._grant(slot_id):
+                return slot_id
 
     def _request(self, *request: str) -> None:
         self._pending.append(request)
@@ -173,6 +268,9 @@ class RedisCapacity:
             "holding": len(self._holding),
             "waiting": len(self._waiting),
             "unreleased": len(self._unreleased),
+            "handed_on": self.handed_on,
+            "given_back": self.given_back,
+            "level": self._level,
             "requests_pending": len(self._pending),
             "redis_calls": self._calls.calls,
             "error": self._calls.failing,
@@ -203,7 +301,8 @@ class RedisCapacity:
                     "queueing for and giving back slots",
                     partial(self._requests, keys=[], args=args),
                 )
-                granted = [str(slot_id) for slot_id in answer]
+                self._level = float(answer[0])
+                granted = [str(slot_id) for slot_id in answer[1:]]
             except Exception as exc:
                 # Redis down is logged once by the calls; anything else is a bug, and the
                 # task that sends every request of this process must outlive it.
@@ -215,7 +314,7 @@ class RedisCapacity:
                 delay = min(delay * 2, RETRY_S[1])
                 continue
             delay = RETRY_S[0]
-            self._unreleased.difference_update(r[1] for r in requests if r[0] == "R")
+            self._unreleased.difference_update(r[1] for r in requests if r[0] in "RH")
             self._wake(granted)
 
     async def renew_once(self) -> None:
@@ -233,13 +332,20 @@ class RedisCapacity:
             "renewing slot leases", lambda: self._renew(keys=[], args=args)
         )
         self._seen = (int(answer[0]), int(answer[1]), int(answer[2]))
-        self._wake(str(slot_id) for slot_id in answer[3:])
+        self._level = float(answer[3])
+        self._renewed_at = trio.current_time()
+        self._wake(str(slot_id) for slot_id in answer[4:])
+
+    def _leases_hold(self) -> bool:
+        """This process's leases are still running in Redis (renewed within two thirds of a
+        lease): cut off from Redis for longer, it hands nothing on, as its slots may have
+        been freed there and handed out again."""
+        renewed_at = self._renewed_at
+        return renewed_at is not None and trio.current_time() - renewed_at < self.lease_s * 2 / 3
 
     def _wake(self, slot_ids: Any) -> None:
         for slot_id in slot_ids:
-            waiting = self._waiting.get(slot_id)
-            if waiting is not None:
-                waiting.granted.set()
+            self._grant(slot_id)
 
     async def _keep_leases(self) -> None:
         while True:

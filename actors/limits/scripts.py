@@ -16,6 +16,8 @@ from __future__ import annotations
 #   wmember   hash  waiter id -> its member in its job's queue
 #   jobs      zset  the jobs with waiters: score = slots held, member = last grant, age, job
 #                   (zero-padded, so that ties order as ``FairCapacity`` orders them)
+#   active    zset  every job holding or waiting: score = its demand, min(capacity, held +
+#                   waiting), from which each answer's water level is computed
 #   job:<j>   hash  in_use, last (grant number, 0: never), seq (age), member (in ``jobs``)
 #   queue:<j> zset  the job's waiters: score = priority, member = arrival, waiter id
 #   gone      zset  ids released lately -> until when a renewal must not bring them back
@@ -31,6 +33,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local HOLDERS, HOLDER, WAITERS, WAITER, WMEMBER = C .. 'holders', C .. 'holder', C .. 'waiters',
   C .. 'waiter', C .. 'wmember'
 local JOBS, GONE, SEQ, CHANNEL = C .. 'jobs', C .. 'gone', C .. 'seq', C .. 'grants'
+local ACTIVE = C .. 'active'
 local function job_key(job) return C .. 'job:' .. job end
 local function queue_key(job) return C .. 'queue:' .. job end
 local function pad(n) return string.format('%016d', n) end
@@ -44,7 +47,11 @@ local function place(job)
   local waiting = redis.call('ZCARD', queue_key(job))
   if waiting == 0 and in_use <= 0 then
     redis.call('DEL', jk)
-  elseif waiting == 0 then
+    redis.call('ZREM', ACTIVE, job)
+    return
+  end
+  redis.call('ZADD', ACTIVE, math.min(cap, in_use + waiting), job)
+  if waiting == 0 then
     redis.call('HDEL', jk, 'member')
   else
     local member = pad(tonumber(state[2]) or 0) .. ':' .. pad(tonumber(state[3]) or 0) .. ':' .. job
@@ -110,6 +117,36 @@ end
 
 local function node_of(id) return string.match(id, '^(.*)/%d+$') end
 
+-- The water level of the max-min fair shares of the capacity across the jobs holding or
+-- waiting: a job's share is min(its demand, level). As a string (a Lua number in an answer
+-- would be cut to an integer); the capacity itself when every demand is met, or when no job
+-- waits (nothing to share: the jobs hold what they ask for).
+local function level()
+  if redis.call('EXISTS', JOBS) == 0 then return tostring(cap) end
+  local entries = redis.call('ZRANGE', ACTIVE, 0, -1, 'WITHSCORES')
+  local left, n = cap, #entries / 2
+  for i = 2, #entries, 2 do
+    local demand = tonumber(entries[i])
+    if demand * n > left then return tostring(left / n) end
+    left, n = left - demand, n - 1
+  end
+  return tostring(cap)
+end
+
+-- A process handed the slot ``released`` on to its own waiter ``id`` of ``job`` (it may, within
+-- its share; see ``RedisCapacity``): the slot changes hands, and the job counts as served.
+-- ``id`` granted meanwhile by a dispatch (a race of one call) keeps the one slot; one given up
+-- (in ``gone``) takes none.
+local function hand_on(released, id, job)
+  if not drop_holder(released) then drop_waiter(released) end
+  redis.call('ZADD', GONE, now + 2 * lease, released)
+  if redis.call('ZSCORE', HOLDERS, id) or redis.call('ZSCORE', GONE, id) then return end
+  drop_waiter(id)
+  hold(id, job)
+  redis.call('HSET', job_key(job), 'last', redis.call('INCR', SEQ))
+  place(job)
+end
+
 -- Free slots go to the waiting job holding the fewest, ties to the one served least lately,
 -- then to the oldest; within it, to the lowest priority, then the first to ask. The grants go
 -- into each granted waiter's process's stream, except ``answered``'s (the caller's process,
@@ -153,10 +190,11 @@ end
 
 #: ARGV[4...] one process's operations, in the order its tasks asked for them: ``A id job
 #: priority`` queues a waiter (again, if its lease ran out; a no-op if it waits or holds), ``R
-#: id`` gives a slot back or stops waiting. Then free slots are handed out, once for them all.
-#: Returns the ids this call granted, then those of the queued waiters that held a slot
-#: already: the caller wakes its own from this answer (their grants go into no stream), the
-#: other processes' from their streams.
+#: id`` gives a slot back or stops waiting, ``H released id job`` tells of a slot the process
+#: handed on to its own waiter. Then free slots are handed out, once for them all.
+#: Returns the water level (see ``level``), then the ids this call granted, then those of the
+#: queued waiters that held a slot already: the caller wakes its own from this answer (their
+#: grants go into no stream), the other processes' from their streams.
 CAPACITY_CALLS = (
     _CAPACITY_PRELUDE
     + r"""
@@ -169,6 +207,9 @@ while i <= #ARGV do
     enqueue(id, ARGV[i + 2], ARGV[i + 3])
     asked[#asked + 1] = id
     i = i + 4
+  elseif ARGV[i] == 'H' then
+    hand_on(id, ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
   else
     if not drop_holder(id) then drop_waiter(id) end
     redis.call('ZADD', GONE, now + 2 * lease, id)
@@ -176,7 +217,9 @@ while i <= #ARGV do
   end
 end
 local answer, listed = {}, {}
-for _, id in ipairs(dispatch(ARGV[5] and node_of(ARGV[5]))) do
+local granted = dispatch(ARGV[5] and node_of(ARGV[5]))
+answer[1] = level()
+for _, id in ipairs(granted) do
   answer[#answer + 1] = id
   listed[id] = true
 end
@@ -189,8 +232,10 @@ return answer
 
 #: ARGV[4] the number H of holders, then H pairs ``id job``, then triples ``id job priority``
 #: of waiters. Renews every lease (a holder whose lease ran out holds again: it is still
-#: running), hands out free slots. Returns slots held, waiters and waiting jobs (cluster-wide),
-#: then the ids of the given waiters that hold a slot now.
+#: running), hands out free slots, and drops the demands of jobs no longer known (left by a
+#: process of an earlier release, which kept no demands). Returns slots held, waiters and
+#: waiting jobs (cluster-wide), the water level, then the ids of the given waiters that hold a
+#: slot now.
 CAPACITY_RENEW = (
     _CAPACITY_PRELUDE
     + r"""
@@ -215,8 +260,11 @@ while i <= #ARGV do
 end
 purge()
 dispatch()
+for _, job in ipairs(redis.call('ZRANGE', ACTIVE, 0, -1)) do
+  if redis.call('EXISTS', job_key(job)) == 0 then redis.call('ZREM', ACTIVE, job) end
+end
 local answer = {redis.call('ZCARD', HOLDERS), redis.call('ZCARD', WAITERS),
-  redis.call('ZCARD', JOBS)}
+  redis.call('ZCARD', JOBS), level()}
 for _, id in ipairs(waiting) do
   if redis.call('ZSCORE', HOLDERS, id) then answer[#answer + 1] = id end
 end

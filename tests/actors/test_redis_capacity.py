@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -47,6 +48,13 @@ async def redis_counts(prefix: str) -> tuple[int, int, int]:
             await client.zcard(f"{base}waiters"),
             await client.zcard(f"{base}jobs"),
         )
+
+
+async def all_given_back(prefix: str) -> None:
+    """Wait (10 s at most) until Redis has no slot held and no waiter."""
+    with trio.fail_after(10):
+        while await redis_counts(prefix) != (0, 0, 0):  # noqa: ASYNC110
+            await trio.sleep(0.02)
 
 
 async def test_never_more_holders_than_the_capacity_across_processes(redis_prefix: str) -> None:
@@ -100,6 +108,7 @@ async def test_a_free_slot_goes_to_the_job_holding_fewest_across_processes(
         await queue(one, "a", "a1", 1)
         await queue(one, "a", "a2", 2)
         await queue(two, "b", "b0", 0)
+        await one.renew_once()  # (one hears of b: a's share is half the slot, none whole)
         for name in ("a0", "b0", "a1", "a2", "a3"):
             with trio.fail_after(5):
                 await granted[name].wait()
@@ -108,12 +117,94 @@ async def test_a_free_slot_goes_to_the_job_holding_fewest_across_processes(
     assert await redis_counts(redis_prefix) == (0, 0, 0)
 
 
+@asynccontextmanager
+async def one_holding_and_three_waiting(
+    limiter: RedisCapacity, prefix: str, order: list[str], release: dict[str, trio.Event]
+) -> AsyncIterator[trio.Nursery]:
+    """Job a's attempts a0 to a3 on ``limiter`` (capacity 1): a0 holds, the others are queued
+    in Redis, and ``limiter`` has heard Redis since (a's share is the whole slot)."""
+
+    async def attempt(name: str, priority: int) -> None:
+        async with limiter.slot("a", priority=priority):
+            order.append(name)
+            await release[name].wait()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(attempt, f"a{n}", n)
+        with trio.fail_after(5):
+            while await redis_counts(prefix) != (1, 3, 1):  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            await limiter.renew_once()
+        yield nursery
+
+
+@dropped_connections
+async def test_a_process_hands_on_within_the_share_it_last_heard_of_until_redis_answers(
+    redis_prefix: str,
+) -> None:
+    order: list[str] = []
+    release = {name: trio.Event() for name in ("a0", "a1", "a2", "a3", "b0")}
+    async with (
+        proxied_redis() as proxy,
+        nodes(redis_prefix, 1, capacity=1, url=proxy.url) as (one,),
+        nodes(redis_prefix, 1, capacity=1) as (two,),
+        one_holding_and_three_waiting(one, redis_prefix, order, release) as nursery,
+    ):
+
+        async def b0() -> None:
+            async with two.slot("b"):
+                order.append("b0")
+
+        nursery.start_soon(b0)
+        with trio.fail_after(5):
+            while (await redis_counts(redis_prefix))[1] < 4:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        # Process one cannot hear that b waits now: its a's share is still the whole slot,
+        # and its slot goes from attempt to attempt of a without Redis.
+        proxy.down()
+        for name, heir in (("a0", "a1"), ("a1", "a2"), ("a2", "a3")):
+            release[name].set()
+            with trio.fail_after(2):
+                while order[-1] != heir:  # noqa: ASYNC110
+                    await trio.sleep(0.005)
+        assert one.handed_on == 3
+        await proxy.up()
+        release["a3"].set()  # a waits no more: the slot goes back through Redis, to b
+    assert order == ["a0", "a1", "a2", "a3", "b0"]
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+@dropped_connections
+async def test_a_process_cut_off_for_most_of_a_lease_hands_nothing_on(redis_prefix: str) -> None:
+    order: list[str] = []
+    release = {name: trio.Event() for name in ("a0", "a1", "a2", "a3")}
+    async with (
+        proxied_redis() as proxy,
+        nodes(redis_prefix, 1, capacity=1, lease_s=0.6, url=proxy.url) as (one,),
+        one_holding_and_three_waiting(one, redis_prefix, order, release),
+    ):
+        proxy.down()
+        await trio.sleep(0.45)  # past two thirds of a lease: Redis may free one's slot soon
+        release["a0"].set()
+        await trio.sleep(0.3)
+        assert order == ["a0"]  # a1 waits for Redis
+        await proxy.up()
+        with trio.fail_after(5):
+            while order[-1] != "a1":  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        assert one.handed_on == 0
+        for name in ("a1", "a2", "a3"):
+            release[name].set()
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
 async def test_a_dead_processes_slot_is_free_once_its_lease_ends(redis_prefix: str) -> None:
     async with open_client(REDIS_URL) as client:
         dead = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1, lease_s=0.6)
         # A process that took the slot and then died: its lease is never renewed.
         args = [*dead._base, "A", "dead/1", "job", "0"]
-        assert await dead._requests(keys=[], args=args) == ["dead/1"]
+        assert await dead._requests(keys=[], args=args) == ["1", "dead/1"]  # level, granted
     async with nodes(redis_prefix, 1, capacity=1, lease_s=0.6) as (alive,):
         waited_from = trio.current_time()
         with trio.move_on_after(0.3):
@@ -320,9 +411,7 @@ async def test_a_slot_is_given_back_without_waiting_for_redis_and_freed_once_it_
             await slot.__aexit__(None, None, None)
         assert await redis_counts(redis_prefix) == (1, 0, 0)  # held still, as Redis has it
         await proxy.up()
-        with trio.fail_after(10):
-            while await redis_counts(redis_prefix) != (0, 0, 0):  # noqa: ASYNC110
-                await trio.sleep(0.02)
+        await all_given_back(redis_prefix)
 
 
 async def test_a_place_given_up_before_redis_queued_it_is_not_queued_by_a_later_call(
@@ -333,8 +422,9 @@ async def test_a_place_given_up_before_redis_queued_it_is_not_queued_by_a_later_
         limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1)
 
         async def call(*request: str) -> list[str]:
+            """The ids the call granted (the water level, first in the answer, left out)."""
             answer: list[str] = await limiter._requests(keys=[], args=[*limiter._base, *request])
-            return answer
+            return answer[1:]
 
         assert await call("A", "n/1", "a", "0") == ["n/1"]  # the only slot
         assert await call("R", "n/2") == []
@@ -353,3 +443,139 @@ async def test_a_place_asked_for_by_a_waiter_that_left_is_not_asked_for_again(
         with trio.fail_after(5):  # queued behind it, this one would wait for the slot it took
             async with limiter.slot("c"):
                 assert await redis_counts(redis_prefix) == (2, 0, 0)
+
+
+async def call_script(limiter: RedisCapacity, *request: str) -> list[str]:
+    """One run of the requests script: the water level, then the ids granted."""
+    answer: list[str] = await limiter._requests(keys=[], args=[*limiter._base, *request])
+    return answer
+
+
+async def test_the_water_level_shares_the_capacity_max_min_across_the_demands(
+    redis_prefix: str,
+) -> None:
+    async with open_client(REDIS_URL) as client:
+        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=4)
+        queue = [
+            ("A", f"n/{n}", job, "0")
+            for n, job in enumerate(["a"] * 6 + ["b"], start=1)  # demands a 4, b 1
+        ]
+        answer = await call_script(limiter, *[part for request in queue for part in request])
+        assert answer[0] == "3"  # b's 1 met, a's share 3: 4 slots between them
+        assert await call_script(limiter, "A", "n/8", "c", "0", "A", "n/9", "c", "0") == ["1.5"]
+        # b's 1 met; a and c share the other 3
+        releases = [part for n in range(1, 10) for part in ("R", f"n/{n}")]
+        assert (await call_script(limiter, *releases))[0] == "4"  # none left: the capacity
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_hand_on_moves_the_slot_whatever_else_reached_redis_first(
+    redis_prefix: str,
+) -> None:
+    async with open_client(REDIS_URL) as client:
+        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=2)
+        call = partial(call_script, limiter)
+        # The waiter's queueing is still on its way: it holds the slot all the same, and the
+        # queueing that comes after changes nothing.
+        assert (await call("A", "n/1", "a", "0"))[1:] == ["n/1"]
+        assert (await call("H", "n/1", "n/2", "a"))[1:] == []
+        assert (await call("A", "n/2", "a", "0"))[1:] == ["n/2"]  # (it holds already)
+        assert await redis_counts(redis_prefix) == (1, 0, 0)
+        # Redis granted the waiter a slot freed elsewhere meanwhile: it keeps that one only.
+        assert (await call("A", "n/3", "a", "0", "A", "n/4", "a", "0"))[1:] == ["n/3"]
+        assert (await call("R", "n/2"))[1:] == ["n/4"]
+        assert (await call("H", "n/3", "n/4", "a"))[1:] == []
+        assert await redis_counts(redis_prefix) == (1, 0, 0)
+        # A waiter that gave its place up takes no slot; the slot handed on is free.
+        assert (await call("A", "n/5", "b", "0"))[1:] == ["n/5"]
+        assert (await call("A", "n/6", "b", "0", "R", "n/6"))[1:] == []
+        assert (await call("H", "n/5", "n/6", "b"))[1:] == []
+        assert await redis_counts(redis_prefix) == (1, 0, 0)
+        await call("R", "n/4")
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+@dropped_connections
+async def test_a_slot_within_the_process_s_share_goes_to_its_own_waiter_while_redis_is_down(
+    redis_prefix: str,
+) -> None:
+    order: list[str] = []
+    release = {f"a{n}": trio.Event() for n in range(4)}
+    async with (
+        proxied_redis() as proxy,
+        nodes(redis_prefix, 1, capacity=2, url=proxy.url, lease_s=30) as (limiter,),
+        trio.open_nursery() as nursery,
+    ):
+
+        async def attempt(name: str, priority: int) -> None:
+            async with limiter.slot("a", priority=priority):
+                order.append(name)
+                await release[name].wait()
+
+        for n in range(4):
+            nursery.start_soon(attempt, f"a{n}", n)
+        with trio.fail_after(5):
+            while await redis_counts(redis_prefix) != (2, 2, 1):  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            await limiter.renew_once()  # the level: a's share is the whole capacity
+        proxy.down()
+        release["a0"].set()
+        release["a1"].set()
+        with trio.fail_after(2):
+            while len(order) < 4:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        assert sorted(order[:2]) == ["a0", "a1"]  # (each pair granted at once)
+        assert sorted(order[2:]) == ["a2", "a3"]
+        assert (limiter.handed_on, limiter.given_back) == (2, 0)
+        await proxy.up()
+        release["a2"].set()
+        release["a3"].set()
+    await all_given_back(redis_prefix)
+
+
+async def test_a_process_holding_every_slot_gives_back_what_is_beyond_its_share(
+    redis_prefix: str,
+) -> None:
+    # Job a takes all 4 slots on process one; job b then asks on process two. From one's
+    # next answer on, a's share is 2: one gives its other slots back through Redis, to b,
+    # and each process turns its 2 over itself. (Handing every slot on to its own would
+    # keep b waiting until a is done.)
+    held = {"a": 0, "b": 0}
+    done = {"a": 0, "b": 0}
+    peaks: list[tuple[int, int]] = []
+    b_done_when_a_ended = -1
+    b_started = trio.Event()
+
+    async def attempt(limiter: RedisCapacity, job: str, index: int) -> None:
+        nonlocal b_done_when_a_ended
+        async with limiter.slot(job, priority=index):
+            held[job] += 1
+            if job == "b":
+                b_started.set()
+            if b_started.is_set() and max(done.values()) < 50:  # both jobs want 4 or more
+                peaks.append((held["a"], held["b"]))
+            await trio.sleep(0.005)
+            held[job] -= 1
+        done[job] += 1
+        if job == "a" and done["a"] == 60:
+            b_done_when_a_ended = done["b"]
+
+    async with nodes(redis_prefix, 2, capacity=4) as (one, two):
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for index in range(60):
+                    nursery.start_soon(attempt, one, "a", index)
+                while held["a"] < 4:  # noqa: ASYNC110
+                    await trio.sleep(0.001)
+                for index in range(60):
+                    nursery.start_soon(attempt, two, "b", index)
+        assert one.handed_on > 0
+        assert two.handed_on > 0
+        assert one.given_back > 0
+    # Once b's share reached process one, each job held about half while both wanted more:
+    # at most one slot more (the lag of a call).
+    settled = peaks[len(peaks) // 4 :]
+    assert max(a for a, _ in settled) <= 3
+    assert max(b for _, b in settled) <= 3
+    assert b_done_when_a_ended >= 40
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
