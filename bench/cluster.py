@@ -7,12 +7,15 @@ bench provider; ``STORE=redis`` makes every process a node of one cluster on a f
 - **throughput**: 10 clients spread over the nodes (round robin) create ``--jobs`` jobs of 5
   images (provider latency 0) and poll each on their own node (every ``--poll-ms``) until it
   has ended; images/s from the first create to the last final poll (median of ``--rounds``
-  after a warm-up round). CPU per image of the servers, of the Redis server (``INFO cpu``) and
-  of this process (the clients), as all share the machine's cores, and how many cores they
-  kept busy together (CPU seconds over wall seconds: near the machine's count, the
-  configuration is bound by the machine, not by the service). With Redis, how often all
-  ``MAX_CONCURRENCY`` slots were held (``ZCARD`` of the holders, every 5 ms): near 1, the
-  configuration is bound by how fast a slot changes hands. With Redis,
+  after a warm-up round). Every configuration's servers are up for the whole run and their
+  rounds are taken in turn (round 1 of each, round 2 of each, ...), so the **paired** ratios
+  (the median of the ratios of rounds taken seconds apart, against the first configuration
+  and against the one before) are little moved by a machine whose speed drifts. CPU per
+  image of the servers, of the Redis server (``INFO cpu``) and of this process (the clients),
+  as all share the machine's cores, and how many cores they kept busy together (CPU seconds
+  over wall seconds: near the machine's count, the configuration is bound by the machine, not
+  by the service). With Redis, how often all ``MAX_CONCURRENCY`` slots were held (``ZCARD``
+  of the holders, every 5 ms: a slot handed on within a node stays held throughout), and
   ``INFO commandstats`` around the rounds gives Redis commands per image.
 - **fan-out**: one gated job (10 images, 50 ms + 20 ms apart) created on the first node, with
   ``--subscribers`` SSE subscribers spread evenly over the nodes; delivery is from the provider
@@ -258,69 +261,97 @@ async def apart_delivery(
     }
 
 
-async def one_config(
-    work_dir: Path, store: str, nodes: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    prefix = f"bench:{secrets.token_hex(4)}:"
-    try:
-        return await _one_config(work_dir, store, nodes, args, prefix)
-    finally:
-        with trio.CancelScope(shield=True):
-            await delete_prefix(prefix)  # the run's keys (jobs, queue, limits) go with it
+class Config:
+    """One configuration's servers (its nodes), up for the whole run."""
 
+    def __init__(self, store: str, nodes: int) -> None:
+        self.store, self.nodes = store, nodes
+        self.prefix = f"bench:{secrets.token_hex(4)}:"
+        self.servers: list[common.Server] = []
+        self.token = ""
+        self.kwargs: dict[str, Any] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.commands = 0
 
-async def _one_config(
-    work_dir: Path, store: str, nodes: int, args: argparse.Namespace, prefix: str
-) -> dict[str, Any]:
-    env = common.service_env(
-        STORE=store,
-        REDIS_URL=REDIS_URL,
-        REDIS_PREFIX=prefix,
-        DATABASE_PATH=str(work_dir / f"{store}-{nodes}.sqlite3"),
-        MAX_STREAMS_PER_USER=100_000,
-        LOG_LEVEL="WARNING",
-    )
-    async with AsyncExitStack() as stack:
-        servers = [
+    async def start(self, stack: AsyncExitStack, work_dir: Path, args: argparse.Namespace) -> None:
+        env = common.service_env(
+            STORE=self.store,
+            REDIS_URL=REDIS_URL,
+            REDIS_PREFIX=self.prefix,
+            DATABASE_PATH=str(work_dir / f"{self.store}-{self.nodes}.sqlite3"),
+            MAX_STREAMS_PER_USER=100_000,
+            LOG_LEVEL="WARNING",
+        )
+        self.servers = [
             await stack.enter_async_context(
                 common.spawn_server("ours", work_dir, env=env, capacity=args.capacity)
             )
-            for _ in range(nodes)
+            for _ in range(self.nodes)
         ]
-        token = await common.login(servers[0].port)
-        kwargs: dict[str, Any] = {"images": 5, "clients": 10, "poll_s": args.poll_ms / 1000}
-        if store == "redis":  # the cluster-wide slots of MAX_CONCURRENCY (actors/limits/)
-            kwargs |= {"holders_key": f"{prefix}limits:capacity:holders", "capacity": args.capacity}
-        await throughput_round(servers, token, jobs=20, **kwargs)  # warm-up
+        self.token = await common.login(self.servers[0].port)
+        self.kwargs = {"images": 5, "clients": 10, "poll_s": args.poll_ms / 1000}
+        if self.store == "redis":  # the cluster-wide slots of MAX_CONCURRENCY (actors/limits/)
+            self.kwargs |= {
+                "holders_key": f"{self.prefix}limits:capacity:holders",
+                "capacity": args.capacity,
+            }
+        await self.round(jobs=20)  # warm-up
+
+    async def round(self, *, jobs: int) -> dict[str, Any]:
+        return await throughput_round(self.servers, self.token, jobs=jobs, **self.kwargs)
+
+    async def measured_round(self, args: argparse.Namespace) -> None:
         commands0 = await redis_commands()
-        rounds = [
-            await throughput_round(servers, token, jobs=args.jobs, **kwargs)
-            for _ in range(args.rounds)
-        ]
-        commands = await redis_commands() - commands0
-        images = sum(r["completed"] for r in rounds)
-        fan = await fan_out(servers, token, subscribers=args.subscribers)
+        self.rounds.append(await self.round(jobs=args.jobs))
+        self.commands += await redis_commands() - commands0
+
+    async def finish(self, args: argparse.Namespace) -> dict[str, Any]:
+        fan = await fan_out(self.servers, self.token, subscribers=args.subscribers)
         del fan["same_ms_all"], fan["cross_ms_all"]
-        apart = await apart_delivery(servers, token, args) if nodes > 1 else None
-    return {
-        "store": store,
-        "nodes": nodes,
-        "images_per_s": statistics.median(r["images_per_s"] for r in rounds),
-        "server_cpu_us_per_image": 1e6 * sum(r["server_cpu_s"] for r in rounds) / images,
-        "redis_cpu_us_per_image": 1e6 * sum(r["redis_cpu_s"] for r in rounds) / images,
-        "client_cpu_us_per_image": 1e6 * sum(r["client_cpu_s"] for r in rounds) / images,
-        # How much of the machine the rounds kept busy: servers, Redis and clients together.
-        "cores_busy": sum(r["server_cpu_s"] + r["redis_cpu_s"] + r["client_cpu_s"] for r in rounds)
-        / sum(r["wall_s"] for r in rounds),
-        # How often all MAX_CONCURRENCY slots were held (sampled in Redis): near 1, the
-        # configuration is bound by the slots' turnover.
-        "slots_full": (
-            statistics.mean(r["slots_full"] for r in rounds) if store == "redis" else None
-        ),
-        "redis_commands_per_image": commands / images if store == "redis" else None,
-        "fan_out": fan,
-        "apart": apart,
-    }
+        apart = await apart_delivery(self.servers, self.token, args) if self.nodes > 1 else None
+        rounds, redis = self.rounds, self.store == "redis"
+        images = sum(r["completed"] for r in rounds)
+        return {
+            "store": self.store,
+            "nodes": self.nodes,
+            "images_per_s": statistics.median(r["images_per_s"] for r in rounds),
+            "rounds_images_per_s": [r["images_per_s"] for r in rounds],
+            "server_cpu_us_per_image": 1e6 * sum(r["server_cpu_s"] for r in rounds) / images,
+            "redis_cpu_us_per_image": 1e6 * sum(r["redis_cpu_s"] for r in rounds) / images,
+            "client_cpu_us_per_image": 1e6 * sum(r["client_cpu_s"] for r in rounds) / images,
+            # How much of the machine the rounds kept busy: servers, Redis and clients together.
+            "cores_busy": sum(
+                r["server_cpu_s"] + r["redis_cpu_s"] + r["client_cpu_s"] for r in rounds
+            )
+            / sum(r["wall_s"] for r in rounds),
+            # How often all MAX_CONCURRENCY slots were held (sampled in Redis): near 1, every
+            # slot is in use or on its way between holders.
+            "slots_full": statistics.mean(r["slots_full"] for r in rounds) if redis else None,
+            # (the other configurations' idle nodes add their few background calls a second)
+            "redis_commands_per_image": self.commands / images if redis else None,
+            "fan_out": fan,
+            "apart": apart,
+        }
+
+
+async def run_configs(
+    work_dir: Path, configs: list[Config], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Every configuration's servers up together, their throughput rounds taken in turn
+    (round 1 of each, then round 2 of each, ...: a machine that slows for a while slows them
+    alike, so the ratios pair rounds taken a few seconds apart), then each one's fan-out."""
+    try:
+        async with AsyncExitStack() as stack:
+            for config in configs:
+                await config.start(stack, work_dir, args)
+            for _ in range(args.rounds):
+                for config in configs:
+                    await config.measured_round(args)
+            return [await config.finish(args) for config in configs]
+    finally:
+        with trio.CancelScope(shield=True):
+            for config in configs:
+                await delete_prefix(config.prefix)  # its keys (jobs, queue, limits) go with it
 
 
 def row(result: dict[str, Any], base: float) -> list[object]:
@@ -333,6 +364,8 @@ def row(result: dict[str, Any], base: float) -> list[object]:
         f"{result['nodes']} x {result['store']}",
         result["images_per_s"],
         result["images_per_s"] / base,
+        result["paired_x_first"],
+        result["paired_x_previous"],
         result["server_cpu_us_per_image"],
         result["redis_cpu_us_per_image"],
         result["client_cpu_us_per_image"],
@@ -363,15 +396,27 @@ def apart_row(result: dict[str, Any]) -> list[object]:
 
 
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    configs = [(store, int(nodes)) for store, _, nodes in (c.partition(":") for c in args.configs)]
-    results = [await one_config(work_dir, store, nodes, args) for store, nodes in configs]
+    configs = [
+        Config(store, int(nodes)) for store, _, nodes in (c.partition(":") for c in args.configs)
+    ]
+    results = await run_configs(work_dir, configs, args)
+
+    def paired(mine: dict[str, Any], other: dict[str, Any]) -> float:
+        """The median of the ratios of rounds taken in turn: less moved by a machine whose
+        speed drifts than the ratio of the medians."""
+        pairs = zip(mine["rounds_images_per_s"], other["rounds_images_per_s"], strict=True)
+        return float(statistics.median(a / b for a, b in pairs))
+
+    for before, result in zip([None, *results], results, strict=False):
+        result["paired_x_first"] = paired(result, results[0])
+        result["paired_x_previous"] = None if before is None else paired(result, before)
     return {"machine": common.machine(), "capacity": args.capacity, "configs": results}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument(
         "--capacity", type=int, default=5, help="MAX_CONCURRENCY (cluster-wide with Redis)"
@@ -403,6 +448,8 @@ def main() -> None:
             "config",
             "images/s",
             "x first",
+            "paired x first",
+            "paired x previous",
             "cpu us/image",
             "redis cpu",
             "client cpu",
