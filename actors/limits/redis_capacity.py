@@ -153,15 +153,20 @@ class RedisCapacity:
         self._level = 0.0
         #: Slots handed on to a waiter of this process without Redis in between.
         self.handed_on = 0
-        #: When this process's latest renewal was answered (``None``: none yet).
+        #: When this process's latest answered renewal was sent (``None``: none yet).
         self._renewed_at: float | None = None
+        #: Slots handed on whose request Redis has not answered yet.
+        self._untold: set[str] = set()
+        #: For a holder given its slot by a hand-on: the slots it replaced, newest first, as
+        #: far as Redis may not have had their hand-ons yet (Redis still has one of them held).
+        self._stands_for: dict[str, list[str]] = {}
         #: Slots given back to Redis (beyond this process's share, or none waits here).
         self.given_back = 0
         #: Slots given back whose request Redis has not answered yet.
         self._unreleased: set[str] = set()
-        #: Requests not sent yet, in order: ``("A", id, job, priority)`` or ``("R", id)``; at
-        #: most two per slot asked for (its queueing and its giving back), so bounded by the
-        #: attempts under way.
+        #: Requests not sent yet, in order: ``("A", id, job, priority)``, ``("R", id)`` or
+        #: ``("H", released, heir, job, chain)``; at most two per slot asked for (its queueing,
+        #: and its giving back or handing on), so bounded by the attempts under way.
         self._pending: list[tuple[str, ...]] = []
         self._requested = trio.Event()
         #: Cluster-wide figures as of the latest renewal: slots held, waiters, jobs waiting.
@@ -183,6 +188,9 @@ class RedisCapacity:
         if job is None:
             job = self._jobs[tenant_key] = _Job(seq=number)
         job.waiting += 1
+        if len(job.queue) > 2 * job.waiting + 16:  # waiters granted by Redis or gone, dropped
+            job.queue = [entry for entry in job.queue if entry[2] in self._waiting]
+            heapq.heapify(job.queue)
         heapq.heappush(job.queue, (priority, number, slot_id))
         try:
             self._request("A", slot_id, tenant_key, str(priority))
@@ -221,13 +229,16 @@ class RedisCapacity:
             return
         self._jobs[tenant].in_use -= 1
         self._forget_if_idle(tenant)
+        chain = [prior for prior in self._stands_for.pop(slot_id, ()) if prior in self._untold]
         heir = self._heir(holding=len(self._holding) + 1)
         if heir is None:
             self.given_back += 1
             self._request("R", slot_id)
             return
         self.handed_on += 1
-        self._request("H", slot_id, heir, self._holding[heir])
+        self._untold.add(slot_id)
+        self._stands_for[heir] = [slot_id, *chain]
+        self._request("H", slot_id, heir, self._holding[heir], " ".join(chain))
 
     def _forget_if_idle(self, tenant: str) -> None:
         job = self._jobs[tenant]
@@ -291,6 +302,11 @@ class RedisCapacity:
             # failed or timed out) is not asked for again: Redis forgets a give-up after two
             # leases, and the place would then be queued for nobody.
             requests = [r for r in requests if r[0] != "A" or r[1] in self._waiting]
+            # A slot handed on to a holder that has left since is given back: its hand-on,
+            # retried after Redis forgot the holder's own giving back, would hold it again.
+            requests = [
+                ("R", r[1]) if r[0] == "H" and r[2] not in self._holding else r for r in requests
+            ]
             if not requests:  # the other sender took them, or none is wanted any more
                 continue
             args = [*self._base]
@@ -315,6 +331,7 @@ class RedisCapacity:
                 continue
             delay = RETRY_S[0]
             self._unreleased.difference_update(r[1] for r in requests if r[0] in "RH")
+            self._untold.difference_update(r[1] for r in requests if r[0] in "RH")
             self._wake(granted)
 
     async def renew_once(self) -> None:
@@ -325,15 +342,21 @@ class RedisCapacity:
         """
         args = [*self._base, str(len(self._holding))]
         for slot_id, job in self._holding.items():
-            args += [slot_id, job]
+            chain = [prior for prior in self._stands_for.get(slot_id, ()) if prior in self._untold]
+            if chain:
+                self._stands_for[slot_id] = chain
+            else:
+                self._stands_for.pop(slot_id, None)
+            args += [slot_id, job, " ".join(chain)]
         for slot_id, waiting in self._waiting.items():
             args += [slot_id, waiting.job, str(waiting.priority)]
+        sent_at = trio.current_time()  # the leases run from when Redis renews them, not later
         answer: list[Any] = await self._calls.once(
             "renewing slot leases", lambda: self._renew(keys=[], args=args)
         )
         self._seen = (int(answer[0]), int(answer[1]), int(answer[2]))
         self._level = float(answer[3])
-        self._renewed_at = trio.current_time()
+        self._renewed_at = sent_at
         self._wake(str(slot_id) for slot_id in answer[4:])
 
     def _leases_hold(self) -> bool:

@@ -69,7 +69,11 @@ end
 
 -- Queue a waiter (or renew its lease if it waits already; one holding a slot is left alone).
 local function enqueue(id, job, priority)
-  if redis.call('ZSCORE', HOLDERS, id) or redis.call('ZSCORE', GONE, id) then return end
+  if redis.call('ZSCORE', HOLDERS, id) then  -- granted already: its process learns so now
+    redis.call('ZADD', HOLDERS, now + lease, id)
+    return
+  end
+  if redis.call('ZSCORE', GONE, id) then return end
   redis.call('ZADD', WAITERS, now + lease, id)
   if redis.call('HEXISTS', WAITER, id) == 1 then return end
   touch_job(job)
@@ -133,18 +137,33 @@ local function level()
   return tostring(cap)
 end
 
+-- The first of the ids in ``chain`` (space-separated) that holds a slot, if any.
+local function first_holder(chain)
+  for id in string.gmatch(chain, '%S+') do
+    if redis.call('ZSCORE', HOLDERS, id) then return id end
+  end
+  return nil
+end
+
 -- A process handed the slot ``released`` on to its own waiter ``id`` of ``job`` (it may, within
 -- its share; see ``RedisCapacity``): the slot changes hands, and the job counts as served.
--- ``id`` granted meanwhile by a dispatch (a race of one call) keeps the one slot; one given up
--- (in ``gone``) takes none.
-local function hand_on(released, id, job)
-  if not drop_holder(released) then drop_waiter(released) end
+-- ``chain``: the slots ``released`` itself replaced by earlier hand-ons this call may have
+-- overtaken, newest first; the one Redis still has as held is the slot that moves. ``id``
+-- granted meanwhile by a dispatch (a race of one call) keeps the one slot; one given up (in
+-- ``gone``) takes none. ``released`` and the chain are marked gone, so a hand-on of theirs
+-- coming late changes nothing.
+local function hand_on(released, id, job, chain)
+  local slot = released
+  if not redis.call('ZSCORE', HOLDERS, released) then slot = first_holder(chain) end
+  if not redis.call('ZSCORE', HOLDERS, id) and not redis.call('ZSCORE', GONE, id) then
+    hold(id, job)
+    drop_waiter(id)  -- (after ``hold``: the job, holding, keeps its age)
+    redis.call('HSET', job_key(job), 'last', redis.call('INCR', SEQ))
+    place(job)
+  end
+  if slot then drop_holder(slot) else drop_waiter(released) end
   redis.call('ZADD', GONE, now + 2 * lease, released)
-  if redis.call('ZSCORE', HOLDERS, id) or redis.call('ZSCORE', GONE, id) then return end
-  drop_waiter(id)
-  hold(id, job)
-  redis.call('HSET', job_key(job), 'last', redis.call('INCR', SEQ))
-  place(job)
+  for prior in string.gmatch(chain, '%S+') do redis.call('ZADD', GONE, now + 2 * lease, prior) end
 end
 
 -- Free slots go to the waiting job holding the fewest, ties to the one served least lately,
@@ -190,8 +209,9 @@ end
 
 #: ARGV[4...] one process's operations, in the order its tasks asked for them: ``A id job
 #: priority`` queues a waiter (again, if its lease ran out; a no-op if it waits or holds), ``R
-#: id`` gives a slot back or stops waiting, ``H released id job`` tells of a slot the process
-#: handed on to its own waiter. Then free slots are handed out, once for them all.
+#: id`` gives a slot back or stops waiting, ``H released id job chain`` tells of a slot the
+#: process handed on to its own waiter (see ``hand_on``). Then free slots are handed out, once
+#: for them all.
 #: Returns the water level (see ``level``), then the ids this call granted, then those of the
 #: queued waiters that held a slot already: the caller wakes its own from this answer (their
 #: grants go into no stream), the other processes' from their streams.
@@ -208,8 +228,8 @@ while i <= #ARGV do
     asked[#asked + 1] = id
     i = i + 4
   elseif ARGV[i] == 'H' then
-    hand_on(id, ARGV[i + 2], ARGV[i + 3])
-    i = i + 4
+    hand_on(id, ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
+    i = i + 5
   else
     if not drop_holder(id) then drop_waiter(id) end
     redis.call('ZADD', GONE, now + 2 * lease, id)
@@ -230,12 +250,13 @@ return answer
 """
 )
 
-#: ARGV[4] the number H of holders, then H pairs ``id job``, then triples ``id job priority``
-#: of waiters. Renews every lease (a holder whose lease ran out holds again: it is still
-#: running), hands out free slots, and drops the demands of jobs no longer known (left by a
-#: process of an earlier release, which kept no demands). Returns slots held, waiters and
-#: waiting jobs (cluster-wide), the water level, then the ids of the given waiters that hold a
-#: slot now.
+#: ARGV[4] the number H of holders, then H triples ``id job chain`` (``chain``: the slots the
+#: holder replaced by hand-ons Redis may not have had yet, newest first; if one of them holds,
+#: it is the one renewed), then triples ``id job priority`` of waiters. Renews every lease (a
+#: holder whose lease ran out holds again: it is still running), hands out free slots, and
+#: drops the demands of jobs no longer known (left by a process of an earlier release, which
+#: kept no demands). Returns slots held, waiters and waiting jobs (cluster-wide), the water
+#: level, then the ids of the given waiters that hold a slot now.
 CAPACITY_RENEW = (
     _CAPACITY_PRELUDE
     + r"""
@@ -243,14 +264,17 @@ local holders = tonumber(ARGV[4])
 local i = 5
 for _ = 1, holders do
   local id, job = ARGV[i], ARGV[i + 1]
-  if redis.call('ZSCORE', HOLDERS, id) then
+  local prior = first_holder(ARGV[i + 2])
+  if prior then
+    redis.call('ZADD', HOLDERS, now + lease, prior)
+  elseif redis.call('ZSCORE', HOLDERS, id) then
     redis.call('ZADD', HOLDERS, now + lease, id)
   elseif not redis.call('ZSCORE', GONE, id) then
-    drop_waiter(id)
     hold(id, job)
+    drop_waiter(id)
     place(job)
   end
-  i = i + 2
+  i = i + 3
 end
 local waiting = {}
 while i <= #ARGV do

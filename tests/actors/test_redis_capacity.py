@@ -478,18 +478,18 @@ async def test_a_hand_on_moves_the_slot_whatever_else_reached_redis_first(
         # The waiter's queueing is still on its way: it holds the slot all the same, and the
         # queueing that comes after changes nothing.
         assert (await call("A", "n/1", "a", "0"))[1:] == ["n/1"]
-        assert (await call("H", "n/1", "n/2", "a"))[1:] == []
+        assert (await call("H", "n/1", "n/2", "a", ""))[1:] == []
         assert (await call("A", "n/2", "a", "0"))[1:] == ["n/2"]  # (it holds already)
         assert await redis_counts(redis_prefix) == (1, 0, 0)
         # Redis granted the waiter a slot freed elsewhere meanwhile: it keeps that one only.
         assert (await call("A", "n/3", "a", "0", "A", "n/4", "a", "0"))[1:] == ["n/3"]
         assert (await call("R", "n/2"))[1:] == ["n/4"]
-        assert (await call("H", "n/3", "n/4", "a"))[1:] == []
+        assert (await call("H", "n/3", "n/4", "a", ""))[1:] == []
         assert await redis_counts(redis_prefix) == (1, 0, 0)
         # A waiter that gave its place up takes no slot; the slot handed on is free.
         assert (await call("A", "n/5", "b", "0"))[1:] == ["n/5"]
         assert (await call("A", "n/6", "b", "0", "R", "n/6"))[1:] == []
-        assert (await call("H", "n/5", "n/6", "b"))[1:] == []
+        assert (await call("H", "n/5", "n/6", "b", ""))[1:] == []
         assert await redis_counts(redis_prefix) == (1, 0, 0)
         await call("R", "n/4")
     assert await redis_counts(redis_prefix) == (0, 0, 0)
@@ -579,3 +579,52 @@ async def test_a_process_holding_every_slot_gives_back_what_is_beyond_its_share(
     assert max(b for _, b in settled) <= 3
     assert b_done_when_a_ended >= 40
     assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_hand_ons_and_renewals_that_overtake_each_other_never_count_a_slot_twice(
+    redis_prefix: str,
+) -> None:
+    base = f"{redis_prefix}capacity:"
+    async with open_client(REDIS_URL) as client:
+        limiter = RedisCapacity(client, prefix=base, capacity=1)
+        call = partial(call_script, limiter)
+
+        async def renew(*holders: str) -> None:
+            await limiter._renew(keys=[], args=[*limiter._base, str(len(holders) // 3), *holders])
+
+        assert (await call("A", "n/1", "a", "0"))[1:] == ["n/1"]
+        seq = await client.hget(f"{base}job:a", "seq")
+        # n/1's slot went to n/2, then to n/3, all on one process. The renewal names the
+        # holder n/3 with the slots it replaced; it reaches Redis first, then the second
+        # hand-on, then the first: at every step one slot is held.
+        await renew("n/3", "a", "n/2 n/1")
+        assert await redis_counts(redis_prefix) == (1, 0, 0)
+        assert await client.zscore(f"{base}holders", "n/1") is not None  # renewed in its place
+        await call("H", "n/2", "n/3", "a", "n/1")
+        assert await redis_counts(redis_prefix) == (1, 0, 0)
+        await call("H", "n/1", "n/2", "a", "")
+        assert await redis_counts(redis_prefix) == (1, 0, 0)
+        assert await client.zrange(f"{base}holders", 0, -1) == ("n/3",)
+        # The job kept its age through the hand-ons (its holder changed, it never went idle).
+        assert await client.hget(f"{base}job:a", "seq") == seq
+        # A waiter named again while it holds renews its lease.
+        before = await client.zscore(f"{base}holders", "n/3")
+        await trio.sleep(0.02)
+        await call("A", "n/3", "a", "0")
+        after = await client.zscore(f"{base}holders", "n/3")
+        assert before is not None
+        assert after is not None
+        assert after > before
+        await call("R", "n/3")
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_hand_on_to_a_holder_that_left_is_sent_as_a_giving_back(
+    redis_prefix: str,
+) -> None:
+    # As a hand-on retried after a failed call would be, once Redis no longer remembers that
+    # its heir gave the slot back.
+    async with nodes(redis_prefix, 1, capacity=1, lease_s=30) as (limiter,):
+        await call_script(limiter, "A", "n/1", "a", "0")
+        limiter._request("H", "n/1", f"{limiter.node}/left", "a", "")
+        await all_given_back(redis_prefix)
