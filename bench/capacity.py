@@ -1,11 +1,12 @@
 """The cluster-wide ``MAX_CONCURRENCY`` alone: attempts/s through ``RedisCapacity``.
 
 ``--processes`` processes (each a ``RedisCapacity`` on one fresh prefix of the Redis at
-127.0.0.1:6379, as the nodes of a cluster) start together and each runs ``--jobs`` jobs of
-``--attempts`` attempts that hold their slot for no time at all, so what is measured is how
-fast the slots change hands. Printed: attempts/s over all processes (from the common start to
-the last one done), their CPU per attempt, and how the slots given back went (handed on within
-the process, or back through Redis). Run with 1 then 2 processes to see what the second adds:
+127.0.0.1:6379, as the nodes of a cluster) start together and each runs ``--rounds`` rounds,
+one after the other, of ``--jobs`` jobs of ``--attempts`` attempts that hold their slot for no
+time at all, so what is measured is how fast the slots change hands. Printed: attempts/s over
+all processes (from the common start to the last one done), their CPU per attempt, and how the
+slots given back went (handed on within the process, or back through Redis). Run with 1 then
+2 processes to see what the second adds:
 
     .venv/bin/python -m bench.capacity --processes 1
     .venv/bin/python -m bench.capacity --processes 2
@@ -32,11 +33,11 @@ from tests.redis_support import REDIS_URL, delete_prefix
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def one_process(prefix: str, capacity: int, jobs: int, attempts: int, start: float) -> None:
+async def one_process(prefix: str, args: argparse.Namespace, start: float) -> None:
     """One process's share of the run; prints its figures as one JSON line."""
     async with (
         open_client(REDIS_URL) as client,
-        open_redis_capacity(client, prefix=prefix, capacity=capacity) as limiter,
+        open_redis_capacity(client, prefix=prefix, capacity=args.capacity) as limiter,
     ):
         await trio.sleep(max(0.0, start - time.time()))
         wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -45,12 +46,13 @@ async def one_process(prefix: str, capacity: int, jobs: int, attempts: int, star
             async with limiter.slot(job, priority=index):
                 await trio.lowlevel.checkpoint()
 
-        async with trio.open_nursery() as nursery:
-            for job in range(jobs):
-                for index in range(attempts):
-                    nursery.start_soon(attempt, f"{limiter.node}-{job}", index)
+        for round_ in range(args.rounds):
+            async with trio.open_nursery() as nursery:
+                for job in range(args.jobs):
+                    for index in range(args.attempts):
+                        nursery.start_soon(attempt, f"{limiter.node}-{round_}-{job}", index)
         result = {
-            "attempts": jobs * attempts,
+            "attempts": args.rounds * args.jobs * args.attempts,
             "wall_s": time.perf_counter() - wall0,
             "cpu_s": time.process_time() - cpu0,
             # (a release from before slots were handed on has neither count)
@@ -65,7 +67,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time() + 2.0  # every process connected and renewed by then
     command = [sys.executable, "-m", "bench.capacity", "--one", prefix, str(start)]
     command += ["--capacity", str(args.capacity), "--jobs", str(args.jobs)]
-    command += ["--attempts", str(args.attempts)]
+    command += ["--attempts", str(args.attempts), "--rounds", str(args.rounds)]
     try:
         async with trio.open_nursery() as nursery:
             answers: list[subprocess.CompletedProcess[bytes]] = []
@@ -100,12 +102,13 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=5, help="MAX_CONCURRENCY")
     parser.add_argument("--jobs", type=int, default=20, help="jobs per process")
     parser.add_argument("--attempts", type=int, default=25, help="attempts per job")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of jobs per process")
     parser.add_argument("--one", nargs=2, metavar=("PREFIX", "START"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.one:
         prefix, start = args.one
-        trio.run(one_process, prefix, args.capacity, args.jobs, args.attempts, float(start))
+        trio.run(one_process, prefix, args, float(start))
         return
     result = trio.run(run, args)
     common.print_table(

@@ -6,6 +6,7 @@ import json
 
 from quart import Blueprint, Response, jsonify
 
+from actors.limits.redis_capacity import RedisCapacity
 from actors.messages import SupervisorStatistics
 from web.context import current_user, state
 from web.errors import error_response
@@ -76,7 +77,11 @@ async def status() -> dict[str, object]:
         # ``images`` is this node's; these two are the whole cluster's (null: Redis is down).
         queued: dict[str, int | None] = {"jobs_unfinished": None, "images_queued": None}
         queued.update(await cluster.queued() or {})
-        view["cluster"] = {**cluster.statistics(), **queued}
+        section: dict[str, object] = {**cluster.statistics(), **queued}
+        capacity = app_state.supervisor.capacity
+        if isinstance(capacity, RedisCapacity):
+            section["slots"] = capacity.local_statistics()
+        view["cluster"] = section
     files = app_state.supervisor.files
     if files is not None:
         view["files"] = files.statistics()

@@ -274,16 +274,14 @@ class RedisCapacity:
         )
 
     def local_statistics(self) -> dict[str, Any]:
+        """This process's side of the slots (``/api/status``, ``cluster.slots``)."""
         return {
-            "node": self.node,
             "holding": len(self._holding),
             "waiting": len(self._waiting),
-            "unreleased": len(self._unreleased),
-            "handed_on": self.handed_on,
-            "given_back": self.given_back,
+            "handed_on_total": self.handed_on,
+            "given_back_total": self.given_back,
             "level": self._level,
-            "requests_pending": len(self._pending),
-            "redis_calls": self._calls.calls,
+            "redis_calls_total": self._calls.calls,
             "error": self._calls.failing,
         }
 

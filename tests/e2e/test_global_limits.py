@@ -73,6 +73,12 @@ async def test_processes_sharing_limits_hold_them_together(
                     for _ in range(2):
                         nursery.start_soon(run_job, client)
 
+        # Every slot taken was handed on within its process or given back (an attempt may take
+        # one more than once: a create's paced turn not due yet is waited for without it).
+        slots = [(await client.get("/api/status")).json()["cluster"]["slots"] for client in clients]
+        assert sum(s["handed_on_total"] + s["given_back_total"] for s in slots) >= PROCESSES * 2 * 5
+        assert [(s["holding"], s["waiting"]) for s in slots] == [(0, 0)] * PROCESSES
+
     assert finished == ["completed"] * (PROCESSES * 2)
     assert len(fake.predictions) == PROCESSES * 2 * 5
     # Every process alone would have had CAPACITY predictions running: together, too.
