@@ -22,7 +22,8 @@ use) goes round in the exact cluster-wide order. The process learns the level fr
 of Redis, so a share may be a round trip out of date: a job that starts waiting on another
 process counts from the answer to this process's next call (every hand-on is told in one). Cut
 off from Redis, a process goes on within the share it last heard of while its leases surely
-run (its renewal answered within two thirds of a lease), and hands nothing on after that.
+run (its latest answered renewal was sent within two thirds of a lease), and hands nothing on
+after that.
 
 A process's requests (queue a waiter, give a slot back, tell of a slot handed on) go to Redis
 from two tasks of its own: each sends all the requests made so far, in the order its tasks
