@@ -161,9 +161,15 @@ local function hand_on(released, id, job, chain)
     redis.call('HSET', job_key(job), 'last', redis.call('INCR', SEQ))
     place(job)
   end
-  if slot then drop_holder(slot) else drop_waiter(released) end
+  if slot then drop_holder(slot) end
+  -- Each of them may still wait in its queue (its own hand-on is on its way): a dispatch
+  -- must not grant it a slot its process will never give back.
+  drop_waiter(released)
   redis.call('ZADD', GONE, now + 2 * lease, released)
-  for prior in string.gmatch(chain, '%S+') do redis.call('ZADD', GONE, now + 2 * lease, prior) end
+  for prior in string.gmatch(chain, '%S+') do
+    drop_waiter(prior)
+    redis.call('ZADD', GONE, now + 2 * lease, prior)
+  end
 end
 
 -- Free slots go to the waiting job holding the fewest, ties to the one served least lately,

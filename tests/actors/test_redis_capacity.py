@@ -628,3 +628,20 @@ async def test_a_hand_on_to_a_holder_that_left_is_sent_as_a_giving_back(
         await call_script(limiter, "A", "n/1", "a", "0")
         limiter._request("H", "n/1", f"{limiter.node}/left", "a", "")
         await all_given_back(redis_prefix)
+
+
+async def test_a_waiter_that_held_and_handed_on_before_redis_heard_is_not_granted_after(
+    redis_prefix: str,
+) -> None:
+    async with open_client(REDIS_URL) as client:
+        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1)
+        call = partial(call_script, limiter)
+        assert (await call("A", "n/1", "a", "0", "A", "n/2", "a", "1"))[1:] == ["n/1"]
+        # n/1's slot went to n/2, then n/2's to n/3; the second hand-on reaches Redis first,
+        # while n/2 still waits in a's queue there.
+        await call("H", "n/2", "n/3", "a", "n/1")
+        assert await redis_counts(redis_prefix) == (1, 0, 0)  # n/2 waits no more
+        # n/3 gives the slot back: nobody waits for it (n/2 is done), so it is free.
+        assert (await call("R", "n/3"))[1:] == []
+        assert (await call("H", "n/1", "n/2", "a", ""))[1:] == []
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
