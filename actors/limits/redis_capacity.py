@@ -301,11 +301,7 @@ class RedisCapacity:
             # failed or timed out) is not asked for again: Redis forgets a give-up after two
             # leases, and the place would then be queued for nobody.
             requests = [r for r in requests if r[0] != "A" or r[1] in self._waiting]
-            # A slot handed on to a holder that has left since is given back: its hand-on,
-            # retried after Redis forgot the holder's own giving back, would hold it again.
-            requests = [
-                ("R", r[1]) if r[0] == "H" and r[2] not in self._holding else r for r in requests
-            ]
+            requests = [sent for request in requests for sent in self._as_sent(request)]
             if not requests:  # the other sender took them, or none is wanted any more
                 continue
             args = [*self._base]
@@ -329,9 +325,23 @@ class RedisCapacity:
                 delay = min(delay * 2, RETRY_S[1])
                 continue
             delay = RETRY_S[0]
-            self._unreleased.difference_update(r[1] for r in requests if r[0] in "RH")
-            self._untold.difference_update(r[1] for r in requests if r[0] in "RH")
+            told = [r[1] for r in requests if r[0] in "RH"]
+            told += [prior for r in requests if r[0] == "H" for prior in r[4].split()]
+            self._unreleased.difference_update(told)
+            self._untold.difference_update(told)
             self._wake(granted)
+
+    def _as_sent(self, request: tuple[str, ...]) -> list[tuple[str, ...]]:
+        """A request as it goes to Redis now. A hand-on whose heir has left since: if the heir
+        handed the slot on in turn, that hand-on names this one's slots (its chain) and tells
+        it all, so this one is not sent; if the heir gave the slot back, this one's slots are
+        given back (sent as a hand-on retried after Redis forgot that giving back, it would
+        hold the heir again)."""
+        if request[0] != "H" or request[2] in self._holding:
+            return [request]
+        if request[2] in self._untold:
+            return []
+        return [("R", slot_id) for slot_id in (request[1], *request[4].split())]
 
     async def renew_once(self) -> None:
         """Renew this process's leases, learn of grants.

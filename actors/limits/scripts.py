@@ -147,28 +147,24 @@ end
 
 -- A process handed the slot ``released`` on to its own waiter ``id`` of ``job`` (it may, within
 -- its share; see ``RedisCapacity``): the slot changes hands, and the job counts as served.
--- ``chain``: the slots ``released`` itself replaced by earlier hand-ons this call may have
--- overtaken, newest first; the one Redis still has as held is the slot that moves. ``id``
--- granted meanwhile by a dispatch (a race of one call) keeps the one slot; one given up (in
--- ``gone``) takes none. ``released`` and the chain are marked gone, so a hand-on of theirs
--- coming late changes nothing.
+-- ``chain``: the slots ``released`` itself replaced by earlier hand-ons Redis may not have had
+-- (space-separated, newest first), whose own requests may come later or never. ``id`` granted
+-- meanwhile by a dispatch (a race of one call) keeps the one slot; one given up (in ``gone``)
+-- takes none. ``released`` and the chain are all given back, held or waiting (a dispatch may
+-- have granted one of them a slot its process merged into this one, or may be about to), and
+-- marked gone, so a request of theirs coming late changes nothing.
 local function hand_on(released, id, job, chain)
-  local slot = released
-  if not redis.call('ZSCORE', HOLDERS, released) then slot = first_holder(chain) end
   if not redis.call('ZSCORE', HOLDERS, id) and not redis.call('ZSCORE', GONE, id) then
     hold(id, job)
     drop_waiter(id)  -- (after ``hold``: the job, holding, keeps its age)
     redis.call('HSET', job_key(job), 'last', redis.call('INCR', SEQ))
     place(job)
   end
-  if slot then drop_holder(slot) end
-  -- Each of them may still wait in its queue (its own hand-on is on its way): a dispatch
-  -- must not grant it a slot its process will never give back.
-  drop_waiter(released)
-  redis.call('ZADD', GONE, now + 2 * lease, released)
-  for prior in string.gmatch(chain, '%S+') do
-    drop_waiter(prior)
-    redis.call('ZADD', GONE, now + 2 * lease, prior)
+  local replaced = {released}
+  for prior in string.gmatch(chain, '%S+') do replaced[#replaced + 1] = prior end
+  for _, slot in ipairs(replaced) do
+    if not drop_holder(slot) then drop_waiter(slot) end
+    redis.call('ZADD', GONE, now + 2 * lease, slot)
   end
 end
 

@@ -645,3 +645,35 @@ async def test_a_waiter_that_held_and_handed_on_before_redis_heard_is_not_grante
         assert (await call("R", "n/3"))[1:] == []
         assert (await call("H", "n/1", "n/2", "a", ""))[1:] == []
     assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_hand_on_gives_back_every_slot_it_replaced_that_redis_has_held(
+    redis_prefix: str,
+) -> None:
+    async with open_client(REDIS_URL) as client:
+        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=2)
+        call = partial(call_script, limiter)
+        # n/1 held; its process handed it to n/2, which a dispatch had granted a slot of its
+        # own meanwhile (the process merged the two), then n/2's to n/3. Only the last hand-on
+        # reaches Redis (the first one's heir had handed on before it was sent).
+        assert (await call("A", "n/1", "a", "0", "A", "n/2", "a", "1"))[1:] == ["n/1", "n/2"]
+        await call("H", "n/2", "n/3", "a", "n/1")
+        assert await client.zrange(f"{redis_prefix}capacity:holders", 0, -1) == ("n/3",)
+        await call("R", "n/3")
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
+async def test_a_hand_on_whose_heir_left_goes_as_its_heir_s_requests_require(
+    redis_prefix: str,
+) -> None:
+    async with open_client(REDIS_URL) as client:
+        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1)
+        limiter._holding["n/2"] = "a"
+        hand_on = ("H", "n/1", "n/2", "a", "")
+        assert limiter._as_sent(hand_on) == [hand_on]  # the heir holds: sent as it is
+        del limiter._holding["n/2"]
+        limiter._untold.add("n/2")  # the heir handed on: its own hand-on names n/1
+        assert limiter._as_sent(hand_on) == []
+        limiter._untold.clear()  # the heir gave the slot back: every slot named is given back
+        assert limiter._as_sent(("H", "n/2", "n/3", "a", "n/1")) == [("R", "n/2"), ("R", "n/1")]
+        assert limiter._as_sent(("R", "n/1")) == [("R", "n/1")]
