@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
+import coredis
 import pytest
 import trio
 import trio.testing
@@ -418,8 +419,7 @@ async def test_a_place_given_up_before_redis_queued_it_is_not_queued_by_a_later_
     redis_prefix: str,
 ) -> None:
     # A process's two senders may cross: the giving up can reach Redis before the queueing.
-    async with open_client(REDIS_URL) as client:
-        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1)
+    async with script_limiter(redis_prefix, capacity=1) as (_, limiter):
 
         async def call(*request: str) -> list[str]:
             """The ids the call granted (the water level, first in the answer, left out)."""
@@ -445,6 +445,15 @@ async def test_a_place_asked_for_by_a_waiter_that_left_is_not_asked_for_again(
                 assert await redis_counts(redis_prefix) == (2, 0, 0)
 
 
+@asynccontextmanager
+async def script_limiter(
+    prefix: str, capacity: int
+) -> AsyncIterator[tuple[coredis.Redis[str], RedisCapacity]]:
+    """A client and a limiter on it whose tasks do not run: its scripts are called directly."""
+    async with open_client(REDIS_URL) as client:
+        yield client, RedisCapacity(client, prefix=f"{prefix}capacity:", capacity=capacity)
+
+
 async def call_script(limiter: RedisCapacity, *request: str) -> list[str]:
     """One run of the requests script: the water level, then the ids granted."""
     answer: list[str] = await limiter._requests(keys=[], args=[*limiter._base, *request])
@@ -454,8 +463,7 @@ async def call_script(limiter: RedisCapacity, *request: str) -> list[str]:
 async def test_the_water_level_shares_the_capacity_max_min_across_the_demands(
     redis_prefix: str,
 ) -> None:
-    async with open_client(REDIS_URL) as client:
-        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=4)
+    async with script_limiter(redis_prefix, capacity=4) as (_, limiter):
         queue = [
             ("A", f"n/{n}", job, "0")
             for n, job in enumerate(["a"] * 6 + ["b"], start=1)  # demands a 4, b 1
@@ -472,8 +480,7 @@ async def test_the_water_level_shares_the_capacity_max_min_across_the_demands(
 async def test_a_hand_on_moves_the_slot_whatever_else_reached_redis_first(
     redis_prefix: str,
 ) -> None:
-    async with open_client(REDIS_URL) as client:
-        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=2)
+    async with script_limiter(redis_prefix, capacity=2) as (_, limiter):
         call = partial(call_script, limiter)
         # The waiter's queueing is still on its way: it holds the slot all the same, and the
         # queueing that comes after changes nothing.
@@ -633,8 +640,7 @@ async def test_a_hand_on_to_a_holder_that_left_is_sent_as_a_giving_back(
 async def test_a_waiter_that_held_and_handed_on_before_redis_heard_is_not_granted_after(
     redis_prefix: str,
 ) -> None:
-    async with open_client(REDIS_URL) as client:
-        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1)
+    async with script_limiter(redis_prefix, capacity=1) as (_, limiter):
         call = partial(call_script, limiter)
         assert (await call("A", "n/1", "a", "0", "A", "n/2", "a", "1"))[1:] == ["n/1"]
         # n/1's slot went to n/2, then n/2's to n/3; the second hand-on reaches Redis first,
@@ -650,8 +656,7 @@ async def test_a_waiter_that_held_and_handed_on_before_redis_heard_is_not_grante
 async def test_a_hand_on_gives_back_every_slot_it_replaced_that_redis_has_held(
     redis_prefix: str,
 ) -> None:
-    async with open_client(REDIS_URL) as client:
-        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=2)
+    async with script_limiter(redis_prefix, capacity=2) as (client, limiter):
         call = partial(call_script, limiter)
         # n/1 held; its process handed it to n/2, which a dispatch had granted a slot of its
         # own meanwhile (the process merged the two), then n/2's to n/3. Only the last hand-on
@@ -666,8 +671,7 @@ async def test_a_hand_on_gives_back_every_slot_it_replaced_that_redis_has_held(
 async def test_a_hand_on_whose_heir_left_goes_as_its_heir_s_requests_require(
     redis_prefix: str,
 ) -> None:
-    async with open_client(REDIS_URL) as client:
-        limiter = RedisCapacity(client, prefix=f"{redis_prefix}capacity:", capacity=1)
+    async with script_limiter(redis_prefix, capacity=1) as (_, limiter):
         limiter._holding["n/2"] = "a"
         hand_on = ("H", "n/1", "n/2", "a", "")
         assert limiter._as_sent(hand_on) == [hand_on]  # the heir holds: sent as it is
