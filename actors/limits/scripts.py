@@ -17,7 +17,10 @@ from __future__ import annotations
 #   jobs      zset  the jobs with waiters: score = slots held, member = last grant, age, job
 #                   (zero-padded, so that ties order as ``FairCapacity`` orders them)
 #   active    zset  every job holding or waiting: score = its demand, min(capacity, held +
-#                   waiting), from which each answer's water level is computed
+#                   waiting)
+#   demands   hash  demand -> how many jobs in ``active`` have it: each answer's water level is
+#                   computed from it, in steps of distinct demands (at most the capacity), not
+#                   of jobs
 #   job:<j>   hash  in_use, last (grant number, 0: never), seq (age), member (in ``jobs``)
 #   queue:<j> zset  the job's waiters: score = priority, member = arrival, waiter id
 #   gone      zset  ids released lately -> until when a renewal must not bring them back
@@ -33,10 +36,26 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local HOLDERS, HOLDER, WAITERS, WAITER, WMEMBER = C .. 'holders', C .. 'holder', C .. 'waiters',
   C .. 'waiter', C .. 'wmember'
 local JOBS, GONE, SEQ, CHANNEL = C .. 'jobs', C .. 'gone', C .. 'seq', C .. 'grants'
-local ACTIVE = C .. 'active'
+local ACTIVE, DEMANDS = C .. 'active', C .. 'demands'
 local function job_key(job) return C .. 'job:' .. job end
 local function queue_key(job) return C .. 'queue:' .. job end
 local function pad(n) return string.format('%016d', n) end
+
+-- Set a job's demand (``nil``: none, it is idle) in ``active`` and ``demands``.
+local function set_demand(job, demand)
+  local old = redis.call('ZSCORE', ACTIVE, job)
+  if old then
+    old = tostring(math.floor(tonumber(old)))
+    if demand and old == tostring(demand) then return end
+    if redis.call('HINCRBY', DEMANDS, old, -1) <= 0 then redis.call('HDEL', DEMANDS, old) end
+  end
+  if demand then
+    redis.call('ZADD', ACTIVE, demand, job)
+    redis.call('HINCRBY', DEMANDS, tostring(demand), 1)
+  elseif old then
+    redis.call('ZREM', ACTIVE, job)
+  end
+end
 
 -- Put the job at its place among the waiting jobs (or out of them); forget an idle job.
 local function place(job)
@@ -47,10 +66,10 @@ local function place(job)
   local waiting = redis.call('ZCARD', queue_key(job))
   if waiting == 0 and in_use <= 0 then
     redis.call('DEL', jk)
-    redis.call('ZREM', ACTIVE, job)
+    set_demand(job, nil)
     return
   end
-  redis.call('ZADD', ACTIVE, math.min(cap, in_use + waiting), job)
+  set_demand(job, math.min(cap, in_use + waiting))
   if waiting == 0 then
     redis.call('HDEL', jk, 'member')
   else
@@ -127,12 +146,19 @@ local function node_of(id) return string.match(id, '^(.*)/%d+$') end
 -- waits (nothing to share: the jobs hold what they ask for).
 local function level()
   if redis.call('EXISTS', JOBS) == 0 then return tostring(cap) end
-  local entries = redis.call('ZRANGE', ACTIVE, 0, -1, 'WITHSCORES')
-  local left, n = cap, #entries / 2
-  for i = 2, #entries, 2 do
-    local demand = tonumber(entries[i])
+  local counts, demands, n = {}, {}, 0
+  local entries = redis.call('HGETALL', DEMANDS)
+  for i = 1, #entries, 2 do
+    local demand, count = tonumber(entries[i]), tonumber(entries[i + 1])
+    counts[demand] = count
+    demands[#demands + 1] = demand
+    n = n + count
+  end
+  table.sort(demands)
+  local left = cap
+  for _, demand in ipairs(demands) do  -- (the jobs of one demand fare alike: one step each)
     if demand * n > left then return tostring(left / n) end
-    left, n = left - demand, n - 1
+    left, n = left - demand * counts[demand], n - counts[demand]
   end
   return tostring(cap)
 end
@@ -287,7 +313,7 @@ end
 purge()
 dispatch()
 for _, job in ipairs(redis.call('ZRANGE', ACTIVE, 0, -1)) do
-  if redis.call('EXISTS', job_key(job)) == 0 then redis.call('ZREM', ACTIVE, job) end
+  if redis.call('EXISTS', job_key(job)) == 0 then set_demand(job, nil) end
 end
 local answer = {redis.call('ZCARD', HOLDERS), redis.call('ZCARD', WAITERS),
   redis.call('ZCARD', JOBS), level()}

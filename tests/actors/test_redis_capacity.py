@@ -477,6 +477,37 @@ async def test_the_water_level_shares_the_capacity_max_min_across_the_demands(
     assert await redis_counts(redis_prefix) == (0, 0, 0)
 
 
+def water_level(capacity: int, demands: list[int]) -> float:
+    """Max-min fair shares, one job at a time: the level no share is above."""
+    left, n = float(capacity), len(demands)
+    for demand in sorted(demands):
+        if demand * n > left:
+            return left / n
+        left, n = left - demand, n - 1
+    return float(capacity)
+
+
+async def test_the_water_level_of_many_jobs_is_that_of_their_demands_one_by_one(
+    redis_prefix: str,
+) -> None:
+    capacity, rng = 7, random.Random(12)
+    async with script_limiter(redis_prefix, capacity=capacity) as (client, limiter):
+        requests: list[str] = []
+        demands = []
+        for job in range(40):
+            attempts = rng.randint(1, 9)
+            demands.append(min(capacity, attempts))
+            requests += [f for n in range(attempts) for f in ("A", f"n/{job}-{n}", f"j{job}", "0")]
+        answer = await call_script(limiter, *requests)
+        assert float(answer[0]) == pytest.approx(water_level(capacity, demands))
+        # Every id given back: no demand is left behind.
+        ids = [requests[i + 1] for i in range(0, len(requests), 4)]
+        await call_script(limiter, *[f for slot_id in ids for f in ("R", slot_id)])
+        base = f"{redis_prefix}capacity:"
+        assert await client.exists([f"{base}active", f"{base}demands"]) == 0
+    assert await redis_counts(redis_prefix) == (0, 0, 0)
+
+
 async def test_a_hand_on_moves_the_slot_whatever_else_reached_redis_first(
     redis_prefix: str,
 ) -> None:
