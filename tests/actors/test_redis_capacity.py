@@ -420,12 +420,7 @@ async def test_a_place_given_up_before_redis_queued_it_is_not_queued_by_a_later_
 ) -> None:
     # A process's two senders may cross: the giving up can reach Redis before the queueing.
     async with script_limiter(redis_prefix, capacity=1) as (_, limiter):
-
-        async def call(*request: str) -> list[str]:
-            """The ids the call granted (the water level, first in the answer, left out)."""
-            answer: list[str] = await limiter._requests(keys=[], args=[*limiter._base, *request])
-            return answer[1:]
-
+        call = partial(granted, limiter)
         assert await call("A", "n/1", "a", "0") == ["n/1"]  # the only slot
         assert await call("R", "n/2") == []
         assert await call("A", "n/2", "b", "0") == []
@@ -458,6 +453,11 @@ async def call_script(limiter: RedisCapacity, *request: str) -> list[str]:
     """One run of the requests script: the water level, then the ids granted."""
     answer: list[str] = await limiter._requests(keys=[], args=[*limiter._base, *request])
     return answer
+
+
+async def granted(limiter: RedisCapacity, *request: str) -> list[str]:
+    """The ids one run of the requests script granted (its water level left out)."""
+    return (await call_script(limiter, *request))[1:]
 
 
 async def test_the_water_level_shares_the_capacity_max_min_across_the_demands(
@@ -512,22 +512,22 @@ async def test_a_hand_on_moves_the_slot_whatever_else_reached_redis_first(
     redis_prefix: str,
 ) -> None:
     async with script_limiter(redis_prefix, capacity=2) as (_, limiter):
-        call = partial(call_script, limiter)
+        call = partial(granted, limiter)
         # The waiter's queueing is still on its way: it holds the slot all the same, and the
         # queueing that comes after changes nothing.
-        assert (await call("A", "n/1", "a", "0"))[1:] == ["n/1"]
-        assert (await call("H", "n/1", "n/2", "a", ""))[1:] == []
-        assert (await call("A", "n/2", "a", "0"))[1:] == ["n/2"]  # (it holds already)
+        assert await call("A", "n/1", "a", "0") == ["n/1"]
+        assert await call("H", "n/1", "n/2", "a", "") == []
+        assert await call("A", "n/2", "a", "0") == ["n/2"]  # (it holds already)
         assert await redis_counts(redis_prefix) == (1, 0, 0)
         # Redis granted the waiter a slot freed elsewhere meanwhile: it keeps that one only.
-        assert (await call("A", "n/3", "a", "0", "A", "n/4", "a", "0"))[1:] == ["n/3"]
-        assert (await call("R", "n/2"))[1:] == ["n/4"]
-        assert (await call("H", "n/3", "n/4", "a", ""))[1:] == []
+        assert await call("A", "n/3", "a", "0", "A", "n/4", "a", "0") == ["n/3"]
+        assert await call("R", "n/2") == ["n/4"]
+        assert await call("H", "n/3", "n/4", "a", "") == []
         assert await redis_counts(redis_prefix) == (1, 0, 0)
         # A waiter that gave its place up takes no slot; the slot handed on is free.
-        assert (await call("A", "n/5", "b", "0"))[1:] == ["n/5"]
-        assert (await call("A", "n/6", "b", "0", "R", "n/6"))[1:] == []
-        assert (await call("H", "n/5", "n/6", "b", ""))[1:] == []
+        assert await call("A", "n/5", "b", "0") == ["n/5"]
+        assert await call("A", "n/6", "b", "0", "R", "n/6") == []
+        assert await call("H", "n/5", "n/6", "b", "") == []
         assert await redis_counts(redis_prefix) == (1, 0, 0)
         await call("R", "n/4")
     assert await redis_counts(redis_prefix) == (0, 0, 0)
@@ -625,12 +625,12 @@ async def test_hand_ons_and_renewals_that_overtake_each_other_never_count_a_slot
     base = f"{redis_prefix}capacity:"
     async with open_client(REDIS_URL) as client:
         limiter = RedisCapacity(client, prefix=base, capacity=1)
-        call = partial(call_script, limiter)
+        call = partial(granted, limiter)
 
         async def renew(*holders: str) -> None:
             await limiter._renew(keys=[], args=[*limiter._base, str(len(holders) // 3), *holders])
 
-        assert (await call("A", "n/1", "a", "0"))[1:] == ["n/1"]
+        assert await call("A", "n/1", "a", "0") == ["n/1"]
         seq = await client.hget(f"{base}job:a", "seq")
         # n/1's slot went to n/2, then to n/3, all on one process. The renewal names the
         # holder n/3 with the slots it replaced; it reaches Redis first, then the second
@@ -672,15 +672,15 @@ async def test_a_waiter_that_held_and_handed_on_before_redis_heard_is_not_grante
     redis_prefix: str,
 ) -> None:
     async with script_limiter(redis_prefix, capacity=1) as (_, limiter):
-        call = partial(call_script, limiter)
-        assert (await call("A", "n/1", "a", "0", "A", "n/2", "a", "1"))[1:] == ["n/1"]
+        call = partial(granted, limiter)
+        assert await call("A", "n/1", "a", "0", "A", "n/2", "a", "1") == ["n/1"]
         # n/1's slot went to n/2, then n/2's to n/3; the second hand-on reaches Redis first,
         # while n/2 still waits in a's queue there.
         await call("H", "n/2", "n/3", "a", "n/1")
         assert await redis_counts(redis_prefix) == (1, 0, 0)  # n/2 waits no more
         # n/3 gives the slot back: nobody waits for it (n/2 is done), so it is free.
-        assert (await call("R", "n/3"))[1:] == []
-        assert (await call("H", "n/1", "n/2", "a", ""))[1:] == []
+        assert await call("R", "n/3") == []
+        assert await call("H", "n/1", "n/2", "a", "") == []
     assert await redis_counts(redis_prefix) == (0, 0, 0)
 
 
@@ -688,11 +688,11 @@ async def test_a_hand_on_gives_back_every_slot_it_replaced_that_redis_has_held(
     redis_prefix: str,
 ) -> None:
     async with script_limiter(redis_prefix, capacity=2) as (client, limiter):
-        call = partial(call_script, limiter)
+        call = partial(granted, limiter)
         # n/1 held; its process handed it to n/2, which a dispatch had granted a slot of its
         # own meanwhile (the process merged the two), then n/2's to n/3. Only the last hand-on
         # reaches Redis (the first one's heir had handed on before it was sent).
-        assert (await call("A", "n/1", "a", "0", "A", "n/2", "a", "1"))[1:] == ["n/1", "n/2"]
+        assert await call("A", "n/1", "a", "0", "A", "n/2", "a", "1") == ["n/1", "n/2"]
         await call("H", "n/2", "n/3", "a", "n/1")
         assert await client.zrange(f"{redis_prefix}capacity:holders", 0, -1) == ("n/3",)
         await call("R", "n/3")
