@@ -410,6 +410,11 @@ class JobActor:
         if self._admission.settled:
             self._settle_admission()
 
+    def stored_by_admission(self) -> None:
+        """The new job's :meth:`first_write` landed through its admission (a cluster node's
+        script call, not this actor's write): it runs on from there as if restored (sync)."""
+        self._stored.set()
+
     def first_write(self) -> tuple[Operation, ...]:
         """The new job's first write: its record and its images (sync)."""
         images = tuple(self._image_snapshot(image) for image in self._images)

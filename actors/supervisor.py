@@ -886,13 +886,28 @@ class Supervisor:
         job = self._new_job(
             owner, prompt, num_images, idempotency_key, seq=await cluster.next_seq()
         )
-        # Admitted in one step with the write (other nodes may be admitting at the same time).
+        # Admitted in one step with the write (other nodes may be admitting at the same time),
+        # and taken to run here when this node has room and no job waits in the queue.
         settings = self.settings
-        outcome, holder = await cluster.store.admit(
-            job.first_write(),
-            max_active=settings.max_active_jobs_per_user,
-            max_queued_images=settings.max_queued_images,
-        )
+        with cluster.room_for_one() as here:
+            outcome, holder = await cluster.store.admit(
+                job.first_write(),
+                max_active=settings.max_active_jobs_per_user,
+                max_queued_images=settings.max_queued_images,
+                take=here,
+            )
+            if outcome == "taken":
+                assert holder is not None
+                # No checkpoint before it is held and running: a cancel or a renewal finds it.
+                cluster.hold_accepted(job.job_id, holder)
+                if self.draining.is_set() or self._nursery is None:
+                    # Stopping meanwhile: handed over, as a job taken from the queue would be.
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLUSTER_RELEASE_S):
+                        await cluster.release(job.job_id, requeue=True)
+                else:
+                    job.stored_by_admission()
+                    self._launch(cluster, job, cancelled=False)
+                outcome = "admitted"
         if outcome == "held":
             assert holder is not None
             existing = await self._replay_stored(holder, prompt, num_images)
@@ -949,6 +964,13 @@ class Supervisor:
         except Exception:
             logger.exception("job %s cannot be restored; left in the store", job_id)
             return False
+        self._launch(cluster, job, cancelled=cancelled)
+        return True
+
+    def _launch(self, cluster: ClusterNode, job: JobActor, *, cancelled: bool) -> None:
+        """Run ``job``, whose lease this node holds, here (sync)."""
+        assert self._nursery is not None
+        job_id = job.job_id
         if cluster.follower is not None:
             job.on_publish = partial(cluster.follower.offer, job_id)
         self._active[job_id] = job
@@ -956,7 +978,6 @@ class Supervisor:
             job.cancel()
         self._nursery.start_soon(self._run_cluster_job, cluster, job, name=f"job {job_id}")
         logger.info("job %s runs on node %s", job_id, cluster.node_id)
-        return True
 
     async def _run_cluster_job(self, cluster: ClusterNode, job: JobActor) -> None:
         try:

@@ -18,12 +18,16 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
 A node that is gone for good (each start is a new node id) stays a consumer of ``P queue`` until
 a node removes it (:data:`CONSUMER_IDLE_S` unseen, nothing pending: ``FORGET_CONSUMERS``).
 
-How a job moves: the node that accepts it writes it (and its queue entry) in one batch; a node
-with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and
-runs it. A job cancelled while no node holds it (queued) is taken by the node asked to cancel it
-(``CANCEL``), which ends it at once and removes its queue entry, as any node ending a job does.
-Each node renews the leases of all its jobs in one script call every third of the lease,
-which also keeps their queue entries fresh. A node that dies stops renewing: once its entries
+How a job moves: the node that accepts it writes it (and its queue entry) in one batch. If that
+node has room and no other job waits in the queue, the same script call reads the new entry in
+the node's name and takes the job's lease: the node runs the job it accepted at once, from
+memory (:meth:`ClusterNode.room_for_one`), and the clients that created it, polling or
+following it there, read it without Redis. Otherwise a node with room takes the entry
+(``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and runs it. A job cancelled
+while no node holds it (queued) is taken by the node asked to cancel it (``CANCEL``), which
+ends it at once and removes its queue entry, as any node ending a job does. Each node renews
+the leases of all its jobs in one script call every third of the lease, which also keeps their
+queue entries fresh. A node that dies stops renewing: once its entries
 have been idle for a lease, another node claims them (``XAUTOCLAIM``) and, its lease taken, goes
 on with the job from what is stored (each image's remote work resumed by id). A node claims only
 once its own calls have reached Redis for a lease without a failure: after Redis was out of
@@ -41,7 +45,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -151,6 +155,10 @@ class ClusterNode:
         self.wake_key = f"{self.keys.prefix}node:{self.node_id}:wake"
         #: job id -> its queue entry id, for every job this node runs.
         self.held: dict[str, str] = {}
+        #: Room kept for jobs being accepted here, to run here if their admission takes them.
+        self._reserved = 0
+        #: Room promised to the blocking read of the queue under way (what it may take).
+        self._reading = 0
         self._room = trio.Event()
         self._room.set()
         self._draining = trio.Event()
@@ -159,6 +167,7 @@ class ClusterNode:
         self._on_cancel: Callable[[str], None] = _ignore
         self.follower: StreamFollower | None = None
         self.taken = 0
+        self.kept = 0
         self.claimed = 0
         self.renewals = 0
         self.failures = TaskFailures()
@@ -233,11 +242,38 @@ class ClusterNode:
         self._draining.set()
         self._room.set()
 
+    def _free(self) -> int:
+        return self.max_jobs - len(self.held) - self._reserved
+
     def _update_room(self) -> None:
-        if len(self.held) < self.max_jobs:
+        if self._free() > 0:
             self._room.set()
         elif self._room.is_set():
             self._room = trio.Event()
+
+    @contextlib.contextmanager
+    def room_for_one(self) -> Iterator[bool]:
+        """Whether a job this node is accepting may run here without the queue: True while
+        the node takes jobs and has room, which is kept for it until the block ends (the
+        admission's answer tells whether it was taken: then :meth:`hold_accepted`). The room
+        promised to the queue's blocking read under way is not used: that read may answer with
+        as many entries."""
+        if self._draining.is_set() or self._free() - self._reading <= 0:
+            yield False
+            return
+        self._reserved += 1
+        self._update_room()
+        try:
+            yield True
+        finally:
+            self._reserved -= 1
+            self._update_room()
+
+    def hold_accepted(self, job_id: str, entry_id: str) -> None:
+        """The admission of ``job_id`` took its queue entry and lease for this node (sync)."""
+        self.held[job_id] = entry_id
+        self.kept += 1
+        self._update_room()
 
     async def _take_jobs(self) -> None:
         """Take new (and handed-over) jobs from the queue while this node has room."""
@@ -246,15 +282,17 @@ class ClusterNode:
             await self._room.wait()
             if self._draining.is_set():
                 return
+            self._reading = max(1, min(TAKE_COUNT, self._free()))
             try:
                 answer: Any = await self.store.client.xreadgroup(
                     scripts.GROUP,
                     self.node_id,
                     streams={self.queue_key: ">"},
-                    count=max(1, min(TAKE_COUNT, self.max_jobs - len(self.held))),
+                    count=self._reading,
                     block=TAKE_BLOCK_MS,
                 )
             except _REDIS_ERRORS as exc:
+                self._reading = 0
                 self.store.lost_contact()
                 # Once per outage (the store's calls and /health tell the rest of it).
                 log = logger.warning if delay == 0.1 else logger.debug
@@ -267,9 +305,12 @@ class ClusterNode:
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.1
-            for entries in (answer or {}).values():
-                for entry in entries:
-                    await self._admit_entry(str(entry.identifier), entry.field_values)
+            try:  # (the room stays promised until each entry read is held or let go)
+                for entries in (answer or {}).values():
+                    for entry in entries:
+                        await self._admit_entry(str(entry.identifier), entry.field_values)
+            finally:
+                self._reading = 0
 
     async def _claim_jobs(self) -> None:
         """Claim the entries of jobs whose node stopped renewing (dead, or cut off for a lease)."""
@@ -282,7 +323,7 @@ class ClusterNode:
             # the next goes on from where it stopped, at once while nothing was claimed, until
             # it has been round (or :data:`CLAIM_CALLS` calls: the rest at the next tick).
             for _ in range(CLAIM_CALLS):
-                if self._draining.is_set() or len(self.held) >= self.max_jobs:
+                if self._draining.is_set() or self._free() <= 0:
                     break
                 try:
                     start, entries = await self._claim(start)
@@ -559,6 +600,7 @@ class ClusterNode:
             "lease_s": self.lease_s,
             "taking": not self._draining.is_set(),
             "taken_total": self.taken,
+            "kept_total": self.kept,
             "claimed_total": self.claimed,
             "renewals_total": self.renewals,
             "jobs_followed": 0 if follower is None else follower.followed,

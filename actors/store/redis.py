@@ -521,15 +521,24 @@ class RedisStore:
         return None
 
     async def admit(
-        self, operations: Sequence[Operation], *, max_active: int, max_queued_images: int
+        self,
+        operations: Sequence[Operation],
+        *,
+        max_active: int,
+        max_queued_images: int,
+        take: bool = False,
     ) -> tuple[str, str | None]:
         """Write a new job's first write (``operations``, its record first) if its owner may
         have one more unfinished job and its images fit in the queue, atomically with those
         checks and with its idempotency key's: one script call of its own (not through the
-        writer: its answer is the caller's).
+        writer: its answer is the caller's). With ``take`` (a cluster node with room), the
+        node takes the new job's queue entry and lease in the same call, unless other jobs
+        wait in the queue for a node (the new one then queues behind them).
 
         Returns:
-            ``("admitted", None)``; or, nothing written, ``("held", job id)``: the job's
+            ``("admitted", None)``; ``("taken", queue entry id)``: admitted, and the job is this
+            node's to run (its lease is held, its entry pending in the node's name); or,
+            nothing written, ``("held", job id)``: the job's
             idempotency key is that job's, ``("limit", unfinished jobs)``: the owner has
             ``max_active`` unfinished jobs or more, or ``("busy", images)``: the images of
             unfinished jobs (every node's) and the new job's are more than ``max_queued_images``.
@@ -543,10 +552,12 @@ class RedisStore:
         args = [self.keys.prefix, self.node or "", str(self._lease_ms)]
         args += ["A", record.job_id, safe_text(record.owner) or ""]
         args += [*_key_arguments(record.idempotency_key), str(max_active)]
-        args += [str(record.num_images), str(max_queued_images)]
+        args += [str(record.num_images), str(max_queued_images), "1" if take else "0"]
         args += batch_arguments(operations)
         answer: Any = await self._call("admitting a job", lambda: self._batch(keys=[], args=args))
         if isinstance(answer, list):
+            if str(answer[0]) == "taken":
+                self._batches += 1
             return str(answer[0]), str(answer[1])
         self._batches += 1
         return "admitted", None

@@ -19,9 +19,13 @@ from __future__ import annotations
 #: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
 #: images), ``E id event_id json`` (append event), ``R id index json`` (remote work), ``C id
 #: index json`` (copy of an output), ``D id`` (delete job), ``A id owner has_idem idem
-#: max_active images max_queued`` (admit the new job ``id`` of ``images`` images: checks only,
-#: before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's).
-#: Returns the number of operations; or, writing nothing, ``{"held", job id}`` (the idempotency
+#: max_active images max_queued take`` (admit the new job ``id`` of ``images`` images: checks
+#: only, before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's;
+#: ``take`` ``1``: the node has room to run it).
+#: Returns the number of operations, or ``{"taken", entry id}`` when the node of an ``A`` with
+#: ``take`` took the new job's queue entry and lease itself: it does when no queue entry waits
+#: for a node before the new one (else the job queues behind those, for any node with room).
+#: Or, writing nothing, ``{"held", job id}`` (the idempotency
 #: key of an ``A`` is that job's), ``{"limit", active}`` (its owner has ``max_active`` unfinished
 #: jobs or more) or ``{"busy", queued}`` (the images of unfinished jobs, cluster-wide, and the
 #: new job's would be more than ``max_queued``).
@@ -41,6 +45,7 @@ local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part
 
 -- Parse the operations.
 local ops = {}
+local take = nil  -- the new job the node admitting it may run itself (an A's take)
 local i = 4
 while i <= #ARGV do
   local tag, id = ARGV[i], ARGV[i + 1]
@@ -75,7 +80,8 @@ while i <= #ARGV do
     ops[#ops + 1] = {tag = tag, id = id, owner = ARGV[i + 2], idem = idem,
                      max_active = tonumber(ARGV[i + 5]), images = tonumber(ARGV[i + 6]),
                      max_queued = tonumber(ARGV[i + 7])}
-    i = i + 8
+    if ARGV[i + 8] == '1' and node ~= '' then take = id end
+    i = i + 9
   else
     return redis.error_reply('REFUSED unknown operation ' .. tostring(tag))
   end
@@ -273,7 +279,40 @@ local function take_off(hash, total, id)
   end
 end
 local function deactivate(id) take_off(P .. 'active', P .. 'active_images', id) end
+-- Whether an entry of the job queue waits for a node (one newer than the group's last delivered;
+-- true too when that cannot be told: the new job then queues, as before).
+local function stream_id(s)
+  local ms, n = string.match(s, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(n)
+end
+local function queue_waits(queue)
+  local newest = redis.call('XREVRANGE', queue, '+', '-', 'COUNT', 1)[1]
+  if not newest then return false end
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', queue)
+  if not ok then return true end
+  for _, group in ipairs(groups) do
+    local fields = {}
+    for k = 1, #group, 2 do fields[group[k]] = group[k + 1] end
+    if fields['name'] == 'nodes' then
+      local ms, n = stream_id(newest[1])
+      local last_ms, last_n = stream_id(fields['last-delivered-id'])
+      return ms > last_ms or (ms == last_ms and n > last_n)
+    end
+  end
+  return true
+end
+-- The admitting node reads the new entry (the oldest undelivered one: none waited before it)
+-- as a node taking it from the queue would, and takes the job's lease: the entry is pending in
+-- its name, so a dead node's job is claimed as any other.
+local function take_entry(queue, entry, id)
+  local ok, read = pcall(redis.call, 'XREADGROUP', 'GROUP', 'nodes', node, 'COUNT', 1,
+                         'STREAMS', queue, '>')
+  if not ok or not read or read[1][2][1][1] ~= entry then return nil end
+  redis.call('SET', P .. 'lease:' .. id, node, 'PX', ttl)
+  return entry
+end
 local top = 0
+local taken = nil
 for _, op in ipairs(ops) do
   local id = op.id
   if op.tag == 'J' then
@@ -303,7 +342,11 @@ for _, op in ipairs(ops) do
     end
     if node ~= '' and fresh[id] then
       fresh[id] = false
-      redis.call('HSET', P .. 'entries', id, redis.call('XADD', P .. 'queue', '*', 'job', id))
+      local queue = P .. 'queue'
+      local waiting = take == id and queue_waits(queue)
+      local entry = redis.call('XADD', queue, '*', 'job', id)
+      redis.call('HSET', P .. 'entries', id, entry)
+      if take == id and not waiting then taken = take_entry(queue, entry, id) end
     end
   elseif op.tag == 'I' then
     hset_range(job_key(id, 'images'), op.first, op.count)
@@ -339,6 +382,7 @@ end
 if top > tonumber(redis.call('GET', P .. 'seq') or '0') then
   redis.call('SET', P .. 'seq', top)
 end
+if taken then return {'taken', taken} end
 return #ops
 """
 

@@ -149,6 +149,9 @@ async def test_a_job_accepted_on_one_node_runs_once_and_streams_on_every_node(
     providers = [fast(), fast()]
     async with node(redis_prefix, providers[0]) as a, node(redis_prefix, providers[1]) as b:
         job_id = await submit(a, 3)
+        # a has room: it runs the job it accepted, held and running as the submission returns.
+        assert job_id in cluster_of(a).held
+        assert job_id in a._active
         with (
             await a.subscribe_job(job_id, owner="alice", transport=Transport.SSE) as on_a,
             await b.subscribe_job(job_id, owner="alice", transport=Transport.WEBSOCKET) as on_b,
@@ -156,12 +159,70 @@ async def test_a_job_accepted_on_one_node_runs_once_and_streams_on_every_node(
             events_a = await read_to_done(on_a)
             events_b = await read_to_done(on_b)
         found = [await a.find(job_id, owner="alice"), await b.find(job_id, owner="alice")]
+        statistics = [cluster_of(a).statistics(), cluster_of(b).statistics()]
 
     assert [event.id for event in events_b] == [1, 2, 3, 4]
     assert events_a == events_b
     assert [snapshot.status for snapshot in found] == [JobStatus.COMPLETED] * 2
-    # Exactly one node ran it: one provider call per image in all.
-    assert sorted(len(provider.calls) for provider in providers) == [0, 3]
+    # Exactly one node ran it, without the queue: one provider call per image in all.
+    assert [len(provider.calls) for provider in providers] == [3, 0]
+    assert [(s["kept_total"], s["taken_total"]) for s in statistics] == [(1, 0), (0, 0)]
+
+
+async def test_a_node_without_room_or_draining_leaves_the_job_it_accepts_to_the_queue(
+    redis_prefix: str,
+) -> None:
+    providers = [blocked(), fast()]
+    # Room for 5 jobs, 4 of which are promised to a's read of the queue under way (TAKE_COUNT).
+    assert node_module.TAKE_COUNT == 4
+    async with (
+        node(redis_prefix, providers[0], max_jobs=5) as a,
+        node(redis_prefix, providers[1]) as b,
+    ):
+        first = await submit(a)
+        second = await submit(a)  # through the queue: a node's read takes it (a's or b's)
+
+        async def taken() -> bool:
+            await trio.lowlevel.checkpoint()
+            return second in cluster_of(a).held or second in cluster_of(b).held
+
+        await poll(taken)
+        cluster_of(a).stop_taking()
+        third = await submit(a)
+        await held_by(b, third)
+        statistics = cluster_of(a).statistics(), cluster_of(b).statistics()
+
+    assert [s["kept_total"] for s in statistics] == [1, 0]
+    assert [s["taken_total"] for s in statistics] in ([2, 0], [1, 1], [0, 2])
+    ran_on_a = {request.job_id for request in providers[0].calls}
+    assert first in ran_on_a
+    assert third not in ran_on_a
+
+
+async def test_a_job_accepted_while_the_node_starts_draining_is_handed_over(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    providers = [blocked(), fast()]
+    async with node(redis_prefix, providers[0]) as a, node(redis_prefix, providers[1]) as b:
+        real_admit = type(cluster_of(a).store).admit
+
+        async def admit_then_drain(store: Any, *args: Any, **kwargs: Any) -> Any:
+            answer = await real_admit(store, *args, **kwargs)
+            if store is cluster_of(a).store:
+                a.stop_admitting()  # SIGTERM while the admission was under way
+            return answer
+
+        monkeypatch.setattr(type(cluster_of(a).store), "admit", admit_then_drain)
+        job_id = await submit(a)
+
+        async def completed() -> bool:
+            return (await b.find(job_id, owner="alice")).status is JobStatus.COMPLETED
+
+        await poll(completed)
+        kept = cluster_of(a).kept
+
+    assert kept == 1  # it was taken here, and released at once for another node
+    assert providers[0].calls == []
 
 
 async def test_a_job_s_list_idempotency_key_and_user_limit_are_cluster_wide(

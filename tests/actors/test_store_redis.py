@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -202,6 +203,80 @@ async def test_a_job_another_node_holds_is_fenced_and_fails_alone(
     assert caught.value.refused
     events = {stored.job.job_id: stored.events for stored in await node_store.load()}
     assert events == {"job-1": (), "job-2": (progress(1, 0),)}
+
+
+async def queue_entries(prefix: str, *, node: str) -> tuple[list[str], list[str]]:
+    """The job queue's entries (their jobs), and those pending in ``node``'s name."""
+    async with open_client(REDIS_URL) as client:
+        entries = await client.xrange(f"{prefix}queue")
+        pending: Any = await client.xpending(
+            f"{prefix}queue", "nodes", start="-", end="+", count=100, consumer=node
+        )
+    by_id = {str(entry.identifier): str(entry.field_values["job"]) for entry in entries}
+    return list(by_id.values()), [by_id[str(row.identifier)] for row in pending]
+
+
+async def test_a_node_with_room_takes_the_job_it_admits_in_the_same_call(
+    node_store: RedisStore, prefix: str
+) -> None:
+    async with open_client(REDIS_URL) as client:
+        await client.xgroup_create(f"{prefix}queue", "nodes", "0", mkstream=True)
+    outcome, entry = await node_store.admit(
+        new_job("job-1"), max_active=10, max_queued_images=100, take=True
+    )
+
+    async with open_client(REDIS_URL) as client:
+        entries = await client.xrange(f"{prefix}queue")
+    assert (outcome, entry) == ("taken", str(entries[0].identifier))
+    assert await queue_entries(prefix, node="node-a") == (["job-1"], ["job-1"])
+    assert await redis_get(f"{prefix}lease:job-1") == "node-a"
+    assert [stored.job.job_id for stored in await node_store.load()] == ["job-1"]
+
+
+async def test_a_job_admitted_while_others_wait_for_a_node_queues_behind_them(
+    node_store: RedisStore, prefix: str
+) -> None:
+    async with open_client(REDIS_URL) as client:
+        await client.xgroup_create(f"{prefix}queue", "nodes", "0", mkstream=True)
+    assert await node_store.admit(new_job("job-1"), max_active=10, max_queued_images=100) == (
+        "admitted",
+        None,
+    )
+    assert await node_store.admit(
+        new_job("job-2", 2), max_active=10, max_queued_images=100, take=True
+    ) == ("admitted", None)
+
+    # Both wait for any node with room, in the order they came.
+    assert await queue_entries(prefix, node="node-a") == (["job-1", "job-2"], [])
+    assert await redis_get(f"{prefix}lease:job-2") is None
+    async with open_client(REDIS_URL) as client:
+        read: Any = await client.xreadgroup(
+            "nodes", "node-b", streams={f"{prefix}queue": ">"}, count=1
+        )
+    assert [entry.field_values["job"] for entry in read[f"{prefix}queue"]] == ["job-1"]
+    # Once no entry waits, the next job the node admits is its own again.
+    assert (
+        await node_store.admit(new_job("job-3", 3), max_active=10, max_queued_images=100, take=True)
+    )[0] == "admitted"
+    async with open_client(REDIS_URL) as client:
+        await client.xreadgroup("nodes", "node-b", streams={f"{prefix}queue": ">"}, count=5)
+    outcome, _ = await node_store.admit(
+        new_job("job-4", 4), max_active=10, max_queued_images=100, take=True
+    )
+    assert outcome == "taken"
+    assert (await queue_entries(prefix, node="node-a"))[1] == ["job-4"]
+
+
+async def test_a_node_takes_nothing_from_a_queue_redis_lost(
+    node_store: RedisStore, prefix: str
+) -> None:
+    # No consumer group (Redis restarted without persistence; the nodes make it again).
+    outcome, _ = await node_store.admit(
+        new_job("job-1"), max_active=10, max_queued_images=100, take=True
+    )
+
+    assert outcome == "admitted"
+    assert await redis_get(f"{prefix}lease:job-1") is None
 
 
 def ended(job_id: str = "job-1") -> PutJob:
