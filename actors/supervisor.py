@@ -889,12 +889,12 @@ class Supervisor:
         # Admitted in one step with the write (other nodes may be admitting at the same time),
         # and taken to run here when this node has room and no job waits in the queue.
         settings = self.settings
-        with cluster.room_for_one() as here:
+        with cluster.room_for_one() as take:
             outcome, holder = await cluster.store.admit(
                 job.first_write(),
                 max_active=settings.max_active_jobs_per_user,
                 max_queued_images=settings.max_queued_images,
-                take=here,
+                take=take,
             )
             if outcome == "taken":
                 assert holder is not None

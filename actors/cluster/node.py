@@ -14,15 +14,19 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
     P job:<id>:ended_by     string  the node that wrote the job's end (the store's batch; a
                                     day, PX): that node may write it again
     P gone:<id>             string  a job a node deleted (a day, PX): not written again
+    P takers                zset    node -> until when (ms) it takes jobs: each renewal of a node
+                                    with room and not draining puts it there for a lease
+    P running               hash    node -> how many jobs it runs (for the nodes in P takers)
 
 A node that is gone for good (each start is a new node id) stays a consumer of ``P queue`` until
 a node removes it (:data:`CONSUMER_IDLE_S` unseen, nothing pending: ``FORGET_CONSUMERS``).
 
 How a job moves: the node that accepts it writes it (and its queue entry) in one batch. If that
-node has room and no other job waits in the queue, the same script call reads the new entry in
-the node's name and takes the job's lease: the node runs the job it accepted at once, from
-memory (:meth:`ClusterNode.room_for_one`), and the clients that created it, polling or
-following it there, read it without Redis. Otherwise a node with room takes the entry
+node has room, no other job waits in the queue, and the node runs no more than
+:data:`KEEP_AHEAD` jobs more than any other node taking jobs (``P takers``, ``P running``), the
+same script call reads the new entry in the node's name and takes the job's lease: the node
+runs the job it accepted at once, from memory (:meth:`ClusterNode.room_for_one`), and the
+clients that created it, polling or following it there, read it without Redis. Otherwise a node with room takes the entry
 (``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and runs it. A job cancelled
 while no node holds it (queued) is taken by the node asked to cancel it (``CANCEL``), which
 ends it at once and removes its queue entry, as any node ending a job does. Each node renews
@@ -68,6 +72,9 @@ MAX_JOBS_PER_NODE = 200
 TAKE_BLOCK_MS = 2000
 #: Queue entries taken per XREADGROUP at most (a burst of jobs is taken in few round trips).
 TAKE_COUNT = 4
+#: A node runs a job it accepts itself only while it runs at most this many jobs more than every
+#: other node taking jobs (:meth:`ClusterNode.room_for_one`).
+KEEP_AHEAD = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
 #: Claim calls at most per tick (half a lease) while they claim nothing: 10,000 entries looked at.
@@ -252,19 +259,22 @@ class ClusterNode:
             self._room = trio.Event()
 
     @contextlib.contextmanager
-    def room_for_one(self) -> Iterator[bool]:
-        """Whether a job this node is accepting may run here without the queue: True while
-        the node takes jobs and has room, which is kept for it until the block ends (the
-        admission's answer tells whether it was taken: then :meth:`hold_accepted`). The room
-        promised to the queue's blocking read under way is not used: that read may answer with
-        as many entries."""
+    def room_for_one(self) -> Iterator[int | None]:
+        """Whether a job this node is accepting may run here without the queue: while the
+        node takes jobs and has room, which is kept for the job until the block ends,
+        :data:`KEEP_AHEAD` (``take`` of :meth:`RedisStore.admit`: the job is taken here unless
+        jobs wait in the queue, or this node runs more than that many jobs more than another
+        node taking jobs, so that a node accepting more jobs than the others shares them out
+        through the queue; the answer tells whether it was: then :meth:`hold_accepted`), else
+        ``None``. The room promised to the queue's blocking read under way is not used: that
+        read may answer with as many entries."""
         if self._draining.is_set() or self._free() - self._reading <= 0:
-            yield False
+            yield None
             return
         self._reserved += 1
         self._update_room()
         try:
-            yield True
+            yield KEEP_AHEAD
         finally:
             self._reserved -= 1
             self._update_room()
@@ -435,35 +445,40 @@ class ClusterNode:
         return removed
 
     async def _keep_leases(self) -> None:
-        """Renew every lease this node holds, in one call, every third of the lease."""
+        """Renew every lease this node holds, in one call, every third of the lease (telling
+        the cluster, from the start, how many jobs this node runs and whether it takes more)."""
         period = self.lease_s / 3
         while True:
+            await self._renew_leases(period)
             await trio.sleep(period)
-            if not self.held:
-                continue
-            args = [self.keys.prefix, self.node_id, str(self._lease_ms)]
-            for job_id, entry_id in self.held.items():
-                args += [job_id, entry_id]
-            try:
-                answer: Any = await self.store._call(
-                    "renewing leases", partial(self._renew, keys=[], args=args), timeout_s=period
-                )
-            except StoreUnavailable as exc:
+
+    async def _renew_leases(self, period: float) -> None:
+        taking = not self._draining.is_set() and self._free() > 0
+        args = [self.keys.prefix, self.node_id, str(self._lease_ms), str(len(self.held))]
+        args.append("1" if taking else "0")
+        for job_id, entry_id in self.held.items():
+            args += [job_id, entry_id]
+        try:
+            answer: Any = await self.store._call(
+                "renewing leases", partial(self._renew, keys=[], args=args), timeout_s=period
+            )
+        except StoreUnavailable as exc:
+            if self.held:
                 logger.warning("cluster: %s", exc)
-                continue
-            self.renewals += 1
-            lost, cancelled = answer
-            for job_id in lost:
-                logger.warning(
-                    "cluster: job %s is another node's now (taken over, or ended or deleted "
-                    "there while this node was cut off): stopped here",
-                    job_id,
-                )
-                self.held.pop(str(job_id), None)
-                self._on_lost(str(job_id))
-            for job_id in cancelled:
-                self._on_cancel(str(job_id))
-            self._update_room()
+            return
+        self.renewals += 1
+        lost, cancelled = answer
+        for job_id in lost:
+            logger.warning(
+                "cluster: job %s is another node's now (taken over, or ended or deleted "
+                "there while this node was cut off): stopped here",
+                job_id,
+            )
+            self.held.pop(str(job_id), None)
+            self._on_lost(str(job_id))
+        for job_id in cancelled:
+            self._on_cancel(str(job_id))
+        self._update_room()
 
     # --- calls of the supervisor ----------------------------------------------------------
 

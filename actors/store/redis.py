@@ -526,14 +526,15 @@ class RedisStore:
         *,
         max_active: int,
         max_queued_images: int,
-        take: bool = False,
+        take: int | None = None,
     ) -> tuple[str, str | None]:
         """Write a new job's first write (``operations``, its record first) if its owner may
         have one more unfinished job and its images fit in the queue, atomically with those
         checks and with its idempotency key's: one script call of its own (not through the
-        writer: its answer is the caller's). With ``take`` (a cluster node with room), the
-        node takes the new job's queue entry and lease in the same call, unless other jobs
-        wait in the queue for a node (the new one then queues behind them).
+        writer: its answer is the caller's). With ``take`` (a cluster node that may run the
+        job), the node takes the new job's queue entry and lease in the same call, unless
+        other jobs wait in the queue for a node (the new one then queues behind them) or the
+        node runs more than ``take`` jobs more than another node taking jobs.
 
         Returns:
             ``("admitted", None)``; ``("taken", queue entry id)``: admitted, and the job is this
@@ -552,7 +553,7 @@ class RedisStore:
         args = [self.keys.prefix, self.node or "", str(self._lease_ms)]
         args += ["A", record.job_id, safe_text(record.owner) or ""]
         args += [*_key_arguments(record.idempotency_key), str(max_active)]
-        args += [str(record.num_images), str(max_queued_images), "1" if take else "0"]
+        args += [str(record.num_images), str(max_queued_images), "" if take is None else str(take)]
         args += batch_arguments(operations)
         answer: Any = await self._call("admitting a job", lambda: self._batch(keys=[], args=args))
         if isinstance(answer, list):

@@ -14,6 +14,17 @@ wrote nothing, and the writes of that job are never to be written by this node).
 
 from __future__ import annotations
 
+#: ``count(P, node, change)``: a cluster node taking jobs now runs ``change`` more (``P running``
+#: holds the count of each node in ``P takers``; each renewal sets it again: see
+#: ``actors/cluster/scripts.py``). Part of the scripts that take jobs, end them and keep them.
+COUNT_JOBS = r"""
+local function count(P, node, change)
+  if redis.call('HEXISTS', P .. 'running', node) == 1 then
+    redis.call('HINCRBY', P .. 'running', node, change)
+  end
+end
+"""
+
 #: ARGV: prefix, node id (empty: a store used alone, no fence), lease (ms), then the
 #: operations, each as a tag and its fields: ``J id seq owner has_idem idem finished_ms n field
 #: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
@@ -21,10 +32,13 @@ from __future__ import annotations
 #: index json`` (copy of an output), ``D id`` (delete job), ``A id owner has_idem idem
 #: max_active images max_queued take`` (admit the new job ``id`` of ``images`` images: checks
 #: only, before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's;
-#: ``take`` ``1``: the node has room to run it).
+#: ``take``: empty, or ``ahead`` when the node may run the job itself).
 #: Returns the number of operations, or ``{"taken", entry id}`` when the node of an ``A`` with
-#: ``take`` took the new job's queue entry and lease itself: it does when no queue entry waits
-#: for a node before the new one (else the job queues behind those, for any node with room).
+#: a ``take`` took the new job's queue entry and lease itself. It does unless a queue entry
+#: waits for a node before the new one (the job then queues behind those, for any node with
+#: room), or the node runs more than ``ahead`` jobs more than another node taking jobs (``P
+#: takers``, ``P running``: the job goes through the queue, so that a node accepting more jobs
+#: than the others shares them out).
 #: Or, writing nothing, ``{"held", job id}`` (the idempotency
 #: key of an ``A`` is that job's), ``{"limit", active}`` (its owner has ``max_active`` unfinished
 #: jobs or more) or ``{"busy", queued}`` (the images of unfinished jobs, cluster-wide, and the
@@ -34,8 +48,12 @@ from __future__ import annotations
 #: together, only when a job is written unfinished for the first time, or written finished, or
 #: deleted: whichever node ends a job (a dead node's is ended by the one that carries it on)
 #: takes its images off.
-BATCH = r"""#!lua
+BATCH = (
+    r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
+"""
+    + COUNT_JOBS
+    + r"""
 -- How long a cluster remembers a deleted job (P gone:<id>) and who ended a job (P job:<id>:
 -- ended_by): a day, as long as a node cut off from Redis may come back and write.
 local GONE_MS = 86400000
@@ -45,7 +63,9 @@ local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part
 
 -- Parse the operations.
 local ops = {}
-local take = nil  -- the new job the node admitting it may run itself (an A's take)
+-- The new job the node admitting it may run itself (an A's take), unless it runs more than
+-- ``ahead`` jobs more than another node.
+local take, ahead = nil, 0
 local i = 4
 while i <= #ARGV do
   local tag, id = ARGV[i], ARGV[i + 1]
@@ -80,7 +100,7 @@ while i <= #ARGV do
     ops[#ops + 1] = {tag = tag, id = id, owner = ARGV[i + 2], idem = idem,
                      max_active = tonumber(ARGV[i + 5]), images = tonumber(ARGV[i + 6]),
                      max_queued = tonumber(ARGV[i + 7])}
-    if ARGV[i + 8] == '1' and node ~= '' then take = id end
+    if ARGV[i + 8] ~= '' and node ~= '' then take, ahead = id, tonumber(ARGV[i + 8]) end
     i = i + 9
   else
     return redis.error_reply('REFUSED unknown operation ' .. tostring(tag))
@@ -279,8 +299,9 @@ local function take_off(hash, total, id)
   end
 end
 local function deactivate(id) take_off(P .. 'active', P .. 'active_images', id) end
--- Whether an entry of the job queue waits for a node (one newer than the group's last delivered;
--- true too when that cannot be told: the new job then queues, as before).
+-- Whether an entry of the job queue waits for a node: one newer than the group's last delivered
+-- (checked before the new job's entry is added). True too when that cannot be told (no group:
+-- Redis lost the queue, and the nodes make it again): the new job then queues.
 local function stream_id(s)
   local ms, n = string.match(s, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(n)
@@ -301,6 +322,18 @@ local function queue_waits(queue)
   end
   return true
 end
+local function far_ahead()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local counts = P .. 'running'
+  local mine = tonumber(redis.call('HGET', counts, node) or '0')
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', P .. 'takers', now, '+inf')) do
+    if other ~= node and mine > (tonumber(redis.call('HGET', counts, other)) or 0) + ahead then
+      return true
+    end
+  end
+  return false
+end
 -- The admitting node reads the new entry (the oldest undelivered one: none waited before it)
 -- as a node taking it from the queue would, and takes the job's lease: the entry is pending in
 -- its name, so a dead node's job is claimed as any other.
@@ -309,6 +342,7 @@ local function take_entry(queue, entry, id)
                          'STREAMS', queue, '>')
   if not ok or not read or read[1][2][1][1] ~= entry then return nil end
   redis.call('SET', P .. 'lease:' .. id, node, 'PX', ttl)
+  count(P, node, 1)
   return entry
 end
 local top = 0
@@ -343,10 +377,10 @@ for _, op in ipairs(ops) do
     if node ~= '' and fresh[id] then
       fresh[id] = false
       local queue = P .. 'queue'
-      local waiting = take == id and queue_waits(queue)
+      local keep = take == id and not far_ahead() and not queue_waits(queue)
       local entry = redis.call('XADD', queue, '*', 'job', id)
       redis.call('HSET', P .. 'entries', id, entry)
-      if take == id and not waiting then taken = take_entry(queue, entry, id) end
+      if keep then taken = take_entry(queue, entry, id) end
     end
   elseif op.tag == 'I' then
     hset_range(job_key(id, 'images'), op.first, op.count)
@@ -385,6 +419,7 @@ end
 if taken then return {'taken', taken} end
 return #ops
 """
+)
 
 
 #: ARGV: prefix, remote id, job id, image index. Takes the remote work (a prediction) for the

@@ -199,6 +199,40 @@ async def test_a_node_without_room_or_draining_leaves_the_job_it_accepts_to_the_
     assert third not in ran_on_a
 
 
+async def test_a_node_far_ahead_of_another_leaves_the_jobs_it_accepts_to_the_queue(
+    redis_prefix: str,
+) -> None:
+    providers = [blocked(), blocked()]
+    async with node(redis_prefix, providers[0]) as a, node(redis_prefix, providers[1]) as b:
+
+        async def takers_are(*nodes: Supervisor) -> None:
+            async def renewed() -> bool:
+                async with open_client(REDIS_URL) as client:
+                    takers = await client.zrange(f"{redis_prefix}takers", 0, -1)
+                return set(takers) == {cluster_of(n).node_id for n in nodes}
+
+            await poll(renewed)
+
+        await takers_are(a, b)  # both told the cluster they take jobs (b runs none)
+        jobs = [await submit(a) for _ in range(node_module.KEEP_AHEAD + 2)]
+
+        async def last_taken() -> bool:
+            await trio.lowlevel.checkpoint()
+            return jobs[-1] in cluster_of(a).held or jobs[-1] in cluster_of(b).held
+
+        await poll(last_taken)  # from the queue, by whichever node read it first
+        kept_while_b_took = cluster_of(a).kept
+        cluster_of(b).stop_taking()  # draining: it no longer counts
+        await takers_are(a)
+        after = await submit(a)
+        kept_after = cluster_of(a).kept
+        held_after = after in cluster_of(a).held
+
+    # b ran none: a kept jobs while it ran at most KEEP_AHEAD (4) more, that is 5.
+    assert kept_while_b_took == node_module.KEEP_AHEAD + 1
+    assert (kept_after, held_after) == (node_module.KEEP_AHEAD + 2, True)
+
+
 async def test_a_job_accepted_while_the_node_starts_draining_is_handed_over(
     redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -686,7 +720,7 @@ async def test_a_lapsed_lease_is_renewed_unless_another_node_ended_or_deleted_th
 
         renew = client.register_script(scripts.RENEW)
         answer: Any = await renew(
-            keys=[], args=[redis_prefix, "node-a", "60000", "job-1", entry or "0-1"]
+            keys=[], args=[redis_prefix, "node-a", "60000", "1", "1", "job-1", entry or "0-1"]
         )
         lost = list(answer[0])
         held = await client.get(lease_key)

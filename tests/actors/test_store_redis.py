@@ -205,6 +205,22 @@ async def test_a_job_another_node_holds_is_fenced_and_fails_alone(
     assert events == {"job-1": (), "job-2": (progress(1, 0),)}
 
 
+async def read_queue(prefix: str, node: str, count: int = 1) -> list[str]:
+    """What ``node`` takes from the job queue now."""
+    async with open_client(REDIS_URL) as client:
+        read: Any = await client.xreadgroup(
+            "nodes", node, streams={f"{prefix}queue": ">"}, count=count
+        )
+    return [str(entry.field_values["job"]) for entry in (read or {}).get(f"{prefix}queue", [])]
+
+
+async def admit(store: RedisStore, job_id: str, seq: int) -> str:
+    outcome, _ = await store.admit(
+        new_job(job_id, seq), max_active=100, max_queued_images=1000, take=True
+    )
+    return outcome
+
+
 async def queue_entries(prefix: str, *, node: str) -> tuple[list[str], list[str]]:
     """The job queue's entries (their jobs), and those pending in ``node``'s name."""
     async with open_client(REDIS_URL) as client:
@@ -249,21 +265,11 @@ async def test_a_job_admitted_while_others_wait_for_a_node_queues_behind_them(
     # Both wait for any node with room, in the order they came.
     assert await queue_entries(prefix, node="node-a") == (["job-1", "job-2"], [])
     assert await redis_get(f"{prefix}lease:job-2") is None
-    async with open_client(REDIS_URL) as client:
-        read: Any = await client.xreadgroup(
-            "nodes", "node-b", streams={f"{prefix}queue": ">"}, count=1
-        )
-    assert [entry.field_values["job"] for entry in read[f"{prefix}queue"]] == ["job-1"]
+    assert await read_queue(prefix, "node-b") == ["job-1"]
     # Once no entry waits, the next job the node admits is its own again.
-    assert (
-        await node_store.admit(new_job("job-3", 3), max_active=10, max_queued_images=100, take=True)
-    )[0] == "admitted"
-    async with open_client(REDIS_URL) as client:
-        await client.xreadgroup("nodes", "node-b", streams={f"{prefix}queue": ">"}, count=5)
-    outcome, _ = await node_store.admit(
-        new_job("job-4", 4), max_active=10, max_queued_images=100, take=True
-    )
-    assert outcome == "taken"
+    assert await admit(node_store, "job-3", 3) == "admitted"
+    assert await read_queue(prefix, "node-b", count=5) == ["job-2", "job-3"]
+    assert await admit(node_store, "job-4", 4) == "taken"
     assert (await queue_entries(prefix, node="node-a"))[1] == ["job-4"]
 
 
