@@ -889,7 +889,10 @@ class Supervisor:
         # Admitted in one step with the write (other nodes may be admitting at the same time),
         # and taken to run here when this node has room and no job waits in the queue.
         settings = self.settings
-        with cluster.room_for_one() as take:
+        with cluster.room_for_one() as take, trio.CancelScope(shield=take is not None):
+            # Shielded when the job may be taken here (bounded by the store's call timeout): a
+            # request cancelled on the way (its client gone) would lose an answer that made the
+            # job this node's, and the job would wait for its lease to lapse.
             outcome, holder = await cluster.store.admit(
                 job.first_write(),
                 max_active=settings.max_active_jobs_per_user,
@@ -941,7 +944,7 @@ class Supervisor:
         """Run a job this node took from the queue (its lease is ours): False if it cannot."""
         cluster = self.cluster
         assert cluster is not None
-        if self.draining.is_set() or self._nursery is None:
+        if self.draining.is_set() or cluster.draining or self._nursery is None:
             await cluster.release(job_id, requeue=True)
             return True
         try:

@@ -23,11 +23,12 @@ a node removes it (:data:`CONSUMER_IDLE_S` unseen, nothing pending: ``FORGET_CON
 
 How a job moves: the node that accepts it writes it (and its queue entry) in one batch. If that
 node has room, no other job waits in the queue, and the node runs no more than
-:data:`KEEP_AHEAD` jobs more than any other node taking jobs (``P takers``, ``P running``), the
-same script call reads the new entry in the node's name and takes the job's lease: the node
-runs the job it accepted at once, from memory (:meth:`ClusterNode.room_for_one`), and the
-clients that created it, polling or following it there, read it without Redis. Otherwise a node with room takes the entry
-(``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and runs it. A job cancelled
+:data:`KEEP_AHEAD` jobs more than the least busy other node taking jobs (``P takers``, ``P
+running``), the same script call reads the new entry in the node's name and takes the job's
+lease: the node runs the job it accepted at once, from memory (:meth:`ClusterNode.room_for_one`),
+and the clients that created it, polling or following it there, read it without Redis.
+Otherwise a node with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``),
+loads the job and runs it. A job cancelled
 while no node holds it (queued) is taken by the node asked to cancel it (``CANCEL``), which
 ends it at once and removes its queue entry, as any node ending a job does. Each node renews
 the leases of all its jobs in one script call every third of the lease, which also keeps their
@@ -72,8 +73,8 @@ MAX_JOBS_PER_NODE = 200
 TAKE_BLOCK_MS = 2000
 #: Queue entries taken per XREADGROUP at most (a burst of jobs is taken in few round trips).
 TAKE_COUNT = 4
-#: A node runs a job it accepts itself only while it runs at most this many jobs more than every
-#: other node taking jobs (:meth:`ClusterNode.room_for_one`).
+#: A node runs a job it accepts itself only while it runs no more than this many jobs more than
+#: the least busy other node taking jobs (:meth:`ClusterNode.room_for_one`).
 KEEP_AHEAD = 4
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
@@ -244,6 +245,11 @@ class ClusterNode:
         stored = await self.store.load_job(job_id)
         return None if stored is None else stored.events
 
+    @property
+    def draining(self) -> bool:
+        """Whether this node takes no more jobs (:meth:`stop_taking`)."""
+        return self._draining.is_set()
+
     def stop_taking(self) -> None:
         """Take no more jobs (draining): the queue is left to the other nodes."""
         self._draining.set()
@@ -264,10 +270,10 @@ class ClusterNode:
         node takes jobs and has room, which is kept for the job until the block ends,
         :data:`KEEP_AHEAD` (``take`` of :meth:`RedisStore.admit`: the job is taken here unless
         jobs wait in the queue, or this node runs more than that many jobs more than another
-        node taking jobs, so that a node accepting more jobs than the others shares them out
-        through the queue; the answer tells whether it was: then :meth:`hold_accepted`), else
-        ``None``. The room promised to the queue's blocking read under way is not used: that
-        read may answer with as many entries."""
+        node taking jobs, so that a node accepting more jobs than the others passes them to the
+        queue, for any node with room; the answer tells whether it was: then
+        :meth:`hold_accepted`), else ``None``. The room promised to the queue's blocking read
+        under way is not used: that read may answer with as many entries."""
         if self._draining.is_set() or self._free() - self._reading <= 0:
             yield None
             return
@@ -315,10 +321,13 @@ class ClusterNode:
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.1
-            try:  # (the room stays promised until each entry read is held or let go)
-                for entries in (answer or {}).values():
-                    for entry in entries:
-                        await self._admit_entry(str(entry.identifier), entry.field_values)
+            entries = [entry for read in (answer or {}).values() for entry in read]
+            # The room stays promised to each entry read until it is held or let go.
+            self._reading = len(entries)
+            try:
+                for entry in entries:
+                    await self._admit_entry(str(entry.identifier), entry.field_values)
+                    self._reading -= 1
             finally:
                 self._reading = 0
 

@@ -16,7 +16,9 @@ GROUP = "nodes"
 #: ARGV: prefix, node id, lease (ms), job id, queue entry id. Takes the job's lease for this node.
 #: Returns ``{"ok", cancel}`` (the lease is ours; ``cancel`` is 1 when the job was cancelled
 #: while queued), ``{"gone", 0}`` (finished or deleted: the entry is acknowledged and removed)
-#: or ``{"held", 0}`` (another live node holds it).
+#: or ``{"held", 0}`` (another live node holds it). A lease newly taken counts in the node's
+#: ``P running`` (see ``RENEW``), as in the store's batch script and ``CANCEL``; ``RELEASE``
+#: takes it off.
 ADMIT = (
     r"""#!lua
 local P, node, ttl, id, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]

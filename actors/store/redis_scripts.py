@@ -100,7 +100,10 @@ while i <= #ARGV do
     ops[#ops + 1] = {tag = tag, id = id, owner = ARGV[i + 2], idem = idem,
                      max_active = tonumber(ARGV[i + 5]), images = tonumber(ARGV[i + 6]),
                      max_queued = tonumber(ARGV[i + 7])}
-    if ARGV[i + 8] ~= '' and node ~= '' then take, ahead = id, tonumber(ARGV[i + 8]) end
+    if ARGV[i + 8] ~= '' and node ~= '' then
+      take, ahead = id, tonumber(ARGV[i + 8])
+      if not ahead then return redis.error_reply('REFUSED take ' .. ARGV[i + 8]) end
+    end
     i = i + 9
   else
     return redis.error_reply('REFUSED unknown operation ' .. tostring(tag))
@@ -118,6 +121,7 @@ local types, idents, holders, lasts, added = {}, {}, {}, {}, {}
 -- deleted it. A job created in this batch is fresh: it has no lease yet, and goes into the
 -- job queue.
 local fresh, leased = {}, {}
+local keeps = {}  -- the new job this node runs itself (an A's take, when it may)
 local function ended_here(id)
   local key = job_key(id, 'ended_by')
   return redis.call('TYPE', key).ok == 'string' and redis.call('GET', key) == node
@@ -179,6 +183,42 @@ local function last_event(id)
   return last
 end
 
+-- Whether an entry of the job queue waits for a node: one newer than the group's last delivered
+-- (checked before the new job's entry is added). True too when the queue has entries but no
+-- group (Redis lost it, and the nodes make it again): the new job then queues. (With no queue at
+-- all, the read of ``take_entry`` fails, and the job queues as well.)
+local function stream_id(s)
+  local ms, n = string.match(s, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(n)
+end
+local function queue_waits(queue)
+  local newest = redis.call('XREVRANGE', queue, '+', '-', 'COUNT', 1)[1]
+  if not newest then return false end
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', queue)
+  if not ok then return true end
+  for _, group in ipairs(groups) do
+    local fields = {}
+    for k = 1, #group, 2 do fields[group[k]] = group[k + 1] end
+    if fields['name'] == 'nodes' then
+      local ms, n = stream_id(newest[1])
+      local last_ms, last_n = stream_id(fields['last-delivered-id'])
+      return ms > last_ms or (ms == last_ms and n > last_n)
+    end
+  end
+  return true
+end
+-- Whether this node runs more than ``ahead`` jobs more than another node taking jobs.
+local function far_ahead()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local counts = P .. 'running'
+  local mine = tonumber(redis.call('HGET', counts, node)) or 0
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', P .. 'takers', now, '+inf')) do
+    local theirs = math.max(0, tonumber(redis.call('HGET', counts, other)) or 0)
+    if other ~= node and mine > theirs + ahead then return true end
+  end
+  return false
+end
 local problem = foreign(P .. 'jobs', 'zset') or foreign(P .. 'seq', 'string')
   or foreign(P .. 'active', 'hash') or foreign(P .. 'active_images', 'string')
   or foreign(P .. 'entries', 'hash')
@@ -249,6 +289,12 @@ for _, op in ipairs(ops) do
     if active >= op.max_active then return {'limit', tostring(active)} end
     local queued = tonumber(redis.call('GET', P .. 'active_images') or '0')
     if queued + op.images > op.max_queued then return {'busy', tostring(queued)} end
+    if take == id then  -- decided now, before anything is written
+      problem = foreign(P .. 'queue', 'stream') or foreign(P .. 'takers', 'zset')
+        or foreign(P .. 'running', 'hash')
+      if problem then break end
+      keeps[id] = not far_ahead() and not queue_waits(P .. 'queue')
+    end
   elseif not ident.owner then
     problem = 'no job ' .. id .. ' to write to'
   elseif op.tag == 'I' then
@@ -299,41 +345,6 @@ local function take_off(hash, total, id)
   end
 end
 local function deactivate(id) take_off(P .. 'active', P .. 'active_images', id) end
--- Whether an entry of the job queue waits for a node: one newer than the group's last delivered
--- (checked before the new job's entry is added). True too when that cannot be told (no group:
--- Redis lost the queue, and the nodes make it again): the new job then queues.
-local function stream_id(s)
-  local ms, n = string.match(s, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(n)
-end
-local function queue_waits(queue)
-  local newest = redis.call('XREVRANGE', queue, '+', '-', 'COUNT', 1)[1]
-  if not newest then return false end
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', queue)
-  if not ok then return true end
-  for _, group in ipairs(groups) do
-    local fields = {}
-    for k = 1, #group, 2 do fields[group[k]] = group[k + 1] end
-    if fields['name'] == 'nodes' then
-      local ms, n = stream_id(newest[1])
-      local last_ms, last_n = stream_id(fields['last-delivered-id'])
-      return ms > last_ms or (ms == last_ms and n > last_n)
-    end
-  end
-  return true
-end
-local function far_ahead()
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local counts = P .. 'running'
-  local mine = tonumber(redis.call('HGET', counts, node) or '0')
-  for _, other in ipairs(redis.call('ZRANGEBYSCORE', P .. 'takers', now, '+inf')) do
-    if other ~= node and mine > (tonumber(redis.call('HGET', counts, other)) or 0) + ahead then
-      return true
-    end
-  end
-  return false
-end
 -- The admitting node reads the new entry (the oldest undelivered one: none waited before it)
 -- as a node taking it from the queue would, and takes the job's lease: the entry is pending in
 -- its name, so a dead node's job is claimed as any other.
@@ -377,10 +388,9 @@ for _, op in ipairs(ops) do
     if node ~= '' and fresh[id] then
       fresh[id] = false
       local queue = P .. 'queue'
-      local keep = take == id and not far_ahead() and not queue_waits(queue)
       local entry = redis.call('XADD', queue, '*', 'job', id)
       redis.call('HSET', P .. 'entries', id, entry)
-      if keep then taken = take_entry(queue, entry, id) end
+      if keeps[id] then taken = take_entry(queue, entry, id) end
     end
   elseif op.tag == 'I' then
     hset_range(job_key(id, 'images'), op.first, op.count)

@@ -216,7 +216,7 @@ async def read_queue(prefix: str, node: str, count: int = 1) -> list[str]:
 
 async def admit(store: RedisStore, job_id: str, seq: int) -> str:
     outcome, _ = await store.admit(
-        new_job(job_id, seq), max_active=100, max_queued_images=1000, take=True
+        new_job(job_id, seq), max_active=100, max_queued_images=1000, take=4
     )
     return outcome
 
@@ -238,7 +238,7 @@ async def test_a_node_with_room_takes_the_job_it_admits_in_the_same_call(
     async with open_client(REDIS_URL) as client:
         await client.xgroup_create(f"{prefix}queue", "nodes", "0", mkstream=True)
     outcome, entry = await node_store.admit(
-        new_job("job-1"), max_active=10, max_queued_images=100, take=True
+        new_job("job-1"), max_active=10, max_queued_images=100, take=4
     )
 
     async with open_client(REDIS_URL) as client:
@@ -259,7 +259,7 @@ async def test_a_job_admitted_while_others_wait_for_a_node_queues_behind_them(
         None,
     )
     assert await node_store.admit(
-        new_job("job-2", 2), max_active=10, max_queued_images=100, take=True
+        new_job("job-2", 2), max_active=10, max_queued_images=100, take=4
     ) == ("admitted", None)
 
     # Both wait for any node with room, in the order they came.
@@ -273,12 +273,25 @@ async def test_a_job_admitted_while_others_wait_for_a_node_queues_behind_them(
     assert (await queue_entries(prefix, node="node-a"))[1] == ["job-4"]
 
 
+async def test_an_admission_that_cannot_decide_where_the_job_runs_writes_nothing(
+    node_store: RedisStore, prefix: str
+) -> None:
+    await redis_set(f"{prefix}running", "not a hash")  # (a foreign key under the prefix)
+
+    with pytest.raises(StoreUnavailable, match="running holds a string") as caught:
+        await admit(node_store, "job-1", 1)
+
+    assert caught.value.refused
+    assert await node_store.load() == ()
+    assert await keys_under(prefix) == {f"{prefix}running"}
+
+
 async def test_a_node_takes_nothing_from_a_queue_redis_lost(
     node_store: RedisStore, prefix: str
 ) -> None:
     # No consumer group (Redis restarted without persistence; the nodes make it again).
     outcome, _ = await node_store.admit(
-        new_job("job-1"), max_active=10, max_queued_images=100, take=True
+        new_job("job-1"), max_active=10, max_queued_images=100, take=4
     )
 
     assert outcome == "admitted"
