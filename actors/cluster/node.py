@@ -16,17 +16,17 @@ Keys it adds under the prefix ``P`` (``actors/store/redis.py`` has the rest)::
     P gone:<id>             string  a job a node deleted (a day, PX): not written again
     P takers                zset    node -> until when (ms) it takes jobs: each renewal of a node
                                     with room and not draining puts it there for a lease
-    P running               hash    node -> how many jobs it runs (for the nodes in P takers)
 
 A node that is gone for good (each start is a new node id) stays a consumer of ``P queue`` until
 a node removes it (:data:`CONSUMER_IDLE_S` unseen, nothing pending: ``FORGET_CONSUMERS``).
 
 How a job moves: the node that accepts it writes it (and its queue entry) in one batch. If that
-node has room, no other job waits in the queue, and the node runs no more than
-:data:`KEEP_AHEAD` jobs more than the least busy other node taking jobs (``P takers``, ``P
-running``), the same script call reads the new entry in the node's name and takes the job's
-lease: the node runs the job it accepted at once, from memory (:meth:`ClusterNode.room_for_one`),
-and the clients that created it, polling or following it there, read it without Redis.
+node has room, no other job waits in the queue, and the node runs no more than twice as many
+jobs as the least busy other node taking jobs plus :data:`KEEP_AHEAD` (``P takers``; a node
+runs the jobs whose entries are pending in its name), the same script call reads the new entry
+in the node's name and takes the job's lease: the node runs the job it accepted at once, from
+memory (:meth:`ClusterNode.room_for_one`), and the clients that created it, polling or
+following it there, read it without Redis.
 Otherwise a node with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``),
 loads the job and runs it. A job cancelled
 while no node holds it (queued) is taken by the node asked to cancel it (``CANCEL``), which
@@ -73,9 +73,9 @@ MAX_JOBS_PER_NODE = 200
 TAKE_BLOCK_MS = 2000
 #: Queue entries taken per XREADGROUP at most (a burst of jobs is taken in few round trips).
 TAKE_COUNT = 4
-#: A node runs a job it accepts itself only while it runs no more than this many jobs more than
-#: the least busy other node taking jobs (:meth:`ClusterNode.room_for_one`).
-KEEP_AHEAD = 4
+#: A node runs a job it accepts itself only while it runs no more than twice as many jobs as the
+#: least busy other node taking jobs, plus this many (:meth:`ClusterNode.room_for_one`).
+KEEP_AHEAD = 8
 #: Entries claimed from dead nodes per XAUTOCLAIM.
 CLAIM_COUNT = 20
 #: Claim calls at most per tick (half a lease) while they claim nothing: 10,000 entries looked at.
@@ -269,9 +269,9 @@ class ClusterNode:
         """Whether a job this node is accepting may run here without the queue: while the
         node takes jobs and has room, which is kept for the job until the block ends,
         :data:`KEEP_AHEAD` (``take`` of :meth:`RedisStore.admit`: the job is taken here unless
-        jobs wait in the queue, or this node runs more than that many jobs more than another
-        node taking jobs, so that a node accepting more jobs than the others passes them to the
-        queue, for any node with room; the answer tells whether it was: then
+        jobs wait in the queue, or this node runs more than twice as many jobs as another node
+        taking jobs plus that many, so that a node accepting more jobs than the others passes
+        them to the queue, for any node with room; the answer tells whether it was: then
         :meth:`hold_accepted`), else ``None``. The room promised to the queue's blocking read
         under way is not used: that read may answer with as many entries."""
         if self._draining.is_set() or self._free() - self._reading <= 0:
@@ -463,8 +463,7 @@ class ClusterNode:
 
     async def _renew_leases(self, period: float) -> None:
         taking = not self._draining.is_set() and self._free() > 0
-        args = [self.keys.prefix, self.node_id, str(self._lease_ms), str(len(self.held))]
-        args.append("1" if taking else "0")
+        args = [self.keys.prefix, self.node_id, str(self._lease_ms), "1" if taking else "0"]
         for job_id, entry_id in self.held.items():
             args += [job_id, entry_id]
         try:

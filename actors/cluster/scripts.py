@@ -8,23 +8,15 @@ dead node's jobs are found by ``XAUTOCLAIM`` once their entries have been idle f
 
 from __future__ import annotations
 
-from actors.store.redis_scripts import COUNT_JOBS
-
 #: The consumer group of the job queue: every node is a consumer of it.
 GROUP = "nodes"
 
 #: ARGV: prefix, node id, lease (ms), job id, queue entry id. Takes the job's lease for this node.
 #: Returns ``{"ok", cancel}`` (the lease is ours; ``cancel`` is 1 when the job was cancelled
 #: while queued), ``{"gone", 0}`` (finished or deleted: the entry is acknowledged and removed)
-#: or ``{"held", 0}`` (another live node holds it). A lease newly taken counts in the node's
-#: ``P running`` (see ``RENEW``), as in the store's batch script and ``CANCEL``; ``RELEASE``
-#: takes it off.
-ADMIT = (
-    r"""#!lua
+#: or ``{"held", 0}`` (another live node holds it).
+ADMIT = r"""#!lua
 local P, node, ttl, id, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-"""
-    + COUNT_JOBS
-    + r"""
 local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
 if status == false or status == 'completed' or status == 'failed' or status == 'canceled' then
   redis.pcall('XACK', P .. 'queue', 'nodes', entry)
@@ -36,24 +28,21 @@ local lease = P .. 'lease:' .. id
 local held = redis.call('GET', lease)
 if held ~= false and held ~= node then return {'held', 0} end
 redis.call('SET', lease, node, 'PX', ttl)
-if held == false then count(P, node, 1) end
 local cancel = redis.call('EXISTS', P .. 'job:' .. id .. ':cancel')
 return {'ok', cancel}
 """
-)
 
-#: ARGV: prefix, node id, lease (ms), jobs run, taking, then ``job id, entry id`` pairs of the
-#: jobs this node runs. Renews each lease (taking a lapsed one again, as nobody else holds it,
-#: unless another node ended the job, or a node deleted it, meanwhile), and resets the idle time
-#: of each job's queue entry so that no other node claims it. A node taking jobs (``1``: it has
-#: room and is not draining) is kept in ``P takers`` for a lease, with the jobs it runs in ``P
-#: running`` (which the scripts that take and release jobs keep up to date in between).
-#: Returns ``{lost, cancelled}``: the ids of jobs another node holds, ended or deleted now, and
-#: of jobs someone asked to cancel.
+#: ARGV: prefix, node id, lease (ms), taking, then ``job id, entry id`` pairs of the jobs this
+#: node runs. Renews each lease (taking a lapsed one again, as nobody else holds it, unless
+#: another node ended the job, or a node deleted it, meanwhile), and resets the idle time of
+#: each job's queue entry so that no other node claims it. A node taking jobs (``1``: it has
+#: room and is not draining) is kept in ``P takers`` for a lease (the store's batch script
+#: weighs the jobs a node keeps against theirs). Returns ``{lost, cancelled}``: the ids of jobs
+#: another node holds, ended or deleted now, and of jobs someone asked to cancel.
 RENEW = r"""#!lua
-local P, node, ttl, running, taking = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local P, node, ttl, taking = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lost, cancelled = {}, {}
-for i = 6, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local id, entry = ARGV[i], ARGV[i + 1]
   local lease = P .. 'lease:' .. id
   local held = redis.call('GET', lease)
@@ -80,20 +69,14 @@ for i = 6, #ARGV, 2 do
     lost[#lost + 1] = id
   end
 end
--- The nodes taking jobs, and how many each runs: the admissions keep the jobs they accept on
--- their node unless it runs far more than another (the store's batch script).
+-- The nodes taking jobs (the store's batch script weighs the jobs a node keeps against theirs).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local takers, counts = P .. 'takers', P .. 'running'
-redis.call('ZREMRANGEBYSCORE', takers, '-inf', now)
+redis.call('ZREMRANGEBYSCORE', P .. 'takers', '-inf', now)
 if taking == '1' then
-  redis.call('ZADD', takers, now + tonumber(ttl), node)
-  redis.call('HSET', counts, node, math.max(0, tonumber(running) - #lost))
+  redis.call('ZADD', P .. 'takers', now + tonumber(ttl), node)
 else
-  redis.call('ZREM', takers, node)
-end
-for _, other in ipairs(redis.call('HKEYS', counts)) do  -- (nodes gone, or no longer taking)
-  if not redis.call('ZSCORE', takers, other) then redis.call('HDEL', counts, other) end
+  redis.call('ZREM', P .. 'takers', node)
 end
 return {lost, cancelled}
 """
@@ -101,17 +84,12 @@ return {lost, cancelled}
 #: ARGV: prefix, node id, job id, entry id, requeue (``1`` hands the job over: a new queue entry
 #: for any node to take). Lets go of the job's lease if it is ours and removes its entry;
 #: returns 0 and changes nothing if another node holds the lease now.
-RELEASE = (
-    r"""#!lua
+RELEASE = r"""#!lua
 local P, node, id, entry, requeue = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-"""
-    + COUNT_JOBS
-    + r"""
 local lease = P .. 'lease:' .. id
 local held = redis.call('GET', lease)
 if held == node then
   redis.call('DEL', lease)
-  count(P, node, -1)
 elseif held ~= false then
   return 0  -- another node runs the job now: its entry is that node's
 end
@@ -124,7 +102,6 @@ else
 end
 return 1
 """
-)
 
 #: ARGV: prefix, job id, wake stream TTL (ms), node id, lease (ms). Marks the job cancelled (a
 #: node taking it later sees the mark) and tells the node holding it, through that node's wake
@@ -132,12 +109,8 @@ return 1
 #: at once rather than when a node has room. Returns ``{code, entry id}``: code 0 for no such
 #: job, 1 for a finished one (nothing to do), 2 when the mark is set, 3 when the job's lease is
 #: the asking node's now (with the job's queue entry, for the node to run it to its end).
-CANCEL = (
-    r"""#!lua
+CANCEL = r"""#!lua
 local P, id, ttl, node, lease_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-"""
-    + COUNT_JOBS
-    + r"""
 local status = redis.call('HGET', P .. 'job:' .. id .. ':record', 'status')
 if status == false then return {0, ''} end
 if status == 'completed' or status == 'failed' or status == 'canceled' then return {1, ''} end
@@ -153,10 +126,8 @@ end
 local entry = redis.call('HGET', P .. 'entries', id)
 if entry == false then return {2, ''} end  -- queued before entries were kept: a taker ends it
 redis.call('SET', lease, node, 'PX', lease_ms)
-count(P, node, 1)
 return {3, entry}
 """
-)
 
 #: ARGV: prefix, horizon (ms since the epoch), most finished jobs kept, most ids answered, and
 #: the image directory's budget in bytes (empty: none). The finished jobs to forget,

@@ -534,7 +534,7 @@ class RedisStore:
         writer: its answer is the caller's). With ``take`` (a cluster node that may run the
         job), the node takes the new job's queue entry and lease in the same call, unless
         other jobs wait in the queue for a node (the new one then queues behind them) or the
-        node runs more than ``take`` jobs more than another node taking jobs.
+        node runs more than twice as many jobs as another node taking jobs, plus ``take``.
 
         Returns:
             ``("admitted", None)``; ``("taken", queue entry id)``: admitted, and the job is this

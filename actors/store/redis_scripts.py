@@ -14,17 +14,6 @@ wrote nothing, and the writes of that job are never to be written by this node).
 
 from __future__ import annotations
 
-#: ``count(P, node, change)``: a cluster node taking jobs now runs ``change`` more (``P running``
-#: holds the count of each node in ``P takers``; each renewal sets it again: see
-#: ``actors/cluster/scripts.py``). Part of the scripts that take jobs, end them and keep them.
-COUNT_JOBS = r"""
-local function count(P, node, change)
-  if redis.call('HEXISTS', P .. 'running', node) == 1 then
-    redis.call('HINCRBY', P .. 'running', node, change)
-  end
-end
-"""
-
 #: ARGV: prefix, node id (empty: a store used alone, no fence), lease (ms), then the
 #: operations, each as a tag and its fields: ``J id seq owner has_idem idem finished_ms n field
 #: value ...`` (put job; ``finished_ms`` empty while it runs), ``I id n index json ...`` (put
@@ -32,13 +21,14 @@ end
 #: index json`` (copy of an output), ``D id`` (delete job), ``A id owner has_idem idem
 #: max_active images max_queued take`` (admit the new job ``id`` of ``images`` images: checks
 #: only, before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's;
-#: ``take``: empty, or ``ahead`` when the node may run the job itself).
+#: ``take``: empty, or ``ahead`` when the node has room to run the job itself).
 #: Returns the number of operations, or ``{"taken", entry id}`` when the node of an ``A`` with
 #: a ``take`` took the new job's queue entry and lease itself. It does unless a queue entry
 #: waits for a node before the new one (the job then queues behind those, for any node with
-#: room), or the node runs more than ``ahead`` jobs more than another node taking jobs (``P
-#: takers``, ``P running``: the job goes through the queue, so that a node accepting more jobs
-#: than the others shares them out).
+#: room), or the node runs more than twice as many jobs as another node taking jobs, plus
+#: ``ahead`` (``P takers``; a node runs the jobs whose queue entries are pending in its name:
+#: the job goes through the queue, so that a node accepting more jobs than the others shares
+#: them out).
 #: Or, writing nothing, ``{"held", job id}`` (the idempotency
 #: key of an ``A`` is that job's), ``{"limit", active}`` (its owner has ``max_active`` unfinished
 #: jobs or more) or ``{"busy", queued}`` (the images of unfinished jobs, cluster-wide, and the
@@ -48,12 +38,8 @@ end
 #: together, only when a job is written unfinished for the first time, or written finished, or
 #: deleted: whichever node ends a job (a dead node's is ended by the one that carries it on)
 #: takes its images off.
-BATCH = (
-    r"""#!lua
+BATCH = r"""#!lua
 local P, node, ttl = ARGV[1], ARGV[2], ARGV[3]
-"""
-    + COUNT_JOBS
-    + r"""
 -- How long a cluster remembers a deleted job (P gone:<id>) and who ended a job (P job:<id>:
 -- ended_by): a day, as long as a node cut off from Redis may come back and write.
 local GONE_MS = 86400000
@@ -63,8 +49,8 @@ local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part
 
 -- Parse the operations.
 local ops = {}
--- The new job the node admitting it may run itself (an A's take), unless it runs more than
--- ``ahead`` jobs more than another node.
+-- The new job the node admitting it may run itself (an A's take), unless it runs far more jobs
+-- than another node (``ahead``: see ``far_ahead``).
 local take, ahead = nil, 0
 local i = 4
 while i <= #ARGV do
@@ -207,15 +193,19 @@ local function queue_waits(queue)
   end
   return true
 end
--- Whether this node runs more than ``ahead`` jobs more than another node taking jobs.
+-- Whether this node runs more than twice as many jobs as another node taking jobs, plus
+-- ``ahead`` (a margin that grows with the load: a burst of jobs accepted on every node, which
+-- each node works through at its own pace, stays where it was accepted).
 local function far_ahead()
+  local ok, pending = pcall(redis.call, 'XPENDING', P .. 'queue', 'nodes')
+  if not ok then return false end
+  local runs = {}
+  for _, consumer in ipairs(pending[4] or {}) do runs[consumer[1]] = tonumber(consumer[2]) end
+  local mine = runs[node] or 0
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local counts = P .. 'running'
-  local mine = tonumber(redis.call('HGET', counts, node)) or 0
   for _, other in ipairs(redis.call('ZRANGEBYSCORE', P .. 'takers', now, '+inf')) do
-    local theirs = math.max(0, tonumber(redis.call('HGET', counts, other)) or 0)
-    if other ~= node and mine > theirs + ahead then return true end
+    if other ~= node and mine > 2 * (runs[other] or 0) + ahead then return true end
   end
   return false
 end
@@ -291,7 +281,6 @@ for _, op in ipairs(ops) do
     if queued + op.images > op.max_queued then return {'busy', tostring(queued)} end
     if take == id then  -- decided now, before anything is written
       problem = foreign(P .. 'queue', 'stream') or foreign(P .. 'takers', 'zset')
-        or foreign(P .. 'running', 'hash')
       if problem then break end
       keeps[id] = not far_ahead() and not queue_waits(P .. 'queue')
     end
@@ -353,7 +342,6 @@ local function take_entry(queue, entry, id)
                          'STREAMS', queue, '>')
   if not ok or not read or read[1][2][1][1] ~= entry then return nil end
   redis.call('SET', P .. 'lease:' .. id, node, 'PX', ttl)
-  count(P, node, 1)
   return entry
 end
 local top = 0
@@ -429,7 +417,6 @@ end
 if taken then return {'taken', taken} end
 return #ops
 """
-)
 
 
 #: ARGV: prefix, remote id, job id, image index. Takes the remote work (a prediction) for the

@@ -228,7 +228,11 @@ async def test_a_node_far_ahead_of_another_leaves_the_jobs_it_accepts_to_the_que
     redis_prefix: str,
 ) -> None:
     providers = [blocked(), blocked()]
-    async with node(redis_prefix, providers[0]) as a, node(redis_prefix, providers[1]) as b:
+    settings = SupervisorSettings(max_active_jobs_per_user=100)
+    async with (
+        node(redis_prefix, providers[0], settings=settings) as a,
+        node(redis_prefix, providers[1], settings=settings) as b,
+    ):
 
         async def takers_are(*nodes: Supervisor) -> None:
             async def renewed() -> bool:
@@ -238,8 +242,9 @@ async def test_a_node_far_ahead_of_another_leaves_the_jobs_it_accepts_to_the_que
 
             await poll(renewed)
 
-        await takers_are(a, b)  # both told the cluster they take jobs (b runs none)
-        jobs = [await submit(a) for _ in range(node_module.KEEP_AHEAD + 2)]
+        await takers_are(a, b)  # both told the cluster they take jobs
+        on_b = [await submit(b) for _ in range(3)]  # b keeps them (a runs none)
+        jobs = [await submit(a) for _ in range(2 * 3 + node_module.KEEP_AHEAD + 2)]
 
         async def last_taken() -> bool:
             await trio.lowlevel.checkpoint()
@@ -252,10 +257,12 @@ async def test_a_node_far_ahead_of_another_leaves_the_jobs_it_accepts_to_the_que
         after = await submit(a)
         kept_after = cluster_of(a).kept
         held_after = after in cluster_of(a).held
+        kept_by_b = cluster_of(b).kept
 
-    # b ran none: a kept jobs while it ran at most KEEP_AHEAD (4) more, that is 5.
-    assert kept_while_b_took == node_module.KEEP_AHEAD + 1
-    assert (kept_after, held_after) == (node_module.KEEP_AHEAD + 2, True)
+    # b ran 3: a kept jobs while it ran at most twice as many plus KEEP_AHEAD (8), 14: 15 of 16.
+    assert (kept_by_b, len(on_b)) == (3, 3)
+    assert kept_while_b_took == 2 * 3 + node_module.KEEP_AHEAD + 1
+    assert (kept_after, held_after) == (2 * 3 + node_module.KEEP_AHEAD + 2, True)
 
 
 async def test_a_job_accepted_while_the_node_starts_draining_is_handed_over(
@@ -745,7 +752,7 @@ async def test_a_lapsed_lease_is_renewed_unless_another_node_ended_or_deleted_th
 
         renew = client.register_script(scripts.RENEW)
         answer: Any = await renew(
-            keys=[], args=[redis_prefix, "node-a", "60000", "1", "1", "job-1", entry or "0-1"]
+            keys=[], args=[redis_prefix, "node-a", "60000", "1", "job-1", entry or "0-1"]
         )
         lost = list(answer[0])
         held = await client.get(lease_key)

@@ -276,14 +276,14 @@ async def test_a_job_admitted_while_others_wait_for_a_node_queues_behind_them(
 async def test_an_admission_that_cannot_decide_where_the_job_runs_writes_nothing(
     node_store: RedisStore, prefix: str
 ) -> None:
-    await redis_set(f"{prefix}running", "not a hash")  # (a foreign key under the prefix)
+    await redis_set(f"{prefix}takers", "not a zset")  # (a foreign key under the prefix)
 
-    with pytest.raises(StoreUnavailable, match="running holds a string") as caught:
+    with pytest.raises(StoreUnavailable, match="takers holds a string") as caught:
         await admit(node_store, "job-1", 1)
 
     assert caught.value.refused
     assert await node_store.load() == ()
-    assert await keys_under(prefix) == {f"{prefix}running"}
+    assert await keys_under(prefix) == {f"{prefix}takers"}
 
 
 async def test_a_node_takes_nothing_from_a_queue_redis_lost(
