@@ -4,7 +4,8 @@ Each configuration runs ``python -m bench.server --kind ours`` processes (our se
 bench provider; ``STORE=redis`` makes every process a node of one cluster on a fresh
 ``REDIS_PREFIX``), all in one work directory (one ``IMAGES_DIR``). For each:
 
-- **throughput**: 10 clients spread over the nodes (round robin) create ``--jobs`` jobs of 5
+- **throughput**: 10 clients spread over the nodes (round robin; ``--clients-on first``: all on
+  the first node) create ``--jobs`` jobs of 5
   images (provider latency 0) and poll each on their own node (every ``--poll-ms``) until it
   has ended; images/s from the first create to the last final poll (median of ``--rounds``
   after a warm-up round). Every configuration's servers are up for the whole run and their
@@ -91,10 +92,12 @@ async def throughput_round(
     poll_s: float = 0.02,
     holders_key: str | None = None,
     capacity: int = 0,
+    on_first: bool = False,
 ) -> dict[str, Any]:
     per_client = [jobs // clients + (i < jobs % clients) for i in range(clients)]
+    spread = servers[:1] if on_first else servers
     connections = [
-        await common.HttpClient.connect(servers[i % len(servers)].port) for i in range(clients)
+        await common.HttpClient.connect(spread[i % len(spread)].port) for i in range(clients)
     ]
     completed = 0
 
@@ -292,6 +295,7 @@ class Config:
         ]
         self.token = await common.login(self.servers[0].port)
         self.kwargs = {"images": 5, "clients": 10, "poll_s": args.poll_ms / 1000}
+        self.kwargs["on_first"] = args.clients_on == "first"
         if self.store == "redis":  # the cluster-wide slots of MAX_CONCURRENCY (actors/limits/)
             self.kwargs |= {
                 "holders_key": f"{self.prefix}limits:capacity:holders",
@@ -432,6 +436,13 @@ def main() -> None:
     parser.add_argument("--apart-repeats", type=int, default=5)
     parser.add_argument(
         "--poll-ms", type=float, default=20.0, help="how often a client polls its job (ms)"
+    )
+    parser.add_argument(
+        "--clients-on",
+        choices=["spread", "first"],
+        default="spread",
+        help="throughput clients spread over the nodes, or all on the first (a load balancer "
+        "that sends one node everything: the others get their jobs from the queue)",
     )
     parser.add_argument(
         "--configs",
