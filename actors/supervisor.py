@@ -887,7 +887,8 @@ class Supervisor:
             owner, prompt, num_images, idempotency_key, seq=await cluster.next_seq()
         )
         # Admitted in one step with the write (other nodes may be admitting at the same time),
-        # and taken to run here when this node has room and no job waits in the queue.
+        # and taken to run here when this node has room, no job waits in the queue, and this node
+        # does not run far more jobs than another (ClusterNode.room_for_one).
         settings = self.settings
         with cluster.room_for_one() as take, trio.CancelScope(shield=take is not None):
             # Shielded when the job may be taken here (bounded by the store's call timeout): a

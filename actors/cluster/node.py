@@ -26,19 +26,18 @@ jobs as the least busy other node taking jobs plus :data:`KEEP_AHEAD` (``P taker
 runs the jobs whose entries are pending in its name), the same script call reads the new entry
 in the node's name and takes the job's lease: the node runs the job it accepted at once, from
 memory (:meth:`ClusterNode.room_for_one`), and the clients that created it, polling or
-following it there, read it without Redis.
-Otherwise a node with room takes the entry (``XREADGROUP``), takes the job's lease (``ADMIT``),
-loads the job and runs it. A job cancelled
+following it there, read it without Redis. Otherwise a node with room takes the entry
+(``XREADGROUP``), takes the job's lease (``ADMIT``), loads the job and runs it. A job cancelled
 while no node holds it (queued) is taken by the node asked to cancel it (``CANCEL``), which
 ends it at once and removes its queue entry, as any node ending a job does. Each node renews
 the leases of all its jobs in one script call every third of the lease, which also keeps their
-queue entries fresh. A node that dies stops renewing: once its entries
-have been idle for a lease, another node claims them (``XAUTOCLAIM``) and, its lease taken, goes
-on with the job from what is stored (each image's remote work resumed by id). A node claims only
-once its own calls have reached Redis for a lease without a failure: after Redis was out of
-reach, the nodes that were cut off with it renew first and go on with their jobs where they
-ran. Every write of a job is fenced by its lease (the store's batch script), so a node that lost
-a lease while cut off writes nothing more of that job and stops running it; a lease that lapsed
+queue entries fresh and tells whether the node takes jobs. A node that dies stops renewing:
+once its entries have been idle for a lease, another node claims them (``XAUTOCLAIM``) and, its
+lease taken, goes on with the job from what is stored (each image's remote work resumed by id).
+A node claims only once its own calls have reached Redis for a lease without a failure: after Redis
+was out of reach, the nodes that were cut off with it renew first and go on with their jobs where
+they ran. Every write of a job is fenced by its lease (the store's batch script), so a node that
+lost a lease while cut off writes nothing more of that job and stops running it; a lease that lapsed
 is taken back by its node only if no other node ended the job, and no node deleted it, meanwhile.
 """
 
@@ -454,8 +453,8 @@ class ClusterNode:
         return removed
 
     async def _keep_leases(self) -> None:
-        """Renew every lease this node holds, in one call, every third of the lease (telling
-        the cluster, from the start, how many jobs this node runs and whether it takes more)."""
+        """Renew every lease this node holds, in one call, every third of the lease, telling
+        the cluster from the start whether this node takes jobs (``P takers``)."""
         period = self.lease_s / 3
         while True:
             await self._renew_leases(period)
