@@ -31,6 +31,16 @@ bench provider; ``STORE=redis`` makes every process a node of one cluster on a f
 
 ``--configs`` picks the configurations (``store:nodes``; the first is the base of the ratios).
 
+``--node-cpus C`` holds every node of every configuration to C cores (a CFS quota in a cgroup
+of its own, as a container's CPU limit does; needs root and a cgroup CPU controller). On a
+machine where the Redis server and these clients share the nodes' cores, one node leaves the
+machine's other cores to them, two nodes take those cores from them: the ratio is then bound
+by the machine, not by the service (one node with Redis and the clients keeps about 1.27 of 2
+cores busy, so two nodes that cost no more per image than one could reach at most
+2 / 1.27 = 1.57x). With a budget per node that leaves Redis and the clients room in every
+configuration (2 x C + their share < the machine's cores), the nodes are what binds, as they
+are where Redis and the clients run on hosts of their own.
+
     .venv/bin/python -m bench.cluster --json bench/results/cluster.json
 """
 
@@ -293,6 +303,11 @@ class Config:
             )
             for _ in range(self.nodes)
         ]
+        if args.node_cpus:  # each node its own CPU budget, as a container's limit gives it
+            for server in self.servers:
+                stack.enter_context(
+                    common.cpu_limit(server.pid, args.node_cpus, round(args.cpu_period_ms * 1000))
+                )
         self.token = await common.login(self.servers[0].port)
         self.kwargs = {"images": 5, "clients": 10, "poll_s": args.poll_ms / 1000}
         self.kwargs["on_first"] = args.clients_on == "first"
@@ -436,6 +451,16 @@ def main() -> None:
     parser.add_argument("--apart-repeats", type=int, default=5)
     parser.add_argument(
         "--poll-ms", type=float, default=20.0, help="how often a client polls its job (ms)"
+    )
+    parser.add_argument(
+        "--node-cpus",
+        type=float,
+        help="hold each node to this many cores (a CFS quota in a cgroup of its own, as a "
+        "container's CPU limit; needs root): the nodes, not the Redis server and the clients "
+        "sharing their machine, are then what the machine's cores bind",
+    )
+    parser.add_argument(
+        "--cpu-period-ms", type=float, default=10.0, help="the quota's period (--node-cpus)"
     )
     parser.add_argument(
         "--clients-on",

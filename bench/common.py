@@ -9,6 +9,7 @@ Every loop here is bounded in count and in time.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import os
@@ -21,8 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,55 @@ def cpu_s(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cpu_cgroup_root() -> tuple[Path, bool]:
+    """Where a CPU quota can be set: (the cgroup root, whether it is cgroup v2)."""
+    if "cpu" in _read(CGROUP_ROOT / "cgroup.controllers").split():
+        return CGROUP_ROOT, True
+    for name in ("cpu", "cpu,cpuacct"):
+        if (CGROUP_ROOT / name / "cpu.cfs_quota_us").exists():
+            return CGROUP_ROOT / name, False
+    raise BenchError("no cgroup CPU controller under /sys/fs/cgroup: a CPU limit needs one")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@contextmanager
+def cpu_limit(pid: int, cores: float, period_us: int = 10_000) -> Iterator[None]:
+    """Hold process ``pid`` (all its threads) to ``cores`` of CPU for the block, as a
+    container's CPU limit does: a CFS quota of ``cores * period_us`` per ``period_us`` in a
+    cgroup of its own (v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``; needs root). A short period
+    keeps each throttled stretch short (Kubernetes uses 100 ms)."""
+    root, v2 = _cpu_cgroup_root()
+    group = root / f"bench-cpu-{pid}"
+    quota = max(1000, round(cores * period_us))
+    try:
+        group.mkdir()
+        if v2:
+            (root / "cgroup.subtree_control").write_text("+cpu")
+            (group / "cpu.max").write_text(f"{quota} {period_us}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(period_us))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        (group / "cgroup.procs").write_text(str(pid))
+    except OSError as exc:
+        raise BenchError(f"cannot limit process {pid} to {cores} cores: {exc}") from exc
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # the process may be gone: its cgroup is then empty
+            (root / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 # --- server processes ----------------------------------------------------------------------
