@@ -883,9 +883,8 @@ class Supervisor:
             raise ValueError(f"num_images must be at least 1, not {num_images}")
         if self.draining.is_set() or self._nursery is None:
             raise ShuttingDown("The service is shutting down")
-        job = self._new_job(
-            owner, prompt, num_images, idempotency_key, seq=await cluster.next_seq()
-        )
+        # Its seq is given by the admission (0: the next, cluster-wide).
+        job = self._new_job(owner, prompt, num_images, idempotency_key, seq=0)
         # Admitted in one step with the write (other nodes may be admitting at the same time),
         # and taken to run here when this node has room, no job waits in the queue, and this node
         # does not run far more jobs than another (ClusterNode.room_for_one).
@@ -894,7 +893,7 @@ class Supervisor:
             # Shielded when the job may be taken here (bounded by the store's call timeout): a
             # request cancelled on the way (its client gone) would lose an answer that made the
             # job this node's, and the job would wait for its lease to lapse.
-            outcome, holder = await cluster.store.admit(
+            outcome, holder, job.seq = await cluster.store.admit(
                 job.first_write(),
                 max_active=settings.max_active_jobs_per_user,
                 max_queued_images=settings.max_queued_images,

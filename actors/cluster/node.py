@@ -522,17 +522,6 @@ class ClusterNode:
                 await self._run_taken(job_id, str(answer[1]), cancelled=True)
         return code
 
-    async def next_seq(self) -> int:
-        """A fresh seq for a new job (cluster-wide, newest largest).
-
-        Raises:
-            StoreUnavailable: Redis cannot be reached.
-        """
-        seq: Any = await self.store._call(
-            "admitting a job", partial(self.store.client.incr, self.keys.seq)
-        )
-        return int(seq)
-
     async def queued(self) -> dict[str, int] | None:
         """Cluster-wide, what ``MAX_QUEUED_IMAGES`` counts: the unfinished jobs of every node
         and their images; ``None`` if Redis does not answer within :data:`QUEUED_TIMEOUT_S`.

@@ -3,7 +3,7 @@
 Key layout (``P`` is the prefix, e.g. ``imagegen:``; every key of a deployment is under it, so
 deployments and test runs share one server)::
 
-    P seq                       string  the highest job seq stored (a later INCR allocates)
+    P seq                       string  the highest job seq stored (a new job's admission INCRs it)
     P jobs                      zset    every job id, scored by seq (load order)
     P job:<id>:record           hash    the job's fields (JobRecord; a None field is absent)
     P job:<id>:images           hash    image index -> JSON (ImageSnapshot)
@@ -36,7 +36,7 @@ Every name ends with a fixed part (``:record``, ``:jobs``, ...), so no id or own
 key's name another's; ``P claim:<remote id>`` ends with a provider's id instead, and no job's
 or user's key starts with ``claim:``. It is laid out for several nodes sharing the prefix: a
 job's whole state and its event stream are reachable from any node, a user's list and
-idempotency keys are global, and seq is allocated with INCR.
+idempotency keys are global, and a new job's seq is allocated with INCR by its admission.
 
 Writes: every operation queued while a batch was being written goes into the next batch, which
 is one run of a Lua script (:data:`~actors.store.redis_scripts.BATCH`), atomic: it checks the
@@ -527,7 +527,7 @@ class RedisStore:
         max_active: int,
         max_queued_images: int,
         take: int | None = None,
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, int]:
         """Write a new job's first write (``operations``, its record first) if its owner may
         have one more unfinished job and its images fit in the queue, atomically with those
         checks and with its idempotency key's: one script call of its own (not through the
@@ -535,14 +535,17 @@ class RedisStore:
         job), the node takes the new job's queue entry and lease in the same call, unless
         other jobs wait in the queue for a node (the new one then queues behind them) or the
         node runs more than twice as many jobs as another node taking jobs, plus ``take``.
+        A record of seq 0 is given the next seq as it is written (``INCR P seq``, in the same
+        call: cluster-wide, newest largest).
 
         Returns:
-            ``("admitted", None)``; ``("taken", queue entry id)``: admitted, and the job is this
-            node's to run (its lease is held, its entry pending in the node's name); or,
-            nothing written, ``("held", job id)``: the job's
-            idempotency key is that job's, ``("limit", unfinished jobs)``: the owner has
-            ``max_active`` unfinished jobs or more, or ``("busy", images)``: the images of
-            unfinished jobs (every node's) and the new job's are more than ``max_queued_images``.
+            ``(outcome, detail, seq)``, ``seq`` the new job's once written: ``("admitted", None,
+            seq)``; ``("taken", queue entry id, seq)``: admitted, and the job is this node's to
+            run (its lease is held, its entry pending in the node's name); or, nothing written
+            (seq 0), ``("held", job id, 0)``: the job's idempotency key is that job's,
+            ``("limit", unfinished jobs, 0)``: the owner has ``max_active`` unfinished jobs or
+            more, or ``("busy", images, 0)``: the images of unfinished jobs (every node's) and
+            the new job's are more than ``max_queued_images``.
 
         Raises:
             StoreUnavailable: Redis cannot be reached, or refused the write.
@@ -556,12 +559,11 @@ class RedisStore:
         args += [str(record.num_images), str(max_queued_images), "" if take is None else str(take)]
         args += batch_arguments(operations)
         answer: Any = await self._call("admitting a job", lambda: self._batch(keys=[], args=args))
-        if isinstance(answer, list):
-            if str(answer[0]) == "taken":
-                self._batches += 1
-            return str(answer[0]), str(answer[1])
-        self._batches += 1
-        return "admitted", None
+        outcome, detail = str(answer[0]), str(answer[1])
+        if outcome in ("admitted", "taken"):
+            self._batches += 1
+            return outcome, detail or None, int(answer[2])
+        return outcome, detail, 0
 
     async def claim_remote(self, remote_id: str, job_id: str, index: int) -> bool:
         """Take ``remote_id`` for image ``index`` of ``job_id``, for every process on the

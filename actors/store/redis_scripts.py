@@ -21,9 +21,11 @@ from __future__ import annotations
 #: index json`` (copy of an output), ``D id`` (delete job), ``A id owner has_idem idem
 #: max_active images max_queued take`` (admit the new job ``id`` of ``images`` images: checks
 #: only, before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's;
-#: ``take``: empty, or ``ahead`` when the node has room to run the job itself).
-#: Returns the number of operations, or ``{"taken", entry id}`` when the node of an ``A`` with
-#: a ``take`` took the new job's queue entry and lease itself. It does unless a queue entry
+#: ``take``: empty, or ``ahead`` when the node has room to run the job itself; the new job's
+#: ``J`` with seq 0 is given the next seq, ``INCR P seq``, as it is written).
+#: Returns the number of operations; with an ``A``, ``{"admitted", "", seq}``, or
+#: ``{"taken", entry id, seq}`` when the node of an ``A`` with a ``take`` took the new job's
+#: queue entry and lease itself (``seq``: the new job's). It does unless a queue entry
 #: waits for a node before the new one (the job then queues behind those, for any node with
 #: room), or the node runs more than twice as many jobs as another node taking jobs, plus
 #: ``ahead`` (``P takers``; a node runs the jobs whose queue entries are pending in its name:
@@ -52,6 +54,7 @@ local ops = {}
 -- The new job the node admitting it may run itself (an A's take), unless it runs far more jobs
 -- than another node (``ahead``: see ``far_ahead``).
 local take, ahead = nil, 0
+local admitting, admitted = nil, nil  -- the new job of an A, and its seq once written
 local i = 4
 while i <= #ARGV do
   local tag, id = ARGV[i], ARGV[i + 1]
@@ -86,6 +89,7 @@ while i <= #ARGV do
     ops[#ops + 1] = {tag = tag, id = id, owner = ARGV[i + 2], idem = idem,
                      max_active = tonumber(ARGV[i + 5]), images = tonumber(ARGV[i + 6]),
                      max_queued = tonumber(ARGV[i + 7])}
+    admitting = id
     if ARGV[i + 8] ~= '' and node ~= '' then
       take, ahead = id, tonumber(ARGV[i + 8])
       if not ahead then return redis.error_reply('REFUSED take ' .. ARGV[i + 8]) end
@@ -352,6 +356,11 @@ for _, op in ipairs(ops) do
     local record = job_key(id, 'record')
     redis.call('DEL', record)
     hset_range(record, op.first, op.count)
+    if id == admitting and op.seq == 0 then
+      op.seq = redis.call('INCR', P .. 'seq')
+      redis.call('HSET', record, 'seq', op.seq)
+    end
+    if id == admitting then admitted = op.seq end
     redis.call('ZADD', P .. 'jobs', op.seq, id)
     if op.old_owner and op.old_owner ~= op.owner then
       redis.call('ZREM', user_key(op.old_owner, 'jobs'), id)
@@ -414,7 +423,8 @@ end
 if top > tonumber(redis.call('GET', P .. 'seq') or '0') then
   redis.call('SET', P .. 'seq', top)
 end
-if taken then return {'taken', taken} end
+if taken then return {'taken', taken, admitted} end
+if admitted then return {'admitted', '', admitted} end
 return #ops
 """
 

@@ -380,6 +380,7 @@ async def leave_a_dead_node_s_job(prefix: str) -> None:
         assert await dead.admit(new_job(), max_active=10, max_queued_images=2) == (
             "admitted",
             None,
+            1,
         )
         client = dead.client
         with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):

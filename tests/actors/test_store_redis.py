@@ -215,7 +215,7 @@ async def read_queue(prefix: str, node: str, count: int = 1) -> list[str]:
 
 
 async def admit(store: RedisStore, job_id: str, seq: int) -> str:
-    outcome, _ = await store.admit(
+    outcome, _, _ = await store.admit(
         new_job(job_id, seq), max_active=100, max_queued_images=1000, take=4
     )
     return outcome
@@ -237,13 +237,13 @@ async def test_a_node_with_room_takes_the_job_it_admits_in_the_same_call(
 ) -> None:
     async with open_client(REDIS_URL) as client:
         await client.xgroup_create(f"{prefix}queue", "nodes", "0", mkstream=True)
-    outcome, entry = await node_store.admit(
+    outcome, entry, seq = await node_store.admit(
         new_job("job-1"), max_active=10, max_queued_images=100, take=4
     )
 
     async with open_client(REDIS_URL) as client:
         entries = await client.xrange(f"{prefix}queue")
-    assert (outcome, entry) == ("taken", str(entries[0].identifier))
+    assert (outcome, entry, seq) == ("taken", str(entries[0].identifier), 1)
     assert await queue_entries(prefix, node="node-a") == (["job-1"], ["job-1"])
     assert await redis_get(f"{prefix}lease:job-1") == "node-a"
     assert [stored.job.job_id for stored in await node_store.load()] == ["job-1"]
@@ -257,10 +257,11 @@ async def test_a_job_admitted_while_others_wait_for_a_node_queues_behind_them(
     assert await node_store.admit(new_job("job-1"), max_active=10, max_queued_images=100) == (
         "admitted",
         None,
+        1,
     )
     assert await node_store.admit(
         new_job("job-2", 2), max_active=10, max_queued_images=100, take=4
-    ) == ("admitted", None)
+    ) == ("admitted", None, 2)
 
     # Both wait for any node with room, in the order they came.
     assert await queue_entries(prefix, node="node-a") == (["job-1", "job-2"], [])
@@ -271,6 +272,30 @@ async def test_a_job_admitted_while_others_wait_for_a_node_queues_behind_them(
     assert await read_queue(prefix, "node-b", count=5) == ["job-2", "job-3"]
     assert await admit(node_store, "job-4", 4) == "taken"
     assert (await queue_entries(prefix, node="node-a"))[1] == ["job-4"]
+
+
+async def test_an_admission_numbers_the_new_job_in_its_own_call(
+    node_store: RedisStore, prefix: str
+) -> None:
+    async def admit_unnumbered(job_id: str, max_active: int = 10) -> tuple[str, str | None, int]:
+        return await node_store.admit(
+            new_job(job_id, seq=0), max_active=max_active, max_queued_images=100
+        )
+
+    await redis_set(f"{prefix}seq", "41")  # (seqs other nodes gave)
+    first = await admit_unnumbered("job-1")
+    refused = await admit_unnumbered("job-2", max_active=1)  # alice has one unfinished job
+    second = await admit_unnumbered("job-3")
+
+    assert first == ("admitted", None, 42)
+    assert refused == ("limit", "1", 0)  # nothing written, no seq used
+    assert second == ("admitted", None, 43)
+    stored = {job.job.job_id: job.job.seq for job in await node_store.load()}
+    assert stored == {"job-1": 42, "job-3": 43}
+    # Listed newest first by the seqs given.
+    jobs, _ = await node_store.load_page("alice", limit=10)
+    assert [job.job.job_id for job in jobs] == ["job-3", "job-1"]
+    assert await redis_get(f"{prefix}seq") == "43"
 
 
 async def test_an_admission_that_cannot_decide_where_the_job_runs_writes_nothing(
@@ -290,7 +315,7 @@ async def test_a_node_takes_nothing_from_a_queue_redis_lost(
     node_store: RedisStore, prefix: str
 ) -> None:
     # No consumer group (Redis restarted without persistence; the nodes make it again).
-    outcome, _ = await node_store.admit(
+    outcome, _, _ = await node_store.admit(
         new_job("job-1"), max_active=10, max_queued_images=100, take=4
     )
 
