@@ -437,7 +437,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument(
         "--capacity", type=int, default=5, help="MAX_CONCURRENCY (cluster-wide with Redis)"
