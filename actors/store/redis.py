@@ -559,6 +559,8 @@ class RedisStore:
         args += [str(record.num_images), str(max_queued_images), "" if take is None else str(take)]
         args += batch_arguments(operations)
         answer: Any = await self._call("admitting a job", lambda: self._batch(keys=[], args=args))
+        if not isinstance(answer, list):  # (the script answers a list to every admission)
+            raise StoreUnavailable(f"Redis at {self.url} answered admitting a job: {answer!r}")
         outcome, detail = str(answer[0]), str(answer[1])
         if outcome in ("admitted", "taken"):
             self._batches += 1

@@ -317,6 +317,14 @@ for _, op in ipairs(ops) do
 end
 if problem then return redis.error_reply('REFUSED ' .. problem) end
 
+-- The new job's seq (an A's J of seq 0), taken before anything else is written: an INCR that
+-- fails (P seq not a number) leaves the batch unwritten.
+for _, op in ipairs(ops) do
+  if op.tag == 'J' and op.id == admitting and op.seq == 0 then
+    op.seq, op.numbered = redis.call('INCR', P .. 'seq'), true
+  end
+end
+
 -- Write, in order.
 local function hset_range(key, first, count)
   local chunk = 200
@@ -356,10 +364,7 @@ for _, op in ipairs(ops) do
     local record = job_key(id, 'record')
     redis.call('DEL', record)
     hset_range(record, op.first, op.count)
-    if id == admitting and op.seq == 0 then
-      op.seq = redis.call('INCR', P .. 'seq')
-      redis.call('HSET', record, 'seq', op.seq)
-    end
+    if op.numbered then redis.call('HSET', record, 'seq', op.seq) end
     if id == admitting then admitted = op.seq end
     redis.call('ZADD', P .. 'jobs', op.seq, id)
     if op.old_owner and op.old_owner ~= op.owner then

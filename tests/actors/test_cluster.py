@@ -169,6 +169,26 @@ async def test_a_job_accepted_on_one_node_runs_once_and_streams_on_every_node(
     assert [(s["kept_total"], s["taken_total"]) for s in statistics] == [(1, 0), (0, 0)]
 
 
+async def test_jobs_accepted_on_any_node_are_numbered_in_order_and_keep_their_numbers(
+    redis_prefix: str,
+) -> None:
+    async with node(redis_prefix, fast()) as a, node(redis_prefix, fast()) as b:
+        accepted = [await submit(on, 2) for on in (a, b, a)]
+        for on, job_id in zip((a, b, a), accepted, strict=True):
+            with await on.subscribe_job(job_id, owner="alice", transport=Transport.SSE) as events:
+                await read_to_done(events)  # every later write of the job carries its seq
+            await no_longer_runs(on, job_id)
+        first, cursor = await b.find_page(owner="alice", limit=2)
+        rest, end = await a.find_page(owner="alice", limit=2, before=cursor)
+        stored = [await cluster_of(a).store.load_job(job_id, events=False) for job_id in accepted]
+
+    assert [job.job.seq for job in stored if job is not None] == [1, 2, 3]
+    assert [job.job.status for job in stored if job is not None] == [JobStatus.COMPLETED] * 3
+    # Newest first, on either node, by the numbers the admissions gave.
+    assert [snapshot.job_id for snapshot in (*first, *rest)] == accepted[::-1]
+    assert (cursor, end) == (2, None)
+
+
 async def test_a_node_without_room_or_draining_leaves_the_job_it_accepts_to_the_queue(
     redis_prefix: str,
 ) -> None:

@@ -298,6 +298,18 @@ async def test_an_admission_numbers_the_new_job_in_its_own_call(
     assert await redis_get(f"{prefix}seq") == "43"
 
 
+async def test_an_admission_that_cannot_number_the_new_job_writes_nothing(
+    node_store: RedisStore, prefix: str
+) -> None:
+    await redis_set(f"{prefix}seq", "not a number")  # (a foreign value under the prefix)
+
+    with pytest.raises(StoreUnavailable, match="not an integer"):
+        await node_store.admit(new_job("job-1", seq=0), max_active=10, max_queued_images=100)
+
+    assert await node_store.load() == ()
+    assert await keys_under(prefix) == {f"{prefix}seq"}
+
+
 async def test_an_admission_that_cannot_decide_where_the_job_runs_writes_nothing(
     node_store: RedisStore, prefix: str
 ) -> None:
