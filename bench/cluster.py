@@ -47,6 +47,7 @@ are where Redis and the clients run on hosts of their own.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import secrets
 import statistics
@@ -477,6 +478,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.node_cpus is not None and not 0 < args.node_cpus <= (os.cpu_count() or 1):
+        parser.error(f"--node-cpus must be above 0 and at most {os.cpu_count()} (the cores)")
     common.raise_nofile()
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as work:
         result = trio.run(run, args, Path(work))

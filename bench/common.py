@@ -193,6 +193,8 @@ def cpu_limit(pid: int, cores: float, period_us: int = 10_000) -> Iterator[None]
             (group / "cpu.cfs_quota_us").write_text(str(quota))
         (group / "cgroup.procs").write_text(str(pid))
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            group.rmdir()
         raise BenchError(f"cannot limit process {pid} to {cores} cores: {exc}") from exc
     try:
         yield

@@ -535,8 +535,8 @@ class RedisStore:
         job), the node takes the new job's queue entry and lease in the same call, unless
         other jobs wait in the queue for a node (the new one then queues behind them) or the
         node runs more than twice as many jobs as another node taking jobs, plus ``take``.
-        A record of seq 0 is given the next seq as it is written (``INCR P seq``, in the same
-        call: cluster-wide, newest largest).
+        A record of seq 0 is given the next seq in the same call, once every check has passed
+        (``INCR P seq``: cluster-wide, newest largest).
 
         Returns:
             ``(outcome, detail, seq)``, ``seq`` the new job's once written: ``("admitted", None,

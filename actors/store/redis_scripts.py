@@ -22,7 +22,7 @@ from __future__ import annotations
 #: max_active images max_queued take`` (admit the new job ``id`` of ``images`` images: checks
 #: only, before its ``J``; only ``RedisStore.admit`` sends it, as its answer is the caller's;
 #: ``take``: empty, or ``ahead`` when the node has room to run the job itself; the new job's
-#: ``J`` with seq 0 is given the next seq, ``INCR P seq``, as it is written).
+#: ``J`` with seq 0 is given the next seq, ``INCR P seq``, once every check has passed).
 #: Returns the number of operations; with an ``A``, ``{"admitted", "", seq}``, or
 #: ``{"taken", entry id, seq}`` when the node of an ``A`` with a ``take`` took the new job's
 #: queue entry and lease itself (``seq``: the new job's). It does unless a queue entry
