@@ -51,10 +51,10 @@ local function user_key(owner, part) return P .. 'user:' .. owner .. ':' .. part
 
 -- Parse the operations.
 local ops = {}
--- The new job the node admitting it may run itself (an A's take), unless it runs far more jobs
--- than another node (``ahead``: see ``far_ahead``).
-local take, ahead = nil, 0
 local admitting, admitted = nil, nil  -- the new job of an A, and its seq once written
+-- With an A's take, the node admitting the new job may run it itself, unless it runs far more
+-- jobs than another node (``ahead``: see ``far_ahead``); nil without a take.
+local ahead = nil
 local i = 4
 while i <= #ARGV do
   local tag, id = ARGV[i], ARGV[i + 1]
@@ -91,7 +91,7 @@ while i <= #ARGV do
                      max_queued = tonumber(ARGV[i + 7])}
     admitting = id
     if ARGV[i + 8] ~= '' and node ~= '' then
-      take, ahead = id, tonumber(ARGV[i + 8])
+      ahead = tonumber(ARGV[i + 8])
       if not ahead then return redis.error_reply('REFUSED take ' .. ARGV[i + 8]) end
     end
     i = i + 9
@@ -111,7 +111,7 @@ local types, idents, holders, lasts, added = {}, {}, {}, {}, {}
 -- deleted it. A job created in this batch is fresh: it has no lease yet, and goes into the
 -- job queue.
 local fresh, leased = {}, {}
-local keeps = {}  -- the new job this node runs itself (an A's take, when it may)
+local keep = false  -- this node runs the new job itself (an A's take, when it may)
 local function ended_here(id)
   local key = job_key(id, 'ended_by')
   return redis.call('TYPE', key).ok == 'string' and redis.call('GET', key) == node
@@ -283,10 +283,10 @@ for _, op in ipairs(ops) do
     if active >= op.max_active then return {'limit', tostring(active)} end
     local queued = tonumber(redis.call('GET', P .. 'active_images') or '0')
     if queued + op.images > op.max_queued then return {'busy', tostring(queued)} end
-    if take == id then  -- decided now, before anything is written
+    if ahead then  -- decided now, before anything is written
       problem = foreign(P .. 'queue', 'stream') or foreign(P .. 'takers', 'zset')
       if problem then break end
-      keeps[id] = not far_ahead() and not queue_waits(P .. 'queue')
+      keep = not far_ahead() and not queue_waits(P .. 'queue')
     end
   elseif not ident.owner then
     problem = 'no job ' .. id .. ' to write to'
@@ -392,7 +392,7 @@ for _, op in ipairs(ops) do
       local queue = P .. 'queue'
       local entry = redis.call('XADD', queue, '*', 'job', id)
       redis.call('HSET', P .. 'entries', id, entry)
-      if keeps[id] then taken = take_entry(queue, entry, id) end
+      if keep and id == admitting then taken = take_entry(queue, entry, id) end
     end
   elseif op.tag == 'I' then
     hset_range(job_key(id, 'images'), op.first, op.count)
